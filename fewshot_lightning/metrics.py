@@ -1,0 +1,42 @@
+"""Episodic evaluation: the mean of a per-episode score with its 95% confidence interval."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class MeanConfidenceInterval(Metric):
+    """Mean of per-episode values and the half-width of its 95% confidence interval.
+
+    ``compute()`` returns ``(mean, ci95)`` with ``ci95 = 1.96 * s / sqrt(n)``, ``s`` the sample
+    standard deviation over the ``n`` episodes: the figure few-shot papers report as
+    ``mean ± ci95`` over 600 test episodes. Sums are reduced across processes, so under DDP
+    every rank reports the interval over all episodes of all ranks.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        values = values.detach().double().flatten()
+        self.total += values.sum()
+        self.total_sq += values.square().sum()
+        self.count += values.numel()
+
+    def compute(self) -> Tuple[Tensor, Tensor]:
+        n = self.count
+        mean = self.total / n
+        if n < 2:
+            return mean.float(), torch.full_like(mean, float("nan")).float()
+        variance = ((self.total_sq - n * mean * mean) / (n - 1)).clamp_min(0.0)
+        return mean.float(), (1.96 * variance.sqrt() / math.sqrt(float(n))).float()

@@ -1,0 +1,6 @@
+"""Backbones. Every classifier backbone names its last layer ``head`` (ANIL adapts it alone),
+and metric-based algorithms use a backbone built with ``out_features=None`` as an embedding."""
+from .conv4 import Conv4
+from .mlp import MLP
+
+__all__ = ["Conv4", "MLP"]
