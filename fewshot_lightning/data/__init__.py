@@ -1,0 +1,22 @@
+"""Episodic data: the :class:`TaskBatch` contract, task datasets and DataModules."""
+from .datamodule import EpisodicDataModule, TaskDataModule, split_by_class, subset_by_classes
+from .episodes import EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, check_episode_shape, labels_of
+from .sinusoid import SinusoidDataModule, SinusoidTasks
+from .task import TaskBatch, collate_tasks
+
+__all__ = [
+    "EpisodeDataset",
+    "EpisodeSampler",
+    "EpisodicDataModule",
+    "LabelledData",
+    "SinusoidDataModule",
+    "SinusoidTasks",
+    "TaskBatch",
+    "TaskDataModule",
+    "TaskDataset",
+    "check_episode_shape",
+    "collate_tasks",
+    "labels_of",
+    "split_by_class",
+    "subset_by_classes",
+]

@@ -1,0 +1,71 @@
+"""Sinusoid regression (Finn et al., 2017): each task is y = A sin(x - phase)."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .datamodule import TaskDataModule
+from .episodes import TaskDataset
+from .task import TaskBatch, collate_tasks
+
+
+class SinusoidTasks(TaskDataset):
+    """Tasks ``y = A sin(x - phase)`` with ``A ~ U[amplitude]``, ``phase ~ U[phase]``,
+    ``x ~ U[x_range]``; ``shots`` support and ``queries`` query points, each ``[n, 1]``."""
+
+    def __init__(
+        self,
+        shots: int = 10,
+        queries: int = 10,
+        num_tasks: int = 1000,
+        seed: int = 0,
+        amplitude: Tuple[float, float] = (0.1, 5.0),
+        phase: Tuple[float, float] = (0.0, math.pi),
+        x_range: Tuple[float, float] = (-5.0, 5.0),
+    ) -> None:
+        super().__init__(num_tasks, seed)
+        if shots < 1 or queries < 1:
+            raise ValueError(f"shots and queries must be at least 1, got shots={shots}, queries={queries}.")
+        self.shots, self.queries = shots, queries
+        self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
+
+    def make_task(self, rng: np.random.Generator) -> TaskBatch:
+        amplitude = rng.uniform(*self.amplitude)
+        phase = rng.uniform(*self.phase)
+        x = rng.uniform(*self.x_range, size=(self.shots + self.queries, 1)).astype(np.float32)
+        y = (amplitude * np.sin(x - phase)).astype(np.float32)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        return TaskBatch(x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :])
+
+    def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
+        # The DataLoader fetches a whole meta-batch at once through this hook.
+        return collate_tasks([self[i] for i in indices])
+
+
+class SinusoidDataModule(TaskDataModule):
+    """The sinusoid regression benchmark of MAML: amplitude U[0.1, 5.0], phase U[0, pi],
+    x U[-5, 5], ``shots`` support and ``queries`` query points per task (MAML: K and K).
+
+    Tasks are cheap to make, so ``num_workers`` defaults to 0 (worker processes would cost
+    more than they save).
+    """
+
+    def __init__(
+        self,
+        shots: int = 10,
+        queries: int = 10,
+        meta_batch_size: int = 25,
+        train_tasks: int = 25_000,
+        val_tasks: int = 200,
+        test_tasks: int = 600,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed)
+        self.shots, self.queries = shots, queries
+
+    def make_dataset(self, split: str, num_tasks: int, seed: int) -> SinusoidTasks:
+        return SinusoidTasks(self.shots, self.queries, num_tasks, seed)

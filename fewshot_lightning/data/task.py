@@ -1,0 +1,42 @@
+"""The one contract between data and algorithms: a batch of tasks."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+class TaskBatch(NamedTuple):
+    """A batch of ``B`` few-shot tasks (episodes).
+
+    Shapes, for N-way K-shot Q-query classification::
+
+        support_x  [B, N*K, *x]     support_y  [B, N*K]   int64 labels in 0..N-1
+        query_x    [B, N*Q, *x]     query_y    [B, N*Q]   int64 labels in 0..N-1
+
+    For regression the targets are float tensors ``[B, K, *y]`` / ``[B, Q, *y]``.
+    Labels are re-assigned at random for every task, so label ``0`` means nothing
+    across tasks. Being a ``NamedTuple`` it moves to a device, and through DDP,
+    with no custom code.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def task(self, index: int) -> "TaskBatch":
+        """The ``index``-th task, keeping a leading task dimension of one."""
+        return TaskBatch(*(t[index : index + 1] for t in self))
+
+
+def collate_tasks(tasks: Sequence[Sequence[Tensor]]) -> TaskBatch:
+    """Stack single tasks ``(support_x, support_y, query_x, query_y)`` into a :class:`TaskBatch`."""
+    if isinstance(tasks, TaskBatch):  # a dataset that already builds whole batches
+        return tasks
+    return TaskBatch(*(torch.stack(parts) for parts in zip(*tasks)))
