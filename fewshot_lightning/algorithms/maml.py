@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from ..inner import FunctionalLearner, InnerLearningRate
-from .base import MetaLearner, task_loss
+from .base import MetaLearner, per_task_loss
 
 
 class MAML(MetaLearner):
@@ -82,7 +82,7 @@ class MAML(MetaLearner):
 
     def forward(self, batch: TaskBatch) -> Tensor:
         return self.learner.run(
-            batch.support_x, batch.support_y, batch.query_x, task_loss,
+            batch.support_x, batch.support_y, batch.query_x, per_task_loss,
             self.inner_steps, self.inner_lr, first_order=self.first_order,
         )
 
@@ -95,7 +95,7 @@ class MAML(MetaLearner):
         """Query outputs after 0, 1, ..., ``steps`` inner steps: ``[steps + 1, B, M, ...]``."""
         steps = self.test_inner_steps if steps is None else steps
         return self.learner.run(
-            batch.support_x, batch.support_y, batch.query_x, task_loss, steps, self.inner_lr,
+            batch.support_x, batch.support_y, batch.query_x, per_task_loss, steps, self.inner_lr,
             first_order=True, curve=True,
         )
 
@@ -105,7 +105,7 @@ class MAML(MetaLearner):
         self._curve_count = 0
 
     def _record_curve(self, curve: Tensor, batch: TaskBatch) -> None:
-        if not self.trainer.testing:
+        if self._trainer is None or not self.trainer.testing:
             return
         per_step = torch.stack([self.scores(outputs, batch).sum() for outputs in curve])
         self._curve_sum = per_step if self._curve_sum is None else self._curve_sum + per_step

@@ -1,0 +1,212 @@
+"""The meta-gradient of MAML against independent computations."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_lightning.algorithms import ANIL, MAML, MetaSGD
+from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.data import TaskBatch
+from fewshot_lightning.models import MLP
+
+
+def regression_batch(tasks=3, shots=5, queries=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tasks, shots + queries, 1, generator=g, dtype=dtype)
+    y = torch.sin(x) * torch.rand(tasks, 1, 1, generator=g, dtype=dtype) * 3
+    return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def mlp_forward(weights, x):
+    """The MLP written out by hand: no functional_call, no vmap."""
+    w1, b1, w2, b2, w3, b3 = weights
+    h = torch.relu(x @ w1.T + b1)
+    h = torch.relu(h @ w2.T + b2)
+    return h @ w3.T + b3
+
+
+def explicit_meta_gradient(model, batch, lr, steps, first_order=False):
+    """Per task: explicit torch.autograd.grad(create_graph=True) inner steps, then the mean query loss."""
+    weights = [p for _, p in model.named_parameters()]
+    total = 0
+    for t in range(batch.num_tasks):
+        fast = weights
+        for _ in range(steps):
+            loss = F.mse_loss(mlp_forward(fast, batch.support_x[t]), batch.support_y[t])
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
+            fast = [w - lr * g for w, g in zip(fast, grads)]
+        total = total + F.mse_loss(mlp_forward(fast, batch.query_x[t]), batch.query_y[t])
+    meta_loss = total / batch.num_tasks
+    return meta_loss, torch.autograd.grad(meta_loss, weights)
+
+
+def our_meta_gradient(model, batch):
+    loss = per_task_loss(model(batch), batch.query_y).mean()
+    return loss, torch.autograd.grad(loss, list(model.backbone.parameters()))
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_matches_explicit_autograd_loop(batching, first_order):
+    # Two inner steps so second-order terms of both steps are exercised.
+    backbone = MLP(1, (8, 8), 1)
+    model = MAML(backbone, inner_lr=0.05, inner_steps=2, first_order=first_order, batching=batching)
+    batch = regression_batch()
+    loss, grads = our_meta_gradient(model, batch)
+    ref_loss, ref_grads = explicit_meta_gradient(backbone, batch, 0.05, 2, first_order)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_meta_gradient_matches_finite_differences():
+    # Central differences in float64 on every parameter of a tiny 1-3-3-1 MLP.
+    torch.set_default_dtype(torch.float64)
+    try:
+        backbone = MLP(1, (3, 3), 1)
+        model = MAML(backbone, inner_lr=0.1, inner_steps=1)
+        batch = regression_batch(tasks=2, dtype=torch.float64)
+        _, grads = our_meta_gradient(model, batch)
+        eps = 1e-6
+        for param, grad in zip(backbone.parameters(), grads):
+            numeric = torch.zeros_like(param)
+            for i in range(param.numel()):
+                with torch.no_grad():
+                    param.view(-1)[i] += eps
+                    up = per_task_loss(model(batch), batch.query_y).mean()
+                    param.view(-1)[i] -= 2 * eps
+                    down = per_task_loss(model(batch), batch.query_y).mean()
+                    param.view(-1)[i] += eps
+                numeric.view(-1)[i] = (up - down) / (2 * eps)
+            assert torch.allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_first_order_drops_exactly_the_hessian_term():
+    # One inner step: MAML's gradient is (I - lr * H_support) g_query(theta'), FOMAML's is
+    # g_query(theta'), so they differ by exactly -lr * H_support g_query(theta').
+    torch.set_default_dtype(torch.float64)
+    try:
+        backbone = nn.Linear(2, 1)  # theta = (w1, w2, b)
+        lr = 0.1
+        batch = TaskBatch(torch.randn(1, 6, 2), torch.randn(1, 6, 1), torch.randn(1, 4, 2), torch.randn(1, 4, 1))
+        _, second = our_meta_gradient(MAML(backbone, inner_lr=lr), batch)
+        _, first = our_meta_gradient(MAML(backbone, inner_lr=lr, first_order=True), batch)
+        theta = torch.cat([backbone.weight.detach().flatten(), backbone.bias.detach()])
+
+        def support_loss(t):
+            return F.mse_loss(batch.support_x[0] @ t[:2, None] + t[2], batch.support_y[0])
+
+        def query_loss(t):
+            return F.mse_loss(batch.query_x[0] @ t[:2, None] + t[2], batch.query_y[0])
+
+        adapted = theta - lr * torch.func.grad(support_loss)(theta)
+        g_query = torch.func.grad(query_loss)(adapted)
+        hessian = torch.autograd.functional.hessian(support_loss, theta)
+        dropped = -lr * hessian @ g_query
+        difference = torch.cat([(s - f).flatten() for s, f in zip(second, first)])
+        assert torch.allclose(torch.cat([f.flatten() for f in first]), g_query, atol=1e-10)
+        assert torch.allclose(difference, dropped, atol=1e-10)
+        assert dropped.abs().max() > 1e-3  # the term is not negligible here, so the test can fail
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_vmap_and_loop_agree_on_outputs_curves_and_gradients():
+    batch = regression_batch(tasks=4)
+    results = {}
+    for batching in ("vmap", "loop"):
+        torch.manual_seed(3)
+        model = MAML(MLP(1, (16, 16), 1), inner_lr=0.02, inner_steps=3, test_inner_steps=5, batching=batching)
+        loss, grads = our_meta_gradient(model, batch)
+        with torch.no_grad():
+            curve = model.adaptation_curve(batch)
+        results[batching] = (loss, grads, curve)
+    (loss_v, grads_v, curve_v), (loss_l, grads_l, curve_l) = results["vmap"], results["loop"]
+    assert curve_v.shape == (6, 4, 4, 1)  # steps + 1, tasks, queries, output
+    assert torch.allclose(loss_v, loss_l, rtol=1e-6)
+    assert torch.allclose(curve_v, curve_l, rtol=1e-5, atol=1e-6)
+    for v, l in zip(grads_v, grads_l):
+        assert torch.allclose(v, l, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_adapts_without_an_outer_graph_under_inference_mode():
+    # The Trainer evaluates under inference_mode; adaptation must still take inner gradients.
+    model = MAML(MLP(1, (16, 16), 1), inner_lr=0.02, inner_steps=1, test_inner_steps=5)
+    batch = regression_batch(tasks=2)
+    with torch.inference_mode():
+        batch = TaskBatch(*(t.clone() for t in batch))
+        result = model._evaluate(batch, "test")
+    mse_before = per_task_loss(model.backbone(batch.query_x.clone()), batch.query_y.clone())
+    assert result["loss"].shape == (2,)
+    assert not result["loss"].requires_grad
+    # Five steps on 5 support points of a smooth function lower the query error.
+    assert (result["loss"] < mse_before).all()
+
+
+def test_anil_adapts_only_the_head():
+    torch.manual_seed(0)
+    backbone = MLP(1, (8, 8), 1)
+    model = ANIL(backbone, inner_lr=0.1, inner_steps=1, batching="loop")
+    assert model.learner.adapt_names == ["head.weight", "head.bias"]
+    batch = regression_batch(tasks=2)
+    outputs = model(batch)
+    for t in range(2):  # independent: head-only gradient step on fixed features
+        feats_s = backbone.features(batch.support_x[t])
+        w, b = backbone.head.weight, backbone.head.bias
+        loss = F.mse_loss(feats_s @ w.T + b, batch.support_y[t])
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        expected = backbone.features(batch.query_x[t]) @ (w - 0.1 * gw).T + (b - 0.1 * gb)
+        assert torch.allclose(outputs[t], expected, atol=1e-6)
+
+
+def test_meta_sgd_learns_per_element_rates():
+    backbone = MLP(1, (8,), 1)
+    model = MetaSGD(backbone, inner_lr=0.05)
+    rates = dict(model.inner_lr.rates.named_parameters())
+    assert rates["head__weight"].shape == (1, 1, 8)  # one step, then the parameter's shape
+    batch = regression_batch()
+    per_task_loss(model(batch), batch.query_y).mean().backward()
+    # Every rate receives a gradient: the outer loop trains them.
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in rates.values())
+
+
+def test_per_step_rates_use_each_step_then_the_last():
+    model = MAML(MLP(1, (4,), 1), inner_lr=0.1, inner_steps=2, per_step_lr=True, learn_inner_lr=True)
+    with torch.no_grad():
+        model.inner_lr.rates["head__bias"].copy_(torch.tensor([0.1, 0.3]))
+    assert float(model.inner_lr(0, "head.bias").detach()) == pytest.approx(0.1)
+    assert float(model.inner_lr(1, "head.bias").detach()) == pytest.approx(0.3)
+    assert float(model.inner_lr(7, "head.bias").detach()) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"inner_lr": 0.0}, "inner_lr must be positive, got 0.0"),
+        ({"inner_lr": -0.5}, "inner_lr must be positive, got -0.5"),
+        ({"inner_steps": 0}, "inner_steps must be at least 1, got 0"),
+        ({"test_inner_steps": -2}, "test_inner_steps must be at least 1, got -2"),
+        ({"adapt": ["nope."]}, "adapt entry 'nope.' matches no parameter"),
+        ({"batching": "threads"}, "batching must be 'auto', 'vmap' or 'loop', got 'threads'"),
+    ],
+)
+def test_bad_hyperparameters_raise_before_training(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MAML(MLP(), **kwargs)
+
+
+def test_classification_inner_loop_uses_cross_entropy():
+    # Labels are integers: the inner loss is cross-entropy, and one step of it must lower it.
+    torch.manual_seed(0)
+    backbone = nn.Linear(4, 3)
+    model = MAML(backbone, inner_lr=0.5, test_inner_steps=1)
+    sx = torch.randn(2, 6, 4)
+    sy = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0]])
+    batch = TaskBatch(sx, sy, sx.clone(), sy.clone())  # query = support: adaptation must help
+    with torch.no_grad():
+        curve = model.adaptation_curve(batch)
+    before = per_task_loss(curve[0], sy)
+    after = per_task_loss(curve[1], sy)
+    assert (after < before).all()
