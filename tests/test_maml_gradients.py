@@ -210,3 +210,15 @@ def test_classification_inner_loop_uses_cross_entropy():
     before = per_task_loss(curve[0], sy)
     after = per_task_loss(curve[1], sy)
     assert (after < before).all()
+
+
+def test_auto_batching_times_both_paths_then_keeps_one():
+    model = MAML(MLP(1, (8,), 1), inner_lr=0.01)  # batching="auto"
+    batch = regression_batch()
+    first = model(batch)  # proves vmap runs the model
+    second = model(batch)  # timed under vmap
+    third = model(batch)  # timed as a loop, then the faster one is kept
+    assert set(model.learner._timings) == {"warmup", "vmap", "loop"}
+    assert model.learner.batching in ("vmap", "loop")
+    # Same numbers whichever path produced them.
+    assert torch.allclose(first, second) and torch.allclose(first, third, atol=1e-6)

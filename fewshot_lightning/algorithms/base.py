@@ -30,13 +30,6 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
 
 
-def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Scalar loss of one task (no task dimension): what an inner loop minimises."""
-    if is_regression(targets):
-        return F.mse_loss(outputs, targets)
-    return F.cross_entropy(outputs, targets)
-
-
 class MetaLearner(L.LightningModule):
     """Shared base: one training step is one batch of tasks.
 
