@@ -1,0 +1,263 @@
+"""Few-shot episodes over your own images: a folder with one sub-folder per class.
+
+The layout is torchvision's ``ImageFolder`` (``root/<class name>/**/<image>``). Every image
+is decoded once, resized to ``image_size`` x ``image_size`` (the whole image, ignoring its
+aspect ratio, as mini-ImageNet's 84x84 images were made by Ravi & Larochelle, 2017) and
+stored in one uint8 tensor cached on disk; later runs load that tensor in a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from ..datamodule import SPLITS, EpisodicDataModule, split_by_class, subset_by_classes
+from ..episodes import LabelledData
+from ._cache import load_cache, save_atomic
+
+#: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
+FORMAT_VERSION = 1
+#: File name endings read as images (case-insensitive); other files are skipped.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+#: Cache folder made under ``root`` when no ``cache_dir`` is given; never read as a class.
+DEFAULT_CACHE_FOLDER = ".fewshot_cache"
+
+LAYOUT = "root/<class name>/<image>.png|jpg|... (one sub-folder per class, images anywhere inside it)"
+
+
+class FolderImages(NamedTuple):
+    """Decoded images ``[N, C, S, S]`` uint8, their labels ``[N]`` (index into ``classes``),
+    the class folder names in sorted order and each image's path relative to the root."""
+
+    images: Tensor
+    labels: Tensor
+    classes: List[str]
+    files: List[str]
+
+
+def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
+    """Class names (sorted), image paths relative to ``root`` (sorted) and their class indices.
+
+    Hidden files and folders (names starting with ``.``, such as our cache) are skipped;
+    class folders holding no image are dropped with a warning.
+    """
+    if not root.exists():
+        raise FileNotFoundError(f"Image folder {root} does not exist. Expected the layout {LAYOUT}.")
+    if not root.is_dir():
+        raise NotADirectoryError(f"Image folder {root} is a file, not a folder. Expected the layout {LAYOUT}.")
+    classes, files, labels, empty = [], [], [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = []
+        for folder, subfolders, names in os.walk(class_dir, followlinks=True):
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            found += [
+                os.path.join(folder, name) for name in names
+                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+        if not found:
+            empty.append(class_dir.name)
+            continue
+        files += sorted(Path(path).relative_to(root).as_posix() for path in found)
+        labels += [len(classes)] * len(found)
+        classes.append(class_dir.name)
+    if not classes:
+        raise FileNotFoundError(
+            f"Image folder {root} holds no images in class sub-folders (looked for {', '.join(IMAGE_EXTENSIONS)}). "
+            f"Expected the layout {LAYOUT}; images directly in {root} are not read."
+        )
+    if empty:
+        warnings.warn(f"Skipping {len(empty)} class folder(s) of {root} with no images: {', '.join(empty[:10])}.", stacklevel=2)
+    return classes, files, labels
+
+
+def folder_fingerprint(root: Path, files: Sequence[str], image_size: int, channels: int) -> str:
+    """A hash of every image's path, size in bytes and modification time, and of the decoding
+    settings: any added, removed, renamed or edited image gives a new cache."""
+    digest = hashlib.sha256(f"v{FORMAT_VERSION} {image_size}px {channels}ch\n".encode())
+    for relative in files:
+        stat = (root / relative).stat()
+        digest.update(f"{relative}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """One image as ``[channels, image_size, image_size]`` uint8."""
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(path) as image:
+        # A JPEG can be decoded straight at a fraction of its size: much faster for photos.
+        image.draft(mode, (image_size, image_size))
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "P":
+            # Palette transparency is lost by a direct conversion (and Pillow warns about it).
+            image = image.convert("RGBA")
+        image = image.convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
+        pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def load_image_folder(
+    root: str, image_size: int = 84, channels: int = 3, cache_dir: Optional[str] = None
+) -> FolderImages:
+    """Every image under ``root``, decoded once and cached in ``cache_dir`` (default
+    ``<root>/.fewshot_cache``) under a name keyed by :func:`folder_fingerprint`."""
+    root_path = Path(root).expanduser()
+    classes, files, labels = scan_folder(root_path)
+    fingerprint = folder_fingerprint(root_path, files, image_size, channels)
+    cache_folder = Path(cache_dir).expanduser() if cache_dir is not None else root_path / DEFAULT_CACHE_FOLDER
+    path = cache_folder / f"images_{image_size}px_{channels}ch_{fingerprint[:16]}.pt"
+    shape = (len(files), channels, image_size, image_size)
+
+    def problem(payload: Dict) -> Optional[str]:
+        if payload.get("version") != FORMAT_VERSION or payload.get("fingerprint") != fingerprint:
+            return "it was made from other files or settings"
+        images = payload.get("images")
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
+            return "images have the wrong type or shape"
+        return None
+
+    payload = load_cache(path, problem)
+    if payload is not None:
+        return FolderImages(payload["images"], torch.tensor(labels, dtype=torch.long), classes, files)
+
+    rank_zero_info(f"Decoding {len(files):,} images of {len(classes):,} classes from {root_path} into {path} (once).")
+    # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(lambda relative: decode_image(root_path / relative, image_size, channels), files))
+    images = torch.from_numpy(np.stack(decoded))
+    try:
+        save_atomic({"version": FORMAT_VERSION, "fingerprint": fingerprint, "images": images}, path)
+    except OSError as error:
+        raise OSError(
+            f"Cannot write the image cache {path} ({error}). Pass a writable `cache_dir` "
+            "(the image folder itself may be read-only)."
+        ) from error
+    return FolderImages(images, torch.tensor(labels, dtype=torch.long), classes, files)
+
+
+class ImageFolderDataModule(EpisodicDataModule):
+    """Few-shot episodes over a folder of class sub-folders of images (your own data).
+
+    Images are decoded once into a cached uint8 tensor (see :func:`load_image_folder`); a
+    changed folder (any image added, removed or edited) is decoded again. Classes are split
+    either by a seeded shuffle in ``split_fractions``, or exactly as given by
+    ``train_classes``, ``val_classes`` and ``test_classes`` (all three, disjoint; classes in
+    none of them are left out).
+
+    Args:
+        root: the folder, laid out as ``root/<class name>/<image>``.
+        image_size: side of the square images the files are resized to, in pixels.
+        channels: 1 (grayscale) or 3 (RGB).
+        cache_dir: where the decoded tensor is cached; default ``<root>/.fewshot_cache``.
+        split_fractions: fractions of the classes for train/val/test (used when no class
+            lists are given).
+        split_seed: seed of that shuffle (kept apart from ``seed`` so that rerunning with a new
+            episode seed tests on the same classes).
+        train_classes, val_classes, test_classes: class folder names of each split.
+        ways, shots, queries: the training episodes.
+        test_ways, test_shots, test_queries: validation/test episodes (default: as training).
+        meta_batch_size: tasks per step.
+        train_tasks, val_tasks, test_tasks: tasks per training epoch; fixed evaluation episodes.
+        num_workers: DataLoader worker processes.
+        seed: base seed of the episodes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 84,
+        channels: int = 3,
+        cache_dir: Optional[str] = None,
+        split_fractions: Sequence[float] = (0.64, 0.16, 0.20),
+        split_seed: int = 0,
+        train_classes: Optional[List[str]] = None,
+        val_classes: Optional[List[str]] = None,
+        test_classes: Optional[List[str]] = None,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        test_ways: Optional[int] = None,
+        test_shots: Optional[int] = None,
+        test_queries: Optional[int] = None,
+        meta_batch_size: int = 32,
+        train_tasks: int = 32_000,
+        val_tasks: int = 200,
+        test_tasks: int = 600,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            split_fractions=split_fractions, ways=ways, shots=shots, queries=queries, test_ways=test_ways,
+            test_shots=test_shots, test_queries=test_queries, meta_batch_size=meta_batch_size,
+            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
+        )
+        if image_size < 1:
+            raise ValueError(f"image_size must be at least 1 pixel, got {image_size}.")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+        self.root = root
+        self.image_size = image_size
+        self.channels = channels
+        self.cache_dir = cache_dir
+        self.split_seed = split_seed
+        self.class_lists = check_class_lists(train_classes, val_classes, test_classes)
+        self.classes: Optional[List[str]] = None
+
+    def _load(self) -> FolderImages:
+        return load_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node: the decoding happens once, not per rank.
+        self._load()
+
+    def load_splits(self) -> Dict[str, LabelledData]:
+        folder = self._load()
+        self.classes = folder.classes
+        if self.class_lists is None:
+            return split_by_class(folder.images, folder.labels, self.split_fractions, self.split_seed)
+        index = {name: label for label, name in enumerate(folder.classes)}
+        unknown = sorted({name for names in self.class_lists.values() for name in names} - index.keys())
+        if unknown:
+            raise ValueError(
+                f"Class(es) {', '.join(unknown[:10])} are not image-holding sub-folders of {self.root}; "
+                f"its classes are {', '.join(folder.classes[:20])}{' ...' if len(folder.classes) > 20 else ''}."
+            )
+        return {
+            split: subset_by_classes(folder.images, folder.labels, torch.tensor([index[n] for n in names], dtype=torch.long))
+            for split, names in self.class_lists.items()
+        }
+
+
+def check_class_lists(
+    train_classes: Optional[List[str]], val_classes: Optional[List[str]], test_classes: Optional[List[str]]
+) -> Optional[Dict[str, List[str]]]:
+    """The user's class lists by split, or ``None`` if none was given; raises ``ValueError`` if
+    only some are given or a class is in more than one split."""
+    lists = dict(zip(SPLITS, (train_classes, val_classes, test_classes)))
+    given = [split for split, names in lists.items() if names is not None]
+    if not given:
+        return None
+    if len(given) != len(SPLITS):
+        missing = [f"{split}_classes" for split in SPLITS if split not in given]
+        raise ValueError(
+            f"Got class lists for {', '.join(given)} but not {', '.join(missing)}: give all three "
+            "(disjoint), or none to split by `split_fractions`."
+        )
+    seen: Dict[str, str] = {}
+    for split, names in lists.items():
+        for name in names:
+            if name in seen and seen[name] != split:
+                raise ValueError(
+                    f"Class {name!r} is in both {seen[name]}_classes and {split}_classes: the splits must be "
+                    "disjoint, or test accuracy measures memorised classes."
+                )
+            seen[name] = split
+    return {split: list(dict.fromkeys(names)) for split, names in lists.items()}
