@@ -1,5 +1,20 @@
 """Meta-learning algorithms, one ``LightningModule`` each, on the shared :class:`MetaLearner`."""
 from .base import MetaLearner
+from .blackbox import AttentionLearner
+from .cnp import CNP
 from .maml import ANIL, MAML, MetaSGD
+from .matchingnet import MatchingNet
+from .protonet import ProtoNet
+from .relationnet import RelationNet
 
-__all__ = ["ANIL", "MAML", "MetaLearner", "MetaSGD"]
+__all__ = [
+    "ANIL",
+    "AttentionLearner",
+    "CNP",
+    "MAML",
+    "MatchingNet",
+    "MetaLearner",
+    "MetaSGD",
+    "ProtoNet",
+    "RelationNet",
+]

@@ -2,5 +2,6 @@
 and metric-based algorithms use a backbone built with ``out_features=None`` as an embedding."""
 from .conv4 import Conv4
 from .mlp import MLP
+from .relation import RelationEmbedding, RelationModule
 
-__all__ = ["Conv4", "MLP"]
+__all__ = ["Conv4", "MLP", "RelationEmbedding", "RelationModule"]

@@ -1,0 +1,123 @@
+"""A model-based ("black-box") learner: a Transformer reads the labelled support set and the
+unlabelled queries and outputs the queries' classes, with no gradient step at adaptation time."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..data.task import TaskBatch
+from .base import MetaLearner
+from .episode_ops import embed_episodes, num_ways, one_hot
+
+
+class AttentionLearner(MetaLearner):
+    """Few-shot classification as sequence prediction with attention, in the family of SNAIL
+    (Mishra, Rohaninejad, Chen & Abbeel, "A Simple Neural Attentive Meta-Learner", ICLR 2018)
+    and memory-augmented networks (Santoro et al., "Meta-Learning with Memory-Augmented Neural
+    Networks", ICML 2016): the learner *reads* the support set as ``(embedding, label)`` pairs
+    and adaptation is a forward pass.
+
+    Every support sample becomes a token ``[f(x); onehot(y)]``, every query ``[f(x); 0]``; a
+    ``torch.nn.TransformerEncoder`` (pre-norm) runs over the tokens of a task, and a linear head
+    reads each query token's class logits, ``[B, N*Q, N]``. The attention mask lets support
+    tokens see only the support set and each query token see only the support set and itself,
+    so a query's prediction never depends on the other queries (nor on how many there are).
+
+    Order: there is no positional encoding, so the model is invariant to the order of the
+    support set (attention is a weighted sum over it) and equivariant to the order of the
+    queries, up to floating-point rounding.
+
+    ``ways`` fixes the width of the one-hot labels and of the head, so it is the largest N the
+    model can take; a task with fewer classes uses the first N logits (N from the labels, see
+    :func:`~.episode_ops.num_ways`).
+
+    Args:
+        backbone: the embedding network, e.g. ``Conv4(out_features=None)``; feature maps are
+            flattened to vectors.
+        ways: the most classes a task may have.
+        embedding_dim: size of the backbone's (flattened) output (64 for
+            ``Conv4(hidden=64, out_features=None)`` on 28x28 images).
+        model_dim: width of the Transformer.
+        heads: attention heads; must divide ``model_dim``.
+        layers: Transformer encoder layers.
+        feedforward_dim: width of each layer's feed-forward block.
+        dropout: dropout inside the Transformer.
+        optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
+
+    Example::
+
+        import lightning as L
+        import torch
+        from fewshot_lightning.algorithms import AttentionLearner
+        from fewshot_lightning.data import EpisodicDataModule
+        from fewshot_lightning.models import Conv4
+
+        images, labels = torch.rand(50 * 20, 1, 28, 28), torch.arange(50).repeat_interleave(20)
+        data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=5,
+                                  meta_batch_size=4, train_tasks=40, num_workers=0)
+        model = AttentionLearner(Conv4(out_features=None), ways=5, embedding_dim=64)
+        L.Trainer(max_steps=10, logger=False).fit(model, data)
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int = 5,
+        embedding_dim: int = 64,
+        model_dim: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        feedforward_dim: int = 256,
+        dropout: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__(backbone, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        for name, value in (("ways", ways), ("embedding_dim", embedding_dim), ("model_dim", model_dim),
+                            ("heads", heads), ("layers", layers), ("feedforward_dim", feedforward_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+        if model_dim % heads:
+            raise ValueError(f"heads must divide model_dim, got heads={heads} and model_dim={model_dim}.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        self.ways = ways
+        self.tokens = nn.Linear(embedding_dim + ways, model_dim)
+        layer = nn.TransformerEncoderLayer(
+            model_dim, heads, feedforward_dim, dropout, batch_first=True, norm_first=True
+        )
+        # Nested tensors only serve padding masks, which every task here is free of.
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(model_dim), enable_nested_tensor=False)
+        self.head = nn.Linear(model_dim, ways)
+
+    def forward(self, batch: TaskBatch) -> Tensor:
+        task_ways = num_ways(batch.support_y)
+        if task_ways > self.ways:
+            raise ValueError(
+                f"A task has {task_ways} classes but this AttentionLearner was built with ways={self.ways}; "
+                f"build it with ways >= {task_ways}."
+            )
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x)
+        support, query = support.flatten(2), query.flatten(2)
+        support_labels = one_hot(batch.support_y, self.ways, support.dtype)
+        query_labels = support_labels.new_zeros(*query.shape[:2], self.ways)
+        support_tokens = torch.cat([support, support_labels], dim=-1)
+        query_tokens = torch.cat([query, query_labels], dim=-1)
+        tokens = self.tokens(torch.cat([support_tokens, query_tokens], dim=1))
+        shots = support.shape[1]
+        encoded = self.encoder(tokens, mask=episode_attention_mask(shots, query.shape[1], tokens.device))
+        return self.head(encoded[:, shots:])[..., :task_ways]
+
+
+def episode_attention_mask(support: int, queries: int, device: torch.device) -> Tensor:
+    """Boolean mask, ``True`` where attention is blocked, for ``support`` support tokens followed
+    by ``queries`` query tokens: every token sees the support set; a query also sees itself."""
+    size = support + queries
+    blocked = torch.ones(size, size, dtype=torch.bool, device=device)
+    blocked[:, :support] = False
+    blocked.fill_diagonal_(False)
+    return blocked

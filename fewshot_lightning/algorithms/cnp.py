@@ -1,0 +1,113 @@
+"""Conditional Neural Processes: regression by encoding the context set into one vector."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..data.task import TaskBatch
+from ..models.mlp import MLP
+from .base import MetaLearner
+
+#: The floor and range of the predicted standard deviation, ``0.1 + 0.9 * softplus``: the floor
+#: keeps the likelihood from collapsing onto single context points early in training.
+MIN_SIGMA = 0.1
+SIGMA_RANGE = 0.9
+
+
+class CNP(MetaLearner):
+    """Conditional Neural Process (Garnelo, Rosenbaum, Maddison, Ramalho, Saxton, Shanahan, Teh,
+    Rezende & Eslami, "Conditional Neural Processes", ICML 2018), for regression tasks.
+
+    The encoder (``backbone``) maps every context pair ``[x_i; y_i]`` (the support set) to a
+    vector; their mean is the task representation ``r``, so the prediction does not depend on
+    the order of the context set. The decoder, an MLP on ``[r; x]``, predicts for every
+    target (query) ``x`` a Gaussian with mean ``mu`` and standard deviation
+    ``sigma = 0.1 + 0.9 * softplus(raw)``. Training minimises the Gaussian negative
+    log-likelihood of the query targets (averaged over points and output dimensions, with its
+    ``log(2 pi) / 2`` constant, so it is a true NLL per value); evaluation's MSE uses ``mu``.
+
+    :meth:`forward` returns ``[B, Q, *y, 2]``: ``mu`` and ``sigma`` stacked in the last dimension.
+
+    Constructor: like the other learners, the network passed first is ``backbone``, here the
+    encoder (e.g. ``MLP(in_features=x_dim + y_dim, hidden=[128, 128], out_features=128)``); the
+    decoder is built from ``decoder_hidden`` since its input and output sizes follow from
+    ``representation_dim``, ``x_dim`` and ``y_dim``.
+
+    Args:
+        backbone: encoder from ``[*, x_dim + y_dim]`` to ``[*, representation_dim]``.
+        x_dim: size of a (flattened) input ``x``.
+        y_dim: size of a (flattened) target ``y``.
+        representation_dim: size of the encoder's output.
+        decoder_hidden: hidden widths of the decoder MLP.
+        optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
+
+    Example::
+
+        import lightning as L
+        from fewshot_lightning.algorithms import CNP
+        from fewshot_lightning.data import SinusoidDataModule
+        from fewshot_lightning.models import MLP
+
+        model = CNP(MLP(in_features=2, hidden=[128, 128], out_features=128))
+        L.Trainer(max_steps=200, logger=False).fit(model, SinusoidDataModule(shots=10, meta_batch_size=16))
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        x_dim: int = 1,
+        y_dim: int = 1,
+        representation_dim: int = 128,
+        decoder_hidden: Sequence[int] = (128, 128),
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__(backbone, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("representation_dim", representation_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+        if any(width < 1 for width in decoder_hidden):
+            raise ValueError(f"decoder_hidden widths must be at least 1, got {list(decoder_hidden)}.")
+        self.x_dim, self.y_dim, self.representation_dim = x_dim, y_dim, representation_dim
+        self.decoder = MLP(representation_dim + x_dim, decoder_hidden, 2 * y_dim)
+
+    def forward(self, batch: TaskBatch) -> Tensor:
+        context_x, context_y = batch.support_x.flatten(2), batch.support_y.flatten(2)
+        target_x = batch.query_x.flatten(2)
+        if context_x.shape[-1] != self.x_dim or context_y.shape[-1] != self.y_dim:
+            raise ValueError(
+                f"CNP was built with x_dim={self.x_dim}, y_dim={self.y_dim} but the task has x of size "
+                f"{context_x.shape[-1]} and y of size {context_y.shape[-1]}."
+            )
+        tasks, shots = context_x.shape[:2]
+        pairs = torch.cat([context_x, context_y], dim=-1)
+        encoded = self.backbone(pairs.flatten(0, 1))
+        if encoded.shape[-1] != self.representation_dim:
+            raise ValueError(
+                f"The encoder returned vectors of size {encoded.shape[-1]} but representation_dim is "
+                f"{self.representation_dim}: make them match."
+            )
+        representation = encoded.view(tasks, shots, -1).mean(1)
+        queries = target_x.shape[1]
+        decoded = self.decoder(torch.cat([representation.unsqueeze(1).expand(-1, queries, -1), target_x], dim=-1))
+        mean, raw_sigma = decoded.chunk(2, dim=-1)
+        sigma = MIN_SIGMA + SIGMA_RANGE * F.softplus(raw_sigma)
+        target_shape = (tasks, queries, *batch.support_y.shape[2:])
+        return torch.stack([mean.reshape(target_shape), sigma.reshape(target_shape)], dim=-1)
+
+    def query_losses(self, outputs: Tensor, batch: TaskBatch) -> Tensor:
+        return gaussian_nll(outputs[..., 0], outputs[..., 1], batch.query_y).flatten(1).mean(1)
+
+    def point_predictions(self, outputs: Tensor) -> Tensor:
+        return outputs[..., 0]
+
+
+def gaussian_nll(mean: Tensor, sigma: Tensor, targets: Tensor) -> Tensor:
+    """Elementwise ``-log N(targets; mean, sigma^2)``."""
+    return 0.5 * ((targets - mean) / sigma).square() + sigma.log() + 0.5 * math.log(2 * math.pi)
