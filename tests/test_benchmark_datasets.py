@@ -292,7 +292,8 @@ def test_mini_imagenet_corrupt_pickle_names_the_file(tmp_path):
 
 def test_mini_imagenet_refuses_a_class_in_two_splits(tmp_path):
     write_mini_pickles(tmp_path / "mini-imagenet")
-    shutil.copy(tmp_path / "mini-imagenet" / "mini-imagenet-cache-val.pkl", tmp_path / "mini-imagenet" / "mini-imagenet-cache-test.pkl")
+    folder = tmp_path / "mini-imagenet"
+    shutil.copy(folder / "mini-imagenet-cache-val.pkl", folder / "mini-imagenet-cache-test.pkl")
     with pytest.raises(RuntimeError, match="is in both the val and the test split"):
         MiniImageNetDataModule(tmp_path).load_splits()
 
@@ -393,7 +394,9 @@ def test_fc100_split_is_oreshkins_12_4_4_superclasses_and_60_20_20_classes():
     assert sorted(sum((list(FC100_SUPERCLASSES[s]) for s in SPLITS), [])) == list(range(20))
     # TADAM's supplementary names them; the indices are their positions in CIFAR-100's meta.
     names = {s: {COARSE_NAMES[i] for i in FC100_SUPERCLASSES[s]} for s in SPLITS}
-    assert names["val"] == {"large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"}
+    assert names["val"] == {
+        "large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals",
+    }
     assert names["test"] == {"aquatic_mammals", "insects", "medium_mammals", "people"}
     assert [5 * len(FC100_SUPERCLASSES[s]) for s in SPLITS] == [60, 20, 20]
 
@@ -444,7 +447,8 @@ def test_fc100_loads_whole_superclasses(tmp_path):
     for split, classes in zip(SPLITS, (60, 20, 20)):
         data, labels = splits[split]
         assert data.shape == (3 * classes, 3, 32, 32) and len(classes_of(labels)) == classes
-        superclasses = {COARSE_NAMES.index(c) for c, members in CIFAR100_HIERARCHY.items() if set(members) & {FINE_NAMES[i] for i in classes_of(labels)}}
+        names = {FINE_NAMES[i] for i in classes_of(labels)}
+        superclasses = {COARSE_NAMES.index(c) for c, members in CIFAR100_HIERARCHY.items() if set(members) & names}
         assert superclasses == set(FC100_SUPERCLASSES[split])
     all_classes = [classes_of(splits[s].labels) for s in SPLITS]
     assert set().union(*all_classes) == set(range(100)) and sum(map(len, all_classes)) == 100

@@ -47,15 +47,17 @@ class Learn2LearnTasks(TaskDataset):
     contract). ``uint8`` samples are scaled to ``float32`` in ``[0, 1]``.
 
     Args:
-        taskset: a ``learn2learn.data.Taskset`` (or ``TaskDataset``) whose tasks are ``(data, labels)`` with
-            ``ways`` classes of ``shots + queries`` samples each (e.g. built with
-            ``FusedNWaysKShots(n=ways, k=shots + queries)``).
+        taskset: a ``learn2learn.data.Taskset`` (or ``TaskDataset``) whose tasks are
+            ``(data, labels)`` with ``ways`` classes of ``shots + queries`` samples each (e.g.
+            built with ``FusedNWaysKShots(n=ways, k=shots + queries)``).
         ways, shots, queries: N, K and Q.
         num_tasks: tasks per epoch.
         seed: base seed.
     """
 
-    def __init__(self, taskset: Any, ways: int = 5, shots: int = 1, queries: int = 15, num_tasks: int = 1000, seed: int = 0) -> None:
+    def __init__(
+        self, taskset: Any, ways: int = 5, shots: int = 1, queries: int = 15, num_tasks: int = 1000, seed: int = 0
+    ) -> None:
         super().__init__(num_tasks, seed)
         check_episode_shape(ways, shots, queries)
         if not (hasattr(taskset, "get_task") and hasattr(taskset, "sample_task_description")):
@@ -68,12 +70,15 @@ class Learn2LearnTasks(TaskDataset):
 
     def task_seed(self, index: int) -> int:
         """The seed of Python's ``random`` while task ``index`` is sampled."""
-        return int(self.generator(index).integers(2**63))
+        return python_seed(self.generator(index))
 
     def sampled(self, index: int) -> Tuple[Tensor, Tensor]:
         """Task ``index`` as the taskset returns it: ``(data, labels)``, unsplit."""
+        return self._sample(self.task_seed(index))
+
+    def _sample(self, seed: int) -> Tuple[Tensor, Tensor]:
         outer_state = random.getstate()
-        random.seed(self.task_seed(index))
+        random.seed(seed)
         try:
             task = self.taskset.get_task(self.taskset.sample_task_description())
         finally:
@@ -82,40 +87,36 @@ class Learn2LearnTasks(TaskDataset):
         return torch.as_tensor(data), torch.as_tensor(labels)
 
     def __getitem__(self, index: int) -> TaskBatch:
-        data, labels = self.sampled(index)
-        # A generator of its own (not the one task_seed used): label order and shuffles stay
-        # independent of what learn2learn drew.
-        rng = np.random.default_rng([self.seed, *divmod(int(index), self.num_tasks), 1])
+        rng = self.generator(index)
+        # The same generator then orders labels and shuffles: it has moved past the seed drawn.
+        data, labels = self._sample(python_seed(rng))
         return self.episode(data, labels, rng)
 
     def episode(self, data: Tensor, labels: Tensor, rng: np.random.Generator) -> TaskBatch:
         """Split one sampled task into support and query, relabel and shuffle."""
-        classes, counts = torch.unique(labels, return_counts=True)
-        per_class = self.shots + self.queries
-        if len(classes) != self.ways or (counts != per_class).any():
+        ways, shots, queries = self.ways, self.shots, self.queries
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        if len(classes) != ways or (counts != shots + queries).any():
             raise ValueError(
                 f"The taskset gave a task of {len(classes)} classes with {counts.tolist()} samples each, but "
-                f"{self.ways}-way {self.shots}-shot {self.queries}-query episodes need {self.ways} classes of "
-                f"{per_class}: build the taskset with FusedNWaysKShots(n={self.ways}, k={per_class}) "
+                f"{ways}-way {shots}-shot {queries}-query episodes need {ways} classes of "
+                f"{shots + queries}: build the taskset with FusedNWaysKShots(n={ways}, k={shots + queries}) "
                 "(or NWays + KShots)."
             )
-        new_label = torch.from_numpy(rng.permutation(self.ways))
-        support, query = [], []
-        for position, label in enumerate(classes):
-            members = (labels == label).nonzero().flatten()
-            support.append((members[: self.shots], new_label[position]))
-            query.append((members[self.shots :], new_label[position]))
-        support_idx, support_y = stack_members(support, rng)
-        query_idx, query_y = stack_members(query, rng)
+        # Row c: the positions of class c's samples, in the taskset's order (a stable sort).
+        by_class = torch.argsort(inverse, stable=True).view(ways, shots + queries)
+        new_label = torch.from_numpy(rng.permutation(ways))[:, None]
+        support_order = torch.from_numpy(rng.permutation(ways * shots))
+        query_order = torch.from_numpy(rng.permutation(ways * queries))
+        support_idx = by_class[:, :shots].reshape(-1)[support_order]
+        query_idx = by_class[:, shots:].reshape(-1)[query_order]
+        support_y = new_label.expand(ways, shots).reshape(-1)[support_order]
+        query_y = new_label.expand(ways, queries).reshape(-1)[query_order]
         return TaskBatch(as_float(data[support_idx]), support_y, as_float(data[query_idx]), query_y)
 
 
-def stack_members(parts: list, rng: np.random.Generator) -> Tuple[Tensor, Tensor]:
-    """Sample indices and their new labels, concatenated over classes and shuffled."""
-    indices = torch.cat([members for members, _ in parts])
-    labels = torch.cat([label.repeat(len(members)) for members, label in parts])
-    order = torch.from_numpy(rng.permutation(len(indices)))
-    return indices[order], labels[order].long()
+def python_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**63))
 
 
 def as_float(samples: Tensor) -> Tensor:
@@ -218,7 +219,8 @@ def tasksets_by_split(tasksets: Any) -> Dict[str, Any]:
             "test": tasksets.get("test"),
         }
     else:
-        found = {split: getattr(tasksets, name, None) for split, name in (("train", "train"), ("val", "validation"), ("test", "test"))}
+        names = {"train": "train", "val": "validation", "test": "test"}
+        found = {split: getattr(tasksets, name, None) for split, name in names.items()}
     absent = [split for split, taskset in found.items() if taskset is None]
     if absent:
         raise ValueError(
