@@ -1,0 +1,191 @@
+"""mini-ImageNet (Vinyals et al. 2016) on the class split of Ravi & Larochelle (ICLR 2017)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..datamodule import SPLITS, EpisodicDataModule
+from ..episodes import LabelledData, Transform
+from ._storage import (
+    PathLike, as_uint8_chw, check_class_counts, check_disjoint, load_pickle, load_tensors, missing, relabel_splits,
+    save_tensors,
+)
+
+PUBLISHED_CLASSES = {"train": 64, "val": 16, "test": 20}
+IMAGE_SIZE = 84
+#: learn2learn's copies name the validation pickle ``-validation``; both spellings are accepted.
+PICKLE_NAMES = {
+    "train": ("mini-imagenet-cache-train.pkl",),
+    "val": ("mini-imagenet-cache-val.pkl", "mini-imagenet-cache-validation.pkl"),
+    "test": ("mini-imagenet-cache-test.pkl",),
+}
+HOW_TO_GET = (
+    "mini-ImageNet has no official, stable download. Either (a) put the pickles "
+    "mini-imagenet-cache-{train,val,test}.pkl there (dicts with 'image_data', uint8 [N, 84, 84, 3], and "
+    "'class_dict', {wnid: [indices]}), e.g. the copies learn2learn fetches from "
+    "https://zenodo.org/record/7978538; or (b) put the images in images/*.jpg with Ravi & Larochelle's "
+    "split files train.csv, val.csv and test.csv (rows 'filename,label', from "
+    "https://github.com/twitter/meta-learning-lstm/tree/master/data/miniImagenet); images of any size are "
+    "resized to 84x84."
+)
+
+
+class MiniImageNetDataModule(EpisodicDataModule):
+    """mini-ImageNet episodes: 100 ImageNet classes of 600 84x84 RGB images, split 64/16/20
+    by class as in Ravi & Larochelle, "Optimization as a Model for Few-Shot Learning" (ICLR
+    2017), the split nearly every later paper reports on.
+
+    Two on-disk layouts are read, from ``{root}/mini-imagenet/``:
+
+    * the widely shared pickles ``mini-imagenet-cache-{train,val,test}.pkl`` (``-validation``
+      also accepted), each a dict with ``image_data`` (uint8 ``[N, 84, 84, 3]``) and
+      ``class_dict`` (``{wnid: [indices]}``);
+    * ``images/*.jpg`` with the split files ``train.csv``, ``val.csv``, ``test.csv``
+      (``filename,label`` rows). Images are resized to 84x84 (Lanczos) and decoded once into
+      ``{split}-84px.pt`` beside them.
+
+    There is no download: the data has no official stable URL, and a missing file raises a
+    ``FileNotFoundError`` saying where to get it.
+
+    Args:
+        root: folder holding ``mini-imagenet/``.
+        ways, shots, queries, test_ways, test_shots, test_queries, train_transform,
+        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
+            :class:`~fewshot_lightning.data.EpisodicDataModule`.
+    """
+
+    folder_name = "mini-imagenet"
+
+    def __init__(
+        self,
+        root: PathLike = "data",
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        test_ways: Optional[int] = None,
+        test_shots: Optional[int] = None,
+        test_queries: Optional[int] = None,
+        train_transform: Optional[Transform] = None,
+        meta_batch_size: int = 4,
+        train_tasks: int = 32_000,
+        val_tasks: int = 200,
+        test_tasks: int = 600,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            ways=ways, shots=shots, queries=queries, test_ways=test_ways, test_shots=test_shots,
+            test_queries=test_queries, train_transform=train_transform, meta_batch_size=meta_batch_size,
+            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
+        )
+        self.folder = Path(root).expanduser() / self.folder_name
+
+    def pickle_path(self, split: str) -> Optional[Path]:
+        return next((self.folder / name for name in PICKLE_NAMES[split] if (self.folder / name).is_file()), None)
+
+    def csv_cache_path(self, split: str) -> Path:
+        return self.folder / f"{split}-{IMAGE_SIZE}px.pt"
+
+    def _uses_pickles(self) -> bool:
+        found = {split: self.pickle_path(split) for split in SPLITS}
+        if all(found.values()):
+            return True
+        csv_ready = (self.folder / "images").is_dir() and all((self.folder / f"{s}.csv").is_file() for s in SPLITS)
+        if csv_ready:
+            return False
+        if any(found.values()):
+            absent = [" or ".join(PICKLE_NAMES[split]) for split, path in found.items() if path is None]
+            raise missing(self.folder, f"all three pickles, but {'; '.join(absent)} is missing", HOW_TO_GET)
+        raise missing(
+            self.folder,
+            "mini-imagenet-cache-{train,val,test}.pkl, or images/ with train.csv, val.csv and test.csv",
+            HOW_TO_GET,
+        )
+
+    def prepare_data(self) -> None:
+        # Decoding JPEGs is the slow part; Lightning runs this once per node before `setup`.
+        if self._uses_pickles():
+            return
+        for split in SPLITS:
+            if not self.csv_cache_path(split).is_file():
+                images, labels, wnids = decode_csv_split(self.folder, split)
+                save_tensors({"images": images, "labels": labels, "wnids": wnids}, self.csv_cache_path(split))
+
+    def load_split(self, split: str) -> Tuple[Tensor, Tensor, List[str]]:
+        """``(uint8 [N, 3, 84, 84], int64 class index [N], wnid of each class index)`` of one split."""
+        path = self.pickle_path(split)
+        if path is not None:
+            return read_cache_pickle(path)
+        self.prepare_data()
+        cache = load_tensors(self.csv_cache_path(split))
+        return cache["images"], cache["labels"], list(cache["wnids"])
+
+    def load_splits(self) -> Dict[str, LabelledData]:
+        self._uses_pickles()  # raises the missing-data error before anything slow
+        loaded = {split: self.load_split(split) for split in SPLITS}
+        check_disjoint(self.folder, {split: wnids for split, (_, _, wnids) in loaded.items()})
+        check_class_counts(
+            "mini-ImageNet", self.folder, {split: len(wnids) for split, (_, _, wnids) in loaded.items()},
+            PUBLISHED_CLASSES,
+        )
+        return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+
+
+def read_cache_pickle(path: Path) -> Tuple[Tensor, Tensor, List[str]]:
+    content = load_pickle(path, "a dict with 'image_data' and 'class_dict'", HOW_TO_GET)
+    if not isinstance(content, dict) or not {"image_data", "class_dict"} <= set(content):
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise RuntimeError(f"{path} holds {keys}, not a dict with 'image_data' and 'class_dict'. {HOW_TO_GET}")
+    images = as_uint8_chw(np.asarray(content["image_data"]), path, IMAGE_SIZE)
+    wnids = sorted(content["class_dict"])
+    labels = torch.full((len(images),), -1, dtype=torch.long)
+    for label, wnid in enumerate(wnids):
+        labels[torch.as_tensor(np.asarray(content["class_dict"][wnid], dtype=np.int64))] = label
+    if (labels < 0).any():
+        raise RuntimeError(
+            f"{path}: {int((labels < 0).sum())} of {len(images)} images belong to no class of 'class_dict'; "
+            f"the file is damaged. {HOW_TO_GET}"
+        )
+    return images, labels, wnids
+
+
+def decode_csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
+    """Decode the images listed in ``{split}.csv``: ``(uint8 [N, 3, 84, 84], labels, wnids)``."""
+    rows = read_split_csv(folder / f"{split}.csv")
+    wnids = sorted({wnid for _, wnid in rows})
+    label_of = {wnid: label for label, wnid in enumerate(wnids)}
+    # Filled channel-first in place: no second full-size copy for the permute.
+    images = np.empty((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for i, (filename, _) in enumerate(rows):
+        images[i] = decode_image(folder / "images" / filename).transpose(2, 0, 1)
+    labels = torch.tensor([label_of[wnid] for _, wnid in rows], dtype=torch.long)
+    return torch.from_numpy(images), labels, wnids
+
+
+def read_split_csv(path: Path) -> List[Tuple[str, str]]:
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    if rows and [cell.strip() for cell in rows[0]] == ["filename", "label"]:
+        rows = rows[1:]
+    malformed = [row for row in rows if len(row) != 2]
+    if malformed or not rows:
+        problem = f"a malformed row {malformed[0]}" if malformed else "no rows"
+        raise RuntimeError(f"{path} has {problem}; expected 'filename,label' rows. {HOW_TO_GET}")
+    return [(filename.strip(), wnid.strip()) for filename, wnid in rows]
+
+
+def decode_image(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed in the split CSV but missing. {HOW_TO_GET}")
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        return np.asarray(image, dtype=np.uint8)
+

@@ -1,0 +1,230 @@
+"""Use any learn2learn taskset as a source of :class:`TaskBatch`es.
+
+learn2learn (Arnold et al., "learn2learn: A Library for Meta-Learning Research", 2020) is an
+optional dependency: it is imported only when one of these classes is built.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .datamodule import TaskDataModule
+from .episodes import TaskDataset, check_episode_shape
+from .task import TaskBatch
+
+INSTALL = "pip install learn2learn==0.2.0  (or: pip install 'fewshot-lightning[learn2learn]')"
+
+
+def import_learn2learn() -> Any:
+    """The ``learn2learn`` module, or an ``ImportError`` with the install command."""
+    try:
+        import learn2learn
+    except ImportError as error:
+        raise ImportError(f"The learn2learn adapter needs learn2learn, which is not installed: {INSTALL}") from error
+    return learn2learn
+
+
+class Learn2LearnTasks(TaskDataset):
+    """A learn2learn ``Taskset`` (formerly ``TaskDataset``) seen as one of ours: index ``i`` -> one task.
+
+    Every task is drawn fresh, from ``taskset.get_task(taskset.sample_task_description())``,
+    with Python's ``random`` module (which learn2learn's samplers use) seeded to
+    :meth:`task_seed`; the global ``random`` state is restored afterwards. So task ``i`` of
+    epoch ``e`` depends only on ``(seed, e, i)``, in any worker process, as for
+    :class:`EpisodeDataset`. The taskset's own ``num_tasks`` pool is bypassed: it caches
+    descriptions in whichever process first draws them, so it could not be reproduced across
+    workers; our fixed validation/test episodes play its role.
+
+    The sampled ``N * (K + Q)`` samples are split as learn2learn's examples do: per class,
+    the first ``shots`` samples (in the taskset's order) are support, the rest query. Classes
+    then get the labels ``0..N-1`` in a random order, and support and query are each
+    shuffled, so nothing can be read off a label or a position (the :class:`TaskBatch`
+    contract). ``uint8`` samples are scaled to ``float32`` in ``[0, 1]``.
+
+    Args:
+        taskset: a ``learn2learn.data.Taskset`` (or ``TaskDataset``) whose tasks are
+            ``(data, labels)`` with ``ways`` classes of ``shots + queries`` samples each (e.g.
+            built with ``FusedNWaysKShots(n=ways, k=shots + queries)``).
+        ways, shots, queries: N, K and Q.
+        num_tasks: tasks per epoch.
+        seed: base seed.
+    """
+
+    def __init__(
+        self, taskset: Any, ways: int = 5, shots: int = 1, queries: int = 15, num_tasks: int = 1000, seed: int = 0
+    ) -> None:
+        super().__init__(num_tasks, seed)
+        check_episode_shape(ways, shots, queries)
+        if not (hasattr(taskset, "get_task") and hasattr(taskset, "sample_task_description")):
+            raise TypeError(
+                f"Expected a learn2learn Taskset (with get_task and sample_task_description), got "
+                f"{type(taskset).__name__}. Build one with learn2learn.data.Taskset(dataset, task_transforms)."
+            )
+        self.taskset = taskset
+        self.ways, self.shots, self.queries = ways, shots, queries
+
+    def task_seed(self, index: int) -> int:
+        """The seed of Python's ``random`` while task ``index`` is sampled."""
+        return python_seed(self.generator(index))
+
+    def sampled(self, index: int) -> Tuple[Tensor, Tensor]:
+        """Task ``index`` as the taskset returns it: ``(data, labels)``, unsplit."""
+        return self._sample(self.task_seed(index))
+
+    def _sample(self, seed: int) -> Tuple[Tensor, Tensor]:
+        outer_state = random.getstate()
+        random.seed(seed)
+        try:
+            task = self.taskset.get_task(self.taskset.sample_task_description())
+        finally:
+            random.setstate(outer_state)
+        data, labels = task[0], task[1]
+        return torch.as_tensor(data), torch.as_tensor(labels)
+
+    def __getitem__(self, index: int) -> TaskBatch:
+        rng = self.generator(index)
+        # The same generator then orders labels and shuffles: it has moved past the seed drawn.
+        data, labels = self._sample(python_seed(rng))
+        return self.episode(data, labels, rng)
+
+    def episode(self, data: Tensor, labels: Tensor, rng: np.random.Generator) -> TaskBatch:
+        """Split one sampled task into support and query, relabel and shuffle."""
+        ways, shots, queries = self.ways, self.shots, self.queries
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        if len(classes) != ways or (counts != shots + queries).any():
+            raise ValueError(
+                f"The taskset gave a task of {len(classes)} classes with {counts.tolist()} samples each, but "
+                f"{ways}-way {shots}-shot {queries}-query episodes need {ways} classes of "
+                f"{shots + queries}: build the taskset with FusedNWaysKShots(n={ways}, k={shots + queries}) "
+                "(or NWays + KShots)."
+            )
+        # Row c: the positions of class c's samples, in the taskset's order (a stable sort).
+        by_class = torch.argsort(inverse, stable=True).view(ways, shots + queries)
+        new_label = torch.from_numpy(rng.permutation(ways))[:, None]
+        support_order = torch.from_numpy(rng.permutation(ways * shots))
+        query_order = torch.from_numpy(rng.permutation(ways * queries))
+        support_idx = by_class[:, :shots].reshape(-1)[support_order]
+        query_idx = by_class[:, shots:].reshape(-1)[query_order]
+        support_y = new_label.expand(ways, shots).reshape(-1)[support_order]
+        query_y = new_label.expand(ways, queries).reshape(-1)[query_order]
+        return TaskBatch(as_float(data[support_idx]), support_y, as_float(data[query_idx]), query_y)
+
+
+def python_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**63))
+
+
+def as_float(samples: Tensor) -> Tensor:
+    return samples.float().div_(255) if samples.dtype == torch.uint8 else samples
+
+
+class Learn2LearnDataModule(TaskDataModule):
+    """Episodes from learn2learn tasksets: a named learn2learn benchmark, or tasksets you built.
+
+    With ``benchmark`` (``"omniglot"``, ``"mini-imagenet"``, ``"tiered-imagenet"``,
+    ``"cifarfs"``, ``"fc100"``, ...), the tasksets come from
+    ``learn2learn.vision.benchmarks.get_tasksets`` with ``train_samples = shots + queries``
+    (and the test shape for validation and test); it downloads into ``root``. Python's
+    ``random`` is seeded with ``seed`` while it runs, because some benchmarks (Omniglot) draw
+    their class split from it. In code you may pass ``tasksets`` instead: learn2learn's
+    ``BenchmarkTasksets`` (``.train``, ``.validation``, ``.test``) or a mapping with keys
+    ``train``, ``val`` (or ``validation``) and ``test``.
+
+    Args:
+        benchmark: a learn2learn benchmark name.
+        root: where learn2learn keeps its data.
+        tasksets: prebuilt tasksets (instead of ``benchmark``).
+        benchmark_kwargs: extra keyword arguments for ``get_tasksets`` (e.g. ``data_augmentation``).
+        ways, shots, queries, test_ways, test_shots, test_queries: the episodes (validation and
+            test default to the training shape).
+        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
+            :class:`TaskDataModule`.
+
+    Example::
+
+        datamodule = Learn2LearnDataModule("mini-imagenet", root="data", ways=5, shots=1, queries=15)
+    """
+
+    def __init__(
+        self,
+        benchmark: Optional[str] = None,
+        root: Union[str, Path] = "data",
+        tasksets: Optional[Any] = None,
+        benchmark_kwargs: Optional[Dict[str, Any]] = None,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        test_ways: Optional[int] = None,
+        test_shots: Optional[int] = None,
+        test_queries: Optional[int] = None,
+        meta_batch_size: int = 32,
+        train_tasks: int = 32_000,
+        val_tasks: int = 200,
+        test_tasks: int = 600,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed)
+        if (benchmark is None) == (tasksets is None):
+            raise ValueError("Pass exactly one of `benchmark` (a learn2learn benchmark name) and `tasksets`.")
+        import_learn2learn()
+        self.benchmark = benchmark
+        self.root = Path(root).expanduser()
+        self.benchmark_kwargs = dict(benchmark_kwargs or {})
+        train_shape = (ways, shots, queries)
+        test_shape = (test_ways or ways, test_shots or shots, test_queries or queries)
+        for shape in (train_shape, test_shape):
+            check_episode_shape(*shape)
+        self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
+        self._tasksets = None if tasksets is None else tasksets_by_split(tasksets)
+
+    def prepare_data(self) -> None:
+        # Builds (and so downloads) the benchmark once per node before `setup`.
+        self.tasksets()
+
+    def tasksets(self) -> Dict[str, Any]:
+        if self._tasksets is None:
+            l2l = import_learn2learn()
+            (ways, shots, queries), (test_ways, test_shots, test_queries) = (
+                self.episode_shape["train"], self.episode_shape["test"],
+            )
+            outer_state = random.getstate()
+            random.seed(self.seed)
+            try:
+                built = l2l.vision.benchmarks.get_tasksets(
+                    self.benchmark, train_ways=ways, train_samples=shots + queries, test_ways=test_ways,
+                    test_samples=test_shots + test_queries, root=str(self.root), **self.benchmark_kwargs,
+                )
+            finally:
+                random.setstate(outer_state)
+            self._tasksets = tasksets_by_split(built)
+        return self._tasksets
+
+    def make_dataset(self, split: str, num_tasks: int, seed: int) -> Learn2LearnTasks:
+        ways, shots, queries = self.episode_shape[split]
+        return Learn2LearnTasks(self.tasksets()[split], ways, shots, queries, num_tasks, seed)
+
+
+def tasksets_by_split(tasksets: Any) -> Dict[str, Any]:
+    """``{"train", "val", "test"}`` -> taskset, from learn2learn's ``BenchmarkTasksets`` or a mapping."""
+    if isinstance(tasksets, Mapping):
+        found = {
+            "train": tasksets.get("train"),
+            "val": tasksets.get("val", tasksets.get("validation")),
+            "test": tasksets.get("test"),
+        }
+    else:
+        names = {"train": "train", "val": "validation", "test": "test"}
+        found = {split: getattr(tasksets, name, None) for split, name in names.items()}
+    absent = [split for split, taskset in found.items() if taskset is None]
+    if absent:
+        raise ValueError(
+            f"tasksets has no {', '.join(absent)} taskset: pass learn2learn's BenchmarkTasksets or a mapping with "
+            "keys 'train', 'val' and 'test'."
+        )
+    return found
