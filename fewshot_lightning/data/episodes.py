@@ -9,7 +9,7 @@ Validation and test use a fixed sampler: the same episodes at every evaluation.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from .task import TaskBatch
+from .task import TaskBatch, collate_tasks
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -129,25 +129,89 @@ class EpisodeDataset(TaskDataset):
         order = torch.argsort(inverse, stable=True)
         # members[c] = indices of the samples of class c; a list of arrays for cheap numpy choice.
         self.members = [m.numpy() for m in torch.split(order, counts.tolist())]
+        # The same, padded into one [classes, largest] matrix, so a task's picks are one
+        # vectorised draw rather than one numpy call per class.
+        width = int(counts.max())
+        self._padded = np.zeros((len(classes), width), dtype=np.int64)
+        for c, members in enumerate(self.members):
+            self._padded[c, : len(members)] = members
+        self._counts = counts.numpy()
+        self._ragged = bool((counts != counts[0]).any())
+        self._rows = np.arange(ways)[:, None]
+        #: Uniforms per task: class order, one key per padded member, support and query order.
+        self.draws = ways + ways * width + ways * needed
         self._tensor_data = isinstance(data, Tensor)
 
+    def uniforms(self, index: int) -> np.ndarray:
+        """All the randomness of task ``index``: :attr:`draws` uniforms in ``[0, 1)`` from a
+        torch generator seeded by a 64-bit mix of ``(seed, epoch, task)``.
+
+        Setting up a torch generator costs a few microseconds; numpy's ``default_rng`` of a
+        seed list costs tens (its ``SeedSequence`` hashing), more than the rest of the task.
+        """
+        epoch, task = divmod(int(index), self.num_tasks)
+        generator = torch.Generator().manual_seed(mix64(self.seed, epoch, task))
+        return torch.rand(self.draws, dtype=torch.float64, generator=generator).numpy()
+
+    def __getitem__(self, index: int) -> TaskBatch:
+        return self._task(*self._draw(self.uniforms(index)))
+
+    def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
+        # The DataLoader asks for a whole meta-batch here: one gather and one uint8 -> float
+        # conversion for all its tasks instead of one per task plus a stack.
+        if not self._tensor_data or self.transform is not None:
+            return collate_tasks([self[i] for i in indices])
+        drawn = [self._draw(self.uniforms(i)) for i in indices]
+        samples = self._gather(np.concatenate([indices for indices, _, _ in drawn]))
+        samples = samples.view(len(drawn), -1, *samples.shape[1:])
+        support = self.ways * self.shots
+        support_y = torch.from_numpy(np.stack([support_y for _, support_y, _ in drawn]))
+        query_y = torch.from_numpy(np.stack([query_y for _, _, query_y in drawn]))
+        return TaskBatch(samples[:, :support], support_y, samples[:, support:], query_y)
+
     def make_task(self, rng: np.random.Generator) -> TaskBatch:
+        return self._task(*self._draw(rng.random(self.draws)))
+
+    def _draw(self, uniforms: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(sample indices, support labels, query labels)`` of one task: support indices first."""
         ways, shots, queries = self.ways, self.shots, self.queries
-        chosen = rng.choice(len(self.members), size=ways, replace=False)
+        per_class, width = shots + queries, self._padded.shape[1]
+        chosen = ordered_sample(len(self.members), ways, uniforms[:ways])
         # Position in `chosen` is the task label: random per task since `chosen` is in random order.
-        picks = np.stack([rng.choice(self.members[c], size=shots + queries, replace=False) for c in chosen])
-        task_labels = np.broadcast_to(np.arange(ways)[:, None], picks.shape)
-        support_order = rng.permutation(ways * shots)
-        query_order = rng.permutation(ways * queries)
+        keys = uniforms[ways : ways + ways * width].reshape(ways, width)
+        if self._ragged:
+            keys = np.where(np.arange(width) >= self._counts[chosen, None], np.inf, keys)
+        # The per_class smallest of iid keys, in key order: a uniformly random ordered sample
+        # without replacement from each class. Wide classes (mini-ImageNet's 600) partition
+        # first and sort only the chosen few; for narrow ones one argsort is cheaper.
+        if width > 4 * per_class:
+            nearest = np.argpartition(keys, per_class - 1, axis=1)[:, :per_class]
+            order = nearest[self._rows, np.argsort(keys[self._rows, nearest], axis=1)]
+        else:
+            order = np.argsort(keys, axis=1)[:, :per_class]
+        picks = self._padded[chosen[:, None], order]
+        orders = uniforms[ways + ways * width :]
+        support_order = np.argsort(orders[: ways * shots])
+        query_order = np.argsort(orders[ways * shots :])
         support_idx = picks[:, :shots].reshape(-1)[support_order]
         query_idx = picks[:, shots:].reshape(-1)[query_order]
-        support_y = torch.from_numpy(task_labels[:, :shots].reshape(-1)[support_order].copy())
-        query_y = torch.from_numpy(task_labels[:, shots:].reshape(-1)[query_order].copy())
-        return TaskBatch(self._samples(support_idx), support_y, self._samples(query_idx), query_y)
+        # Entry j of the row-major [ways, shots] block belongs to class j // shots.
+        return np.concatenate([support_idx, query_idx]), support_order // shots, query_order // queries
+
+    def _task(self, indices: np.ndarray, support_y: np.ndarray, query_y: np.ndarray) -> TaskBatch:
+        samples = self._gather(indices) if self._tensor_data and self.transform is None else self._samples(indices)
+        support = len(support_y)
+        return TaskBatch(samples[:support], torch.from_numpy(support_y), samples[support:], torch.from_numpy(query_y))
+
+    def _gather(self, indices: np.ndarray) -> Tensor:
+        # index_select, not data[indices]: advanced indexing takes a general path about ten
+        # times slower for a few dozen rows. `/ 255` converts and scales in one pass.
+        samples = self.data.index_select(0, torch.from_numpy(indices))
+        return samples / 255 if samples.dtype == torch.uint8 else samples
 
     def _samples(self, indices: np.ndarray) -> Tensor:
         if self._tensor_data:
-            samples = self.data[torch.from_numpy(indices)]
+            samples = self.data.index_select(0, torch.from_numpy(indices))
             if self.transform is not None:
                 return torch.stack([self.transform(s) for s in samples])
             if samples.dtype == torch.uint8:
@@ -157,6 +221,33 @@ class EpisodeDataset(TaskDataset):
         if self.transform is not None:
             items = [self.transform(x) for x in items]
         return torch.stack([torch.as_tensor(x) for x in items])
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(*values: int) -> int:
+    """A 63-bit seed from integers: the SplitMix64 finaliser (Steele et al., 2014) folded over them."""
+    state = 0
+    for value in values:
+        state = (state + 0x9E3779B97F4A7C15 + (value & _MASK64)) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state >> 1  # torch.Generator.manual_seed wants a value that fits a signed 64-bit int
+
+
+def ordered_sample(n: int, k: int, uniforms: np.ndarray) -> np.ndarray:
+    """``k`` distinct integers of ``range(n)`` in uniformly random order, from ``k`` uniforms:
+    the first ``k`` swaps of a Fisher-Yates shuffle, the swapped entries kept in a dict, so the
+    cost is O(k) rather than the O(n) of ``rng.choice(n, k, replace=False)``."""
+    swapped: dict = {}
+    chosen = np.empty(k, dtype=np.int64)
+    for i in range(k):
+        j = i + int(uniforms[i] * (n - i))
+        chosen[i] = swapped.get(j, j)
+        swapped[j] = swapped.get(i, i)
+    return chosen
 
 
 def check_episode_shape(ways: int, shots: int, queries: int) -> None:
