@@ -1,5 +1,6 @@
-"""On-disk helpers shared by the benchmark loaders: atomic cache writes, guarded pickle reads
-and the wording of missing-data errors."""
+"""On-disk helpers shared by the dataset loaders: atomic cache writes, cache reads (loaded
+with ``weights_only=True``, so a cache file can never run code), guarded pickle reads and the
+wording of missing-data errors."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import pickle
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,13 +38,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_tensors(tensors: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` a dict of tensors (and lists of strings), atomically."""
+def save_atomic(tensors: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` a dict of tensors (and strings, numbers), atomically: a reader (another
+    DDP rank, a second run) sees either no file or a complete one."""
     atomic_write(path, lambda temporary: torch.save(dict(tensors), temporary))
 
 
 def load_tensors(path: Path) -> Dict[str, Any]:
-    """Read a cache written by :func:`save_tensors`; a damaged one raises a ``RuntimeError`` saying to delete it."""
+    """Read a cache written by :func:`save_atomic`; a damaged one raises a ``RuntimeError`` saying to delete it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -51,6 +53,33 @@ def load_tensors(path: Path) -> Dict[str, Any]:
             f"The cache file {path} could not be read ({type(error).__name__}: {error}). It is rebuilt from "
             "the raw files when missing: delete it and run again."
         ) from error
+
+
+def load_cache(path: Path, problem: Callable[[Dict[str, Any]], Optional[str]]) -> Optional[Dict[str, Any]]:
+    """The cache at ``path``, or ``None`` if it is missing or must be rebuilt.
+
+    ``problem(payload)`` names what is wrong with a readable cache (a different format
+    version, shape or source), or returns ``None`` if it is usable. A corrupt or stale cache
+    gives a warning naming the file and ``None``; the caller rebuilds it under the same
+    name, so only our own file is ever replaced. A path we cannot read at all (a directory,
+    no permission) raises, since rebuilding could not fix it.
+    """
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise OSError(f"Cache path {path} exists but is not a file: move it away or choose another root/cache_dir.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as error:
+        raise PermissionError(f"Cannot read the cache file {path}: {error}. Fix its permissions or delete it.") from error
+    except Exception as error:  # a truncated zip, a bad pickle, a foreign file: all mean "rebuild"
+        warnings.warn(f"Cache file {path} is unreadable ({type(error).__name__}: {error}); rebuilding it.", stacklevel=3)
+        return None
+    reason = problem(payload) if isinstance(payload, dict) else f"it holds a {type(payload).__name__}, not a dict"
+    if reason is not None:
+        warnings.warn(f"Cache file {path} does not match this request ({reason}); rebuilding it.", stacklevel=3)
+        return None
+    return payload
 
 
 def load_pickle(path: Path, what: str, how_to_get: str) -> Any:

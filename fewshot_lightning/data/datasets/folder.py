@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..datamodule import SPLITS, EpisodicDataModule, split_by_class, subset_by_classes
 from ..episodes import LabelledData
-from ._cache import load_cache, save_atomic
+from ._storage import load_cache, save_atomic
 
 #: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ from ..datamodule import SPLITS, EpisodicDataModule
 from ..episodes import LabelledData, Transform
 from ._storage import (
     PathLike, as_uint8_chw, check_class_counts, check_disjoint, load_pickle, load_tensors, missing, relabel_splits,
-    save_tensors,
+    save_atomic,
 )
 
 PUBLISHED_CLASSES = {"train": 64, "val": 16, "test": 20}
@@ -115,7 +115,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         for split in SPLITS:
             if not self.csv_cache_path(split).is_file():
                 images, labels, wnids = decode_csv_split(self.folder, split)
-                save_tensors({"images": images, "labels": labels, "wnids": wnids}, self.csv_cache_path(split))
+                save_atomic({"images": images, "labels": labels, "wnids": wnids}, self.csv_cache_path(split))
 
     def load_split(self, split: str) -> Tuple[Tensor, Tensor, List[str]]:
         """``(uint8 [N, 3, 84, 84], int64 class index [N], wnid of each class index)`` of one split."""

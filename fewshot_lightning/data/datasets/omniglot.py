@@ -17,7 +17,7 @@ from torchvision.datasets.utils import check_integrity, download_url, extract_ar
 
 from ..datamodule import EpisodicDataModule
 from ..episodes import LabelledData, Transform
-from ._storage import PathLike, load_tensors, missing, save_tensors
+from ._storage import PathLike, load_tensors, missing, save_atomic
 
 #: The official archives and their MD5s, as torchvision's ``Omniglot`` lists them.
 ARCHIVE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -149,7 +149,7 @@ class OmniglotDataModule(EpisodicDataModule):
         # Lightning calls this on one process per node: download and decoding happen once.
         if not self.cache_path.is_file():
             self._extract()
-            save_tensors(decode_characters(self.folder, self.image_size), self.cache_path)
+            save_atomic(decode_characters(self.folder, self.image_size), self.cache_path)
 
     def decoded(self) -> Dict[str, object]:
         """The cache ``{"images": uint8 [N, S, S], "labels": int64 [N], "characters": [names]}``,
