@@ -169,9 +169,6 @@ class EpisodeDataset(TaskDataset):
         query_y = torch.from_numpy(np.stack([query_y for _, _, query_y in drawn]))
         return TaskBatch(samples[:, :support], support_y, samples[:, support:], query_y)
 
-    def make_task(self, rng: np.random.Generator) -> TaskBatch:
-        return self._task(*self._draw(rng.random(self.draws)))
-
     def _draw(self, uniforms: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(sample indices, support labels, query labels)`` of one task: support indices first."""
         ways, shots, queries = self.ways, self.shots, self.queries
@@ -210,13 +207,10 @@ class EpisodeDataset(TaskDataset):
         return samples / 255 if samples.dtype == torch.uint8 else samples
 
     def _samples(self, indices: np.ndarray) -> Tensor:
+        """Samples one by one: through ``transform``, or from a ``Dataset`` of pairs."""
         if self._tensor_data:
             samples = self.data.index_select(0, torch.from_numpy(indices))
-            if self.transform is not None:
-                return torch.stack([self.transform(s) for s in samples])
-            if samples.dtype == torch.uint8:
-                return samples.float().div_(255)
-            return samples
+            return torch.stack([self.transform(s) for s in samples])
         items = [self.data[int(i)][0] for i in indices]
         if self.transform is not None:
             items = [self.transform(x) for x in items]
