@@ -1,5 +1,4 @@
 """Episode sampling: shapes, labels, disjointness, reproducibility across epochs, ranks, workers."""
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
