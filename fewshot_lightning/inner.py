@@ -136,10 +136,12 @@ class FunctionalLearner:
             return self._run(*args, batched=True)
         return self._loop(*args)
 
-    def _loop(self, support_x, support_y, query_x, *args) -> Tensor:
-        curve = args[-1]
+    def _loop(self, support_x, support_y, query_x, loss_fn, steps, lr, first_order, curve) -> Tensor:
         outputs = [
-            self._run(support_x[i : i + 1], support_y[i : i + 1], query_x[i : i + 1], *args, batched=False)
+            self._run(
+                support_x[i : i + 1], support_y[i : i + 1], query_x[i : i + 1], loss_fn, steps, lr, first_order, curve,
+                batched=False,
+            )
             for i in range(support_x.shape[0])
         ]
         return torch.cat(outputs, dim=1 if curve else 0)

@@ -51,10 +51,7 @@ class TaskDataset(Dataset):
         return np.random.default_rng([self.seed, epoch, task])
 
     def __getitem__(self, index: int) -> TaskBatch:
-        return self.make_task(self.generator(index))
-
-    def make_task(self, rng: np.random.Generator) -> TaskBatch:
-        """One task as unbatched tensors ``(support_x, support_y, query_x, query_y)``."""
+        """Task ``index`` as unbatched tensors ``(support_x, support_y, query_x, query_y)``."""
         raise NotImplementedError
 
 
