@@ -150,3 +150,76 @@ def test_datamodule_names_the_split_that_cannot_hold_the_request():
     dm = EpisodicDataModule(data, labels, ways=5, test_ways=10, num_workers=0)  # round(30 * 0.16) = 5 val classes < 10
     with pytest.raises(ValueError, match="val split of EpisodicDataModule: Cannot sample 10-way tasks from 5 classes"):
         dm.setup("fit")
+
+
+# The task stream, pinned: sample indices (support, then query) and labels of a few tasks,
+# recorded from the sampler of commit 3d5f579 (before the data refactor of issue 8). Any change
+# to seeding or drawing changes them, and with them every published number of a run. Covered:
+# the argsort path (narrow classes), the argpartition path (classes wider than 4 * (K + Q)),
+# ragged class sizes, later epochs (index >= num_tasks), and the DataModule's per-split seeds.
+PINNED_TASKS = {
+    # (classes, per class, ways, shots, queries, num_tasks, seed): {index: (support, support_y, query, query_y)}
+    (30, 25, 5, 2, 3, 100, 11): {
+        0: ([308, 348, 28, 301, 349, 619, 606, 38, 472, 450], [3, 4, 2, 3, 4, 1, 1, 2, 0, 0],
+            [338, 458, 40, 318, 468, 29, 620, 329, 344, 465, 312, 36, 615, 320, 609],
+            [4, 0, 2, 3, 0, 2, 1, 4, 4, 0, 3, 2, 1, 3, 1]),
+        42: ([347, 321, 55, 157, 344, 405, 67, 314, 420, 151], [3, 1, 0, 4, 3, 2, 0, 1, 2, 4],
+             [150, 315, 50, 170, 309, 342, 160, 400, 335, 305, 61, 416, 424, 60, 330],
+             [4, 1, 0, 4, 1, 3, 4, 2, 3, 1, 0, 2, 2, 0, 3]),
+        1337: ([745, 339, 120, 728, 122, 344, 233, 239, 538, 529], [3, 1, 4, 3, 4, 1, 2, 2, 0, 0],
+               [530, 328, 540, 109, 113, 743, 243, 238, 228, 536, 731, 729, 335, 334, 104],
+               [0, 1, 0, 4, 4, 3, 2, 2, 2, 0, 3, 3, 1, 1, 4]),
+    },
+    (8, 600, 3, 1, 2, 50, 3): {
+        5: ([2195, 1285, 3671], [1, 0, 2], [2387, 1727, 1428, 1815, 3779, 3880], [1, 0, 0, 1, 2, 2]),
+        260: ([2913, 2304, 719], [0, 1, 2], [2356, 758, 1987, 2771, 2909, 667], [1, 2, 1, 0, 0, 2]),
+    },
+}
+# Class c holds 4 + c samples: 4-way 1-shot 3-query, 20 tasks, seed 0.
+PINNED_RAGGED = {
+    1: ([37, 56, 67, 44], [2, 1, 0, 3], [46, 55, 50, 62, 71, 40, 47, 32, 31, 52, 70, 33],
+        [3, 1, 1, 0, 0, 3, 3, 2, 2, 1, 0, 2]),
+    33: ([14, 3, 7, 48], [2, 1, 3, 0], [13, 43, 12, 2, 0, 6, 8, 11, 44, 40, 5, 1], [2, 0, 2, 1, 1, 3, 3, 2, 0, 0, 3, 1]),
+}
+
+
+def as_pinned(task):
+    return (task.support_x[..., 0].long().tolist(), task.support_y.tolist(),
+            task.query_x[..., 0].long().tolist(), task.query_y.tolist())
+
+
+def test_the_task_stream_is_the_recorded_one():
+    for (classes, per_class, ways, shots, queries, num_tasks, seed), tasks in PINNED_TASKS.items():
+        ids = torch.arange(classes * per_class)
+        dataset = EpisodeDataset(ids.float()[:, None], ids // per_class, ways, shots, queries, num_tasks, seed)
+        for index, expected in tasks.items():
+            assert as_pinned(dataset[index]) == expected, (classes, index)
+        # A batch drawn through __getitems__ (the DataLoader's path) is the same tasks.
+        batch = dataset.__getitems__(list(tasks))
+        assert [as_pinned(TaskBatch(*task)) for task in zip(*batch)] == [as_pinned(dataset[i]) for i in tasks]
+    labels = torch.cat([torch.full((4 + c,), c) for c in range(10)])
+    ragged = EpisodeDataset(torch.arange(len(labels)).float()[:, None], labels, 4, 1, 3, num_tasks=20, seed=0)
+    for index, expected in PINNED_RAGGED.items():
+        assert as_pinned(ragged[index]) == expected, index
+
+
+def test_the_datamodule_stream_is_the_recorded_one():
+    ids = torch.arange(750)
+    dm = EpisodicDataModule(
+        ids.float()[:, None], ids // 25, ways=5, shots=1, queries=2, test_ways=3, meta_batch_size=2,
+        train_tasks=8, val_tasks=4, test_tasks=4, num_workers=0, seed=2,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    train = dm.train_dataloader()
+    train.sampler.set_epoch(3)
+    assert as_pinned(next(iter(train))) == (
+        [[475, 301, 608, 550, 406], [422, 25, 486, 235, 510]], [[3, 4, 1, 0, 2], [0, 4, 1, 3, 2]],
+        [[413, 482, 623, 556, 620, 420, 551, 304, 496, 321], [508, 424, 505, 481, 37, 494, 246, 38, 229, 417]],
+        [[2, 3, 1, 0, 1, 2, 0, 4, 3, 4], [2, 0, 2, 1, 4, 1, 3, 4, 3, 0]],
+    )
+    assert as_pinned(next(iter(dm.val_dataloader()))) == (
+        [[148, 11, 674], [5, 166, 146]], [[2, 0, 1], [2, 0, 1]],
+        [[22, 666, 132, 14, 131, 658], [157, 9, 145, 134, 7, 172]], [[0, 1, 2, 0, 2, 1], [0, 2, 1, 1, 2, 0]],
+    )
+    assert as_pinned(next(iter(dm.test_dataloader())))[:2] == ([[633, 742, 341], [181, 325, 540]], [[1, 0, 2], [2, 0, 1]])
