@@ -34,7 +34,8 @@ class Learn2LearnTasks(TaskDataset):
 
     Every task is drawn fresh, from ``taskset.get_task(taskset.sample_task_description())``,
     with Python's ``random`` module (which learn2learn's samplers use) seeded to
-    :meth:`task_seed`; the global ``random`` state is restored afterwards. So task ``i`` of
+    :meth:`task_seed`; the global ``random`` state is restored afterwards. That seed and the
+    relabelling and shuffling below come from the task's :meth:`uniforms`, so task ``i`` of
     epoch ``e`` depends only on ``(seed, e, i)``, in any worker process, as for
     :class:`EpisodeDataset`. The taskset's own ``num_tasks`` pool is bypassed: it caches
     descriptions in whichever process first draws them, so it could not be reproduced across
@@ -67,14 +68,12 @@ class Learn2LearnTasks(TaskDataset):
             )
         self.taskset = taskset
         self.ways, self.shots, self.queries = ways, shots, queries
+        #: Uniforms per task: the seed of Python's random, class labels, support and query order.
+        self.draws = 1 + ways + ways * (shots + queries)
 
     def task_seed(self, index: int) -> int:
         """The seed of Python's ``random`` while task ``index`` is sampled."""
-        return python_seed(self.generator(index))
-
-    def sampled(self, index: int) -> Tuple[Tensor, Tensor]:
-        """Task ``index`` as the taskset returns it: ``(data, labels)``, unsplit."""
-        return self._sample(self.task_seed(index))
+        return python_seed(self.uniforms(index, self.draws)[0])
 
     def _sample(self, seed: int) -> Tuple[Tensor, Tensor]:
         outer_state = random.getstate()
@@ -87,13 +86,13 @@ class Learn2LearnTasks(TaskDataset):
         return torch.as_tensor(data), torch.as_tensor(labels)
 
     def __getitem__(self, index: int) -> TaskBatch:
-        rng = self.generator(index)
-        # The same generator then orders labels and shuffles: it has moved past the seed drawn.
-        data, labels = self._sample(python_seed(rng))
-        return self.episode(data, labels, rng)
+        uniforms = self.uniforms(index, self.draws)
+        data, labels = self._sample(python_seed(uniforms[0]))
+        return self.episode(data, labels, uniforms[1:])
 
-    def episode(self, data: Tensor, labels: Tensor, rng: np.random.Generator) -> TaskBatch:
-        """Split one sampled task into support and query, relabel and shuffle."""
+    def episode(self, data: Tensor, labels: Tensor, uniforms: np.ndarray) -> TaskBatch:
+        """Split one sampled task into support and query, relabel and shuffle; ``uniforms``
+        (``ways * (1 + shots + queries)`` of them) give the new labels and the two orders."""
         ways, shots, queries = self.ways, self.shots, self.queries
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) != ways or (counts != shots + queries).any():
@@ -105,9 +104,10 @@ class Learn2LearnTasks(TaskDataset):
             )
         # Row c: the positions of class c's samples, in the taskset's order (a stable sort).
         by_class = torch.argsort(inverse, stable=True).view(ways, shots + queries)
-        new_label = torch.from_numpy(rng.permutation(ways))[:, None]
-        support_order = torch.from_numpy(rng.permutation(ways * shots))
-        query_order = torch.from_numpy(rng.permutation(ways * queries))
+        # argsort of iid uniforms: uniformly random permutations.
+        new_label = torch.from_numpy(np.argsort(uniforms[:ways]))[:, None]
+        support_order = torch.from_numpy(np.argsort(uniforms[ways : ways + ways * shots]))
+        query_order = torch.from_numpy(np.argsort(uniforms[ways + ways * shots :]))
         support_idx = by_class[:, :shots].reshape(-1)[support_order]
         query_idx = by_class[:, shots:].reshape(-1)[query_order]
         support_y = new_label.expand(ways, shots).reshape(-1)[support_order]
@@ -115,8 +115,9 @@ class Learn2LearnTasks(TaskDataset):
         return TaskBatch(as_float(data[support_idx]), support_y, as_float(data[query_idx]), query_y)
 
 
-def python_seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(2**63))
+def python_seed(uniform: float) -> int:
+    # The uniforms are 53-bit doubles: this is every bit of one, exactly.
+    return int(uniform * 2**53)
 
 
 def as_float(samples: Tensor) -> Tensor:
