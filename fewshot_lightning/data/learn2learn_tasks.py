@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .datamodule import TaskDataModule
+from .datamodule import ClassificationDataModule
 from .episodes import TaskDataset, check_episode_shape
 from .task import TaskBatch
 
@@ -124,7 +124,7 @@ def as_float(samples: Tensor) -> Tensor:
     return samples.float().div_(255) if samples.dtype == torch.uint8 else samples
 
 
-class Learn2LearnDataModule(TaskDataModule):
+class Learn2LearnDataModule(ClassificationDataModule):
     """Episodes from learn2learn tasksets: a named learn2learn benchmark, or tasksets you built.
 
     With ``benchmark`` (``"omniglot"``, ``"mini-imagenet"``, ``"tiered-imagenet"``,
@@ -141,10 +141,9 @@ class Learn2LearnDataModule(TaskDataModule):
         root: where learn2learn keeps its data.
         tasksets: prebuilt tasksets (instead of ``benchmark``).
         benchmark_kwargs: extra keyword arguments for ``get_tasksets`` (e.g. ``data_augmentation``).
-        ways, shots, queries, test_ways, test_shots, test_queries: the episodes (validation and
-            test default to the training shape).
-        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
-            :class:`TaskDataModule`.
+        **kwargs: the episode arguments of
+            :class:`~fewshot_lightning.data.ClassificationDataModule` (``ways``, ``shots``,
+            ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``num_workers``, ``seed``, ...).
 
     Example::
 
@@ -157,31 +156,15 @@ class Learn2LearnDataModule(TaskDataModule):
         root: Union[str, Path] = "data",
         tasksets: Optional[Any] = None,
         benchmark_kwargs: Optional[Dict[str, Any]] = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        meta_batch_size: int = 32,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed)
+        super().__init__(**kwargs)
         if (benchmark is None) == (tasksets is None):
             raise ValueError("Pass exactly one of `benchmark` (a learn2learn benchmark name) and `tasksets`.")
         import_learn2learn()
         self.benchmark = benchmark
         self.root = Path(root).expanduser()
         self.benchmark_kwargs = dict(benchmark_kwargs or {})
-        train_shape = (ways, shots, queries)
-        test_shape = (test_ways or ways, test_shots or shots, test_queries or queries)
-        for shape in (train_shape, test_shape):
-            check_episode_shape(*shape)
-        self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
         self._tasksets = None if tasksets is None else tasksets_by_split(tasksets)
 
     def prepare_data(self) -> None:

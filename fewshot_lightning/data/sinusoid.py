@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,7 +59,15 @@ class SinusoidDataModule(TaskDataModule):
 
     Tasks are cheap to make, so ``num_workers`` defaults to 0 (worker processes would cost
     more than they save).
+
+    Args:
+        shots, queries: support and query points per task.
+        meta_batch_size, train_tasks, num_workers: as in :class:`TaskDataModule`, with MAML's
+            25 tasks per step and 1,000 steps per epoch.
+        **kwargs: the other arguments of :class:`TaskDataModule` (``val_tasks``, ``test_tasks``, ``seed``).
     """
+
+    regression = True
 
     def __init__(
         self,
@@ -67,12 +75,10 @@ class SinusoidDataModule(TaskDataModule):
         queries: int = 10,
         meta_batch_size: int = 25,
         train_tasks: int = 25_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
         num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed)
+        super().__init__(meta_batch_size=meta_batch_size, train_tasks=train_tasks, num_workers=num_workers, **kwargs)
         self.shots, self.queries = shots, queries
 
     def make_dataset(self, split: str, num_tasks: int, seed: int) -> SinusoidTasks:
