@@ -20,9 +20,10 @@ from PIL import Image
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import (
     CIFAR_FS_CLASSES, FC100_SUPERCLASSES, CIFARFSDataModule, FC100DataModule, MiniImageNetDataModule,
-    OmniglotDataModule, TieredImageNetDataModule, vinyals_split,
+    OmniglotDataModule, TieredImageNetDataModule, load_cifar_fs, load_fc100, load_mini_imagenet, load_omniglot,
+    load_tiered_imagenet, vinyals_split,
 )
-from fewshot_lightning.data.datasets import omniglot
+from fewshot_lightning.data.datasets import cifar_fs, omniglot
 
 # CIFAR-100's published class hierarchy: 20 superclasses of 5 classes each. The release's meta
 # file lists both levels in alphabetical order, which is what the coarse/fine label ids index.
@@ -92,6 +93,10 @@ def omniglot_module(root: Path, **kwargs) -> OmniglotDataModule:
     return OmniglotDataModule(root, train_characters=4, val_characters=2, num_workers=0, **kwargs)
 
 
+def load_fixture(root: Path, **kwargs) -> dict:
+    return load_omniglot(root, train_characters=4, val_characters=2, **kwargs)
+
+
 def test_vinyals_split_has_the_published_counts_and_is_a_fixed_shuffle():
     # 964 background + 659 evaluation characters; names as the loader builds them.
     names = [f"images_background/A{i // 20}/character{i % 20:02d}" for i in range(964)]
@@ -111,9 +116,8 @@ def test_vinyals_split_has_the_published_counts_and_is_a_fixed_shuffle():
 
 def test_omniglot_loads_rotated_training_classes_from_extracted_folders(tmp_path):
     write_omniglot(tmp_path / "omniglot-py")
-    module = omniglot_module(tmp_path)
     with pytest.warns(UserWarning, match="has 8 characters, not 1623"):
-        splits = module.load_splits()
+        splits = load_fixture(tmp_path)
     train, val, test = (splits[s] for s in SPLITS)
     # 4 characters x 4 rotations = 16 training classes of 4 drawings; val/test upright by default.
     assert train.data.shape == (64, 1, 28, 28) and len(classes_of(train.labels)) == 16
@@ -137,11 +141,11 @@ def test_omniglot_loads_rotated_training_classes_from_extracted_folders(tmp_path
 def test_omniglot_reads_its_cache_without_the_raw_files_and_can_rotate_evaluation(tmp_path):
     write_omniglot(tmp_path / "omniglot-py")
     with pytest.warns(UserWarning):
-        first = omniglot_module(tmp_path).load_splits()
+        first = load_fixture(tmp_path)
     for image_set in OMNIGLOT_FIXTURE:
         shutil.rmtree(tmp_path / "omniglot-py" / image_set)
     with pytest.warns(UserWarning):
-        again = omniglot_module(tmp_path, eval_rotations=True).load_splits()
+        again = load_fixture(tmp_path, eval_rotations=True)
     assert torch.equal(again["train"].data, first["train"].data)
     # Rotated evaluation: 2 characters x 4 rotations = 8 test classes, 32 images.
     assert again["test"].data.shape == (32, 1, 28, 28) and len(classes_of(again["test"].labels)) == 8
@@ -159,16 +163,50 @@ def test_omniglot_extracts_a_verified_archive(tmp_path, monkeypatch):
                 handle.write(path, path.relative_to(source).as_posix())
         # The fixture is not the official archive: make its MD5 the expected one.
         monkeypatch.setitem(omniglot.ARCHIVE_MD5, image_set, hashlib.md5(archive.read_bytes()).hexdigest())
-    module = omniglot_module(tmp_path / "root", image_size=32)
     with pytest.warns(UserWarning):
-        splits = module.load_splits()
+        splits = load_fixture(tmp_path / "root", image_size=32)
     assert splits["train"].data.shape == (64, 1, 32, 32)
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["images_background", "images_evaluation"]
 
 
+def test_omniglot_datamodule_downloads_in_prepare_data_and_loads_in_setup(tmp_path, monkeypatch):
+    # The official server, played by a folder of fixture archives whose MD5s are the expected ones.
+    server = tmp_path / "server"
+    write_omniglot(server)
+    for image_set in OMNIGLOT_FIXTURE:
+        with zipfile.ZipFile(server / f"{image_set}.zip", "w") as handle:
+            for path in sorted((server / image_set).rglob("*.png")):
+                handle.write(path, path.relative_to(server).as_posix())
+        md5 = hashlib.md5((server / f"{image_set}.zip").read_bytes()).hexdigest()
+        monkeypatch.setitem(omniglot.ARCHIVE_MD5, image_set, md5)
+    fetched = []
+
+    def download_url(url, folder, filename, md5):
+        fetched.append((url.rsplit("/", 1)[1], md5))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(server / filename, Path(folder) / filename)
+
+    monkeypatch.setattr(omniglot, "download_url", download_url)
+    module = omniglot_module(
+        tmp_path / "root", download=True, ways=3, test_ways=2, shots=1, queries=2, meta_batch_size=2
+    )
+    with pytest.warns(UserWarning):
+        module.prepare_data()
+    # Both archives fetched with their MD5s, extracted and decoded into the cache, before any setup.
+    assert fetched == [(f"{name}.zip", md5) for name, md5 in omniglot.ARCHIVE_MD5.items()]
+    assert (tmp_path / "root" / "omniglot-py" / "omniglot-28px.pt").is_file() and module.datasets == {}
+    with pytest.warns(UserWarning):
+        module.setup("fit")
+    assert next(iter(module.train_dataloader())).support_x.shape == (2, 3, 1, 28, 28)
+    # Extracted folders are not fetched again.
+    with pytest.warns(UserWarning):
+        module.prepare_data()
+    assert len(fetched) == 2
+
+
 def test_omniglot_missing_data_names_the_path_and_the_archives(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        omniglot_module(tmp_path).load_splits()
+        load_fixture(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "omniglot-py") in message
     assert "images_background.zip" in message and "download=True" in message
@@ -179,7 +217,7 @@ def test_omniglot_corrupt_archive_is_refused(tmp_path):
     folder.mkdir()
     (folder / "images_background.zip").write_bytes(b"not a zip archive")
     with pytest.raises(RuntimeError, match="MD5") as error:
-        omniglot_module(tmp_path).load_splits()
+        load_fixture(tmp_path)
     assert str(folder / "images_background.zip") in str(error.value)
 
 
@@ -227,7 +265,7 @@ def test_mini_imagenet_reads_the_pickles(tmp_path):
     # learn2learn's copies spell the validation file "-validation": it must be found too.
     written = write_mini_pickles(tmp_path / "mini-imagenet", validation_name="validation")
     with pytest.warns(UserWarning, match=r"train 3 \(published 64\)"):
-        splits = MiniImageNetDataModule(tmp_path).load_splits()
+        splits = load_mini_imagenet(tmp_path)
     for split, count in MINI_CLASSES.items():
         data, labels = splits[split]
         assert data.shape == (count * MINI_PER_CLASS, 3, 84, 84) and data.dtype == torch.uint8
@@ -256,7 +294,7 @@ def test_mini_imagenet_reads_images_and_split_csvs(tmp_path):
                 rows.append(f"{name},{wnid}")
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     with pytest.warns(UserWarning):
-        splits = MiniImageNetDataModule(tmp_path).load_splits()
+        splits = load_mini_imagenet(tmp_path)
     data, labels = splits["train"]
     # 3 classes x 2 images, resized to 84x84.
     assert data.shape == (6, 3, 84, 84) and data.dtype == torch.uint8 and len(classes_of(labels)) == 3
@@ -267,7 +305,7 @@ def test_mini_imagenet_reads_images_and_split_csvs(tmp_path):
 
 def test_mini_imagenet_missing_names_the_path_and_both_layouts(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        MiniImageNetDataModule(tmp_path).load_splits()
+        load_mini_imagenet(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "mini-imagenet") in message
     assert "mini-imagenet-cache-{train,val,test}.pkl" in message and "train.csv" in message
@@ -278,7 +316,7 @@ def test_mini_imagenet_partial_pickles_name_the_missing_file(tmp_path):
     write_mini_pickles(tmp_path / "mini-imagenet")
     (tmp_path / "mini-imagenet" / "mini-imagenet-cache-test.pkl").unlink()
     with pytest.raises(FileNotFoundError, match="mini-imagenet-cache-test.pkl is missing"):
-        MiniImageNetDataModule(tmp_path).load_splits()
+        load_mini_imagenet(tmp_path)
 
 
 def test_mini_imagenet_corrupt_pickle_names_the_file(tmp_path):
@@ -286,7 +324,7 @@ def test_mini_imagenet_corrupt_pickle_names_the_file(tmp_path):
     path = tmp_path / "mini-imagenet" / "mini-imagenet-cache-train.pkl"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(RuntimeError, match="corrupt") as error:
-        MiniImageNetDataModule(tmp_path).load_splits()
+        load_mini_imagenet(tmp_path)
     assert str(path) in str(error.value)
 
 
@@ -295,7 +333,19 @@ def test_mini_imagenet_refuses_a_class_in_two_splits(tmp_path):
     folder = tmp_path / "mini-imagenet"
     shutil.copy(folder / "mini-imagenet-cache-val.pkl", folder / "mini-imagenet-cache-test.pkl")
     with pytest.raises(RuntimeError, match="is in both the val and the test split"):
-        MiniImageNetDataModule(tmp_path).load_splits()
+        load_mini_imagenet(tmp_path)
+
+
+def test_mini_imagenet_datamodule_decodes_in_prepare_data_and_batches_after_setup(tmp_path):
+    write_mini_pickles(tmp_path / "mini-imagenet")
+    module = MiniImageNetDataModule(tmp_path, ways=2, shots=1, queries=2, train_tasks=4, num_workers=0)
+    assert module.meta_batch_size == 4  # its own default (MAML's mini-ImageNet setting), not the base's 32
+    with pytest.warns(UserWarning, match="published"):
+        module.prepare_data()
+        module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    # 4 tasks of 2-way 1-shot 2-query over 3 training classes of 84x84 RGB.
+    assert batch.support_x.shape == (4, 2, 3, 84, 84) and batch.query_x.shape == (4, 4, 3, 84, 84)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +390,7 @@ def test_tiered_imagenet_decodes_once_into_a_memory_map(tmp_path):
     folder = tmp_path / "tiered-imagenet"
     written = write_tiered(folder)
     with pytest.warns(UserWarning, match=r"train 3 \(published 351\)"):
-        splits = TieredImageNetDataModule(tmp_path).load_splits()
+        splits = load_tiered_imagenet(tmp_path)
     for split, count in TIERED_CLASSES.items():
         data, labels = splits[split]
         # PNG is lossless: the decoded pixels are the written ones, channel-first.
@@ -354,13 +404,13 @@ def test_tiered_imagenet_decodes_once_into_a_memory_map(tmp_path):
     for split in SPLITS:
         (folder / f"{split}_images_png.pkl").unlink()
     with pytest.warns(UserWarning):
-        again = TieredImageNetDataModule(tmp_path).load_splits()
+        again = load_tiered_imagenet(tmp_path)
     assert torch.equal(again["val"].data, splits["val"].data)
 
 
 def test_tiered_imagenet_missing_names_the_path_and_the_files(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        TieredImageNetDataModule(tmp_path).load_splits()
+        load_tiered_imagenet(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "tiered-imagenet") in message and "train_labels.pkl" in message
     assert "few-shot-ssl-public" in message
@@ -372,10 +422,26 @@ def test_tiered_imagenet_corrupt_png_names_the_file(tmp_path):
     with open(folder / "val_images_png.pkl", "wb") as handle:
         pickle.dump([b"\x89PNG broken", b"\x89PNG broken", b"x", b"y"], handle)
     with pytest.raises(RuntimeError, match="not a readable PNG") as error:
-        TieredImageNetDataModule(tmp_path).load_splits()
+        load_tiered_imagenet(tmp_path)
     assert str(folder / "val_images_png.pkl") in str(error.value)
     # The failed decode left no half-written cache that a later run would trust.
     assert not (folder / "val_images_84px.npy").exists()
+
+
+def test_tiered_imagenet_datamodule_decodes_in_prepare_data_and_batches_after_setup(tmp_path):
+    folder = tmp_path / "tiered-imagenet"
+    write_tiered(folder)
+    module = TieredImageNetDataModule(tmp_path, ways=2, shots=1, queries=1, train_tasks=4, num_workers=0)
+    with pytest.warns(UserWarning, match="published"):
+        module.prepare_data()
+    # prepare_data (once per node) did the decoding: setup on every rank only maps the files.
+    assert all((folder / f"{split}_images_84px.npy").is_file() for split in SPLITS)
+    for split in SPLITS:
+        (folder / f"{split}_images_png.pkl").unlink()
+    with pytest.warns(UserWarning, match="published"):
+        module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert batch.support_x.shape == (4, 2, 3, 84, 84) and batch.query_x.shape == (4, 2, 3, 84, 84)
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +495,7 @@ def write_cifar100(root: Path, train_per_class: int = 2, test_per_class: int = 1
 
 def test_cifar_fs_loads_the_published_split_from_the_cifar100_release(tmp_path):
     rows = write_cifar100(tmp_path)
-    splits = CIFARFSDataModule(tmp_path).load_splits()
+    splits = load_cifar_fs(tmp_path)
     for split, classes in zip(SPLITS, (64, 16, 20)):
         data, labels = splits[split]
         # 3 images per class in the fixture (2 from the train file, 1 from the test file).
@@ -443,7 +509,7 @@ def test_cifar_fs_loads_the_published_split_from_the_cifar100_release(tmp_path):
 
 def test_fc100_loads_whole_superclasses(tmp_path):
     write_cifar100(tmp_path)
-    splits = FC100DataModule(tmp_path).load_splits()
+    splits = load_fc100(tmp_path)
     for split, classes in zip(SPLITS, (60, 20, 20)):
         data, labels = splits[split]
         assert data.shape == (3 * classes, 3, 32, 32) and len(classes_of(labels)) == classes
@@ -456,7 +522,7 @@ def test_fc100_loads_whole_superclasses(tmp_path):
 
 def test_cifar_missing_names_the_path_and_download(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        CIFARFSDataModule(tmp_path).load_splits()
+        load_cifar_fs(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "cifar-100-python") in message and "meta" in message and "download=True" in message
 
@@ -466,7 +532,7 @@ def test_cifar_corrupt_file_names_the_file(tmp_path):
     path = tmp_path / "cifar-100-python" / "train"
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(RuntimeError, match="corrupt") as error:
-        FC100DataModule(tmp_path).load_splits()
+        load_fc100(tmp_path)
     assert str(path) in str(error.value)
 
 
@@ -483,3 +549,22 @@ def test_cifar_fs_batches_with_a_train_transform(tmp_path):
     # 2 tasks, 5 support and 10 query images of 3x32x32.
     assert batch.support_x.shape == (2, 5, 3, 32, 32) and batch.query_x.shape == (2, 10, 3, 32, 32)
     assert batch.support_x.dtype == torch.float32 and float(batch.support_x.max()) <= 1.0
+
+
+def test_cifar_datamodule_downloads_in_prepare_data(tmp_path, monkeypatch):
+    downloads = []
+
+    def fake_cifar100(root, train, download):  # torchvision's CIFAR100, minus the network
+        downloads.append((root, download))
+        if not (Path(root) / "cifar-100-python").exists():
+            write_cifar100(Path(root))
+
+    monkeypatch.setattr(cifar_fs, "CIFAR100", fake_cifar100)
+    module = FC100DataModule(tmp_path, download=True, ways=5, shots=1, queries=2, train_tasks=4, num_workers=0)
+    module.prepare_data()
+    assert downloads == [(str(tmp_path), True)]
+    module.setup("fit")
+    assert next(iter(module.train_dataloader())).support_x.shape == (4, 5, 3, 32, 32)
+    # Without download=True nothing is fetched: prepare_data leaves the data to setup's loader.
+    FC100DataModule(tmp_path).prepare_data()
+    assert len(downloads) == 1

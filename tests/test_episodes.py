@@ -145,6 +145,18 @@ def test_datamodule_batches_and_eval_episode_shape():
     assert torch.equal(list(dm.val_dataloader())[0].support_x, val[0].support_x)
 
 
+def test_a_dataloader_before_setup_names_the_setup_call():
+    data, labels = identity_data()
+    dm = EpisodicDataModule(data, labels, num_workers=0)
+    # Lightning calls setup(stage) first; called by hand without it, the error says which call is missing.
+    with pytest.raises(RuntimeError, match=r"no train tasks yet: call `setup\('fit'\)` before `train_dataloader\(\)`"):
+        dm.train_dataloader()
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match=r"call `setup\('test'\)` before `test_dataloader\(\)`"):
+        dm.test_dataloader()
+    assert dm.val_dataloader() is not None
+
+
 def test_datamodule_names_the_split_that_cannot_hold_the_request():
     data, labels = identity_data()
     dm = EpisodicDataModule(data, labels, ways=5, test_ways=10, num_workers=0)  # round(30 * 0.16) = 5 val classes < 10
