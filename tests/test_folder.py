@@ -10,7 +10,7 @@ from PIL import Image
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import ImageFolderDataModule
 from fewshot_lightning.data.datasets import folder as folder_module
-from fewshot_lightning.data.datasets.folder import load_image_folder
+from fewshot_lightning.data.datasets.folder import load_image_folder, read_image_folder
 
 NUM_CLASSES = 10
 PER_CLASS = 4
@@ -38,7 +38,7 @@ def root(tmp_path):
 
 
 def test_rgb_images_are_decoded_resized_and_labelled(root):
-    folder = load_image_folder(str(root), image_size=16, channels=3)
+    folder = read_image_folder(str(root), image_size=16, channels=3)
     assert folder.classes == CLASSES
     assert folder.images.shape == (NUM_CLASSES * PER_CLASS, 3, 16, 16)
     assert folder.images.dtype == torch.uint8
@@ -49,14 +49,14 @@ def test_rgb_images_are_decoded_resized_and_labelled(root):
 
 
 def test_grayscale_uses_luma(root):
-    folder = load_image_folder(str(root), image_size=8, channels=1)
+    folder = read_image_folder(str(root), image_size=8, channels=1)
     assert folder.images.shape == (NUM_CLASSES * PER_CLASS, 1, 8, 8)
     # Class 0 is (10, 200, 50): ITU-R 601-2 luma 0.299*10 + 0.587*200 + 0.114*50 = 126.1 -> 126.
     assert torch.all(folder.images[folder.labels == 0] == 126)
 
 
 def test_cache_is_reused_and_a_changed_folder_rebuilds(root, monkeypatch):
-    first = load_image_folder(str(root), image_size=16, channels=3)
+    first = read_image_folder(str(root), image_size=16, channels=3)
     caches = list((root / ".fewshot_cache").glob("images_16px_3ch_*.pt"))
     assert len(caches) == 1
 
@@ -68,13 +68,13 @@ def test_cache_is_reused_and_a_changed_folder_rebuilds(root, monkeypatch):
         return real_decode(*args)
 
     monkeypatch.setattr(folder_module, "decode_image", counting_decode)
-    second = load_image_folder(str(root), image_size=16, channels=3)
+    second = read_image_folder(str(root), image_size=16, channels=3)
     assert calls == [] and torch.equal(first.images, second.images)
     # The cache folder is hidden: it is not taken for an 11th class.
     assert second.classes == CLASSES
 
     Image.new("RGB", (20, 20), colour(0)).save(root / CLASSES[0] / "img_new.png")
-    third = load_image_folder(str(root), image_size=16, channels=3)
+    third = read_image_folder(str(root), image_size=16, channels=3)
     # One more image: all 41 are decoded again, into a second cache file.
     assert len(calls) == NUM_CLASSES * PER_CLASS + 1
     assert third.images.shape[0] == NUM_CLASSES * PER_CLASS + 1
@@ -83,7 +83,7 @@ def test_cache_is_reused_and_a_changed_folder_rebuilds(root, monkeypatch):
 
 def test_cache_dir_keeps_the_image_folder_untouched(root, tmp_path):
     cache_dir = tmp_path / "cache"
-    load_image_folder(str(root), image_size=16, channels=3, cache_dir=str(cache_dir))
+    read_image_folder(str(root), image_size=16, channels=3, cache_dir=str(cache_dir))
     assert not (root / ".fewshot_cache").exists()
     assert len(list(cache_dir.glob("*.pt"))) == 1
 
@@ -122,6 +122,19 @@ def test_user_given_class_lists(root):
     assert data.classes == CLASSES
 
 
+def test_load_image_folder_splits_without_lightning(root):
+    by_fraction = load_image_folder(str(root), image_size=8, channels=1, split_fractions=(0.5, 0.2, 0.3), split_seed=1)
+    sizes = {split: len(part.labels.unique()) for split, part in by_fraction.items()}
+    # 10 classes: round(5.0) = 5 train, round(2.0) = 2 val, the other 3 test; 4 images each.
+    assert sizes == {"train": 5, "val": 2, "test": 3}
+    assert by_fraction["test"].data.shape == (3 * PER_CLASS, 1, 8, 8)
+    listed = load_image_folder(
+        str(root), image_size=8, channels=1, train_classes=CLASSES[:5], val_classes=CLASSES[5:7], test_classes=CLASSES[8:]
+    )
+    # Labels index the sorted class folder names, as ImageFolderDataModule.classes lists them.
+    assert [part.labels.unique().tolist() for part in listed.values()] == [[0, 1, 2, 3, 4], [5, 6], [8, 9]]
+
+
 def test_overlapping_or_partial_or_unknown_class_lists_raise(root):
     with pytest.raises(ValueError, match="'class_03' is in both train_classes and test_classes"):
         ImageFolderDataModule(
@@ -149,13 +162,13 @@ def test_folder_without_images_raises(tmp_path):
     (tmp_path / "empty_class").mkdir()
     (tmp_path / "loose.png").write_bytes(b"")  # directly in root: not read, as the message says
     with pytest.raises(FileNotFoundError, match="holds no images in class sub-folders"):
-        load_image_folder(str(tmp_path))
+        read_image_folder(str(tmp_path))
 
 
 def test_class_folder_without_images_is_skipped(root):
     (root / "zz_empty").mkdir()
     with pytest.warns(UserWarning, match="zz_empty"):
-        folder = load_image_folder(str(root), image_size=8)
+        folder = read_image_folder(str(root), image_size=8)
     assert folder.classes == CLASSES
 
 

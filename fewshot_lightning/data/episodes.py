@@ -1,10 +1,10 @@
 """Map-style datasets of tasks, and the sampler that walks them.
 
-Task ``i`` of epoch ``e`` is drawn from a generator seeded by ``(seed, e, i)``. The
-:class:`EpisodeSampler` hands out the indices ``e * num_tasks + i``, split across DDP
-ranks; DataLoader workers split those further. So a run is reproducible whatever the
-number of workers, every epoch sees new tasks, and every rank sees different ones.
-Validation and test use a fixed sampler: the same episodes at every evaluation.
+Task ``i`` of epoch ``e`` is drawn from uniforms that depend only on ``(seed, e, i)``
+(:mod:`.seeding`). The :class:`EpisodeSampler` hands out the indices ``e * num_tasks + i``,
+split across DDP ranks; DataLoader workers split those further. So a run is reproducible
+whatever the number of workers, every epoch sees new tasks, and every rank sees different
+ones. Validation and test use a fixed sampler: the same episodes at every evaluation.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from .seeding import task_uniforms
 from .task import TaskBatch, collate_tasks
 
 Transform = Callable[[Tensor], Tensor]
@@ -31,7 +32,7 @@ class LabelledData(NamedTuple):
 
 
 class TaskDataset(Dataset):
-    """Base class: index -> one task, from a generator seeded by ``(seed, epoch, i)``.
+    """Base class: index -> one task, whose randomness is :meth:`uniforms` of that index.
 
     Any index is valid; ``epoch, i = divmod(index, num_tasks)``. ``__len__`` is the number
     of tasks in one epoch.
@@ -46,9 +47,11 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return self.num_tasks
 
-    def generator(self, index: int) -> np.random.Generator:
+    def uniforms(self, index: int, count: int) -> np.ndarray:
+        """All the randomness of task ``index``: ``count`` uniforms in ``[0, 1)`` that depend only
+        on ``(seed, epoch, task)`` (see :func:`~fewshot_lightning.data.seeding.task_uniforms`)."""
         epoch, task = divmod(int(index), self.num_tasks)
-        return np.random.default_rng([self.seed, epoch, task])
+        return task_uniforms(self.seed, epoch, task, count)
 
     def __getitem__(self, index: int) -> TaskBatch:
         """Task ``index`` as unbatched tensors ``(support_x, support_y, query_x, query_y)``."""
@@ -139,26 +142,15 @@ class EpisodeDataset(TaskDataset):
         self.draws = ways + ways * width + ways * needed
         self._tensor_data = isinstance(data, Tensor)
 
-    def uniforms(self, index: int) -> np.ndarray:
-        """All the randomness of task ``index``: :attr:`draws` uniforms in ``[0, 1)`` from a
-        torch generator seeded by a 64-bit mix of ``(seed, epoch, task)``.
-
-        Setting up a torch generator costs a few microseconds; numpy's ``default_rng`` of a
-        seed list costs tens (its ``SeedSequence`` hashing), more than the rest of the task.
-        """
-        epoch, task = divmod(int(index), self.num_tasks)
-        generator = torch.Generator().manual_seed(mix64(self.seed, epoch, task))
-        return torch.rand(self.draws, dtype=torch.float64, generator=generator).numpy()
-
     def __getitem__(self, index: int) -> TaskBatch:
-        return self._task(*self._draw(self.uniforms(index)))
+        return self._task(*self._draw(self.uniforms(index, self.draws)))
 
     def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
         # The DataLoader asks for a whole meta-batch here: one gather and one uint8 -> float
         # conversion for all its tasks instead of one per task plus a stack.
         if not self._tensor_data or self.transform is not None:
             return collate_tasks([self[i] for i in indices])
-        drawn = [self._draw(self.uniforms(i)) for i in indices]
+        drawn = [self._draw(self.uniforms(i, self.draws)) for i in indices]
         samples = self._gather(np.concatenate([indices for indices, _, _ in drawn]))
         samples = samples.view(len(drawn), -1, *samples.shape[1:])
         support = self.ways * self.shots
@@ -212,20 +204,6 @@ class EpisodeDataset(TaskDataset):
         if self.transform is not None:
             items = [self.transform(x) for x in items]
         return torch.stack([torch.as_tensor(x) for x in items])
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix64(*values: int) -> int:
-    """A 63-bit seed from integers: the SplitMix64 finaliser (Steele et al., 2014) folded over them."""
-    state = 0
-    for value in values:
-        state = (state + 0x9E3779B97F4A7C15 + (value & _MASK64)) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 31
-    return state >> 1  # torch.Generator.manual_seed wants a value that fits a signed 64-bit int
 
 
 def ordered_sample(n: int, k: int, uniforms: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ..datamodule import SPLITS, EpisodicDataModule, split_by_class, subset_by_classes
+from ..datamodule import SPLITS, LabelledDataModule, check_split_fractions, split_by_class, subset_by_classes
 from ..episodes import LabelledData
 from ._storage import load_cache, save_atomic
 
@@ -105,10 +105,31 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 def load_image_folder(
+    root: str,
+    image_size: int = 84,
+    channels: int = 3,
+    cache_dir: Optional[str] = None,
+    split_fractions: Sequence[float] = (0.64, 0.16, 0.20),
+    split_seed: int = 0,
+    train_classes: Optional[List[str]] = None,
+    val_classes: Optional[List[str]] = None,
+    test_classes: Optional[List[str]] = None,
+) -> Dict[str, LabelledData]:
+    """The images under ``root`` (see :func:`read_image_folder`), split by class: by a seeded
+    shuffle in ``split_fractions``, or exactly as listed in ``train_classes``, ``val_classes``
+    and ``test_classes`` (all three, disjoint). Labels index the sorted class folder names."""
+    class_lists = check_class_lists(train_classes, val_classes, test_classes)
+    fractions = check_split_fractions(split_fractions)
+    folder = read_image_folder(root, image_size, channels, cache_dir)
+    return split_folder(folder, root, fractions, split_seed, class_lists)
+
+
+def read_image_folder(
     root: str, image_size: int = 84, channels: int = 3, cache_dir: Optional[str] = None
 ) -> FolderImages:
     """Every image under ``root``, decoded once and cached in ``cache_dir`` (default
     ``<root>/.fewshot_cache``) under a name keyed by :func:`folder_fingerprint`."""
+    check_image_shape(image_size, channels)
     root_path = Path(root).expanduser()
     classes, files, labels = scan_folder(root_path)
     fingerprint = folder_fingerprint(root_path, files, image_size, channels)
@@ -143,14 +164,35 @@ def load_image_folder(
     return FolderImages(images, torch.tensor(labels, dtype=torch.long), classes, files)
 
 
-class ImageFolderDataModule(EpisodicDataModule):
+def split_folder(
+    folder: FolderImages, root: str, fractions: Sequence[float], seed: int, class_lists: Optional[Dict[str, List[str]]]
+) -> Dict[str, LabelledData]:
+    """The classes of ``folder`` by split: as named in ``class_lists``, or if it is ``None`` by a
+    shuffle seeded with ``seed`` in ``fractions``."""
+    if class_lists is None:
+        return split_by_class(folder.images, folder.labels, fractions, seed)
+    index = {name: label for label, name in enumerate(folder.classes)}
+    unknown = sorted({name for names in class_lists.values() for name in names} - index.keys())
+    if unknown:
+        raise ValueError(
+            f"Class(es) {', '.join(unknown[:10])} are not image-holding sub-folders of {root}; "
+            f"its classes are {', '.join(folder.classes[:20])}{' ...' if len(folder.classes) > 20 else ''}."
+        )
+    return {
+        split: subset_by_classes(folder.images, folder.labels, torch.tensor([index[n] for n in names], dtype=torch.long))
+        for split, names in class_lists.items()
+    }
+
+
+class ImageFolderDataModule(LabelledDataModule):
     """Few-shot episodes over a folder of class sub-folders of images (your own data).
 
-    Images are decoded once into a cached uint8 tensor (see :func:`load_image_folder`); a
+    Images are decoded once into a cached uint8 tensor (see :func:`read_image_folder`); a
     changed folder (any image added, removed or edited) is decoded again. Classes are split
     either by a seeded shuffle in ``split_fractions``, or exactly as given by
     ``train_classes``, ``val_classes`` and ``test_classes`` (all three, disjoint; classes in
-    none of them are left out).
+    none of them are left out). After ``setup``, ``classes`` holds the class folder names
+    that the labels index.
 
     Args:
         root: the folder, laid out as ``root/<class name>/<image>``.
@@ -162,12 +204,8 @@ class ImageFolderDataModule(EpisodicDataModule):
         split_seed: seed of that shuffle (kept apart from ``seed`` so that rerunning with a new
             episode seed tests on the same classes).
         train_classes, val_classes, test_classes: class folder names of each split.
-        ways, shots, queries: the training episodes.
-        test_ways, test_shots, test_queries: validation/test episodes (default: as training).
-        meta_batch_size: tasks per step.
-        train_tasks, val_tasks, test_tasks: tasks per training epoch; fixed evaluation episodes.
-        num_workers: DataLoader worker processes.
-        seed: base seed of the episodes.
+        **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
+            (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``seed``, ...).
     """
 
     def __init__(
@@ -181,59 +219,35 @@ class ImageFolderDataModule(EpisodicDataModule):
         train_classes: Optional[List[str]] = None,
         val_classes: Optional[List[str]] = None,
         test_classes: Optional[List[str]] = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        meta_batch_size: int = 32,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            split_fractions=split_fractions, ways=ways, shots=shots, queries=queries, test_ways=test_ways,
-            test_shots=test_shots, test_queries=test_queries, meta_batch_size=meta_batch_size,
-            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
-        )
-        if image_size < 1:
-            raise ValueError(f"image_size must be at least 1 pixel, got {image_size}.")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+        super().__init__(**kwargs)
+        check_image_shape(image_size, channels)
         self.root = root
         self.image_size = image_size
         self.channels = channels
         self.cache_dir = cache_dir
+        self.split_fractions = check_split_fractions(split_fractions)
         self.split_seed = split_seed
         self.class_lists = check_class_lists(train_classes, val_classes, test_classes)
         self.classes: Optional[List[str]] = None
 
-    def _load(self) -> FolderImages:
-        return load_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
-
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node: the decoding happens once, not per rank.
-        self._load()
+        # Once per node, before `setup` on every process: the decoding happens once, not per rank.
+        read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        folder = self._load()
+        # load_image_folder's two halves: the class names are kept for `classes`.
+        folder = read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
         self.classes = folder.classes
-        if self.class_lists is None:
-            return split_by_class(folder.images, folder.labels, self.split_fractions, self.split_seed)
-        index = {name: label for label, name in enumerate(folder.classes)}
-        unknown = sorted({name for names in self.class_lists.values() for name in names} - index.keys())
-        if unknown:
-            raise ValueError(
-                f"Class(es) {', '.join(unknown[:10])} are not image-holding sub-folders of {self.root}; "
-                f"its classes are {', '.join(folder.classes[:20])}{' ...' if len(folder.classes) > 20 else ''}."
-            )
-        return {
-            split: subset_by_classes(folder.images, folder.labels, torch.tensor([index[n] for n in names], dtype=torch.long))
-            for split, names in self.class_lists.items()
-        }
+        return split_folder(folder, self.root, self.split_fractions, self.split_seed, self.class_lists)
+
+
+def check_image_shape(image_size: int, channels: int) -> None:
+    if image_size < 1:
+        raise ValueError(f"image_size must be at least 1 pixel, got {image_size}.")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
 
 
 def check_class_lists(

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ..datamodule import SPLITS, EpisodicDataModule
-from ..episodes import LabelledData, Transform
+from ..datamodule import SPLITS, LabelledDataModule
+from ..episodes import LabelledData
 from ._storage import (
     PathLike, atomic_write, check_class_counts, check_disjoint, load_pickle, missing, relabel_splits,
 )
 
 PUBLISHED_CLASSES = {"train": 351, "val": 97, "test": 160}
+FOLDER = "tiered-imagenet"
 IMAGE_SIZE = 84
 HOW_TO_GET = (
     "tiered-ImageNet has no official, stable download. Build the files with Ren et al.'s script "
@@ -27,14 +28,58 @@ HOW_TO_GET = (
 )
 
 
-class TieredImageNetDataModule(EpisodicDataModule):
+def load_tiered_imagenet(root: PathLike = "data") -> Dict[str, LabelledData]:
+    """tiered-ImageNet's 351/97/160 classes (see :class:`TieredImageNetDataModule`): memory-mapped
+    uint8 images ``[N, 3, 84, 84]``, class ids unique across splits (train, then val, then test).
+
+    Reads ``{root}/tiered-imagenet/``; the first call decodes each split's PNGs into a ``.npy``
+    file beside them (several minutes), later calls map it. Missing files raise a
+    ``FileNotFoundError`` that says where to get them.
+    """
+    folder = Path(root).expanduser() / FOLDER
+    loaded = {split: read_split(folder, split) for split in SPLITS}
+    named = {split: names for split, (_, _, names) in loaded.items() if names}
+    if len(named) == len(SPLITS):
+        check_disjoint(folder, named)
+    check_class_counts(
+        "tiered-ImageNet", folder,
+        {split: len(torch.unique(labels)) for split, (_, labels, _) in loaded.items()}, PUBLISHED_CLASSES,
+    )
+    return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+
+
+def read_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
+    """``(memory-mapped uint8 [N, 3, 84, 84], int64 labels [N], class names)`` of one split,
+    decoding its PNGs into the memory map first if it is missing."""
+    images_path, labels_path = folder / f"{split}_images_png.pkl", folder / f"{split}_labels.pkl"
+    cache_path = folder / f"{split}_images_{IMAGE_SIZE}px.npy"
+    if not labels_path.is_file():
+        raise missing(folder, f"{labels_path.name} and {images_path.name}", HOW_TO_GET)
+    if not cache_path.is_file():
+        if not images_path.is_file():
+            raise missing(folder, f"{images_path.name} (PNG-encoded images)", HOW_TO_GET)
+        encoded = load_pickle(images_path, "a list of PNG-encoded images", HOW_TO_GET)
+        atomic_write(cache_path, lambda path: decode_pngs(encoded, images_path, path))
+    labels, names = read_labels(labels_path)
+    # Copy-on-write mapping: a writable array for torch.from_numpy that never writes to the file.
+    images = np.load(cache_path, mmap_mode="c")
+    if images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+        raise RuntimeError(
+            f"{cache_path} holds images of shape {images.shape} but {labels_path.name} has {len(labels)} labels: "
+            f"the cache is stale or damaged. Delete it; it is rebuilt from {images_path.name}."
+        )
+    return torch.from_numpy(images), labels, names
+
+
+class TieredImageNetDataModule(LabelledDataModule):
     """tiered-ImageNet episodes: 351/97/160 classes (448,695 / 124,261 / 206,209 images) of
     84x84 RGB, as published by Ren et al., "Meta-Learning for Semi-Supervised Few-Shot
     Classification" (ICLR 2018).
 
-    Reads the release's layout from ``{root}/tiered-imagenet/``: ``{split}_images_png.pkl``
-    (a list of PNG-encoded images) and ``{split}_labels.pkl`` (a dict whose ``label_specific``
-    gives each image's class; ``label_specific_str``, when present, the class names).
+    Reads the release's layout from ``{root}/tiered-imagenet/`` (:func:`load_tiered_imagenet`):
+    ``{split}_images_png.pkl`` (a list of PNG-encoded images) and ``{split}_labels.pkl`` (a
+    dict whose ``label_specific`` gives each image's class; ``label_specific_str``, when
+    present, the class names).
 
     The PNGs are decoded **once** into a uint8 ``[N, 3, 84, 84]`` ``.npy`` file per split
     (``{split}_images_84px.npy``, about 16.5 GB for the three) that is then memory-mapped,
@@ -47,83 +92,22 @@ class TieredImageNetDataModule(EpisodicDataModule):
 
     Args:
         root: folder holding ``tiered-imagenet/``.
-        ways, shots, queries, test_ways, test_shots, test_queries, train_transform,
-        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
-            :class:`~fewshot_lightning.data.EpisodicDataModule`.
+        meta_batch_size: tasks per step (4, as for mini-ImageNet).
+        **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
+            (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``num_workers``, ``seed``, ...).
     """
 
-    folder_name = "tiered-imagenet"
-
-    def __init__(
-        self,
-        root: PathLike = "data",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        train_transform: Optional[Transform] = None,
-        meta_batch_size: int = 4,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            ways=ways, shots=shots, queries=queries, test_ways=test_ways, test_shots=test_shots,
-            test_queries=test_queries, train_transform=train_transform, meta_batch_size=meta_batch_size,
-            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
-        )
-        self.folder = Path(root).expanduser() / self.folder_name
-
-    def images_path(self, split: str) -> Path:
-        return self.folder / f"{split}_images_png.pkl"
-
-    def labels_path(self, split: str) -> Path:
-        return self.folder / f"{split}_labels.pkl"
-
-    def cache_path(self, split: str) -> Path:
-        return self.folder / f"{split}_images_{IMAGE_SIZE}px.npy"
+    def __init__(self, root: PathLike = "data", meta_batch_size: int = 4, **kwargs: Any) -> None:
+        super().__init__(meta_batch_size=meta_batch_size, **kwargs)
+        self.root = root
 
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node, so the decoding pass happens once.
-        for split in SPLITS:
-            labels_path = self.labels_path(split)
-            if not labels_path.is_file():
-                raise missing(self.folder, f"{labels_path.name} and {self.images_path(split).name}", HOW_TO_GET)
-            if self.cache_path(split).is_file():
-                continue
-            if not self.images_path(split).is_file():
-                raise missing(self.folder, f"{self.images_path(split).name} (PNG-encoded images)", HOW_TO_GET)
-            encoded = load_pickle(self.images_path(split), "a list of PNG-encoded images", HOW_TO_GET)
-            atomic_write(self.cache_path(split), lambda path: decode_pngs(encoded, self.images_path(split), path))
-
-    def load_split(self, split: str) -> Tuple[Tensor, Tensor, List[str]]:
-        """``(memory-mapped uint8 [N, 3, 84, 84], int64 labels [N], class names)`` of one split."""
-        labels, names = read_labels(self.labels_path(split))
-        # Copy-on-write mapping: a writable array for torch.from_numpy that never writes to the file.
-        images = np.load(self.cache_path(split), mmap_mode="c")
-        if images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
-            raise RuntimeError(
-                f"{self.cache_path(split)} holds images of shape {images.shape} but {self.labels_path(split).name} "
-                f"has {len(labels)} labels: the cache is stale or damaged. Delete it; it is rebuilt from "
-                f"{self.images_path(split).name}."
-            )
-        return torch.from_numpy(images), labels, names
+        # Once per node, before `setup` on every process: the decoding pass (and its 16.5 GB of
+        # output) happens once, not once per rank; `setup` then only maps the files.
+        self.load_splits()
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        self.prepare_data()
-        loaded = {split: self.load_split(split) for split in SPLITS}
-        named = {split: names for split, (_, _, names) in loaded.items() if names}
-        if len(named) == len(SPLITS):
-            check_disjoint(self.folder, named)
-        check_class_counts(
-            "tiered-ImageNet", self.folder,
-            {split: len(torch.unique(labels)) for split, (_, labels, _) in loaded.items()}, PUBLISHED_CLASSES,
-        )
-        return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+        return load_tiered_imagenet(self.root)
 
 
 def read_labels(path: Path) -> Tuple[Tensor, List[str]]:
