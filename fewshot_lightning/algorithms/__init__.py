@@ -2,7 +2,7 @@
 from .base import MetaLearner
 from .blackbox import AttentionLearner
 from .cnp import CNP
-from .maml import ANIL, MAML, MetaSGD
+from .maml import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from .matchingnet import MatchingNet
 from .protonet import ProtoNet
 from .relationnet import RelationNet
@@ -12,6 +12,7 @@ __all__ = [
     "AttentionLearner",
     "CNP",
     "MAML",
+    "MAMLPlusPlus",
     "MatchingNet",
     "MetaLearner",
     "MetaSGD",
