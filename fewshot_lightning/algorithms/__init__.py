@@ -6,6 +6,7 @@ from .maml import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from .matchingnet import MatchingNet
 from .protonet import ProtoNet
 from .relationnet import RelationNet
+from .reptile import Reptile
 
 __all__ = [
     "ANIL",
@@ -18,4 +19,5 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "RelationNet",
+    "Reptile",
 ]
