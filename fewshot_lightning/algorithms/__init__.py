@@ -2,6 +2,7 @@
 from .base import MetaLearner
 from .blackbox import AttentionLearner
 from .cnp import CNP
+from .imaml import iMAML
 from .maml import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from .matchingnet import MatchingNet
 from .protonet import ProtoNet
@@ -20,4 +21,5 @@ __all__ = [
     "ProtoNet",
     "RelationNet",
     "Reptile",
+    "iMAML",
 ]
