@@ -1,6 +1,7 @@
 """Meta-learning algorithms, one ``LightningModule`` each, on the shared :class:`MetaLearner`."""
 from .base import MetaLearner
 from .blackbox import AttentionLearner
+from .cavia import CAVIA
 from .cnp import CNP
 from .imaml import iMAML
 from .maml import ANIL, MAML, MAMLPlusPlus, MetaSGD
@@ -12,6 +13,7 @@ from .reptile import Reptile
 __all__ = [
     "ANIL",
     "AttentionLearner",
+    "CAVIA",
     "CNP",
     "MAML",
     "MAMLPlusPlus",
