@@ -52,8 +52,8 @@ def closed_form_meta_gradient(model, batch, lam):
     return torch.linalg.solve(eye + hessian / lam, query_gradient)[..., 0].mean(0)
 
 
-def imaml_gradient(model, batch, steps, cg_steps):
-    learner = iMAML(model, inner_lr=LR, inner_steps=steps, lam=LAM, cg_steps=cg_steps, batching="vmap")
+def imaml_gradient(model, batch, steps, cg_steps, batching="vmap"):
+    learner = iMAML(model, inner_lr=LR, inner_steps=steps, lam=LAM, cg_steps=cg_steps, batching=batching)
     loss = per_task_loss(learner(batch), batch.query_y).mean()
     return flat(torch.autograd.grad(loss, list(model.parameters())))
 
@@ -69,12 +69,13 @@ def unrolled_gradient(model, batch, steps):
     return flat(torch.autograd.grad(loss, list(model.parameters())))
 
 
-def test_cg_meta_gradient_matches_the_closed_form(float64):
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_cg_meta_gradient_matches_the_closed_form(batching, float64):
     model, batch = linear_problem()
     exact = closed_form_meta_gradient(model, batch, LAM)
     # 300 inner steps solve the proximal problem to machine precision (contraction <= 0.8 per
     # step here), and 3 conjugate-gradient steps solve a 3-parameter system exactly.
-    assert torch.allclose(imaml_gradient(model, batch, 300, cg_steps=3), exact, atol=1e-10)
+    assert torch.allclose(imaml_gradient(model, batch, 300, cg_steps=3, batching=batching), exact, atol=1e-10)
     # One CG step is only the first Krylov direction: visibly off, so the check above can fail.
     assert (imaml_gradient(model, batch, 300, cg_steps=1) - exact).abs().max() > 1e-4
 
