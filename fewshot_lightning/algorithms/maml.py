@@ -274,6 +274,13 @@ class MAML(MetaLearner):
         trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
         return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
 
+    def on_test_epoch_start(self) -> None:
+        # test_inner_steps may have been changed since construction (a script evaluating with
+        # more steps): the curve then has that many points.
+        if self.test_curve.size != self.test_inner_steps + 1:
+            with torch.inference_mode(False):  # its states are updated outside inference mode
+                self.test_curve = MeanConfidenceInterval(size=self.test_inner_steps + 1).to(self.device)
+
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         if not self.test_curve.update_called:
