@@ -3,6 +3,7 @@ from .base import MetaLearner
 from .blackbox import AttentionLearner
 from .cnp import CNP
 from .maml import ANIL, MAML, MetaSGD
+from .maml_rl import MAMLRL
 from .matchingnet import MatchingNet
 from .protonet import ProtoNet
 from .relationnet import RelationNet
@@ -12,6 +13,7 @@ __all__ = [
     "AttentionLearner",
     "CNP",
     "MAML",
+    "MAMLRL",
     "MatchingNet",
     "MetaLearner",
     "MetaSGD",
