@@ -17,7 +17,7 @@ the right Hessian. Sampling from ``pi_theta`` makes the expected return's Hessia
   REINFORCE estimator; its Hessian keeps both terms above, so for a one-step problem (a
   bandit) it is an unbiased estimate of the exact Hessian. Over a trajectory it drops the
   products of score functions at different times (full DiCE keeps them, at a variance that
-  grows with the horizon); Rothfuss et al. show the bias is small and the variance far lower.
+  grows with the horizon); Rothfuss et al. trade that bias for a far lower variance.
   Away from the sampling parameters (the later outer steps) the same expression is the
   importance-weighted policy gradient.
 - ``"logprob"``: ``log pi * A`` (importance-weighted by a constant ratio away from the
