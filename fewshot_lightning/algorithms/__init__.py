@@ -5,6 +5,7 @@ from .cavia import CAVIA
 from .cnp import CNP
 from .imaml import iMAML
 from .maml import ANIL, MAML, MAMLPlusPlus, MetaSGD
+from .maml_rl import MAMLRL
 from .matchingnet import MatchingNet
 from .protonet import ProtoNet
 from .relationnet import RelationNet
@@ -17,6 +18,7 @@ __all__ = [
     "CNP",
     "MAML",
     "MAMLPlusPlus",
+    "MAMLRL",
     "MatchingNet",
     "MetaLearner",
     "MetaSGD",

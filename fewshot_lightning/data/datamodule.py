@@ -39,6 +39,8 @@ class TaskDataModule(L.LightningDataModule):
     #: squared error). A class attribute, known before any data is loaded, so that a learner
     #: can read it at setup (``trainer.datamodule.regression``) to name its score ``acc`` or ``mse``.
     regression: bool = False
+    #: Stacks the tasks a sampler hands out into one batch.
+    collate = staticmethod(collate_tasks)
 
     def __init__(
         self,
@@ -86,7 +88,7 @@ class TaskDataModule(L.LightningDataModule):
             batch_size=self.meta_batch_size,
             sampler=EpisodeSampler(dataset, fixed=not training),
             drop_last=training,
-            collate_fn=collate_tasks,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and training,
             pin_memory=torch.cuda.is_available(),

@@ -17,7 +17,7 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
 
-def _task_seed(seed: int, epoch: int, task: int) -> int:
+def task_seed(seed: int, epoch: int, task: int) -> int:
     """A 63-bit seed from ``(seed, epoch, task)``: :func:`_splitmix64` folded over the three.
 
     Each step adds the golden-ratio increment and the next value to the state, then runs
@@ -45,9 +45,9 @@ def task_uniforms(seed: int, epoch: int, task: int, count: int) -> np.ndarray:
     of ``(seed, epoch, task, count)``, the same on every machine and in every process.
 
     They come from a torch generator (Mersenne Twister, 53-bit doubles, so ``u * 2**53`` is an
-    integer) seeded with :func:`_task_seed`. Setting up a torch generator costs a few
+    integer) seeded with :func:`task_seed`. Setting up a torch generator costs a few
     microseconds; numpy's ``default_rng`` of a seed list costs tens (its ``SeedSequence``
     hashing), more than the rest of a classification task.
     """
-    generator = torch.Generator().manual_seed(_task_seed(seed, epoch, task))
+    generator = torch.Generator().manual_seed(task_seed(seed, epoch, task))
     return torch.rand(count, dtype=torch.float64, generator=generator).numpy()
