@@ -103,10 +103,19 @@ def test_dataset_of_pairs_and_uint8_scaling():
 
 def test_impossible_requests_name_the_numbers():
     data, labels = identity_data()
-    with pytest.raises(ValueError, match="Cannot sample 31-way tasks from 30 classes"):
+    with pytest.raises(ValueError, match="ways = 31, but the data has only 30 classes: set ways to at most 30"):
         EpisodeDataset(data, labels, ways=31, shots=1, queries=1)
-    with pytest.raises(ValueError, match=r"5-shot 21-query tasks need 26 samples per class.*smallest has 25"):
+    with pytest.raises(
+        ValueError,
+        match=r"shots = 5 and queries = 21 need 26 samples per class, but 30 of the 30 classes of the data have fewer "
+        r"\(the smallest, class 0, has 25\): lower shots and queries to sum to at most 25",
+    ):
         EpisodeDataset(data, labels, ways=5, shots=5, queries=21)
+    # Advice that can be followed: with one class, or a class of one sample, no number fits.
+    with pytest.raises(ValueError, match="the data has 1 class, and an episode needs at least 2: use data with more"):
+        EpisodeDataset(data[:25], labels[:25], ways=2, shots=1, queries=1)
+    with pytest.raises(ValueError, match=r"1 of the 30 classes of the data \(class 29\) has a single sample, and"):
+        EpisodeDataset(data[:-24], labels[:-24], ways=2, shots=1, queries=1)
     with pytest.raises(ValueError, match="shots must be at least 1, got 0"):
         EpisodeDataset(data, labels, ways=5, shots=0, queries=1)
     with pytest.raises(ValueError, match="Got 3 labels for 750 samples"):

@@ -127,3 +127,28 @@ def test_mini_imagenet_datamodule_decodes_in_prepare_data_and_batches_after_setu
     batch = next(iter(module.train_dataloader()))
     # 4 tasks of 2-way 1-shot 2-query over 3 training classes of 84x84 RGB.
     assert batch.support_x.shape == (4, 2, 3, 84, 84) and batch.query_x.shape == (4, 4, 3, 84, 84)
+
+
+def test_mini_imagenet_unreadable_images_are_all_named_and_none_is_skipped(tmp_path):
+    folder = tmp_path / "mini-imagenet"
+    (folder / "images").mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8)
+    for split, count in MINI_CLASSES.items():
+        rows = [(f"n{split}{c}_{i}.jpg", f"n{split}{c}") for c in range(count) for i in range(2)]
+        for name, _ in rows:
+            Image.fromarray(noise).save(folder / "images" / name)
+        (folder / f"{split}.csv").write_text("".join(f"{name},{wnid}\n" for name, wnid in rows))
+    truncated = folder / "images" / "ntrain1_0.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    (folder / "images" / "ntrain2_1.jpg").unlink()
+    with pytest.raises(RuntimeError) as error:
+        load_mini_imagenet(tmp_path)
+    message = str(error.value)
+    # Both bad files in one message (one run to learn every file to fetch again), and no cache.
+    assert message.startswith(
+        f"2 of the 6 images listed in {folder / 'train.csv'} could not be read: "
+        f"{truncated} (OSError: image file is truncated"
+    )
+    assert f"{folder / 'images' / 'ntrain2_1.jpg'} (FileNotFoundError: listed in the split CSV but missing)" in message
+    assert "None is skipped (the benchmark would change): fetch those files again." in message
+    assert not (folder / "train-84px.pt").exists()

@@ -194,3 +194,32 @@ def test_omniglot_training_batches_are_task_batches_in_unit_range(tmp_path):
     assert batch.support_x.dtype == torch.float32
     assert 0.0 <= float(batch.query_x.min()) and float(batch.query_x.max()) == 1.0
     assert sorted(batch.support_y[0].tolist()) == [0, 1, 2]
+
+
+def test_omniglot_unreadable_drawings_are_named_and_none_is_skipped(tmp_path):
+    folder = tmp_path / "omniglot-py"
+    write_omniglot(folder)
+    broken = folder / "images_evaluation" / "Gamma" / "character02" / "0006_02.png"
+    broken.write_bytes(broken.read_bytes()[:49])  # the first half: the pixel data stops short
+    with pytest.raises(RuntimeError) as error:
+        load_fixture(tmp_path)
+    assert str(error.value).startswith(
+        f"1 of the 32 Omniglot drawings in {folder} could not be read: {broken} (OSError: image file is truncated). "
+        f"None is skipped (the benchmark would change): delete {folder / 'images_background'} and "
+        f"{folder / 'images_evaluation'} and run again"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Omniglot in .* has 8 characters")
+def test_omniglot_damaged_cache_is_rebuilt_from_the_extracted_folders(tmp_path):
+    folder = tmp_path / "omniglot-py"
+    write_omniglot(folder)
+    first = load_fixture(tmp_path)
+    cache = folder / "omniglot-28px.pt"
+    content = bytearray(cache.read_bytes())
+    middle = len(content) // 2
+    content[middle : middle + 512] = bytes(255 - b for b in content[middle : middle + 512])
+    cache.write_bytes(bytes(content))
+    with pytest.warns(UserWarning, match="omniglot-28px.pt is damaged"):
+        again = load_fixture(tmp_path)
+    assert all(torch.equal(again[split].data, first[split].data) for split in SPLITS)

@@ -89,9 +89,10 @@ def test_tiered_imagenet_corrupt_png_names_the_file(tmp_path):
     write_tiered(folder)
     with open(folder / "val_images_png.pkl", "wb") as handle:
         pickle.dump([b"\x89PNG broken", b"\x89PNG broken", b"x", b"y"], handle)
-    with pytest.raises(RuntimeError, match="not a readable PNG") as error:
+    with pytest.raises(RuntimeError, match="4 of the 4 images in .* are not readable PNGs: image 0 ") as error:
         load_tiered_imagenet(tmp_path)
     assert str(folder / "val_images_png.pkl") in str(error.value)
+    assert "image 3 (not an image format Pillow can read). None is skipped" in str(error.value)
     # The failed decode left no half-written cache that a later run would trust.
     assert not (folder / "val_images_84px.npy").exists()
 
@@ -110,3 +111,46 @@ def test_tiered_imagenet_datamodule_decodes_in_prepare_data_and_batches_after_se
         module.setup("fit")
     batch = next(iter(module.train_dataloader()))
     assert batch.support_x.shape == (4, 2, 3, 84, 84) and batch.query_x.shape == (4, 2, 3, 84, 84)
+
+
+def overwrite_middle(path: Path, size: int) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        handle.write(noise)
+
+
+@pytest.mark.filterwarnings("ignore:tiered-ImageNet in .* has a different number of classes")
+def test_tiered_imagenet_damaged_memory_map_is_rebuilt_or_refused(tmp_path):
+    folder = tmp_path / "tiered-imagenet"
+    written = write_tiered(folder)
+    load_tiered_imagenet(tmp_path)
+    cache = folder / "train_images_84px.npy"
+    # Its SHA-256 was recorded with the size and time it had, so an unchanged map costs a stat.
+    assert (folder / "train_images_84px.npy.sha256").is_file()
+    overwrite_middle(cache, 4096)
+    with pytest.warns(UserWarning, match=r"train_images_84px.npy is damaged \(its SHA-256 is .*, not the .* recorded"):
+        splits = load_tiered_imagenet(tmp_path)
+    # Rebuilt from the PNG pickle: the written pixels again.
+    assert torch.equal(splits["train"].data, torch.from_numpy(written["train"][0]).permute(0, 3, 1, 2))
+
+    # Without the pickle to rebuild from, a damaged map is refused, saying what to put back.
+    overwrite_middle(cache, 4096)
+    (folder / "train_images_png.pkl").unlink()
+    with pytest.raises(RuntimeError, match=r"is damaged .* and train_images_png.pkl, which it is decoded from, is not"):
+        load_tiered_imagenet(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:tiered-ImageNet in .* has a different number of classes")
+def test_tiered_imagenet_map_without_a_record_is_hashed_once(tmp_path):
+    # A map decoded by an older version has no .sha256 beside it, and its pickles may be gone:
+    # it is hashed and recorded (trusted on first use) rather than refused.
+    folder = tmp_path / "tiered-imagenet"
+    write_tiered(folder)
+    first = load_tiered_imagenet(tmp_path)
+    (folder / "val_images_84px.npy.sha256").unlink()
+    (folder / "val_images_png.pkl").unlink()
+    with pytest.warns(UserWarning, match="val_images_84px.npy has no recorded checksum .made by an older version."):
+        again = load_tiered_imagenet(tmp_path)
+    assert torch.equal(again["val"].data, first["val"].data)
+    assert (folder / "val_images_84px.npy.sha256").is_file()

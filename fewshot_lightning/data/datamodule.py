@@ -1,21 +1,32 @@
 """Lightning DataModules whose batches are :class:`TaskBatch`es."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .episodes import (
-    EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, labels_of,
+    EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, check_finite,
+    episode_shape_problems, labels_of,
 )
 from .task import collate_tasks
 
 SPLITS = ("train", "val", "test")
 #: The splits Lightning's stages use; ``setup(None)`` builds all three.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+#: The splits whose episodes ``setup`` checks can be drawn: at ``fit`` the test split too, so a
+#: test-only mistake (``test_ways`` above the test classes) stops the run before it trains.
+CHECKED_SPLITS = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "predict": ("test",)}
+#: The file, in the run's log folder, where the class split is written.
+CLASS_SPLIT_FILE = "class_split.json"
+#: Class names shown per split when the split is printed; the file has all of them.
+_SHOWN_CLASSES = 20
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -137,12 +148,37 @@ class ClassificationDataModule(TaskDataModule):
         for shape in (train_shape, test_shape):
             check_episode_shape(*shape)
         self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
+        self._test_arguments_given = tuple(test is not None for test in (test_ways, test_shots, test_queries))
+
+    def episode_arguments(self, split: str) -> Tuple[Tuple[str, str, str], Tuple[str, str, str]]:
+        """The names of the arguments that set ``split``'s episode shape, and how to show them with
+        their values in a message (a test argument left unset says it took the training value)."""
+        values = self.episode_shape[split]
+        if split == "train":
+            names = ("ways", "shots", "queries")
+            return names, tuple(f"{name} = {value}" for name, value in zip(names, values))
+        names = ("test_ways", "test_shots", "test_queries")
+        described = tuple(
+            f"{name} = {value}" if given else f"{name} (not set, so {name[5:]} = {value})"
+            for name, value, given in zip(names, values, self._test_arguments_given)
+        )
+        return names, described
 
 
 class LabelledDataModule(ClassificationDataModule):
     """Episodes over labelled data that is split by class: the base of every dataset's
     DataModule. A subclass loads the data in :meth:`load_splits` (usually one call of the
     dataset's ``load_<name>`` function); see ``docs/adding-a-dataset.md``.
+
+    The first :meth:`setup` loads the splits and checks them before anything trains:
+
+    * float data must be finite (:func:`~.episodes.check_finite`): one NaN pixel would turn
+      the weights into NaN;
+    * every split the stage uses (at ``fit``, the test split too) must hold the requested
+      episodes; the error names the argument at fault (``test_ways``, not ``ways``) and the
+      largest value that fits;
+    * the class split is printed, kept in :attr:`class_split` and, when the Trainer has a
+      logger, written to ``class_split.json`` in the run's log folder, beside ``config.yaml``.
 
     Args:
         train_transform: per-sample augmentation for training episodes only.
@@ -155,23 +191,91 @@ class LabelledDataModule(ClassificationDataModule):
         super().__init__(**kwargs)
         self.train_transform = train_transform
         self._splits: Optional[Dict[str, LabelledData]] = None
+        #: After ``setup``: the names of each split's classes (see :meth:`class_name`), sorted by label.
+        self.class_split: Optional[Dict[str, List[str]]] = None
 
     def load_splits(self) -> Dict[str, LabelledData]:
         """The labelled data of the splits ``"train"``, ``"val"`` and ``"test"``, classes disjoint."""
         raise NotImplementedError
 
-    def make_dataset(self, split: str, num_tasks: int, seed: int) -> EpisodeDataset:
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` in messages and :attr:`class_split`: the label itself,
+        unless a subclass knows better (a folder name)."""
+        return str(label)
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        """How to give ``splits`` more classes, for the error that finds they have too few."""
+        return f"use a dataset whose {' and '.join(splits)} split{'s have' if len(splits) > 1 else ' has'} more classes"
+
+    def setup(self, stage: Optional[str] = None) -> None:
         if self._splits is None:
-            self._splits = self.load_splits()
+            splits = self.load_splits()
+            for split, (data, labels) in splits.items():
+                check_finite(data, labels, f"The {split} split of {type(self).__name__}")
+            self._splits = splits
+            self.class_split = {
+                split: [self.class_name(label) for label in torch.unique(part.labels).tolist()]
+                for split, part in splits.items()
+            }
+            rank_zero_info(describe_class_split(type(self).__name__, self.class_split))
+        self.check_episodes(CHECKED_SPLITS.get(stage, SPLITS))
+        self.save_class_split()
+        super().setup(stage)
+
+    def check_episodes(self, splits: Iterable[str]) -> None:
+        """Raise a ``ValueError`` naming every argument that asks ``splits`` for episodes they
+        cannot hold; validation and test, shaped by the same ``test_*`` arguments, are checked
+        together, so the advice fits both."""
+        assert self._splits is not None, "setup loads the splits first"
+        problems = []
+        for group in (("train",), ("val", "test")):
+            checked = [split for split in group if split in splits]
+            if not checked:
+                continue
+            names, described = self.episode_arguments(checked[0])
+            split_of = {f"the {split} split": split for split in checked}
+            problems += episode_shape_problems(
+                {where: self._splits[split].labels for where, split in split_of.items()},
+                *self.episode_shape[checked[0]], names=names, described=described,
+                class_name=lambda label: f"class {self.class_name(label)}",
+                more_classes=lambda wheres: self.more_classes_advice([split_of[where] for where in wheres]),
+            )
+        if problems:
+            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+
+    def save_class_split(self) -> None:
+        """Write :attr:`class_split` to ``class_split.json`` in the Trainer's log folder, if it has one."""
+        trainer = self.trainer
+        if trainer is None or not trainer.loggers:
+            return
+        # On every rank: `log_dir` is a collective call under DDP (rank 0 broadcasts it).
+        log_dir = trainer.log_dir
+        if not log_dir or not trainer.is_global_zero:
+            return
+        path = Path(log_dir) / CLASS_SPLIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"datamodule": type(self).__name__, **self.class_split}, indent=1) + "\n")
+        rank_zero_info(f"Class split written to {path}.")
+
+    def make_dataset(self, split: str, num_tasks: int, seed: int) -> EpisodeDataset:
+        assert self._splits is not None, "setup loads the splits first"
         data, labels = self._splits[split]
         ways, shots, queries = self.episode_shape[split]
-        try:
-            return EpisodeDataset(
-                data, labels, ways, shots, queries, num_tasks, seed,
-                transform=self.train_transform if split == "train" else None,
-            )
-        except ValueError as error:
-            raise ValueError(f"{split} split of {type(self).__name__}: {error}") from None
+        return EpisodeDataset(
+            data, labels, ways, shots, queries, num_tasks, seed,
+            transform=self.train_transform if split == "train" else None,
+        )
+
+
+def describe_class_split(owner: str, class_split: Dict[str, List[str]]) -> str:
+    """``"<owner> class split (train/val/test: 6/2/2 classes):"`` and a line of names per split
+    (the first 20 of a long split)."""
+    counts = "/".join(str(len(names)) for names in class_split.values())
+    lines = [f"{owner} class split ({'/'.join(class_split)}: {counts} classes):"]
+    for split, names in class_split.items():
+        more = f", ... ({len(names) - _SHOWN_CLASSES:,} more)" if len(names) > _SHOWN_CLASSES else ""
+        lines.append(f"  {split}: {', '.join(names[:_SHOWN_CLASSES])}{more}")
+    return "\n".join(lines)
 
 
 class EpisodicDataModule(LabelledDataModule):
@@ -209,7 +313,15 @@ class EpisodicDataModule(LabelledDataModule):
                 "DataModule such as KanjiDataModule."
             )
         labels = labels_of(self.data) if self.labels is None else torch.as_tensor(self.labels, dtype=torch.long)
+        # Before the split, so that the samples it names are indices into `data` as passed in.
+        check_finite(self.data, labels, f"The data passed to {type(self).__name__}")
         return split_by_class(self.data, labels, self.split_fractions, self.seed)
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        return (
+            f"give the {' and '.join(splits)} split{'s' if len(splits) > 1 else ''} a larger share of the classes "
+            f"through split_fractions (now {list(self.split_fractions)}), or use data with more classes"
+        )
 
 
 def check_split_fractions(fractions: Sequence[float]) -> Tuple[float, float, float]:

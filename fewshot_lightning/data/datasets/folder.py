@@ -4,6 +4,13 @@ The layout is torchvision's ``ImageFolder`` (``root/<class name>/**/<image>``). 
 is decoded once, resized to ``image_size`` x ``image_size`` (the whole image, ignoring its
 aspect ratio, as mini-ImageNet's 84x84 images were made by Ravi & Larochelle, 2017) and
 stored in one uint8 tensor cached on disk; later runs load that tensor in a second.
+
+Files that cannot be decoded (a truncated JPEG, a text file named ``.png``) are skipped,
+with a warning listing them in every run. Skipped rather than fatal, unlike in the
+benchmarks: a folder of your own is whatever it holds, a few broken downloads are common in
+one, and the rest is still a valid dataset; the warning names every file, and a class left
+with too few images for the requested episodes fails at setup (before any training) with
+an error naming it.
 """
 from __future__ import annotations
 
@@ -16,13 +23,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor
 
 from ..datamodule import SPLITS, LabelledDataModule, check_split_fractions, split_by_class, subset_by_classes
 from ..episodes import LabelledData
-from ._storage import load_cache, save_atomic
+from ._storage import describe_error, describe_failures, load_cache, save_atomic
 
 #: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
 FORMAT_VERSION = 1
@@ -128,40 +135,99 @@ def read_image_folder(
     root: str, image_size: int = 84, channels: int = 3, cache_dir: Optional[str] = None
 ) -> FolderImages:
     """Every image under ``root``, decoded once and cached in ``cache_dir`` (default
-    ``<root>/.fewshot_cache``) under a name keyed by :func:`folder_fingerprint`."""
+    ``<root>/.fewshot_cache``) under a name keyed by :func:`folder_fingerprint`.
+
+    Files that cannot be decoded are left out with a warning naming them (in every process
+    that loads them, from the cache too), and so is a class left with no image.
+    """
     check_image_shape(image_size, channels)
     root_path = Path(root).expanduser()
     classes, files, labels = scan_folder(root_path)
     fingerprint = folder_fingerprint(root_path, files, image_size, channels)
     cache_folder = Path(cache_dir).expanduser() if cache_dir is not None else root_path / DEFAULT_CACHE_FOLDER
     path = cache_folder / f"images_{image_size}px_{channels}ch_{fingerprint[:16]}.pt"
-    shape = (len(files), channels, image_size, image_size)
 
     def problem(payload: Dict) -> Optional[str]:
         if payload.get("version") != FORMAT_VERSION or payload.get("fingerprint") != fingerprint:
             return "it was made from other files or settings"
+        skipped, reasons = payload.get("skipped"), payload.get("skip_reasons")
+        if not isinstance(skipped, list) or not isinstance(reasons, list) or not set(skipped) <= set(files):
+            return "it does not list the skipped files"
         images = payload.get("images")
+        shape = (len(files) - len(skipped), channels, image_size, image_size)
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
             return "images have the wrong type or shape"
         return None
 
     payload = load_cache(path, problem)
-    if payload is not None:
-        return FolderImages(payload["images"], torch.tensor(labels, dtype=torch.long), classes, files)
+    if payload is None:
+        payload = decode_folder(root_path, files, len(classes), image_size, channels, path)
+        payload.update(version=FORMAT_VERSION, fingerprint=fingerprint)
+        try:
+            save_atomic(payload, path)
+        except OSError as error:
+            raise OSError(
+                f"Cannot write the image cache {path} ({error}). Pass a writable `cache_dir` "
+                "(the image folder itself may be read-only)."
+            ) from error
+    skipped = list(zip(payload["skipped"], payload["skip_reasons"]))
+    return kept_images(root_path, payload["images"], classes, files, labels, skipped)
 
-    rank_zero_info(f"Decoding {len(files):,} images of {len(classes):,} classes from {root_path} into {path} (once).")
+
+def decode_folder(root: Path, files: List[str], num_classes: int, image_size: int, channels: int, cache: Path) -> Dict:
+    """``{"images": uint8 [N', C, S, S], "skipped": [files], "skip_reasons": [why]}``: the files
+    that decode, in order, and those that do not."""
+    rank_zero_info(f"Decoding {len(files):,} images of {num_classes:,} classes from {root} into {cache} (once).")
+
+    def decode(relative: str) -> Any:
+        try:
+            return decode_image(root / relative, image_size, channels)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
+            return error
+
     # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(lambda relative: decode_image(root_path / relative, image_size, channels), files))
-    images = torch.from_numpy(np.stack(decoded))
-    try:
-        save_atomic({"version": FORMAT_VERSION, "fingerprint": fingerprint, "images": images}, path)
-    except OSError as error:
-        raise OSError(
-            f"Cannot write the image cache {path} ({error}). Pass a writable `cache_dir` "
-            "(the image folder itself may be read-only)."
-        ) from error
-    return FolderImages(images, torch.tensor(labels, dtype=torch.long), classes, files)
+        decoded = list(pool.map(decode, files))
+    failed = [(relative, result) for relative, result in zip(files, decoded) if isinstance(result, BaseException)]
+    if len(failed) == len(files):
+        raise RuntimeError(
+            f"None of the {len(files)} images under {root} could be decoded: {describe_failures(failed)}. "
+            "Are they images? Pillow decodes BMP, GIF, JPEG, PGM/PPM, PNG, TIFF and WebP."
+        )
+    pixels = [result for result in decoded if not isinstance(result, BaseException)]
+    return {
+        "images": torch.from_numpy(np.stack(pixels)),
+        "skipped": [relative for relative, _ in failed],
+        "skip_reasons": [describe_error(error) for _, error in failed],
+    }
+
+
+def kept_images(
+    root: Path, images: Tensor, classes: List[str], files: List[str], labels: List[int], skipped: List[Tuple[str, str]]
+) -> FolderImages:
+    """The images that decoded, relabelled over the classes that still hold one, with a
+    warning naming the ``(file, why)`` pairs of ``skipped`` and any class they emptied."""
+    if not skipped:
+        return FolderImages(images, torch.tensor(labels, dtype=torch.long), classes, files)
+    left_out = {relative for relative, _ in skipped}
+    kept = [(relative, label) for relative, label in zip(files, labels) if relative not in left_out]
+    remaining = sorted({label for _, label in kept})
+    emptied = [classes[label] for label in range(len(classes)) if label not in set(remaining)]
+    new_label = {label: index for index, label in enumerate(remaining)}
+    dropped = f" Class folder(s) left with no image, and so dropped: {', '.join(emptied)}." if emptied else ""
+    # Once per process (one warning location, so Python shows it once though prepare_data and
+    # setup both load) and on rank 0 only: the same news from every DDP rank is noise.
+    rank_zero_warn(
+        f"Skipping {len(skipped)} of the {len(files)} images under {root}, which could not be decoded: "
+        f"{describe_failures(skipped)}. The other {len(kept)} are used.{dropped} "
+        "Delete or replace those files to silence this warning."
+    )
+    return FolderImages(
+        images,
+        torch.tensor([new_label[label] for _, label in kept], dtype=torch.long),
+        [classes[label] for label in remaining],
+        [relative for relative, _ in kept],
+    )
 
 
 def split_folder(
@@ -192,7 +258,8 @@ class ImageFolderDataModule(LabelledDataModule):
     either by a seeded shuffle in ``split_fractions``, or exactly as given by
     ``train_classes``, ``val_classes`` and ``test_classes`` (all three, disjoint; classes in
     none of them are left out). After ``setup``, ``classes`` holds the class folder names
-    that the labels index.
+    that the labels index, and ``class_split`` the names in each split; the split is also
+    printed, and written to ``class_split.json`` in the run's log folder.
 
     Args:
         root: the folder, laid out as ``root/<class name>/<image>``.
@@ -241,6 +308,18 @@ class ImageFolderDataModule(LabelledDataModule):
         folder = read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
         self.classes = folder.classes
         return split_folder(folder, self.root, self.split_fractions, self.split_seed, self.class_lists)
+
+    def class_name(self, label: int) -> str:
+        return self.classes[label]
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        if self.class_lists is not None:
+            return f"list more classes in {' and '.join(split + '_classes' for split in splits)}"
+        return (
+            f"give the {' and '.join(splits)} split{'s' if len(splits) > 1 else ''} a larger share of the "
+            f"{len(self.classes)} classes through split_fractions (now {list(self.split_fractions)}), or name each "
+            "split's classes with train_classes, val_classes and test_classes"
+        )
 
 
 def check_image_shape(image_size: int, channels: int) -> None:

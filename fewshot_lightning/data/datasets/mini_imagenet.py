@@ -13,8 +13,8 @@ from torch import Tensor
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
 from ._storage import (
-    PathLike, as_uint8_chw, check_class_counts, check_disjoint, load_pickle, load_tensors, missing, relabel_splits,
-    save_atomic,
+    PathLike, as_uint8_chw, check_class_counts, check_disjoint, describe_failures, load_cache, load_pickle, missing,
+    relabel_splits, save_atomic,
 )
 
 PUBLISHED_CLASSES = {"train": 64, "val": 16, "test": 20}
@@ -74,12 +74,25 @@ def check_csv_layout(folder: Path, pickles: Dict[str, Optional[Path]]) -> None:
 
 
 def csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
-    """One split of the JPEG layout, from its cache, decoded into the cache first if missing."""
+    """One split of the JPEG layout, from its cache, decoded into the cache first if it is
+    missing, damaged (see :func:`load_cache`) or not a cache of this layout."""
     cache_path = folder / f"{split}-{IMAGE_SIZE}px.pt"
-    if not cache_path.is_file():
+
+    def problem(payload: Dict) -> Optional[str]:
+        images, labels = payload.get("images"), payload.get("labels")
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (3, *(IMAGE_SIZE,) * 2):
+            return "images have the wrong type or shape"
+        if not isinstance(labels, Tensor) or labels.shape != images.shape[:1]:
+            return "labels do not match the images"
+        if not isinstance(payload.get("wnids"), list):
+            return "the class wnids are missing"
+        return None
+
+    cache = load_cache(cache_path, problem)
+    if cache is None:
         images, labels, wnids = decode_csv_split(folder, split)
         save_atomic({"images": images, "labels": labels, "wnids": wnids}, cache_path)
-    cache = load_tensors(cache_path)
+        return images, labels, wnids
     return cache["images"], cache["labels"], list(cache["wnids"])
 
 
@@ -139,14 +152,30 @@ def read_cache_pickle(path: Path) -> Tuple[Tensor, Tensor, List[str]]:
 
 
 def decode_csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
-    """Decode the images listed in ``{split}.csv``: ``(uint8 [N, 3, 84, 84], labels, wnids)``."""
+    """Decode the images listed in ``{split}.csv``: ``(uint8 [N, 3, 84, 84], labels, wnids)``.
+
+    Every image is tried; missing or undecodable ones (a truncated JPEG) are listed together
+    in one error, so one run names all the files to fetch again. None is skipped: mini-ImageNet
+    is a fixed benchmark, and a result on fewer images is not comparable to the literature.
+    """
     rows = read_split_csv(folder / f"{split}.csv")
     wnids = sorted({wnid for _, wnid in rows})
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
     # Filled channel-first in place: no second full-size copy for the permute.
     images = np.empty((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    failures = []
     for i, (filename, _) in enumerate(rows):
-        images[i] = decode_image(folder / "images" / filename).transpose(2, 0, 1)
+        path = folder / "images" / filename
+        try:
+            images[i] = decode_image(path).transpose(2, 0, 1)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
+            failures.append((str(path), error))
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of the {len(rows)} images listed in {folder / f'{split}.csv'} could not be read: "
+            f"{describe_failures(failures)}. None is skipped (the benchmark would change): fetch those files "
+            f"again. {HOW_TO_GET}"
+        )
     labels = torch.tensor([label_of[wnid] for _, wnid in rows], dtype=torch.long)
     return torch.from_numpy(images), labels, wnids
 
@@ -165,7 +194,7 @@ def read_split_csv(path: Path) -> List[Tuple[str, str]]:
 
 def decode_image(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is listed in the split CSV but missing. {HOW_TO_GET}")
+        raise FileNotFoundError("listed in the split CSV but missing")
     with Image.open(path) as image:
         image = image.convert("RGB")
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):

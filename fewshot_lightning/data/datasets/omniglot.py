@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torchvision.datasets.utils import check_integrity, download_url, extract_ar
 
 from ..datamodule import LabelledDataModule
 from ..episodes import LabelledData
-from ._storage import PathLike, load_tensors, missing, save_atomic
+from ._storage import PathLike, describe_failures, load_cache, missing, save_atomic
 
 #: The official archives and their MD5s, as torchvision's ``Omniglot`` lists them.
 ARCHIVE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -110,12 +110,25 @@ def load_omniglot(
 
 def decoded_characters(folder: Path, image_size: int) -> Dict[str, object]:
     """The cache ``{"images": uint8 [N, S, S], "labels": int64 [N], "characters": [names]}``,
-    built from the archives or extracted folders when missing."""
+    built from the archives or extracted folders when missing, damaged (see :func:`load_cache`)
+    or of another shape."""
     cache_path = folder / f"omniglot-{image_size}px.pt"
-    if not cache_path.is_file():
+
+    def problem(payload: Dict) -> Optional[str]:
+        images, labels = payload.get("images"), payload.get("labels")
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (image_size,) * 2:
+            return "images have the wrong type or shape"
+        if not isinstance(labels, Tensor) or labels.shape != images.shape[:1]:
+            return "labels do not match the images"
+        if not isinstance(payload.get("characters"), list):
+            return "the character names are missing"
+        return None
+
+    cache = load_cache(cache_path, problem)
+    if cache is None:
         extract_archives(folder)
-        save_atomic(decode_characters(folder, image_size), cache_path)
-    cache = load_tensors(cache_path)
+        cache = decode_characters(folder, image_size)
+        save_atomic(cache, cache_path)
     found = len(cache["characters"])
     if found != NUM_CHARACTERS:
         warnings.warn(
@@ -228,7 +241,7 @@ class OmniglotDataModule(LabelledDataModule):
 
 def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:
     """Read every ``{set}/{alphabet}/{character}/*.png`` under ``folder``, in sorted order."""
-    images, labels, characters = [], [], []
+    images, labels, characters, failures = [], [], [], []
     for image_set in ARCHIVE_MD5:
         set_folder = folder / image_set
         character_folders = sorted(p for p in set_folder.glob("*/*") if p.is_dir())
@@ -244,8 +257,20 @@ def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:
             label = len(characters)
             characters.append(character.relative_to(folder).as_posix())
             for drawing in drawings:
-                images.append(decode_drawing(drawing, image_size))
+                try:
+                    images.append(decode_drawing(drawing, image_size))
+                except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
+                    failures.append((str(drawing), error))
                 labels.append(label)
+    if failures:
+        # All of them at once, and none skipped: the archives are MD5-checked, so a bad drawing
+        # means the extracted folders were damaged after extraction, and Omniglot is a benchmark.
+        raise RuntimeError(
+            f"{len(failures)} of the {len(labels)} Omniglot drawings in {folder} could not be read: "
+            f"{describe_failures(failures)}. None is skipped (the benchmark would change): delete "
+            f"{' and '.join(str(folder / name) for name in ARCHIVE_MD5)} and run again to extract them from the "
+            "verified archives (with download=True if the archives are gone)."
+        )
     return {
         "images": torch.from_numpy(np.stack(images)),
         "labels": torch.tensor(labels, dtype=torch.long),
