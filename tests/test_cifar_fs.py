@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.data.datasets import (
     CIFAR_FS_CLASSES, FC100_SUPERCLASSES, CIFARFSDataModule, FC100DataModule, cifar_fs, load_cifar_fs, load_fc100,
 )
@@ -144,7 +145,7 @@ def test_cifar_fs_batches_with_a_train_transform(tmp_path):
         train_transform=flip_and_scale,
     )
     module.setup("fit")
-    batch = next(iter(module.train_dataloader()))
+    batch = scale_images(next(iter(module.train_dataloader())))
     # 2 tasks, 5 support and 10 query images of 3x32x32.
     assert batch.support_x.shape == (2, 5, 3, 32, 32) and batch.query_x.shape == (2, 10, 3, 32, 32)
     assert batch.support_x.dtype == torch.float32 and float(batch.support_x.max()) <= 1.0
@@ -163,7 +164,7 @@ def test_cifar_datamodule_downloads_in_prepare_data(tmp_path, monkeypatch):
     module.prepare_data()
     assert downloads == [(str(tmp_path), True)]
     module.setup("fit")
-    assert next(iter(module.train_dataloader())).support_x.shape == (4, 5, 3, 32, 32)
+    assert scale_images(next(iter(module.train_dataloader()))).support_x.shape == (4, 5, 3, 32, 32)
     # Without download=True nothing is fetched: prepare_data leaves the data to setup's loader.
     FC100DataModule(tmp_path).prepare_data()
     assert len(downloads) == 1

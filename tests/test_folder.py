@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.cli import main
 from fewshot_lightning.data import TaskBatch, split_by_class
 from fewshot_lightning.data.datasets import ImageFolderDataModule
@@ -107,7 +108,7 @@ def test_datamodule_fraction_split_and_episodes(root):
     assert classes["train"] | classes["val"] | classes["test"] == set(range(NUM_CLASSES))
     assert not (classes["train"] & classes["val"] or classes["train"] & classes["test"] or classes["val"] & classes["test"])
 
-    batch = next(iter(data.train_dataloader()))
+    batch = scale_images(next(iter(data.train_dataloader())))
     assert isinstance(batch, TaskBatch)
     assert batch.support_x.shape == (3, 2, 3, 16, 16) and batch.query_x.shape == (3, 6, 3, 16, 16)
     assert batch.support_x.dtype == torch.float32

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import KanjiDataModule, load_kanji, render_kanji, split_characters
 from fewshot_lightning.data.datasets import kanji as kanji_module
@@ -168,7 +169,7 @@ def test_datamodule_episodes_have_task_batch_shapes(root, subset):
     assert not set(train_classes.tolist()) & set(val_classes.tolist())
     assert data.characters == subset.characters
 
-    batch = next(iter(data.train_dataloader()))
+    batch = scale_images(next(iter(data.train_dataloader())))
     assert isinstance(batch, TaskBatch)
     assert batch.support_x.shape == (4, 5, 1, 28, 28) and batch.query_x.shape == (4, 75, 1, 28, 28)
     assert batch.support_x.dtype == torch.float32
@@ -178,7 +179,7 @@ def test_datamodule_episodes_have_task_batch_shapes(root, subset):
         # 15 queries of each of the 5 labels.
         assert torch.equal(torch.bincount(batch.query_y[task], minlength=5), torch.full((5,), 15))
 
-    val_batch = next(iter(data.val_dataloader()))
+    val_batch = scale_images(next(iter(data.val_dataloader())))
     # Evaluation uses test_shots=5: 5 ways x 5 shots; 5 + 15 = 20 uses every instance.
     assert val_batch.support_x.shape == (4, 25, 1, 28, 28)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.data.datasets import MiniImageNetDataModule, load_mini_imagenet
 
 SPLITS = ("train", "val", "test")
@@ -124,7 +125,7 @@ def test_mini_imagenet_datamodule_decodes_in_prepare_data_and_batches_after_setu
     with pytest.warns(UserWarning, match="published"):
         module.prepare_data()
         module.setup("fit")
-    batch = next(iter(module.train_dataloader()))
+    batch = scale_images(next(iter(module.train_dataloader())))
     # 4 tasks of 2-way 1-shot 2-query over 3 training classes of 84x84 RGB.
     assert batch.support_x.shape == (4, 2, 3, 84, 84) and batch.query_x.shape == (4, 4, 3, 84, 84)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import OmniglotDataModule, load_omniglot, omniglot, vinyals_split
 
@@ -158,7 +159,7 @@ def test_omniglot_datamodule_downloads_in_prepare_data_and_loads_in_setup(tmp_pa
     assert (tmp_path / "root" / "omniglot-py" / "omniglot-28px.pt").is_file() and module.datasets == {}
     with pytest.warns(UserWarning):
         module.setup("fit")
-    assert next(iter(module.train_dataloader())).support_x.shape == (2, 3, 1, 28, 28)
+    assert scale_images(next(iter(module.train_dataloader()))).support_x.shape == (2, 3, 1, 28, 28)
     # Extracted folders are not fetched again.
     with pytest.warns(UserWarning):
         module.prepare_data()
@@ -187,7 +188,7 @@ def test_omniglot_training_batches_are_task_batches_in_unit_range(tmp_path):
     module = omniglot_module(tmp_path, ways=3, test_ways=2, shots=1, queries=2, meta_batch_size=2, train_tasks=4)
     with pytest.warns(UserWarning):
         module.setup("fit")
-    batch = next(iter(module.train_dataloader()))
+    batch = scale_images(next(iter(module.train_dataloader())))
     assert isinstance(batch, TaskBatch)
     # 2 tasks of 3-way 1-shot (3 support) and 2 queries per class (6 query).
     assert batch.support_x.shape == (2, 3, 1, 28, 28) and batch.query_x.shape == (2, 6, 1, 28, 28)

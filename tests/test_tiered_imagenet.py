@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.data.datasets import TieredImageNetDataModule, load_tiered_imagenet
 
 SPLITS = ("train", "val", "test")
@@ -109,7 +110,7 @@ def test_tiered_imagenet_datamodule_decodes_in_prepare_data_and_batches_after_se
         (folder / f"{split}_images_png.pkl").unlink()
     with pytest.warns(UserWarning, match="published"):
         module.setup("fit")
-    batch = next(iter(module.train_dataloader()))
+    batch = scale_images(next(iter(module.train_dataloader())))
     assert batch.support_x.shape == (4, 2, 3, 84, 84) and batch.query_x.shape == (4, 2, 3, 84, 84)
 
 

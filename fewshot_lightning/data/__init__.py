@@ -7,7 +7,7 @@ from .episodes import (
 )
 from .learn2learn_tasks import Learn2LearnDataModule, Learn2LearnTasks
 from .sinusoid import SinusoidDataModule, SinusoidTasks
-from .task import TaskBatch, collate_tasks
+from .task import TaskBatch, collate_tasks, scale_images
 
 __all__ = [
     "ClassificationDataModule",
@@ -26,6 +26,7 @@ __all__ = [
     "check_episode_shape",
     "check_finite",
     "collate_tasks",
+    "scale_images",
     "labels_of",
     "split_by_class",
     "subset_by_classes",

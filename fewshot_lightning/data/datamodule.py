@@ -15,7 +15,7 @@ from .episodes import (
     EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, check_finite,
     episode_shape_problems, labels_of,
 )
-from .task import collate_tasks
+from .task import TaskBatch, collate_tasks, scale_images
 
 SPLITS = ("train", "val", "test")
 #: The splits Lightning's stages use; ``setup(None)`` builds all three.
@@ -104,6 +104,11 @@ class TaskDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0 and training,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Scale ``uint8`` images to float on the device they were moved to (see
+        :func:`~fewshot_lightning.data.task.scale_images`)."""
+        return scale_images(batch) if isinstance(batch, TaskBatch) else batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -263,7 +268,7 @@ class LabelledDataModule(ClassificationDataModule):
         ways, shots, queries = self.episode_shape[split]
         return EpisodeDataset(
             data, labels, ways, shots, queries, num_tasks, seed,
-            transform=self.train_transform if split == "train" else None,
+            transform=self.train_transform if split == "train" else None, scale=False,
         )
 
 

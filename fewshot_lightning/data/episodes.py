@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 from .seeding import task_uniforms
-from .task import TaskBatch, collate_tasks
+from .task import TaskBatch, collate_tasks, to_unit_float
 
 Transform = Callable[[Tensor], Tensor]
 #: Values per block of :func:`check_finite`: its temporary boolean mask stays at 16 MiB.
@@ -85,7 +85,11 @@ class EpisodeDataset(TaskDataset):
         num_tasks: tasks per epoch.
         seed: base seed; task ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
         transform: applied to each sample (e.g. augmentation). ``uint8`` tensors with no
-            transform are scaled to ``float32`` in ``[0, 1]``.
+            transform are scaled to ``float32`` in ``[0, 1]``...
+        scale: ... unless ``scale=False``: then ``uint8`` samples stay ``uint8`` (a quarter of
+            the bytes to copy between processes and to the device), and whoever receives the
+            batch scales them (:func:`~fewshot_lightning.data.task.scale_images`); the
+            DataModules do this after moving each batch to the device.
 
     The values of ``data`` are not checked here: the DataModules check float data once when
     they load it (:func:`check_finite`), which is what to call on data used directly.
@@ -104,9 +108,11 @@ class EpisodeDataset(TaskDataset):
         num_tasks: int = 1000,
         seed: int = 0,
         transform: Optional[Transform] = None,
+        scale: bool = True,
     ) -> None:
         super().__init__(num_tasks, seed)
         self.data = data
+        self.scale = scale
         labels = labels_of(data) if labels is None else torch.as_tensor(labels, dtype=torch.long)
         if len(labels) != len(data):
             raise ValueError(f"Got {len(labels)} labels for {len(data)} samples; they must match one to one.")
@@ -140,8 +146,8 @@ class EpisodeDataset(TaskDataset):
         return self._task(*self._draw(self.uniforms(index, self.draws)))
 
     def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
-        # The DataLoader asks for a whole meta-batch here: one gather and one uint8 -> float
-        # conversion for all its tasks instead of one per task plus a stack.
+        # The DataLoader asks for a whole meta-batch here: one gather (and one uint8 -> float
+        # conversion) for all its tasks instead of one per task plus a stack.
         if not self._tensor_data or self.transform is not None:
             return collate_tasks([self[i] for i in indices])
         drawn = [self._draw(self.uniforms(i, self.draws)) for i in indices]
@@ -185,9 +191,9 @@ class EpisodeDataset(TaskDataset):
 
     def _gather(self, indices: np.ndarray) -> Tensor:
         # index_select, not data[indices]: advanced indexing takes a general path about ten
-        # times slower for a few dozen rows. `/ 255` converts and scales in one pass.
+        # times slower for a few dozen rows.
         samples = self.data.index_select(0, torch.from_numpy(indices))
-        return samples / 255 if samples.dtype == torch.uint8 else samples
+        return to_unit_float(samples) if self.scale else samples
 
     def _samples(self, indices: np.ndarray) -> Tensor:
         """Samples one by one: through ``transform``, or from a ``Dataset`` of pairs."""
