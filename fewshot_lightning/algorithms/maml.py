@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -180,13 +180,25 @@ class MAML(MetaLearner):
         self.test_curve.reset()
         name = self.score_name
         for step, value in enumerate(curve.tolist()):
-            self.log(f"test/{name}_after_{step}_steps", value)
+            # Already reduced over processes (see MetaLearner._log_eval for sync_dist).
+            self.log(f"test/{name}_after_{step}_steps", value, sync_dist=True)
         # The same points as one series against the inner step, so a logger can draw the curve.
         for logger in self.loggers:
             for step, value in enumerate(curve.tolist()):
                 logger.log_metrics({f"test/adaptation_curve_{name}": value}, step=step)
 
     # -- batching -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["batching"] = self.batching
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # A resumed run keeps the path the interrupted one timed and chose: vmap and the loop
+        # agree only to rounding, and a fresh timing could pick the other.
+        if self.batching is None and self._trainer is not None and self.trainer.state.fn == "fit":
+            self.batching = checkpoint.get("batching")
+
     def choose_batching(self, batch: TaskBatch) -> str:
         """With ``batching="auto"``, decide once, on this batch, between vmap and the loop.
 
