@@ -76,6 +76,11 @@ class NonFiniteGuard(Callback):
     running count logged as ``train/skipped_steps``; after ``max_consecutive_skips`` skipped
     steps in a row the next one raises, as a run that never takes a step is broken.
 
+    With 16-bit mixed precision's ``GradScaler``, a non-finite gradient from finite losses is
+    the loss scale overflowing, which the scaler answers by skipping the step and lowering the
+    scale: whatever the policy, such a step is skipped, warned about and counted (and counts
+    towards ``max_consecutive_skips``), not raised.
+
     Args:
         policy: ``"raise"`` or ``"skip"``.
         max_consecutive_skips: with ``"skip"``, how many steps in a row may be skipped.
@@ -115,7 +120,12 @@ class NonFiniteGuard(Callback):
         self.skipped += 1
         self.consecutive += 1
         message = self._describe(trainer, pl_module, params, task_losses)
-        if self.policy == "raise":
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        losses_finite = task_losses is None or bool(task_losses.isfinite().all())
+        overflow = scaler is not None and trainer.strategy.reduce_boolean_decision(losses_finite, all=True)
+        if overflow:
+            message += f" The 16-bit loss scale ({scaler.get_scale():g}) overflowed; the GradScaler lowers it."
+        elif self.policy == "raise":
             raise NonFiniteError(
                 f"{message} Stopped the run. Look for NaN or inf in the data, or lower the learning rates; to "
                 "skip such steps instead, use NonFiniteGuard(policy='skip') (CLI: --nonfinite.policy skip)."

@@ -1,10 +1,12 @@
 """Non-finite numbers never reach the weights, and never a score."""
 import copy
+import math
 import re
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from fewshot_lightning.algorithms import ProtoNet
@@ -96,3 +98,30 @@ def test_policy_raise_names_the_batch_and_a_nan_model_is_never_scored():
     tester = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(NonFiniteError, match=r"Testing would score non-finite weights \(NaN or inf in backbone\.1\.weight\)"):
         tester.test(model, data)
+
+
+def test_fp16_loss_scale_overflows_are_skipped_not_raised():
+    """16-bit mixed precision (on the CPU here) with a loss scale far too large: the first
+    steps' gradients overflow, the GradScaler skips them and halves the scale, and the guard,
+    even with policy 'raise', counts and warns rather than stopping the run."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(20, 1, 4, 4, generator=generator)[torch.arange(20).repeat_interleave(6)]
+    data = EpisodicDataModule(images, torch.arange(20).repeat_interleave(6), split_fractions=(0.7, 0.15, 0.15), ways=5,
+                              shots=1, queries=2, test_ways=3, meta_batch_size=2, train_tasks=40, num_workers=0)
+    L.seed_everything(0)
+    model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    guard = NonFiniteGuard()
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[guard],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, data)
+    overflows = [str(w.message) for w in warned if "loss scale" in str(w.message)]
+    # The scaler halves its scale once per overflow and grows it only after 2,000 good steps.
+    halvings = round(math.log2(2.0 ** 20 / scaler.get_scale()))
+    assert 1 <= halvings <= guard.max_consecutive_skips
+    assert guard.skipped == len(overflows) == halvings
+    assert re.search(r"Non-finite gradient at global_step 0 .* with finite losses on all 2 tasks .* The 16-bit loss "
+                     r"scale \(1\.04858e\+06\) overflowed; the GradScaler lowers it\. Skipped the step", overflows[0])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
