@@ -87,7 +87,7 @@ def random_episodes(count: int, tasks: int, ways: int, queries: int, device: tor
 
 def meta_iteration(model: MAML, optimizer: torch.optim.Optimizer) -> Callable[[TaskBatch], None]:
     def run(batch: TaskBatch) -> None:
-        loss, _ = model.training_loss(batch)
+        loss = model.training_losses(batch)[0].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,27 +1,330 @@
 """The ``fewshot-lightning`` command: Lightning's CLI over our algorithms and DataModules.
 
-    fewshot-lightning fit --config configs/maml_sinusoid.yaml
-    fewshot-lightning test --config configs/maml_sinusoid.yaml --ckpt_path path/to/last.ckpt
+    fewshot-lightning fit     --config configs/maml_sinusoid.yaml
+    fewshot-lightning fit     --config configs/maml_sinusoid.yaml --ckpt_path last   # resume
+    fewshot-lightning test    --config configs/maml_sinusoid.yaml --ckpt_path best
+    fewshot-lightning predict --config configs/maml_sinusoid.yaml --ckpt_path last
+
+What it adds to ``LightningCLI``, so that a run's number can be trusted:
+
+- ``--ckpt_path last`` and ``best`` look in the previous runs of the config (the newest
+  ``version_N`` folder of the logger that holds ``checkpoints/last.ckpt``), and a resumed
+  ``fit`` goes on writing into that run's folder. ``test``, ``validate`` and ``predict``
+  refuse to score weights no checkpoint gave unless ``--untrained true`` asks for it.
+- Every run trains under a :class:`~fewshot_lightning.callbacks.NonFiniteGuard`, configured
+  as ``--nonfinite.policy raise|skip`` and ``--nonfinite.max_consecutive_skips``.
+- A new run reserves its version folder atomically, so two runs started together get two;
+  a run that fails before finishing a batch removes the folder it reserved.
+- Bad input reported by our code (a ``ValueError`` from a constructor, a missing file, a
+  non-finite loss) is printed as a short message rather than a traceback, with exit code 1;
+  ``FEWSHOT_LIGHTNING_TRACEBACK=1`` shows the whole traceback.
+- ``predict`` writes the query predictions of the test episodes to ``predictions.pt`` in
+  the run's folder (see :class:`~fewshot_lightning.callbacks.PredictionWriter`).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+import os
+import re
+import shutil
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional
 
-from lightning.pytorch.cli import LightningCLI
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .algorithms import MetaLearner
+from .callbacks import NonFiniteError, NonFiniteGuard, PredictionWriter
 from .data import TaskDataModule
+
+TRACEBACK_VARIABLE = "FEWSHOT_LIGHTNING_TRACEBACK"
+_PACKAGE = Path(__file__).resolve().parent
+_LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+
+
+class RunFolder(Callback):
+    """The version folder this process reserved for a new run, and whether any batch finished
+    in it: a run that fails before one did leaves nothing worth keeping there."""
+
+    def __init__(self) -> None:
+        self.path: Optional[Path] = None
+        self.batches = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not trainer.sanity_checking:
+            self.batches += 1
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_predict_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def remove_if_unused(self) -> None:
+        if self.path is not None and not self.batches and not any(self.path.rglob("*.ckpt")):
+            shutil.rmtree(self.path, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the logger's folder, if this run made it and nothing else is there
+                self.path.parent.rmdir()
+
+
+class FewShotCLI(LightningCLI):
+    """``LightningCLI`` with checkpoint look-up, a non-finite guard and run folders one can trust
+    (see the module's docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_argument(
+            "--untrained", type=bool, default=False,
+            help="test/validate/predict: score the model's initial, untrained weights (a baseline) instead "
+            "of a checkpoint. Without it these subcommands need --ckpt_path.",
+        )
+
+    def before_fit(self) -> None:
+        self._prepare("fit")
+
+    def before_validate(self) -> None:
+        self._prepare("validate")
+
+    def before_test(self) -> None:
+        self._prepare("test")
+
+    def before_predict(self) -> None:
+        self._prepare("predict")
+
+    def _prepare(self, subcommand: str) -> None:
+        config = self.config_init[subcommand]
+        checkpoint = self._checkpoint(subcommand, config.get("ckpt_path"), bool(config.get("untrained")))
+        config["ckpt_path"] = checkpoint
+        if subcommand != "fit":
+            # Outside fit the checkpoint callbacks save nothing, so the state they restore (and
+            # Lightning's warning that the run's folder differs from theirs) is moot.
+            warnings.filterwarnings(
+                "ignore", message=r"The dirpath has changed from .* Only `best_model_path` will be reloaded\.",
+                module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+            )
+        if subcommand == "predict":
+            self.trainer.callbacks.append(PredictionWriter())
+        self._claim_run_folder(checkpoint if subcommand == "fit" else None)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _checkpoint(self, subcommand: str, path: Optional[str], untrained: bool) -> Optional[str]:
+        """The checkpoint file to load, from ``--ckpt_path`` (a path, ``last`` or ``best``)."""
+        if untrained:
+            if subcommand == "fit":
+                raise ValueError("--untrained is for test, validate and predict; fit starts from initial weights anyway.")
+            if path is not None:
+                raise ValueError(f"--untrained true and --ckpt_path {path} contradict each other: drop one of them.")
+            return None
+        if path is None:
+            if subcommand == "fit":
+                return None
+            raise ValueError(
+                f"{subcommand} needs trained weights: pass --ckpt_path with a .ckpt file, or 'last' or 'best' "
+                f"(from the newest run in {self._where_runs_are()}). To {subcommand} the untrained initial "
+                "weights on purpose, pass --untrained true."
+            )
+        if path == "last":
+            return str(self._last_checkpoint("last", subcommand))
+        if path == "best":
+            return str(self._best_checkpoint())
+        if path != "hpc" and "://" not in str(path) and not Path(path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {path}: no such file.")
+        return path
+
+    def _checkpoint_dirs(self) -> List[Path]:
+        """The checkpoint folders of this config's runs, newest first."""
+        fixed = [c.dirpath for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if fixed:
+            return [Path(fixed[0])]
+        root = self._versions_root()
+        if root is None:
+            return [Path(self.trainer.default_root_dir) / "checkpoints"]
+        return [root / f"version_{version}" / "checkpoints" for version in sorted(_versions(root), reverse=True)]
+
+    def _versions_root(self) -> Optional[Path]:
+        """The folder whose ``version_N`` sub-folders are runs, if the logger numbers its runs."""
+        logger = self.trainer.logger
+        root = getattr(logger, "root_dir", None)
+        if root is None or not hasattr(logger, "_version") or "://" in str(root):
+            return None
+        return Path(root)
+
+    def _where_runs_are(self) -> str:
+        root = self._versions_root()
+        if root is None:
+            return str(self._checkpoint_dirs()[0])
+        return f"{root}{os.sep}version_*{os.sep}checkpoints"
+
+    def _last_checkpoint(self, option: str, subcommand: str) -> Path:
+        dirs = self._checkpoint_dirs()
+        for directory in dirs:
+            if (directory / _LAST).is_file():
+                return directory / _LAST
+        root = self._versions_root()
+        if root is None:
+            found = f"{dirs[0] / _LAST} does not exist"
+        elif not dirs:
+            found = f"{root} holds no version_N folder" if root.is_dir() else f"{root} does not exist"
+        else:
+            found = f"none of the {len(dirs)} version folders in {root} ({_names(dirs)}) holds checkpoints/{_LAST}"
+        advice = "Drop --ckpt_path to start a new run" if subcommand == "fit" else "Pass the path of a .ckpt file"
+        setting = "--trainer.logger.init_args.save_dir and name" if root else "ModelCheckpoint's dirpath or --trainer.default_root_dir"
+        advice += f", or point {setting} at the run you mean."
+        raise FileNotFoundError(f"--ckpt_path {option}: found no run with checkpoints: {found}. {advice}")
+
+    def _best_checkpoint(self) -> Path:
+        """The best checkpoint of the newest run, as its ``ModelCheckpoint(monitor=...)`` recorded
+        it in the newest checkpoint it saved (no later one can have changed the record)."""
+        last = self._last_checkpoint("best", "test")
+        saved = sorted((path for path in last.parent.glob("*.ckpt") if path.name != _LAST), key=lambda path: path.stat().st_mtime)
+        if not saved:
+            raise FileNotFoundError(
+                f"--ckpt_path best: the newest run with checkpoints, {last.parent.parent}, has saved no best checkpoint "
+                f"(only {_LAST}): no validation has run yet, or no ModelCheckpoint of that run monitors a metric. Pass "
+                f"--ckpt_path last for its last weights ({last})."
+            )
+        states = torch.load(saved[-1], map_location="cpu", weights_only=True).get("callbacks", {})
+        monitors = [c.state_key for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+        recorded = sorted(states, key=lambda key: key not in monitors)
+        best = next((states[key]["best_model_path"] for key in recorded if states[key].get("best_model_path")), None)
+        path = last.parent / Path(best).name if best else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"--ckpt_path best: the newest run with checkpoints, {last.parent.parent}, records "
+                f"{Path(best).name + ' (missing)' if best else 'no best checkpoint'} in its newest checkpoint, "
+                f"{saved[-1].name}. Pass the path of the .ckpt file you mean."
+            )
+        return path
+
+    # -- run folders --------------------------------------------------------------------------
+    def _claim_run_folder(self, resumed: Optional[str]) -> None:
+        """Fix the logger's version folder before anything writes to it: the resumed run's
+        folder, or a new one made with ``mkdir`` (atomic, so a concurrent run gets another)."""
+        root = self._versions_root()
+        logger = self.trainer.logger
+        if root is None or logger._version is not None or not self.trainer.is_global_zero:
+            return
+        if resumed is not None and "://" not in str(resumed):
+            run = Path(resumed).resolve().parents[1]
+            if run.parent == root.resolve() and _version_number(run.name) is not None:
+                logger._version = _version_number(run.name)
+                self._keep_earlier_config(run)
+                # Resuming into the run's own folder, its checkpoints are expected there.
+                warnings.filterwarnings(
+                    "ignore", message=rf"Checkpoint directory .*{re.escape(os.sep + run.name + os.sep)}checkpoints exists and is not empty"
+                )
+                return
+        root.mkdir(parents=True, exist_ok=True)
+        version = max(_versions(root), default=-1) + 1
+        while True:
+            try:
+                (root / f"version_{version}").mkdir()
+                break
+            except FileExistsError:
+                version += 1
+        logger._version = version
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunFolder):
+                callback.path = root / f"version_{version}"
+
+    def _keep_earlier_config(self, run: Path) -> None:
+        """A resumed run saves its config next to the first run's, under a new name."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback) and not callback.overwrite:
+                name, count = callback.config_filename, 0
+                while (run / name).exists():
+                    count += 1
+                    name = f"{Path(callback.config_filename).stem}.resume{count}{Path(callback.config_filename).suffix}"
+                callback.config_filename = name
+
+
+def _version_number(name: str) -> Optional[int]:
+    number = name[len("version_"):]
+    return int(number) if name.startswith("version_") and number.isdigit() else None
+
+
+def _versions(root: Path) -> List[int]:
+    if not root.is_dir():
+        return []
+    numbers = (_version_number(entry.name) for entry in root.iterdir() if entry.is_dir())
+    return [number for number in numbers if number is not None]
+
+
+def _names(dirs: List[Path], limit: int = 4) -> str:
+    names = [d.parent.name for d in dirs]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _quiet_known_warnings() -> None:
+    """Filter the warnings of our dependencies that a user can do nothing about, each by its
+    exact text (Lightning's docs suggest ``warnings.filterwarnings`` for this)."""
+    # Lightning 2.6's own pytree helper builds a LeafSpec, which torch 2.14 deprecates.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
+    """The report of bad input behind ``error``, if that is what it is: a ``ValueError``,
+    ``OSError`` or :class:`NonFiniteError` that this package raises, or Lightning's
+    ``MisconfigurationException``, as is or wrapped by jsonargparse (which re-raises a
+    constructor's error as one of its own)."""
+    while error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        innermost = Path(frames[-1].filename).resolve() if frames else None
+        if isinstance(error, MisconfigurationException):
+            return error
+        deliberate = bool(frames) and frames[-1].line.startswith("raise ")  # not a library call failing in our code
+        if isinstance(error, (ValueError, OSError, NonFiniteError)) and deliberate and innermost.is_relative_to(_PACKAGE):
+            return error
+        if innermost is None or "jsonargparse" not in innermost.parts:
+            return None
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _short_report(error: BaseException) -> str:
+    frames = list(traceback.walk_tb(error.__traceback__))
+    frame, line = frames[-1]
+    owner = frame.f_locals.get("self")
+    prefix = f"{type(owner).__name__}: " if frame.f_code.co_name == "__init__" and owner is not None else ""
+    where = frame.f_globals.get("__name__", frame.f_code.co_filename)
+    return (
+        f"error: {prefix}{error}\n"
+        f"({type(error).__name__} at {where}:{line}; {TRACEBACK_VARIABLE}=1 shows the traceback)\n"
+    )
 
 
 def main(args: Optional[List[str]] = None) -> None:
-    LightningCLI(
-        MetaLearner,
-        TaskDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        auto_configure_optimizers=False,
-    )
+    _quiet_known_warnings()
+    run_folder = RunFolder()
+    try:
+        FewShotCLI(
+            MetaLearner,
+            TaskDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            auto_configure_optimizers=False,
+            trainer_defaults={"callbacks": [run_folder]},
+        )
+    except Exception as error:
+        run_folder.remove_if_unused()
+        reported = _user_error(error)
+        if reported is None or os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        sys.stderr.write(_short_report(reported))
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

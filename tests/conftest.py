@@ -1,6 +1,11 @@
+import logging
+import sys
+import warnings
 
 import pytest
 import torch
+
+from fewshot_lightning.cli import main
 
 # Two CI cores: keep torch from oversubscribing them (and the timings of tests stable).
 torch.set_num_threads(1)
@@ -9,3 +14,33 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cli(capfd, caplog, monkeypatch):
+    """``cli(*args)`` runs ``fewshot-lightning *args`` in this process and returns its exit code
+    and everything a user would see: what it printed, logged and warned (pytest intercepts
+    the last two)."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(sys, "argv", ["fewshot-lightning"])  # not pytest's arguments
+    # Lightning's loggers do not propagate to the root logger when it had no handler at import.
+    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    for logger in lightning_loggers:
+        logger.addHandler(caplog.handler)
+
+    def run(*args):
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit:
+                code = exit.code
+        printed = capfd.readouterr()
+        warned = "".join(f"{w.filename}:{w.lineno}: {w.message}\n" for w in warned)
+        return code, printed.out + printed.err + caplog.text + warned
+
+    yield run
+    for logger in lightning_loggers:
+        logger.removeHandler(caplog.handler)

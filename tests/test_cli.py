@@ -1,11 +1,21 @@
-"""The command line, end to end, in a subprocess: fit, then test from the checkpoint."""
+"""The command line, end to end: fit, test and predict from checkpoints, and what a user sees
+when something is wrong. Most runs call ``main`` in this process (the same code as the console
+script, without paying the imports again); ``run_cli`` starts a real process where one is needed."""
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from fewshot_lightning.algorithms import MetaLearner
+from fewshot_lightning.cli import FewShotCLI, main
+from fewshot_lightning.data import TaskDataModule
+
 ROOT = Path(__file__).resolve().parents[1]
+SINUSOID = str(ROOT / "configs" / "maml_sinusoid.yaml")
 
 
 def run_cli(*args, cwd):
@@ -17,30 +27,139 @@ def run_cli(*args, cwd):
     return result.stdout + result.stderr
 
 
-def test_fit_then_test_from_checkpoint(tmp_path):
-    config = str(ROOT / "configs" / "maml_sinusoid.yaml")
-    short = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "30", "--data.val_tasks", "50",
-             "--data.test_tasks", "100", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
-    run_cli("fit", "--config", config, *short, cwd=tmp_path)
-    run_dir = tmp_path / "logs" / "maml_sinusoid" / "version_0"
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+def read_metric(out, name):
+    return float(re.search(rf"{re.escape(name)}\s+│?\s*([0-9.]+)", out).group(1))
+
+
+def versions(logs):
+    return sorted(path.name for path in logs.iterdir()) if logs.is_dir() else []
+
+
+def test_fit_then_test_and_predict_from_checkpoints(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)  # the config logs to the relative lightning_logs/
+    short = ["--config", SINUSOID, "--trainer.max_steps", "60", "--trainer.val_check_interval", "30",
+             "--data.val_tasks", "50", "--data.test_tasks", "100"]
+    code, out = cli("fit", *short)
+    assert code == 0, out[-3000:]
+    run_dir = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0"
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 60  # saved after the final step
     assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard logs
     assert (run_dir / "config.yaml").is_file()  # the exact config, to rerun it
 
-    out = run_cli("test", "--config", config, *short, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    code, out = cli("test", *short, "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    assert f"Restoring states from the checkpoint path at {Path('lightning_logs/maml_sinusoid/version_0/checkpoints/last.ckpt')}" in out
     # Lightning's results table lists the MSE and its 95% interval over the 100 test tasks.
-    mse = float(re.search(r"test/mse\s+│?\s*([0-9.]+)", out).group(1))
-    ci95 = float(re.search(r"test/mse_ci95\s+│?\s*([0-9.]+)", out).group(1))
+    mse, ci95 = read_metric(out, "test/mse"), read_metric(out, "test/mse_ci95")
     # An MLP that outputs ~0 scores about the targets' second moment, E[A^2]/2 ~ 4.2; any real
     # run lands below 6 and above 0, with an interval narrower than the mean.
     assert 0 < mse < 6
     assert 0 < ci95 < mse
-    # The second run logs to a new version: nothing of the first is overwritten.
-    assert (tmp_path / "logs" / "maml_sinusoid" / "version_1").is_dir()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # Noise a user would read as a fault: none of it.
+    for noise in ("dirpath has changed", "LeafSpec", "sync_dist"):
+        assert noise not in out
+    # The test logs to a new version: nothing of the first run is overwritten.
+    assert versions(run_dir.parent) == ["version_0", "version_1"]
+
+    # predict writes the query predictions of the same 100 test tasks; scored independently
+    # here, they give the MSE that test printed for the same checkpoint.
+    code, out = cli("predict", *short, "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    predictions = torch.load(run_dir.parent / "version_2" / "predictions.pt", weights_only=True)
+    assert predictions["task_index"].tolist() == list(range(100))
+    assert predictions["query_predictions"].shape == predictions["query_y"].shape == (100, 10, 1)
+    per_task = (predictions["query_predictions"] - predictions["query_y"]).square().mean((1, 2))
+    assert per_task.mean().item() == pytest.approx(mse, rel=1e-5)
+
+    # best: the run's ModelCheckpoint monitors val/mse, validated at steps 30 and 60.
+    code, out = cli("validate", *short, "--ckpt_path", "best")
+    assert code == 0, out[-3000:]
+    best = list(checkpoints.glob("best-step=*.ckpt"))
+    assert len(best) == 1 and f"Restoring states from the checkpoint path at {best[0].relative_to(tmp_path)}" in out
 
 
-def test_help_lists_algorithm_arguments(tmp_path):
-    out = run_cli("fit", "--model", "fewshot_lightning.algorithms.MAML", "--model.help", "fewshot_lightning.algorithms.MAML", cwd=tmp_path)
+def test_evaluating_without_a_checkpoint_is_an_explicit_choice(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--data.test_tasks", "10"]
+    logs = tmp_path / "lightning_logs" / "maml_sinusoid"
+
+    code, out = cli("test", *short)
+    assert code == 1
+    assert "error: test needs trained weights: pass --ckpt_path with a .ckpt file, or 'last' or 'best' (from the newest " \
+           f"run in {Path('lightning_logs/maml_sinusoid/version_*/checkpoints')}). To test the untrained initial weights " \
+           "on purpose, pass --untrained true." in out
+    assert "Traceback" not in out and "test/mse" not in out
+
+    for option in ("last", "best"):
+        code, out = cli("test", *short, "--ckpt_path", option)
+        assert code == 1
+        assert f"error: --ckpt_path {option}: found no run with checkpoints: " \
+               f"{Path('lightning_logs/maml_sinusoid')} does not exist. Pass the path of a .ckpt file" in out
+    assert not logs.exists()  # failed runs leave no folder behind
+
+    # A folder with runs but none with a checkpoint (a test of untrained weights, on purpose).
+    code, out = cli("test", *short, "--untrained", "true")
+    assert code == 0 and 0 < read_metric(out, "test/mse")
+    code, out = cli("fit", *short, "--ckpt_path", "last")
+    assert code == 1
+    assert f"none of the 1 version folders in {Path('lightning_logs/maml_sinusoid')} (version_0) holds " \
+           "checkpoints/last.ckpt. Drop --ckpt_path to start a new run" in out
+    assert versions(logs) == ["version_0"]
+
+
+def test_bad_argument_is_one_short_message(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--model.init_args.inner_steps", "0")
+    assert code == 1
+    # Two lines, and the traceback's 69 lines gone.
+    report = out[out.index("error:"):].splitlines()[:2]
+    assert report[0] == "error: MAML: inner_steps must be at least 1, got 0."
+    assert re.fullmatch(r"\(ValueError at fewshot_lightning\.algorithms\.maml:\d+; FEWSHOT_LIGHTNING_TRACEBACK=1 shows the traceback\)", report[1])
+    assert "Union subtypes" not in out and "Traceback" not in out
+    monkeypatch.setenv("FEWSHOT_LIGHTNING_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="Union subtypes"):
+        main(["fit", "--config", SINUSOID, "--model.init_args.inner_steps", "0"])
+
+
+def test_nonfinite_loss_stops_the_run_and_names_the_batch(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    # An inner step of 1e30 makes every adapted network, so every query loss, inf or NaN.
+    diverging = ["--config", SINUSOID, "--model.init_args.inner_lr", "1e30", "--trainer.max_steps", "5",
+                 "--trainer.num_sanity_val_steps", "0", "--model.init_args.batching", "vmap"]
+    code, out = cli("fit", *diverging)
+    assert code == 1
+    assert "error: Non-finite training loss at global_step 0 (epoch 0, batch_idx 0): tasks 0, 1, 2, 3, 4, 5, 6, 7 and " \
+           "17 more of the 25 in the batch (counting from 0) had a loss of " in out
+    assert "Their training-set indices: 0, 1, 2, 3, 4, 5, 6, 7 and 17 more" in out
+    assert "Stopped the run." in out and "--nonfinite.policy skip" in out
+    assert not (tmp_path / "lightning_logs" / "maml_sinusoid").exists()  # nothing trained: no folder left
+
+    # Skipping, the run goes on, but not forever: the third bad step in a row stops it.
+    code, out = cli("fit", *diverging, "--nonfinite.policy", "skip", "--nonfinite.max_consecutive_skips", "2")
+    assert code == 1
+    assert out.count("Skipped the step") == 2
+    assert "Non-finite training loss at global_step 2 (epoch 0, batch_idx 2)" in out
+    assert "Their training-set indices: 50, 51, 52" in out  # the third batch of 25 tasks
+    assert "That is 3 non-finite steps in a row (max_consecutive_skips=2): stopped the run" in out
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fewshot-lightning"])
+    # Both CLIs exist before either writes a thing, as two runs started at the same moment:
+    # Lightning's logger alone would give both version_0.
+    first, second = (FewShotCLI(MetaLearner, TaskDataModule, args=["--config", SINUSOID], run=False, subclass_mode_model=True,
+                                subclass_mode_data=True, auto_configure_optimizers=False) for _ in range(2))
+    first._claim_run_folder(None)
+    second._claim_run_folder(None)
+    assert (first.trainer.logger.version, second.trainer.logger.version) == (0, 1)
+    assert versions(tmp_path / "lightning_logs" / "maml_sinusoid") == ["version_0", "version_1"]
+
+
+def test_help_lists_algorithm_arguments(cli):
+    code, out = cli("fit", "--model", "fewshot_lightning.algorithms.MAML", "--model.help", "fewshot_lightning.algorithms.MAML")
+    assert code == 0
     for argument in ("inner_lr", "inner_steps", "test_inner_steps", "first_order", "per_parameter_lr"):
         assert argument in out

@@ -1,4 +1,6 @@
 """The meta-gradient of MAML against independent computations."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,8 +218,14 @@ def test_auto_batching_decides_once_on_the_first_batch_and_logs_both_timings(cap
     model = MAML(MLP(1, (8,), 1), inner_lr=0.01)  # batching="auto"
     assert model.batching is None  # undecided until a batch shows the model and the task size
     batch = regression_batch()
-    with caplog.at_level("INFO"):
-        first = model(batch)
+    # Lightning's logger does not propagate to the root logger (where caplog listens) by default.
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO"):
+            first = model(batch)
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
     assert model.batching in ("vmap", "loop")
     message = " ".join(record.getMessage() for record in caplog.records)
     assert f"chose {model.batching!r}" in message and "vmap" in message and "loop" in message and " ms" in message
@@ -251,3 +259,16 @@ def test_test_inner_steps_changed_after_construction_sizes_the_curve(tmp_path):
     assert {"test/mse_after_0_steps", "test/mse_after_2_steps"} <= set(result)
     assert "test/mse_after_3_steps" not in result
     assert result["test/mse_after_2_steps"] == pytest.approx(result["test/mse"], rel=1e-6)
+
+
+def test_a_diverging_test_time_adaptation_is_reported_not_hidden(tmp_path):
+    import lightning as L
+
+    from fewshot_lightning.data import SinusoidDataModule
+
+    # An inner rate far too large for ten steps: the adaptation overflows on the test tasks.
+    model = MAML(MLP(1, (8,), 1), inner_lr=50.0, test_inner_steps=10, batching="vmap")
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"test/mse is (nan|inf).*adaptation diverged.*lower inner_lr"):
+        trainer.test(model, SinusoidDataModule(test_tasks=20, meta_batch_size=10), verbose=False)

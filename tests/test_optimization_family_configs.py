@@ -20,8 +20,9 @@ FAMILY = ("reptile", "imaml", "cavia", "mamlpp")
 # (made for 50,000 to 70,000 steps), and iMAML and MAML++ with fewer inner steps.
 SHORT = {
     "reptile": ["--trainer.max_steps", "200"],
-    "imaml": ["--trainer.max_steps", "150", "--model.init_args.inner_steps", "5",
-              "--model.init_args.optimizer.init_args.lr", "0.005"],
+    # The config's 10 inner steps: with 5 the inner problem is solved too loosely for the implicit
+    # gradient, and the learned initialisation can make test-time fine-tuning diverge.
+    "imaml": ["--trainer.max_steps", "150", "--model.init_args.optimizer.init_args.lr", "0.005"],
     "cavia": ["--trainer.max_steps", "200", "--model.init_args.optimizer.init_args.lr", "0.003"],
     "mamlpp": ["--trainer.max_steps", "150", "--model.init_args.optimizer.init_args.lr", "0.003",
                "--model.init_args.inner_steps", "3", "--model.init_args.test_inner_steps", "3"],
@@ -92,7 +93,7 @@ def test_benchmark_configs_parse_and_their_models_train_on_one_episode(name, con
     labels = torch.arange(ways).repeat(2).unsqueeze(0)
     batch = TaskBatch(images[:, :ways], labels[:, :ways], images[:, ways:], labels[:, ways:])
     model.inner_steps = min(model.inner_steps, 2)  # the configured steps, at most two: speed only
-    loss, _ = model.training_loss(batch, "vmap")
+    loss = model.training_losses(batch, "vmap")[0].mean()
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.backbone.parameters())

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+import random
+from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ..callbacks import NonFiniteError
 from ..data.task import TaskBatch
 from ..metrics import MeanConfidenceInterval
 
@@ -30,6 +34,42 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
 
 
+def rng_states(device: torch.device) -> Dict[str, Any]:
+    """The global random number generators' states (torch, CUDA on ``device``, numpy, Python),
+    as tensors and numbers, which a ``weights_only`` checkpoint load accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    version, python_state, gauss_next = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": int(numpy_state["pos"])},
+        "has_gauss": int(numpy_state["has_gauss"]),
+        "gauss": float(numpy_state["gauss"]),
+    })
+    python_state = states["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
 class MetaLearner(L.LightningModule):
     """Shared base: one training step is one batch of tasks.
 
@@ -38,7 +78,10 @@ class MetaLearner(L.LightningModule):
     override :meth:`query_losses` (default: cross-entropy or MSE, following the targets'
     dtype). This class owns the rest: the outer loss (mean over tasks), episodic evaluation
     (accuracy or MSE, mean ± 95% CI over all validation/test episodes, synced across
-    processes), logging and the optimizer.
+    processes), logging and the optimizer. Its checkpoints carry the random number generators'
+    states, restored when training resumes, and it refuses to finish training with, or to
+    evaluate, non-finite weights (:class:`~fewshot_lightning.callbacks.NonFiniteGuard` stops
+    or skips the step that would make them).
 
     Args:
         backbone: the network (any ``nn.Module``).
@@ -69,6 +112,10 @@ class MetaLearner(L.LightningModule):
         #: Whether the tasks are regression (score: MSE) or classification (score: accuracy).
         #: Read from the DataModule at setup; without one, from the first evaluated batch.
         self.regression: Optional[bool] = None
+        #: The query loss of each task of the current training batch, ``[B]``, detached: what
+        #: :class:`~fewshot_lightning.callbacks.NonFiniteGuard` reports a non-finite loss with.
+        self.train_task_losses: Optional[Tensor] = None
+        self._resumed_rng_states: Optional[Dict[str, Any]] = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -86,15 +133,27 @@ class MetaLearner(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        outputs = self(batch)
-        loss = self.query_losses(outputs, batch).mean()
-        if self._logging_step():
-            size = batch.num_tasks
-            self.log("train/loss", loss, prog_bar=True, batch_size=size)
-            if not is_regression(batch.query_y):
-                accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
-                self.log("train/acc", accuracy, prog_bar=True, batch_size=size)
+        losses, outputs = self.training_losses(batch)
+        self.train_task_losses = losses.detach()
+        loss = losses.mean()
+        self.log_training(loss, outputs, batch)
         return loss
+
+    def training_losses(self, batch: TaskBatch) -> Tuple[Tensor, Optional[Tensor]]:
+        """The training loss of each task, ``[B]`` (the step minimises their mean), and the query
+        outputs it came from (``None`` if it did not come from query outputs)."""
+        outputs = self(batch)
+        return self.query_losses(outputs, batch), outputs
+
+    def log_training(self, loss: Tensor, outputs: Optional[Tensor], batch: TaskBatch) -> None:
+        """Log ``train/loss`` and, for classification outputs, ``train/acc``, on logging steps."""
+        if not self._logging_step():
+            return
+        size = batch.num_tasks
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if outputs is not None and not is_regression(batch.query_y):
+            accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
+            self.log("train/acc", accuracy, prog_bar=True, batch_size=size)
 
     def _logging_step(self) -> bool:
         """Whether this training step's metrics reach the logger. ``self.log`` costs about as
@@ -126,12 +185,16 @@ class MetaLearner(L.LightningModule):
         may adapt differently here than in training."""
         return self(batch)
 
+    def _autograd_ready(self, batch: TaskBatch) -> TaskBatch:
+        if self.needs_grad_at_eval and batch.support_x.is_inference():
+            # Tensors made under inference_mode cannot enter autograd; a clone can.
+            return TaskBatch(*(t.clone() for t in batch))
+        return batch
+
     def _evaluate(self, batch: TaskBatch, stage: str) -> Dict[str, Tensor]:
         self._check_task_kind(batch)
         with self._eval_context():
-            if self.needs_grad_at_eval and batch.support_x.is_inference():
-                # Tensors made under inference_mode cannot enter autograd; a clone can.
-                batch = TaskBatch(*(t.clone() for t in batch))
+            batch = self._autograd_ready(batch)
             outputs = self.evaluation_outputs(batch, stage)
             losses = self.query_losses(outputs, batch)
             scores = self.scores(outputs, batch)
@@ -139,6 +202,19 @@ class MetaLearner(L.LightningModule):
         metrics["loss"].update(losses)
         metrics["score"].update(scores)
         return {"loss": losses, "score": scores}
+
+    def predict_step(self, batch: TaskBatch, batch_idx: int) -> Dict[str, Tensor]:
+        """Query predictions of every task, adapted as at test time: class labels ``[B, N*Q]``
+        (classification) or point predictions ``[B, Q, *y]`` (regression), with the query
+        targets ``query_y`` to score them by."""
+        with self._eval_context():
+            batch = self._autograd_ready(batch)
+            outputs = self.evaluation_outputs(batch, "predict")
+        if is_regression(batch.query_y):
+            predictions = self.point_predictions(outputs)
+        else:
+            predictions = outputs.argmax(-1)
+        return {"query_predictions": predictions, "query_y": batch.query_y}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -175,16 +251,60 @@ class MetaLearner(L.LightningModule):
             return
         for key, name in (("loss", "loss"), ("score", self.score_name)):
             mean, ci95 = metrics[key].compute()
-            # compute() already reduced over processes: the value is the same on every rank.
-            self.log(f"{stage}/{name}", mean, prog_bar=key == "score")
-            self.log(f"{stage}/{name}_ci95", ci95)
+            # compute() already reduced over processes, so every rank holds the same value and
+            # sync_dist's mean returns it unchanged; without it Lightning warns under DDP.
+            self.log(f"{stage}/{name}", mean, prog_bar=key == "score", sync_dist=True)
+            self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
             metrics[key].reset()
+            if key == "score" and not torch.isfinite(mean):
+                rank_zero_warn(
+                    f"{stage}/{name} is {float(mean)}: on at least one {stage} episode the prediction was not "
+                    "finite. For gradient-based learners the test-time adaptation diverged there: lower "
+                    "inner_lr or test_inner_steps (the weights themselves are finite)."
+                )
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+    # -- trustworthy runs ---------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        self._check_finite_weights("Training ended with")
+
+    def on_validation_start(self) -> None:
+        self._check_finite_weights("Validation would score")
+
+    def on_test_start(self) -> None:
+        self._check_finite_weights("Testing would score")
+
+    def on_predict_start(self) -> None:
+        self._check_finite_weights("Predicting would use")
+
+    def _check_finite_weights(self, what: str) -> None:
+        broken = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+            raise NonFiniteError(
+                f"{what} non-finite weights (NaN or inf in {shown}), which would give a meaningless score. "
+                "Train with NonFiniteGuard (the CLI always does: --nonfinite.policy raise|skip) to stop at the "
+                "step that makes them, or evaluate an earlier checkpoint."
+            )
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states(self.device)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._resumed_rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here rather than at load: between the two, Lightning draws from the global
+        # generator (a sanity check, a DataLoader's base seed) differently than the run that
+        # saved the state did after saving it.
+        if self._resumed_rng_states is not None:
+            set_rng_states(self._resumed_rng_states, self.device)
+            self._resumed_rng_states = None
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -215,45 +215,27 @@ class MAML(MetaLearner):
         weights[-1] += progress
         return weights
 
-    def training_loss(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """The outer loss to minimise on this batch, and the query outputs after the last inner
-        step where computing the loss made them (``None`` otherwise).
+    def training_losses(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Each task's outer loss ``[B]`` and the query outputs after the last inner step.
 
-        With the multi-step loss active (:meth:`step_loss_weights`), the weighted sum over inner
-        steps of the mean query losses; otherwise the mean query loss after the last step.
+        With the multi-step loss active (:meth:`step_loss_weights`), a task's loss is the
+        weighted sum over inner steps of its query losses; otherwise its query loss after the
+        last step. ``batching`` overrides the chosen one (otherwise chosen now, once).
         """
+        if batching is None:
+            self.choose_batching(batch)
         weights = self.step_loss_weights()
         if weights is None:
             outputs = self.training_outputs(batch, batching)
-            return self.query_losses(outputs, batch).mean(), outputs
+            return self.query_losses(outputs, batch), outputs
         step_losses = []
         steps = self.trajectory(batch.support_x, batch.support_y, self.inner_steps, batching=batching)
         next(steps)  # the starting point: MAML++ weighs the losses after each step
         for params in steps:
             outputs = self.predict(params, batch.query_x, batching=batching)
-            step_losses.append(self.query_losses(outputs, batch).mean())
-        losses = torch.stack(step_losses)
-        return (weights.to(losses) * losses).sum(), outputs
-
-    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        """As :class:`~.base.MetaLearner`'s, but while MAML++'s multi-step loss is active the loss
-        is :meth:`training_loss`'s weighted sum over inner steps."""
-        if self.step_loss_weights() is None:
-            return super().training_step(batch, batch_idx)
-        self.choose_batching(batch)
-        loss, outputs = self.training_loss(batch)
-        self.log_training(loss, outputs, batch)
-        return loss
-
-    def log_training(self, loss: Tensor, outputs: Tensor, batch: TaskBatch) -> None:
-        """Log ``train/loss`` (and ``train/acc`` from the query ``outputs``) as the base class's
-        training step does, on the steps it logs."""
-        if not self._logging_step():
-            return
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.num_tasks)
-        if not is_regression(batch.query_y):
-            accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
-            self.log("train/acc", accuracy, prog_bar=True, batch_size=batch.num_tasks)
+            step_losses.append(self.query_losses(outputs, batch))
+        losses = torch.stack(step_losses, dim=1)  # [B, steps]
+        return losses @ weights.to(losses), outputs
 
     def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
         self.choose_batching(batch)
@@ -289,13 +271,25 @@ class MAML(MetaLearner):
         self.test_curve.reset()
         name = self.score_name
         for step, value in enumerate(curve.tolist()):
-            self.log(f"test/{name}_after_{step}_steps", value)
+            # Already reduced over processes (see MetaLearner._log_eval for sync_dist).
+            self.log(f"test/{name}_after_{step}_steps", value, sync_dist=True)
         # The same points as one series against the inner step, so a logger can draw the curve.
         for logger in self.loggers:
             for step, value in enumerate(curve.tolist()):
                 logger.log_metrics({f"test/adaptation_curve_{name}": value}, step=step)
 
     # -- batching -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["batching"] = self.batching
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # A resumed run keeps the path the interrupted one timed and chose: vmap and the loop
+        # agree only to rounding, and a fresh timing could pick the other.
+        if self.batching is None and self._trainer is not None and self.trainer.state.fn == "fit":
+            self.batching = checkpoint.get("batching")
+
     def choose_batching(self, batch: TaskBatch) -> str:
         """With ``batching="auto"``, decide once, on this batch, between vmap and the loop.
 
@@ -338,7 +332,7 @@ class MAML(MetaLearner):
 
     def _timed_step(self, batch: TaskBatch, batching: str) -> float:
         start = time.perf_counter()
-        loss, _ = self.training_loss(batch, batching)
+        loss = self.training_losses(batch, batching)[0].mean()
         trainable = [p for p in self.parameters() if p.requires_grad]
         torch.autograd.grad(loss, trainable, allow_unused=True)
         return time.perf_counter() - start

@@ -113,16 +113,20 @@ class Reptile(MAML):
         theta = dict(self.backbone.named_parameters())
         return sum(0.5 * (theta[name] - phi).square().flatten(1).sum(1) for name, phi in adapted.items())
 
-    def training_loss(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """Mean over tasks of :meth:`reptile_losses` after fine-tuning on the support sets (no
-        query outputs: Reptile's update does not look at the queries)."""
+    def training_losses(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`reptile_losses` after fine-tuning on the support sets (no query outputs:
+        Reptile's update does not look at the queries)."""
+        if batching is None:
+            self.choose_batching(batch)
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False, batching=batching)
-        return self.reptile_losses(adapted).mean(), None
+        return self.reptile_losses(adapted), None
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         self.choose_batching(batch)
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False)
-        loss = self.reptile_losses(adapted).mean()
+        losses = self.reptile_losses(adapted)
+        self.train_task_losses = losses.detach()
+        loss = losses.mean()
         if self._logging_step():
             # The queries cost a forward pass that the update does not need: only on logged steps.
             with torch.no_grad():

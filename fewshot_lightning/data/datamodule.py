@@ -94,7 +94,7 @@ class TaskDataModule(L.LightningDataModule):
             )
         dataset = self.datasets[split]
         training = split == "train"
-        return DataLoader(
+        return (ResumableLoader if training else DataLoader)(
             dataset,
             batch_size=self.meta_batch_size,
             sampler=EpisodeSampler(dataset, fixed=not training),
@@ -103,6 +103,9 @@ class TaskDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and training,
             pin_memory=torch.cuda.is_available(),
+            # Worker seeds drawn from a generator of its own: drawn from the global one, at each
+            # epoch, they would shift the random stream that a resumed run restores.
+            generator=torch.Generator().manual_seed(self.seed) if training else None,
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -118,6 +121,35 @@ class TaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test episodes: ``predict`` gives the query predictions on the tasks ``test`` scores."""
+        return self._loader("test")
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch. Lightning stores :meth:`state_dict` in every
+    checkpoint and hands it to :meth:`load_state_dict` before a resumed run's first batch. Its
+    position counts the batches handed to the training loop (not those that workers prepared
+    ahead), from the start of the epoch (the ones a resumed pass skipped included)."""
+
+    _batches = 0
+
+    def __iter__(self):
+        self._batches = self.sampler.start // self.batch_size
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> Dict[str, int]:
+        tasks = self._batches * self.batch_size * self.sampler.num_replicas
+        return {"epoch": self.sampler.epoch, "tasks": tasks}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["tasks"])
 
 
 class ClassificationDataModule(TaskDataModule):

@@ -337,6 +337,9 @@ class EpisodeSampler(DistributedSampler):
     epoch: every evaluation sees the same tasks. Training gives every rank the same number of
     tasks (dropping at most ``world_size - 1``) so ranks step in lockstep; evaluation gives
     every task to exactly one rank.
+
+    A training sampler resumes mid-epoch: :meth:`resume` makes its next pass start where a
+    checkpointed run stopped, so a resumed run sees the tasks an uninterrupted one would.
     """
 
     def __init__(
@@ -358,6 +361,8 @@ class EpisodeSampler(DistributedSampler):
         self.shuffle = False
         self.drop_last = not fixed
         self.seed = 0
+        #: Tasks of this rank's epoch that the next pass skips (set by :meth:`resume`).
+        self.start = 0
 
     def _indices(self) -> range:
         offset = 0 if self.fixed else self.epoch * self.num_tasks
@@ -367,10 +372,27 @@ class EpisodeSampler(DistributedSampler):
         return range(offset + self.rank, offset + stop, self.num_replicas)
 
     def __iter__(self):
-        return iter(self._indices())
+        indices = self._indices()[self.start :]
+        self.start = 0
+        return iter(indices)
 
     def __len__(self) -> int:
+        # The whole epoch even when resuming: Lightning counts the batches it already trained
+        # on against this length.
         return len(self._indices())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, tasks: int) -> None:
+        """Start the next pass after the first ``tasks`` tasks of ``epoch``, counted over all
+        ranks (a finished epoch moves on to the next)."""
+        start = tasks // self.num_replicas
+        if start >= len(self._indices()):
+            epoch, start = epoch + 1, 0
+        self.epoch, self.start = epoch, start
+
+    def batch_indices(self, batch_idx: int, batch_size: int) -> range:
+        """Dataset indices of this rank's batch ``batch_idx`` (counted from the start of the
+        current epoch) of ``batch_size`` tasks: ``dataset[i]`` rebuilds each task."""
+        return self._indices()[batch_idx * batch_size : (batch_idx + 1) * batch_size]

@@ -1,0 +1,130 @@
+"""Non-finite numbers never reach the weights, and never a score."""
+import copy
+import math
+import re
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+
+from fewshot_lightning.algorithms import ProtoNet
+from fewshot_lightning.callbacks import NonFiniteError, NonFiniteGuard
+from fewshot_lightning.data import EpisodicDataModule, split_by_class
+from torch.utils.data import TensorDataset
+
+
+def poisoned_data():
+    """Clustered images of 20 classes with one NaN pixel in one training image: the 1-in-1,200
+    case, small. A 5-way 3-image-per-class task of the 14 training classes holds that image about
+    one time in six (its class 5 times in 14, the image 3 times in 6): here 6 of the 20 batches."""
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randn(20, 1, 4, 4, generator=generator)
+    labels = torch.arange(20).repeat_interleave(6)
+    images = patterns[labels] + 0.5 * torch.randn(len(labels), 1, 4, 4, generator=generator)
+    fractions = (0.7, 0.15, 0.15)
+    training_class = split_by_class(images, labels, fractions, seed=0)["train"].labels[0]
+    images[(labels == training_class).nonzero()[0], 0, 1, 2] = float("nan")
+    L.seed_everything(0)
+    # As a Dataset of pairs, which setup does not read through: a float tensor with a NaN would
+    # be refused before training (tests/test_datamodule.py); data read lazily reaches the guard.
+    return EpisodicDataModule(TensorDataset(images, labels), labels, split_fractions=fractions, ways=5, shots=1,
+                              queries=2, test_ways=3, meta_batch_size=2, train_tasks=40, num_workers=0)
+
+
+class StepRecorder(L.Callback):
+    """Before and after every training step: the weights, Adam's state, and whether the batch
+    holds a NaN (read off the batch itself, independently of the guard)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        poisoned = any(bool(torch.isnan(t).any()) for t in (batch.support_x, batch.query_x))
+        before = (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()))
+        self.steps.append({"poisoned": poisoned, "before": before})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps[-1]["after"] = (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()))
+
+
+def same(first, second):
+    if isinstance(first, dict):
+        return first.keys() == second.keys() and all(same(first[key], second[key]) for key in first)
+    if isinstance(first, (list, tuple)):
+        return len(first) == len(second) and all(same(a, b) for a, b in zip(first, second))
+    if isinstance(first, torch.Tensor):
+        return torch.equal(first, second)
+    return first == second
+
+
+def test_skipped_steps_leave_weights_and_optimizer_state_untouched():
+    data = poisoned_data()  # 20 steps of 2 tasks
+    model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))
+    guard, recorder = NonFiniteGuard(policy="skip", max_consecutive_skips=5), StepRecorder()
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[guard, recorder])
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, data)
+    messages = [str(w.message) for w in warned]
+
+    poisoned = [step for step in recorder.steps if step["poisoned"]]
+    clean = [step for step in recorder.steps if not step["poisoned"]]
+    assert len(recorder.steps) == 20 and poisoned and clean  # both kinds happened, so both checks bite
+    assert guard.skipped == len(poisoned)
+    # One warning per skipped step, naming it, and a count at the end.
+    skipped = [m for m in messages if re.match(r"Non-finite training loss at global_step \d+ \(epoch 0, batch_idx \d+\): .* Skipped the step", m)]
+    assert len(skipped) == len(poisoned)
+    assert f"{len(poisoned)} training steps in all were skipped for non-finite losses or gradients (20 steps in this run)" in " ".join(messages)
+    for step in poisoned:  # not a bit of the weights or of Adam's moments and step count moved
+        assert same(step["before"], step["after"])
+    for step in clean:
+        assert not same(step["before"][0], step["after"][0])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_policy_raise_names_the_batch_and_a_nan_model_is_never_scored():
+    data = poisoned_data()
+    model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[NonFiniteGuard()])
+    with pytest.raises(NonFiniteError, match=r"Non-finite training loss at global_step \d+ \(epoch 0, batch_idx \d+\): "
+                                             r"task [01] of the 2 in the batch .* Their training-set indices: \d+"):
+        trainer.fit(model, data)
+    # The guard stopped before the step: the weights are finite.
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    # Weights that went NaN without a guard are refused, not scored as 1/ways.
+    with torch.no_grad():
+        model.backbone[1].weight[0, 0] = float("nan")
+    tester = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NonFiniteError, match=r"Testing would score non-finite weights \(NaN or inf in backbone\.1\.weight\)"):
+        tester.test(model, data)
+
+
+def test_fp16_loss_scale_overflows_are_skipped_not_raised():
+    """16-bit mixed precision (on the CPU here) with a loss scale far too large: the first
+    steps' gradients overflow, the GradScaler skips them and halves the scale, and the guard,
+    even with policy 'raise', counts and warns rather than stopping the run."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(20, 1, 4, 4, generator=generator)[torch.arange(20).repeat_interleave(6)]
+    data = EpisodicDataModule(images, torch.arange(20).repeat_interleave(6), split_fractions=(0.7, 0.15, 0.15), ways=5,
+                              shots=1, queries=2, test_ways=3, meta_batch_size=2, train_tasks=40, num_workers=0)
+    L.seed_everything(0)
+    model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    guard = NonFiniteGuard()
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[guard],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, data)
+    overflows = [str(w.message) for w in warned if "loss scale" in str(w.message)]
+    # The scaler halves its scale once per overflow and grows it only after 2,000 good steps.
+    halvings = round(math.log2(2.0 ** 20 / scaler.get_scale()))
+    assert 1 <= halvings <= guard.max_consecutive_skips
+    assert guard.skipped == len(overflows) == halvings
+    assert re.search(r"Non-finite gradient at global_step 0 .* with finite losses on all 2 tasks .* The 16-bit loss "
+                     r"scale \(1\.04858e\+06\) overflowed; the GradScaler lowers it\. Skipped the step", overflows[0])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

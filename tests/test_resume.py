@@ -1,0 +1,148 @@
+"""Resuming: a run stopped and resumed ends exactly where an uninterrupted one does."""
+import json
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from fewshot_lightning.algorithms import AttentionLearner
+from fewshot_lightning.callbacks import LastCheckpoint
+from fewshot_lightning.data import EpisodicDataModule
+from test_cli import ROOT, SINUSOID, versions
+
+# Epochs of 3 batches, validation every 2 steps across them, a learned inner rate and a step
+# schedule: what a resume must restore beyond the weights.
+CHAIN = [
+    "--config", SINUSOID, "--data.train_tasks", "75", "--data.val_tasks", "10", "--trainer.val_check_interval", "2",
+    "--trainer.check_val_every_n_epoch", "null", "--model.init_args.learn_inner_lr", "true",
+    "--model.init_args.lr_scheduler",
+    json.dumps({"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 2, "gamma": 0.5}}),
+]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def max_difference(first, second):
+    return max((first[key] - second[key]).abs().max().item() for key in first)
+
+
+def optimizer_tensors(checkpoint):
+    state = checkpoint["optimizer_states"][0]["state"]
+    return {f"{index}.{name}": value for index, entry in state.items() for name, value in entry.items() if value.dim()}
+
+
+def test_resumed_run_through_the_cli_equals_an_uninterrupted_one(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0"
+    saved = {}
+    # Stopped after step 2 (mid-epoch, right after a validation), resumed with DataLoader workers
+    # to step 3 (the end of the epoch), resumed again without them to step 6.
+    for steps, workers, resume in ((2, "0", []), (3, "2", ["--ckpt_path", "last"]), (6, "0", ["--ckpt_path", "last"])):
+        code, out = cli("fit", *CHAIN, "--trainer.max_steps", str(steps), "--data.num_workers", workers, *resume)
+        assert code == 0, out[-3000:]
+        saved[steps] = load(run / "checkpoints" / "last.ckpt")
+        assert saved[steps]["global_step"] == steps
+        assert "exists and is not empty" not in out
+        assert "not resumable" not in out
+    # Every segment wrote into the run's own folder, keeping each segment's config.
+    assert versions(run.parent) == ["version_0"]
+    assert {p.name for p in run.glob("config*.yaml")} == {"config.yaml", "config.resume1.yaml", "config.resume2.yaml"}
+
+    (tmp_path / "uninterrupted").mkdir()
+    monkeypatch.chdir(tmp_path / "uninterrupted")
+    code, out = cli("fit", *CHAIN, "--trainer.max_steps", "6", "--data.num_workers", "0")
+    assert code == 0, out[-3000:]
+    uninterrupted = load(tmp_path / "uninterrupted" / "lightning_logs" / "maml_sinusoid" / "version_0" / "checkpoints" / "last.ckpt")
+
+    # Weights (the learned inner rates among them), Adam's moments, the schedule and the loops agree.
+    resumed = saved[6]
+    assert "inner_lr.rates.head__weight" in resumed["state_dict"]
+    assert max_difference(resumed["state_dict"], uninterrupted["state_dict"]) <= 1e-6
+    assert max_difference(optimizer_tensors(resumed), optimizer_tensors(uninterrupted)) <= 1e-6
+    assert resumed["lr_schedulers"] == uninterrupted["lr_schedulers"]
+    assert resumed["lr_schedulers"][0]["_last_lr"] == [pytest.approx(1e-3 * 0.5 ** 3)]  # stepped 6 times, halved every 2
+    assert (resumed["epoch"], resumed["global_step"]) == (uninterrupted["epoch"], uninterrupted["global_step"]) == (1, 6)
+    # Training moved the weights: they are not equal because nothing happened after step 2.
+    assert max_difference(saved[2]["state_dict"], uninterrupted["state_dict"]) > 1e-4
+
+
+def clustered_images(classes=12, per_class=6, side=4):
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randn(classes, 1, side, side, generator=generator)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return patterns[labels] + 0.5 * torch.randn(len(labels), 1, side, side, generator=generator), labels
+
+
+def attention_learner():
+    L.seed_everything(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+    # Dropout draws from the global generator at every step: a resume must restore its state.
+    return AttentionLearner(backbone, ways=3, embedding_dim=8, model_dim=16, heads=2, layers=1, feedforward_dim=16, dropout=0.5)
+
+
+def fit(model, steps, folder, ckpt_path=None):
+    images, labels = clustered_images()
+    data = EpisodicDataModule(images, labels, split_fractions=(0.5, 0.25, 0.25), ways=3, shots=1, queries=2, meta_batch_size=2,
+                              train_tasks=4, num_workers=0)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[LastCheckpoint(every_n_train_steps=100, dirpath=str(folder))])
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return load(folder / "last.ckpt")
+
+
+def test_resume_restores_the_random_state_dropout_draws_from(tmp_path):
+    reference = fit(attention_learner(), 5, tmp_path / "reference")
+    # Epochs of 2 steps: stopped at an epoch's end (2), then mid-epoch (3); the global generator
+    # is scrambled before each resume, as a new process would have it.
+    for steps in (2, 3, 5):
+        torch.manual_seed(1000 + steps)
+        resumed = fit(attention_learner(), steps, tmp_path / "chain", "last" if steps > 2 else None)
+        if steps == 3:
+            step_3 = load(tmp_path / "chain" / "last.ckpt")
+    assert resumed["global_step"] == 5
+    assert max_difference(resumed["state_dict"], reference["state_dict"]) <= 1e-6
+
+    # Without the saved random state the dropout masks, and so the weights, differ: the test can fail.
+    del step_3["rng_states"]
+    torch.save(step_3, tmp_path / "no_rng.ckpt")
+    torch.manual_seed(1005)
+    drifted = fit(attention_learner(), 5, tmp_path / "chain", str(tmp_path / "no_rng.ckpt"))
+    assert max_difference(drifted["state_dict"], reference["state_dict"]) > 1e-4
+
+
+def test_last_checkpoint_every_n_steps_and_after_the_final_one(tmp_path):
+    saved = []
+
+    class Recorder(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            last = tmp_path / "last.ckpt"
+            saved.append(load(last)["global_step"] if last.exists() else None)
+
+    images, labels = clustered_images()
+    data = EpisodicDataModule(images, labels, split_fractions=(0.5, 0.25, 0.25), ways=3, shots=1, queries=2, meta_batch_size=2,
+                              train_tasks=40, num_workers=0)
+    trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Recorder(), LastCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path))])
+    trainer.fit(attention_learner(), data)
+    # Seen at the start of steps 1..5: saved after steps 2 and 4; then after the final step 5.
+    assert saved == [None, None, 2, 2, 4]
+    assert load(tmp_path / "last.ckpt")["global_step"] == 5
+
+
+def test_every_shipped_config_saves_a_checkpoint_to_resume_from():
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+        last = [c for c in callbacks if c["class_path"] == "fewshot_lightning.callbacks.LastCheckpoint"]
+        assert len(last) == 1 and last[0]["init_args"]["every_n_train_steps"] >= 1, config.name
+        # Saves before the end, so that a kill does not lose the whole run (configs bounded by
+        # epochs, as the meta-RL ones, make several optimizer steps an iteration: 150 an epoch).
+        max_steps = yaml.safe_load(config.read_text())["trainer"].get("max_steps", 150)
+        assert last[0]["init_args"]["every_n_train_steps"] < max_steps, config.name
+        # Only LastCheckpoint writes last.ckpt: a second writer would make last-v1.ckpt.
+        assert not any(c.get("init_args", {}).get("save_last") for c in callbacks), config.name
+        # Runs of each config in their own folder, so that `last` finds this config's runs only.
+        assert yaml.safe_load(config.read_text())["trainer"]["logger"]["init_args"]["name"] == config.stem
