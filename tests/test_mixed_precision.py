@@ -1,0 +1,85 @@
+"""``bf16-mixed`` for every algorithm on the CPU, through the Trainer's precision flag: a few
+training steps and a validation with tiny models, losses finite and close to fp32's.
+
+Add a learner with one ``pytest.param`` line in ``LEARNERS``: a factory of a tiny model and the
+kind of tasks it takes.
+"""
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from cli_support import clustered_images
+from fewshot_lightning.algorithms import ANIL, CNP, MAML, AttentionLearner, MatchingNet, MetaSGD, ProtoNet, RelationNet
+from fewshot_lightning.data import EpisodicDataModule, SinusoidDataModule
+from fewshot_lightning.models import MLP, Conv4, RelationEmbedding
+
+STEPS = 3
+
+
+def conv4(out_features=5):
+    return Conv4(hidden=8, out_features=out_features, image_size=16)
+
+
+LEARNERS = [
+    pytest.param(lambda: MAML(conv4(), inner_lr=0.4, batching="vmap"), "images", id="MAML"),
+    pytest.param(lambda: ANIL(conv4(), inner_lr=0.4, batching="vmap"), "images", id="ANIL"),
+    pytest.param(lambda: MetaSGD(conv4(), inner_lr=0.4, batching="vmap"), "images", id="MetaSGD"),
+    pytest.param(lambda: ProtoNet(conv4(None)), "images", id="ProtoNet"),
+    pytest.param(lambda: MatchingNet(conv4(None), embedding_dim=8), "images", id="MatchingNet"),
+    pytest.param(lambda: RelationNet(RelationEmbedding(hidden=8), feature_channels=8, feature_size=4,
+                                     relation_channels=8, relation_hidden=4), "images", id="RelationNet"),
+    pytest.param(lambda: AttentionLearner(conv4(None), embedding_dim=8, model_dim=32, heads=4, layers=1,
+                                          feedforward_dim=32), "images", id="AttentionLearner"),
+    pytest.param(lambda: CNP(MLP(2, (32, 32), 32), representation_dim=32, decoder_hidden=(32, 32)), "sinusoid",
+                 id="CNP"),
+]
+
+
+def tasks(kind: str) -> L.LightningDataModule:
+    if kind == "sinusoid":
+        return SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_tasks=4 * STEPS, val_tasks=8)
+    images, labels = clustered_images(classes=40, per_class=8, side=16, noise=0.6)
+    return EpisodicDataModule(images, labels, ways=5, shots=1, queries=3, meta_batch_size=4,
+                              train_tasks=4 * STEPS, val_tasks=8, num_workers=0)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+
+@pytest.mark.parametrize("factory, kind", LEARNERS)
+def test_bf16_mixed_trains_with_finite_losses_close_to_fp32(factory, kind):
+    L.seed_everything(0, verbose=False)
+    model, data = factory(), tasks(kind)
+    data.setup("fit")
+    first = next(iter(data.train_dataloader()))
+    reference = float(model.query_losses(model(first), first).mean())  # fp32, the same weights and batch
+
+    recorder = LossRecorder()
+    trainer = L.Trainer(max_steps=STEPS, precision="bf16-mixed", accelerator="cpu", limit_val_batches=2,
+                        num_sanity_val_steps=0, callbacks=[recorder], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+
+    assert trainer.precision == "bf16-mixed"
+    assert len(recorder.losses) == STEPS and all(math.isfinite(loss) for loss in recorder.losses)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation): through a few
+    # layers the first loss stays within 2% of the fp32 loss of the same step (measured: 0.01% to
+    # 0.33%). It must differ, though: the same CPU ops in fp32 would reproduce it exactly, so a
+    # difference shows that autocast reached the computation.
+    assert 0 < abs(recorder.losses[0] - reference) <= 0.02 * abs(reference), (recorder.losses[0], reference)
+    # The weights stay fp32 (autocast casts copies) and finite after the optimizer steps.
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    metrics = trainer.callback_metrics
+    if kind == "sinusoid":
+        assert 0 < float(metrics["val/mse"]) < 50  # targets' second moment is ~4.2; an untrained net is near it
+    else:
+        assert 0 <= float(metrics["val/acc"]) <= 1
+    assert math.isfinite(float(metrics["val/loss"]))
