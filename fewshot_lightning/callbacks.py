@@ -40,14 +40,18 @@ def describe(loader: DataLoader, world_size: int, devices: int, nodes: int, accu
     per_device = batch_size(loader)
     if per_device is None:
         return f"Effective meta-batch: unknown (the training DataLoader has no batch size). {tasks_origin(loader)}"
-    factors = [f"{per_device} tasks per device"]
+    factors = [f"{plural(per_device, 'task')} per device"]
     if world_size > 1:
-        factors.append(f"{devices} devices x {nodes} node{'s' if nodes > 1 else ''}"
-                       if devices * nodes == world_size else f"{world_size} processes")
+        factors.append(f"{plural(devices, 'device')} x {plural(nodes, 'node')}" if devices * nodes == world_size
+                       else plural(world_size, "process"))
     if accumulate > 1:
         factors.append(f"{accumulate} accumulated batches")
     total = per_device * world_size * accumulate
-    return f"Effective meta-batch: {' x '.join(factors)} = {total} tasks per optimizer step. {tasks_origin(loader)}"
+    return f"Effective meta-batch: {' x '.join(factors)} = {plural(total, 'task')} per optimizer step. {tasks_origin(loader)}"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def batch_size(loader: DataLoader) -> Optional[int]:
