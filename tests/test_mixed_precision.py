@@ -83,3 +83,25 @@ def test_bf16_mixed_trains_with_finite_losses_close_to_fp32(factory, kind):
     else:
         assert 0 <= float(metrics["val/acc"]) <= 1
     assert math.isfinite(float(metrics["val/loss"]))
+
+
+# -- what README.md says about precision on the CPU; these fail if Lightning or PyTorch change it --
+def test_16_mixed_on_the_cpu_warns_and_runs_bf16_mixed_without_a_scaler():
+    with pytest.warns(UserWarning, match=r"fp16 is not supported on CPU. Using `precision='bf16-mixed'` instead"):
+        trainer = L.Trainer(accelerator="cpu", precision="16-mixed", logger=False, enable_progress_bar=False)
+    assert trainer.precision == "bf16-mixed"
+    assert trainer.precision_plugin.scaler is None
+    with trainer.precision_plugin.forward_context():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+def test_autocast_does_not_reach_a_convolution_under_vmap_on_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    weights, images = torch.randn(2, 4, 3, 3, 3, generator=generator), torch.randn(2, 5, 3, 8, 8, generator=generator)
+    convolve = torch.func.vmap(lambda w, x: torch.nn.functional.conv2d(x, w))
+    exact = convolve(weights, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.nn.functional.conv2d(images[0], weights[0])
+        vmapped = convolve(weights, images)
+    assert plain.dtype == torch.bfloat16  # outside vmap autocast applies ...
+    assert vmapped.dtype == torch.float32 and torch.equal(vmapped, exact)  # ... inside, the conv stays fp32
