@@ -57,18 +57,21 @@ def omniglot_like(classes: int, instances: int, seed: int = 0):
 
 
 class Probe(L.Callback):
-    """Training losses of every step, and the wall time of the steps after ``warmup``."""
+    """Training losses of every batch, and the wall time and number of the batches from the
+    ``warmup``-th optimizer step on."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.losses: List[torch.Tensor] = []
         self.start: Optional[float] = None
+        self.timed_batches = 0
         self.seconds = float("nan")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
+        if self.start is None and trainer.global_step >= self.warmup:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
+            self.timed_batches = -len(self.losses)  # plus the count at the end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -78,6 +81,7 @@ class Probe(L.Callback):
         synchronize(pl_module.device)
         if self.start is not None:
             self.seconds = time.perf_counter() - self.start
+            self.timed_batches += len(self.losses)
 
 
 def synchronize(device: torch.device) -> None:
@@ -114,7 +118,7 @@ def train(algorithm: str, precision: str, images, labels, args, accelerator: str
     return {
         "algorithm": algorithm if algorithm != "MAML" else f"MAML ({model.batching})",
         "asked": precision, "ran": trainer.precision, "steps": len(losses),
-        "tasks_per_s": args.meta_batch * (len(losses) - args.warmup) / probe.seconds,
+        "tasks_per_s": args.meta_batch * probe.timed_batches / probe.seconds,
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "first": first, "last": last, "finite": finite, "fell": last < 0.9 * first,
         "scale": scaler.get_scale() if scaler is not None else None,
