@@ -25,7 +25,6 @@ The tables are markdown, for docs/benchmarks.md. Exit status 1 if any run fails 
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import sys
