@@ -77,7 +77,8 @@ class ClusteredImages(EpisodicDataModule):
 
 class StepRecorder(L.Callback):
     """Write ``{"start": global_step at on_train_start, "steps": [global_step after each batch]}``
-    to ``path`` (JSON, rewritten after every batch, so another process can watch it)."""
+    to ``path`` (JSON, rewritten after every batch, so another process can watch it), on
+    global rank 0."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -90,8 +91,10 @@ class StepRecorder(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record = {"start": trainer.global_step, "steps": []}
-        self._write()
+        if trainer.is_global_zero:
+            self._write()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         self.record["steps"].append(trainer.global_step)
-        self._write()
+        if trainer.is_global_zero:
+            self._write()

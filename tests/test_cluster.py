@@ -1,10 +1,12 @@
 """The cluster recipes in cluster/: their SLURM and torchrun settings agree with the Trainer
 arguments they pass, the sbatch script runs DDP under a stand-in for srun, the optional requeue
 config builds Lightning's SLURM environment, and the effective meta-batch message is right."""
+import os
 import re
 import signal
 import socket
 import subprocess
+import time
 
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -12,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
 from cli_support import ROOT, cli_env, clustered_images
+from test_preemption import steps_recorded, wait_for
 from fewshot_lightning.algorithms import MetaLearner
 from fewshot_lightning.callbacks import describe
 from fewshot_lightning.data import EpisodeDataset, EpisodeSampler, SinusoidTasks, TaskDataModule, collate_tasks
@@ -57,8 +60,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_sbatch_script_trains_with_ddp_under_a_stand_in_for_srun(tmp_path):
-    """One node, two tasks, on the CPU: the script's own command line, ranks from SLURM's variables."""
+def test_sbatch_script_trains_with_ddp_under_a_stand_in_for_srun_and_requeues_on_sigusr1(tmp_path):
+    """One node, two tasks, on the CPU: the script's own command line, ranks from SLURM's
+    variables. SIGUSR1 reaches the two tasks at different moments, as SLURM's does; both save
+    at the same step end, and rank 0 requeues."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     srun = bin_dir / "srun"
@@ -66,26 +71,53 @@ def test_sbatch_script_trains_with_ddp_under_a_stand_in_for_srun(tmp_path):
         "#!/bin/bash\n# srun on one node: SLURM_NTASKS_PER_NODE copies, each with the variables srun sets.\n"
         "for ((i = 0; i < SLURM_NTASKS_PER_NODE; i++)); do\n"
         '  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_NTASKS=$SLURM_NTASKS_PER_NODE "$@" > task$i.log 2>&1 &\n'
+        "  echo $! > task$i.pid\n"
         "done\nrc=0; for job in $(jobs -p); do wait $job || rc=$?; done; exit $rc\n"
     )
-    srun.chmod(0o755)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path / "scontrol.log"}"\n')
+    for script in (srun, scontrol):
+        script.chmod(0o755)
     env = cli_env(dict(SLURM_JOB_ID="31", SLURM_JOB_NAME="fewshot", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2",
                        SLURM_CPUS_PER_TASK="1", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NODELIST="localhost",
                        MASTER_PORT=str(free_port())))
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    result = subprocess.run(
+    job = subprocess.Popen(
         ["bash", str(CLUSTER / "slurm_2x4.sbatch"), str(ROOT / "configs" / "maml_sinusoid.yaml"),
-         "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
-         "--model.init_args.batching", "vmap", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+         "--trainer.accelerator", "cpu", "--trainer.max_steps", "100000", "--trainer.limit_val_batches", "0",
+         "--model.init_args.batching", "vmap", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+         "--trainer.callbacks+=cli_support.StepRecorder", "--trainer.callbacks.path", str(tmp_path / "steps.json")],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    tasks = []
+    try:
+        wait_for(lambda: len(steps_recorded(tmp_path / "steps.json")) >= 3, 240, "three training steps", job)
+        tasks = [int((tmp_path / f"task{i}.pid").read_text()) for i in range(2)]
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.3)
+        wait_for(lambda: (tmp_path / "scontrol.log").is_file(), 60, "scontrol requeue", job)
+        done = len(steps_recorded(tmp_path / "steps.json"))
+        wait_for(lambda: len(steps_recorded(tmp_path / "steps.json")) >= done + 2, 60, "two more steps", job)
+        for pid in tasks:  # SLURM ends the requeued job with SIGTERM to every task
+            os.kill(pid, signal.SIGTERM)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            for pid in tasks:
+                os.kill(pid, signal.SIGKILL)
+            job.kill()
     logs = [(tmp_path / f"task{i}.log").read_text() for i in range(2)]
-    assert result.returncode == 0, result.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
-    assert "SLURM auto-requeueing enabled" in logs[0] and "SLURM auto-requeueing enabled" in logs[1]
+    assert job.returncode == 0 and not any("Traceback" in log for log in logs), logs[0][-3000:] + logs[1][-3000:]
     assert "25 tasks per device x 2 devices x 1 node = 50 tasks per optimizer step" in logs[0]
-    assert (tmp_path / "runs" / "31").is_dir()  # the job's default_root_dir, where hpc_ckpt_*.ckpt would go
-    (checkpoint,) = (tmp_path / "logs").glob("maml_sinusoid/version_0/checkpoints/last.ckpt")
-    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 2
+    checkpoints = sorted((tmp_path / "runs" / "31").glob("hpc_ckpt_*.ckpt"))  # the job's default_root_dir
+    # One save per step end that saw a request on either rank: one or two, each requeued once by rank 0.
+    assert 1 <= len(checkpoints) <= 2
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 31"] * len(checkpoints)
+    for path in checkpoints:
+        step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+        # Rank 1 announces nothing (rank-zero logging), so rank 0's log names every save.
+        assert f"SIGUSR1 received: saving an HPC checkpoint at step {step} and requeuing." in logs[0]
 
 
 def test_requeue_signal_config_builds_slurm_environment_with_sighup(monkeypatch):
