@@ -31,6 +31,7 @@ Example, a MAML training step written from these pieces::
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -322,19 +323,28 @@ class InnerLearningRate(nn.Module):
 
 
 def select_parameters(module: nn.Module, selection: Optional[Iterable[str]]) -> list:
-    """Parameter names of ``module`` chosen by ``selection``: exact names, or prefixes ending in
-    ``"."`` (``["head."]``); ``None`` chooses all."""
+    """Parameter names of ``module`` chosen by ``selection``, in the module's order.
+
+    Entries are exact names, prefixes ending in ``"."`` (``"head."``), or shell-style patterns
+    (``"features.*.weight"``); an entry starting with ``"!"`` removes what it matches. Entries
+    apply in order, starting from nothing, or from every parameter if the first entry removes.
+    ``None`` chooses all. For example ``["!features.*.1.*"]`` adapts everything but the batch
+    norm layers of :class:`~fewshot_lightning.models.Conv4` (as MAML's original code).
+    """
     names = [name for name, _ in module.named_parameters()]
     if selection is None:
         return names
-    chosen: list = []
-    for entry in selection:
-        matches = [n for n in names if n == entry or (entry.endswith(".") and n.startswith(entry))]
+    entries = list(selection)
+    chosen = set(names) if entries and entries[0].startswith("!") else set()
+    for entry in entries:
+        pattern = entry[1:] if entry.startswith("!") else entry
+        matches = {n for n in names if n == pattern or (pattern.endswith(".") and n.startswith(pattern))
+                   or fnmatch.fnmatchcase(n, pattern)}
         if not matches:
             raise ValueError(
                 f"adapt entry {entry!r} matches no parameter of {type(module).__name__}; its parameters are {names}."
             )
-        chosen += [m for m in matches if m not in chosen]
+        chosen = chosen - matches if entry.startswith("!") else chosen | matches
     if not chosen:
-        raise ValueError("No parameters selected for adaptation.")
-    return chosen
+        raise ValueError(f"adapt={entries} selects no parameter of {type(module).__name__} to adapt.")
+    return [n for n in names if n in chosen]

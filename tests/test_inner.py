@@ -200,3 +200,23 @@ def test_bad_arguments_name_the_fix():
         select_parameters(MLP(), ["tail."])
     with pytest.raises(ValueError, match="Adam betas must be in \\[0, 1\\)"):
         Adam(betas=(1.0, 0.9))
+
+
+def test_parameter_selection_by_name_prefix_pattern_and_exclusion():
+    from fewshot_lightning.models import Conv4
+
+    net = Conv4(hidden=4, out_features=2, image_size=16)
+    names = [n for n, _ in net.named_parameters()]
+    assert select_parameters(net, None) == names
+    assert select_parameters(net, ["head."]) == ["head.weight", "head.bias"]
+    assert select_parameters(net, ["features.0.0.weight"]) == ["features.0.0.weight"]
+    # Everything but batch norm: Conv4 blocks are (conv, batch norm, ReLU, pool), so index 1.
+    no_norm = select_parameters(net, ["!features.*.1.*"])
+    assert len(no_norm) == len(names) - 8  # 4 batch norms x (weight, bias)
+    assert not any(n.startswith("features.") and n.split(".")[2] == "1" for n in no_norm)
+    assert "head.weight" in no_norm and "features.1.0.weight" in no_norm
+    assert select_parameters(net, ["features.*.weight", "!features.*.1.weight"]) == [
+        f"features.{i}.0.weight" for i in range(4)
+    ]
+    with pytest.raises(ValueError, match="selects no parameter of Conv4"):
+        select_parameters(net, ["head.", "!head."])

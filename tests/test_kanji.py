@@ -15,6 +15,7 @@ import torch
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import KanjiDataModule, load_kanji, render_kanji, split_characters
 from fewshot_lightning.data.datasets import kanji as kanji_module
+from fewshot_lightning.data.datasets._storage import CHECKSUM_KEY, save_atomic
 
 if importlib.util.find_spec("kanjidraw") is None:
     pytest.skip("the Kanji benchmark renders the kanjidraw package's stroke data", allow_module_level=True)
@@ -146,8 +147,9 @@ def test_cache_of_another_request_is_not_reused(tmp_path):
     load_kanji(tmp_path, num_characters=4)
     path = kanji_module.cache_path(tmp_path, num_characters=4)
     payload = torch.load(path, weights_only=True)
-    payload["seed"] = 7  # as if a different seed had been saved under this name
-    torch.save(payload, path)
+    del payload[CHECKSUM_KEY]
+    payload["seed"] = 7  # as if a different seed had been saved under this name (a sound file, checksummed)
+    save_atomic(payload, path)
     with pytest.warns(UserWarning, match="seed differs"):
         load_kanji(tmp_path, num_characters=4)
     assert torch.load(path, weights_only=True)["seed"] == 0

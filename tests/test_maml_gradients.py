@@ -235,3 +235,19 @@ def test_auto_batching_decides_once_on_the_first_batch_and_logs_both_timings(cap
 def test_meta_sgd_refuses_the_arguments_it_fixes():
     with pytest.raises(ValueError, match="MetaSGD always learns per-parameter rates; remove 'learn_inner_lr'"):
         MetaSGD(MLP(), learn_inner_lr=False)
+
+
+def test_test_inner_steps_changed_after_construction_sizes_the_curve(tmp_path):
+    import lightning as L
+
+    from fewshot_lightning.data import SinusoidDataModule
+
+    model = MAML(MLP(1, (8,), 1), inner_lr=0.01, test_inner_steps=10)
+    model.test_inner_steps = 2  # e.g. a script evaluating with fewer steps than configured
+    data = SinusoidDataModule(test_tasks=20, meta_batch_size=10)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    result = trainer.test(model, data, verbose=False)[0]
+    assert {"test/mse_after_0_steps", "test/mse_after_2_steps"} <= set(result)
+    assert "test/mse_after_3_steps" not in result
+    assert result["test/mse_after_2_steps"] == pytest.approx(result["test/mse"], rel=1e-6)

@@ -1,9 +1,9 @@
-"""Optimization-based meta-learning: MAML, first-order MAML, ANIL and Meta-SGD."""
+"""Optimization-based meta-learning: MAML, first-order MAML, ANIL, Meta-SGD and MAML++."""
 from __future__ import annotations
 
 import time
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..data.task import TaskBatch
 from ..inner import BATCHING, Forward, InnerLearningRate, Params, functional, select_parameters, task_params, trajectory
 from ..metrics import MeanConfidenceInterval
-from .base import MetaLearner, per_task_loss
+from .base import MetaLearner, is_regression, per_task_loss
 
 
 class MAML(MetaLearner):
@@ -51,6 +51,14 @@ class MAML(MetaLearner):
             statistics), time one training step of each, keep the faster for the whole run and
             log both timings.
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
+        multi_step_loss_steps: MAML++'s multi-step loss (Antoniou, Edwards & Storkey, ICLR 2019):
+            for this many outer steps the training loss is a weighted sum of the query losses
+            after every inner step, the weights moving linearly from uniform to all on the last
+            step; afterwards only the last step counts (as plain MAML). 0 (default) turns it off.
+        first_order_steps: MAML++'s derivative-order annealing: the first this many outer steps
+            are first order, the rest second order. 0 (default) turns it off.
+
+    Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
     Example::
 
@@ -79,6 +87,8 @@ class MAML(MetaLearner):
         batching: str = "auto",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        multi_step_loss_steps: int = 0,
+        first_order_steps: int = 0,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -91,13 +101,25 @@ class MAML(MetaLearner):
             raise ValueError(f"inner_lr must be positive, got {inner_lr}.")
         if batching not in ("auto",) + BATCHING:
             raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}.")
+        if multi_step_loss_steps < 0:
+            raise ValueError(f"multi_step_loss_steps must be 0 (off) or more, got {multi_step_loss_steps}.")
+        if first_order_steps < 0:
+            raise ValueError(f"first_order_steps must be 0 (off) or more, got {first_order_steps}.")
+        if first_order and first_order_steps:
+            raise ValueError(
+                f"first_order=True trains first order throughout, so first_order_steps={first_order_steps} would "
+                "never switch to second order: drop one of them."
+            )
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.first_order = first_order
-        self.adapt_names = select_parameters(backbone, adapt)
+        self.multi_step_loss_steps = multi_step_loss_steps
+        self.first_order_steps = first_order_steps
+        shapes = self.adapted_shapes(backbone, adapt)
+        #: Names of the adapted tensors, in order.
+        self.adapt_names = list(shapes)
         #: The batching in use: fixed by the constructor, or by the first batch under "auto".
         self.batching = None if batching == "auto" else batching
-        shapes = {name: p.shape for name, p in backbone.named_parameters() if name in self.adapt_names}
         self.inner_lr = InnerLearningRate(
             shapes, inner_lr, inner_steps, per_step=per_step_lr, per_parameter=per_parameter_lr,
             learnable=learn_inner_lr,
@@ -105,6 +127,12 @@ class MAML(MetaLearner):
         self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
 
     # -- the building blocks ------------------------------------------------------------------
+    def adapted_shapes(self, backbone: nn.Module, adapt: Optional[Sequence[str]]) -> Dict[str, torch.Size]:
+        """Name -> shape of every tensor the inner loop adapts (it sizes the inner learning rates):
+        the backbone parameters ``adapt`` selects. Called once, by the constructor."""
+        parameters = dict(backbone.named_parameters())
+        return {name: parameters[name].shape for name in select_parameters(backbone, adapt)}
+
     def initial_params(self, tasks: int, detach: bool = False) -> Params:
         """The adapted parameters' starting point for ``tasks`` tasks, ``[tasks, ...]`` each."""
         adapted = set(self.adapt_names)
@@ -128,13 +156,21 @@ class MAML(MetaLearner):
         """Per-task parameters after 0, 1, ..., ``steps`` inner steps on the support set.
 
         ``differentiable=False`` (evaluation) detaches every step: no outer graph is built.
+        ``first_order`` defaults to :meth:`uses_first_order` at the current outer step.
         """
-        first_order = self.first_order if first_order is None else first_order
+        first_order = self.uses_first_order() if first_order is None else first_order
         return trajectory(
             self.functional(batching), self.initial_params(support_x.shape[0], detach=not differentiable),
             support_x, support_y, per_task_loss, steps, self.inner_lr,
-            second_order=not first_order, differentiable=differentiable,
+            second_order=not first_order, differentiable=differentiable, **self.inner_options(support_x, steps),
         )
+
+    def inner_options(self, support_x: Tensor, steps: int) -> Dict[str, Any]:
+        """Extra keyword options of :func:`~fewshot_lightning.inner.trajectory` (``penalty``,
+        ``optimizer``, ``minibatch``) for ``steps`` steps on the tasks of ``support_x``: none for
+        MAML (plain gradient descent on the whole support set). Algorithms built on MAML
+        override it."""
+        return {}
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None, **options) -> Params:
         """Per-task parameters after ``steps`` (default ``inner_steps``) inner steps; keyword
@@ -151,7 +187,73 @@ class MAML(MetaLearner):
     def forward(self, batch: TaskBatch) -> Tensor:
         """Query outputs after the training-time adaptation, differentiable for the meta-gradient."""
         self.choose_batching(batch)
-        return self.predict(self.adapt(batch.support_x, batch.support_y), batch.query_x)
+        return self.training_outputs(batch)
+
+    def training_outputs(self, batch: TaskBatch, batching: Optional[str] = None) -> Tensor:
+        """:meth:`forward` with the batching given (default: the one chosen)."""
+        params = self.adapt(batch.support_x, batch.support_y, batching=batching)
+        return self.predict(params, batch.query_x, batching=batching)
+
+    def uses_first_order(self, step: Optional[int] = None) -> bool:
+        """Whether outer step ``step`` (default: the trainer's ``global_step``) is first order."""
+        step = self.global_step if step is None else step
+        return self.first_order or step < self.first_order_steps
+
+    def step_loss_weights(self, step: Optional[int] = None) -> Optional[Tensor]:
+        """MAML++'s weights of the query losses after inner steps 1..``inner_steps`` at outer step
+        ``step`` (default: the trainer's ``global_step``), or ``None`` once only the last counts.
+
+        At progress ``p = step / multi_step_loss_steps`` every step but the last weighs
+        ``(1 - p) / inner_steps`` and the last ``(1 - p) / inner_steps + p``: uniform at first,
+        moving linearly to the last step alone, the weights summing to one throughout.
+        """
+        step = self.global_step if step is None else step
+        if step >= self.multi_step_loss_steps or self.inner_steps == 1:
+            return None
+        progress = step / self.multi_step_loss_steps
+        weights = torch.full((self.inner_steps,), (1 - progress) / self.inner_steps)
+        weights[-1] += progress
+        return weights
+
+    def training_loss(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """The outer loss to minimise on this batch, and the query outputs after the last inner
+        step where computing the loss made them (``None`` otherwise).
+
+        With the multi-step loss active (:meth:`step_loss_weights`), the weighted sum over inner
+        steps of the mean query losses; otherwise the mean query loss after the last step.
+        """
+        weights = self.step_loss_weights()
+        if weights is None:
+            outputs = self.training_outputs(batch, batching)
+            return self.query_losses(outputs, batch).mean(), outputs
+        step_losses = []
+        steps = self.trajectory(batch.support_x, batch.support_y, self.inner_steps, batching=batching)
+        next(steps)  # the starting point: MAML++ weighs the losses after each step
+        for params in steps:
+            outputs = self.predict(params, batch.query_x, batching=batching)
+            step_losses.append(self.query_losses(outputs, batch).mean())
+        losses = torch.stack(step_losses)
+        return (weights.to(losses) * losses).sum(), outputs
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        """As :class:`~.base.MetaLearner`'s, but while MAML++'s multi-step loss is active the loss
+        is :meth:`training_loss`'s weighted sum over inner steps."""
+        if self.step_loss_weights() is None:
+            return super().training_step(batch, batch_idx)
+        self.choose_batching(batch)
+        loss, outputs = self.training_loss(batch)
+        self.log_training(loss, outputs, batch)
+        return loss
+
+    def log_training(self, loss: Tensor, outputs: Tensor, batch: TaskBatch) -> None:
+        """Log ``train/loss`` (and ``train/acc`` from the query ``outputs``) as the base class's
+        training step does, on the steps it logs."""
+        if not self._logging_step():
+            return
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.num_tasks)
+        if not is_regression(batch.query_y):
+            accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
+            self.log("train/acc", accuracy, prog_bar=True, batch_size=batch.num_tasks)
 
     def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
         self.choose_batching(batch)
@@ -171,6 +273,13 @@ class MAML(MetaLearner):
         steps = self.test_inner_steps if steps is None else steps
         trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
         return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
+
+    def on_test_epoch_start(self) -> None:
+        # test_inner_steps may have been changed since construction (a script evaluating with
+        # more steps): the curve then has that many points.
+        if self.test_curve.size != self.test_inner_steps + 1:
+            with torch.inference_mode(False):  # its states are updated outside inference mode
+                self.test_curve = MeanConfidenceInterval(size=self.test_inner_steps + 1).to(self.device)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
@@ -229,8 +338,7 @@ class MAML(MetaLearner):
 
     def _timed_step(self, batch: TaskBatch, batching: str) -> float:
         start = time.perf_counter()
-        params = self.adapt(batch.support_x, batch.support_y, batching=batching)
-        loss = self.query_losses(self.predict(params, batch.query_x, batching=batching), batch).mean()
+        loss, _ = self.training_loss(batch, batching)
         trainable = [p for p in self.parameters() if p.requires_grad]
         torch.autograd.grad(loss, trainable, allow_unused=True)
         return time.perf_counter() - start
@@ -261,3 +369,58 @@ class MetaSGD(MAML):
             if fixed in kwargs:
                 raise ValueError(f"MetaSGD always learns per-parameter rates; remove {fixed!r} (or use MAML).")
         super().__init__(backbone, learn_inner_lr=True, per_parameter_lr=True, **kwargs)
+
+
+class MAMLPlusPlus(MAML):
+    """MAML++ (Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019): MAML with
+    the paper's training options on by default.
+
+    Implemented here: the multi-step loss with annealed weights (``multi_step_loss_steps``),
+    derivative-order annealing (``first_order_steps``), per-step learnable inner learning rates
+    for every parameter tensor (``per_step_lr``, ``learn_inner_lr``), and cosine annealing of
+    the outer learning rate through ``lr_scheduler`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
+    Not implemented: per-step batch-norm statistics and weights (the paper's BNRS/BNWB).
+
+    Args:
+        backbone: any ``nn.Module``.
+        inner_steps: inner steps (the paper: 5).
+        per_step_lr, learn_inner_lr: learnable per-step, per-layer inner rates (on).
+        multi_step_loss_steps: outer steps of the multi-step loss; the authors' Omniglot
+            configuration anneals it over 10 "epochs" of 500 steps.
+        **kwargs: :class:`MAML`'s other arguments (``first_order_steps`` included).
+
+    Example::
+
+        from fewshot_lightning.algorithms import MAMLPlusPlus
+        from fewshot_lightning.models import Conv4
+
+        model = MAMLPlusPlus(Conv4(hidden=64, out_features=20), inner_lr=0.1, test_inner_steps=5)
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        inner_steps: int = 5,
+        per_step_lr: bool = True,
+        learn_inner_lr: bool = True,
+        multi_step_loss_steps: int = 5000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            backbone, inner_steps=inner_steps, per_step_lr=per_step_lr, learn_inner_lr=learn_inner_lr,
+            multi_step_loss_steps=multi_step_loss_steps, **kwargs,
+        )
+
+
+#: MAML's arguments about differentiating through the inner loop, and their "off" values.
+THROUGH_INNER_LOOP = {"first_order": False, "first_order_steps": 0, "learn_inner_lr": False, "multi_step_loss_steps": 0}
+
+
+def refuse(algorithm: str, kwargs: Dict[str, Any], defaults: Dict[str, Any], reason: str) -> None:
+    """Raise if ``kwargs`` sets one of MAML's arguments in ``defaults``, which mean nothing for
+    ``algorithm``, to other than its default (the CLI passes every default explicitly)."""
+    for name, default in defaults.items():
+        if name in kwargs and kwargs[name] != default:
+            raise ValueError(
+                f"{algorithm} takes no {name}={kwargs[name]!r}: {reason}. Leave it at {default!r} (or use MAML)."
+            )

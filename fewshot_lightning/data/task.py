@@ -30,10 +30,6 @@ class TaskBatch(NamedTuple):
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def task(self, index: int) -> "TaskBatch":
-        """The ``index``-th task, keeping a leading task dimension of one."""
-        return TaskBatch(*(t[index : index + 1] for t in self))
-
 
 def collate_tasks(tasks: Sequence[Sequence[Tensor]]) -> TaskBatch:
     """Stack single tasks ``(support_x, support_y, query_x, query_y)`` into a :class:`TaskBatch`."""
