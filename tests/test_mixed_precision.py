@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from cli_support import clustered_images
-from fewshot_lightning.algorithms import ANIL, CNP, MAML, AttentionLearner, MatchingNet, MetaSGD, ProtoNet, RelationNet
+from fewshot_lightning.algorithms import (
+    ANIL, CAVIA, CNP, MAML, AttentionLearner, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, RelationNet, Reptile, iMAML,
+)
 from fewshot_lightning.data import EpisodicDataModule, SinusoidDataModule
-from fewshot_lightning.models import MLP, Conv4, RelationEmbedding
+from fewshot_lightning.models import MLP, Conv4, FiLMConv4, RelationEmbedding
 
 STEPS = 3
 
@@ -26,6 +28,10 @@ LEARNERS = [
     pytest.param(lambda: MAML(conv4(), inner_lr=0.4, batching="vmap"), "images", id="MAML"),
     pytest.param(lambda: ANIL(conv4(), inner_lr=0.4, batching="vmap"), "images", id="ANIL"),
     pytest.param(lambda: MetaSGD(conv4(), inner_lr=0.4, batching="vmap"), "images", id="MetaSGD"),
+    pytest.param(lambda: MAMLPlusPlus(conv4(), inner_lr=0.4, inner_steps=2, batching="vmap"), "images", id="MAMLPlusPlus"),
+    pytest.param(lambda: Reptile(conv4(), inner_steps=2, test_inner_steps=2, batching="vmap"), "images", id="Reptile"),
+    pytest.param(lambda: iMAML(conv4(), inner_steps=2, cg_steps=2, batching="vmap"), "images", id="iMAML"),
+    pytest.param(lambda: CAVIA(FiLMConv4(hidden=8, image_size=16, context_dim=4), batching="vmap"), "images", id="CAVIA"),
     pytest.param(lambda: ProtoNet(conv4(None)), "images", id="ProtoNet"),
     pytest.param(lambda: MatchingNet(conv4(None), embedding_dim=8), "images", id="MatchingNet"),
     pytest.param(lambda: RelationNet(RelationEmbedding(hidden=8), feature_channels=8, feature_size=4,
@@ -45,6 +51,15 @@ def tasks(kind: str) -> L.LightningDataModule:
                               train_tasks=4 * STEPS, val_tasks=8, num_workers=0)
 
 
+def fp32_training_loss(model, batch) -> torch.Tensor:
+    """The loss ``training_step`` returns, outside the Trainer: the optimization-based learners
+    name theirs ``training_loss`` (MAML++'s multi-step sum, Reptile's distance); the others
+    train on the mean query loss."""
+    if hasattr(model, "training_loss"):
+        return model.training_loss(batch)[0]
+    return model.query_losses(model(batch), batch).mean()
+
+
 class LossRecorder(L.Callback):
     def __init__(self) -> None:
         self.losses = []
@@ -60,7 +75,7 @@ def test_bf16_mixed_trains_with_finite_losses_close_to_fp32(factory, kind):
     model, data = factory(), tasks(kind)
     data.setup("fit")
     first = next(iter(data.train_dataloader()))
-    reference = float(model.query_losses(model(first), first).mean())  # fp32, the same weights and batch
+    reference = float(fp32_training_loss(model, first))  # the same weights and batch
 
     recorder = LossRecorder()
     trainer = L.Trainer(max_steps=STEPS, precision="bf16-mixed", accelerator="cpu", limit_val_batches=2,
@@ -71,8 +86,8 @@ def test_bf16_mixed_trains_with_finite_losses_close_to_fp32(factory, kind):
     assert trainer.precision == "bf16-mixed"
     assert len(recorder.losses) == STEPS and all(math.isfinite(loss) for loss in recorder.losses)
     # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation): through a few
-    # layers the first loss stays within 2% of the fp32 loss of the same step (measured: 0.01% to
-    # 0.33%). It must differ, though: the same CPU ops in fp32 would reproduce it exactly, so a
+    # layers the first loss stays within 2% of the fp32 loss of the same step (measured: 0.008% to
+    # 0.3%). It must differ, though: the same CPU ops in fp32 would reproduce it exactly, so a
     # difference shows that autocast reached the computation.
     assert 0 < abs(recorder.losses[0] - reference) <= 0.02 * abs(reference), (recorder.losses[0], reference)
     # The weights stay fp32 (autocast casts copies) and finite after the optimizer steps.
