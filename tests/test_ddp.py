@@ -41,12 +41,15 @@ def test_ddp_test_metrics_equal_single_process(tmp_path):
 # -- parity: W processes with B/W tasks each take the same steps as 1 process with B tasks --------
 # DDP averages the W gradients; each is the mean loss gradient over B/W tasks, so their mean is
 # the single process's gradient over the same B tasks (EpisodeSampler gives rank r tasks
-# r, r+W, ..., so step i covers tasks iB..(i+1)B-1 either way). Add a learner by adding its CLI
-# arguments here; regression configs on sinusoid and tiny backbones keep each case cheap.
+# r, r+W, ..., so step i covers tasks iB..(i+1)B-1 either way). Reptile's outer step is the
+# gradient of ||theta - phi||^2 / 2, so DDP averages it the same way. Add a learner by adding
+# its CLI arguments here; regression configs on sinusoid and tiny backbones keep each case cheap.
 PARITY_STEPS, META_BATCH, WORLD = 3, 4, 2
 PARITY_CASES = {
-    "MAML": ["--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), "--model.init_args.batching", "vmap",
-             "--data.init_args.val_tasks", "20"],
+    **{name: ["--config", str(ROOT / "configs" / f"{config}_sinusoid.yaml"), "--model.init_args.batching", "vmap",
+              "--data.init_args.val_tasks", "20"]
+       # MAML++ trains through MAML's outer step; add ("MAMLPlusPlus", "mamlpp") to check it too.
+       for name, config in [("MAML", "maml"), ("Reptile", "reptile"), ("iMAML", "imaml"), ("CAVIA", "cavia")]},
     # A batch-norm-free embedding: with Conv4, the metric learners share batch-norm statistics
     # across the tasks of a meta-batch (see the task-independence test below), so B tasks on
     # one process and B/W on each of W cannot agree.
