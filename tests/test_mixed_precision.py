@@ -12,10 +12,12 @@ import torch
 
 from cli_support import clustered_images
 from fewshot_lightning.algorithms import (
-    ANIL, CAVIA, CNP, MAML, AttentionLearner, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, RelationNet, Reptile, iMAML,
+    ANIL, CAVIA, CNP, MAML, MAMLRL, AttentionLearner, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, RelationNet, Reptile,
+    iMAML,
 )
 from fewshot_lightning.data import EpisodicDataModule, SinusoidDataModule
 from fewshot_lightning.models import MLP, Conv4, FiLMConv4, RelationEmbedding
+from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
 
 STEPS = 3
 
@@ -99,6 +101,26 @@ def test_bf16_mixed_trains_with_finite_losses_close_to_fp32(factory, kind):
         assert 0 <= float(metrics["val/acc"]) <= 1
     assert math.isfinite(float(metrics["val/loss"]))
 
+
+def test_bf16_mixed_meta_rl_trains_with_finite_losses_and_returns():
+    """MAML-RL (manual optimization, rollouts in training_step) under the same flag. Its losses
+    depend on sampled actions, which bf16 changes, so no comparison with fp32 here."""
+    L.seed_everything(0, verbose=False)
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8, 8)), PointNavigation(horizon=10), trajectories=3, outer_steps=2,
+                   test_inner_steps=1)
+    data = NavigationDataModule(meta_batch_size=2, train_tasks=2 * STEPS, val_tasks=2, test_tasks=2)
+    trainer = L.Trainer(max_epochs=1, precision="bf16-mixed", accelerator="cpu", limit_val_batches=1,
+                        num_sanity_val_steps=0, log_every_n_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    metrics = trainer.callback_metrics
+    assert trainer.precision == "bf16-mixed" and trainer.global_step == 2 * STEPS  # outer_steps per meta-iteration
+    assert math.isfinite(float(metrics["train/loss"]))
+    # A return sums minus the distance to a goal in [-0.5, 0.5]^2 over at most 10 steps of at most
+    # 0.1 from the origin: between -10 x (0.71 + 1.0) and 0.
+    for name in ("train/return_pre", "train/return_post", "val/return_after_0_steps", "val/return_after_1_steps"):
+        assert -17.1 < float(metrics[name]) <= 0, name
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
 # -- what README.md says about precision on the CPU; these fail if Lightning or PyTorch change it --
 def test_16_mixed_on_the_cpu_warns_and_runs_bf16_mixed_without_a_scaler():
