@@ -1,0 +1,38 @@
+"""benchmarks/gpu_check.py --smoke runs on the CPU and prints its tables: every (algorithm,
+precision) trained with finite losses, 16-mixed shown falling back to bf16-mixed, and the
+learn2learn comparison when learn2learn is installed."""
+import importlib.util
+import re
+
+import pytest
+
+from cli_support import ROOT
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_trains_every_algorithm_and_precision_and_prints_markdown(monkeypatch, capsys):
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr("sys.argv", ["gpu_check.py", "--smoke"])
+    assert gpu_check.main() == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (MAML \(vmap\)|ProtoNet) \| ([^|]+) \| (\d+) \| — \| ([0-9.]+) → ([0-9.]+) \| — \| finite",
+                      out, re.M)
+    assert [(name, precision.strip()) for name, precision, *_ in rows] == [
+        (name, precision) for name in ("MAML (vmap)", "ProtoNet")
+        for precision in ("32-true", "bf16-mixed", "16-mixed → bf16-mixed")  # no fp16 on a CPU
+    ]
+    assert all(int(tasks_per_s) > 0 for *_, tasks_per_s, _, _ in rows)
+    # An untrained 5-way classifier starts near ln 5 = 1.61 (ProtoNet's distances make it sharper).
+    assert all(0.3 < float(first) < 3 for *_, first, _ in rows)
+    assert "Autocast reaches a convolution under torch.func.vmap here: bfloat16: no, the output is float32" in out
+    if importlib.util.find_spec("learn2learn") is None:
+        pytest.skip("learn2learn is not installed: the comparison table is not printed")
+    learn2learn_ms, ours_ms, speed_up = re.search(
+        r"^\| ([0-9.]+) \| ([0-9.]+) \(vmap\) \| \d+ \| ([0-9.]+)x \|$", out, re.M).groups()
+    assert float(speed_up) == pytest.approx(float(learn2learn_ms) / float(ours_ms), abs=0.06)
