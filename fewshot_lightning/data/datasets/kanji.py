@@ -12,8 +12,8 @@ Each character is drawn 20 times by seeded random "hands" (:mod:`.kanji_render`:
 affine map of the whole character, strokes moved, bent, cut short or drawn on, varying pen
 width, anti-aliased), 28x28, 1 channel, uint8, like Omniglot's 20 drawers per character (Lake
 et al., Science 2015). The images are the same bytes on every machine; the full set, 128,260
-images, renders once (about a minute on one core) into a cache under ``root``, which records
-the SHA-256 of the SVG files it came from.
+images, renders once (about 35 s of CPU time on one core) into a cache under ``root``, which
+records the SHA-256 of the SVG files it came from.
 
 Split. A seeded shuffle of the characters gives 4,000 training, 1,000 validation and 1,413
 test classes: close to mini-ImageNet's 64/16/20 class proportions (Ravi & Larochelle, ICLR
@@ -268,7 +268,7 @@ class KanjiDataModule(EpisodicDataModule):
     """Few-shot episodes over the Kanji benchmark: 6,413 classes of 20 handwritten-style instances each.
 
     See the module docstring for how the images are made, the split and the license. The
-    images are rendered once (about a minute) into ``<root>/kanji/`` and loaded from there after.
+    images are rendered once (about 35 s) into ``<root>/kanji/`` and loaded from there after.
 
     Args:
         root: folder for the cache file (created if missing).
