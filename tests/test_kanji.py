@@ -130,6 +130,20 @@ def test_every_base_form_kanji_of_kanjivg_parses():
     assert (min(len(s) for s in strokes), max(len(s) for s in strokes)) == (1, 30)
 
 
+def test_a_damaged_kanjivg_file_is_named(tmp_path):
+    path = tmp_path / "04e00.svg"
+    path.write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg"><g id="kvg:StrokePaths_04e00">'
+        '<path id="kvg:04e00-s1" d="M11,54.25c3.19,0.62,6.25,0.75,9.73,0.5"/>'
+        '<path id="kvg:04e00-s2" d="M1,1Q2,2,3,3"/></g></svg>'
+    )
+    with pytest.raises(RuntimeError, match=r"04e00.svg: stroke kvg:04e00-s2: .*unsupported character 'Q'"):
+        kanji_module.read_strokes(path)
+    path.write_text('<svg xmlns="http://www.w3.org/2000/svg"><g id="kvg:04e00"/></svg>')
+    with pytest.raises(RuntimeError, match="no kvg:StrokePaths group"):
+        kanji_module.read_strokes(path)
+
+
 # ---------------------------------------------------------------- rendering
 
 

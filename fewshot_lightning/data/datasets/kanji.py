@@ -122,7 +122,10 @@ def read_strokes(path: Path) -> List[np.ndarray]:
         raise RuntimeError(f"{path} has no kvg:StrokePaths group of stroke paths: reinstall kanjivg=={KANJIVG_VERSION}.")
     strokes = []
     for element in paths:
-        subpaths = parse_path(element.get("d", ""))
+        try:
+            subpaths = parse_path(element.get("d", ""))
+        except ValueError as error:
+            raise RuntimeError(f"{path}: stroke {element.get('id')}: {error}") from error
         if len(subpaths) != 1:
             raise RuntimeError(f"{path}: stroke {element.get('id')} has {len(subpaths)} subpaths, a stroke is one.")
         strokes.append(subpaths[0])
