@@ -8,9 +8,9 @@ block (U+4E00-U+9FFF): 6,413 kanji of 1 to 30 strokes, 79,040 strokes in all, ev
 which parses (:mod:`.svg_path`). The kana, Latin, radical and compatibility-block files of
 the package are left out, so every class is a kanji.
 
-Each character is drawn 20 times by seeded random "hands" (:mod:`.kanji_render`: a random
-affine map of the whole character, strokes moved, bent, cut short or drawn on, varying pen
-width, anti-aliased), 28x28, 1 channel, uint8, like Omniglot's 20 drawers per character (Lake
+Each character is drawn 20 times by seeded random "hands" (:mod:`.kanji_render`: a smooth
+warp and a random affine map of the whole character, strokes moved, bent, cut short or drawn
+on, varying pen width, anti-aliased), 28x28, 1 channel, uint8, like Omniglot's 20 drawers per character (Lake
 et al., Science 2015). The images are the same bytes on every machine; the full set, 128,260
 images, renders once (about 35 s of CPU time on one core) into a cache under ``root``, which
 records the SHA-256 of the SVG files it came from.
@@ -106,6 +106,7 @@ def kanjivg_files() -> List[Path]:
 
 
 def character_of(path: Path) -> str:
+    """The character a KanjiVG file draws (its name is the code point in hex)."""
     return chr(int(path.stem, 16))
 
 
