@@ -5,7 +5,8 @@
 
 * ``EpisodeDataset[i]`` for consecutive ``i`` (one task at a time);
 * the same through a ``DataLoader`` with ``collate_tasks`` (meta-batches of 32,
-  ``num_workers=0``), as training sees it;
+  ``num_workers=0``), scaled to float in the dataset, and kept ``uint8`` (``scale=False``) as
+  the DataModules do (they scale on the device, after the transfer);
 * learn2learn's ``Taskset`` with ``FusedNWaysKShots``, ``LoadData``, ``RemapLabels`` and
   ``ConsecutiveLabels`` over an ``l2l.data.MetaDataset`` (``taskset.sample()``), the recipe of
   its examples and benchmarks. It returns the 80 samples unsplit and in uint8, so it does less
@@ -142,9 +143,13 @@ def main() -> None:
     # num_tasks large enough that no timed run wraps into a second epoch.
     ours = EpisodeDataset(images, labels, WAYS, SHOTS, QUERIES, num_tasks=10 * args.tasks, seed=0)
 
+    # What the DataModules use: uint8 until the device, scaled there (on_after_batch_transfer).
+    ours_uint8 = EpisodeDataset(images, labels, WAYS, SHOTS, QUERIES, num_tasks=10 * args.tasks, seed=0, scale=False)
     runs: Dict[str, Callable[[int], None]] = {
         "fewshot-lightning `EpisodeDataset[i]`": ours_indexing(ours),
-        f"fewshot-lightning DataLoader (batch {META_BATCH}, `collate_tasks`, 0 workers)": ours_dataloader(ours),
+        f"fewshot-lightning DataLoader (batch {META_BATCH}, `collate_tasks`, 0 workers), float": ours_dataloader(ours),
+        f"fewshot-lightning DataLoader (batch {META_BATCH}), uint8 until the device, as the DataModules":
+            ours_dataloader(ours_uint8),
     }
     for spec in args.compare:
         module_name, _, class_name = spec.partition(":")

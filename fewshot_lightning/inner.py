@@ -1,27 +1,284 @@
-"""The functional inner loop: gradient steps on a dict of parameters, no module surgery.
+"""The functional inner loop: small pure functions over a batch of tasks.
 
-Everything here is a pure function of tensors built on :func:`torch.func.functional_call`.
-The same per-task forward runs over a batch of tasks either under :func:`torch.func.vmap`
-(one batched computation) or in a Python loop; both give the same numbers. Second order
-means the adapted parameters stay differentiable functions of the initial ones
-(``create_graph=True``); first order uses the inner gradients as constants (FOMAML).
+Every tensor of per-task state carries a leading task dimension ``B``. Nothing here keeps
+state between calls or reads a global mode: every choice is an argument.
+
+- :func:`task_params` gives each of ``B`` tasks its own copy of some parameters (an
+  ``expand`` view: no memory, and gradients flow back to the originals).
+- :func:`functional` turns an ``nn.Module`` into ``forward(params, x)``: the module's outputs
+  for every task under that task's parameters, batched with :func:`torch.func.vmap` or as a
+  Python loop (``batching``). Parameters the module does not own (CAVIA's context) can be
+  passed to its ``forward`` as keyword arguments.
+- :func:`adapt` returns the parameters of every task after ``steps`` gradient steps on its
+  support loss; :func:`trajectory` yields them after 0, 1, ..., ``steps`` steps (an adaptation
+  curve is a loop over it in the caller). Second order or first order, differentiable or not,
+  plain gradient descent or Adam, full support set or mini-batches, with an extra term that
+  sees the parameters (iMAML's proximal term): all arguments.
+
+One ``torch.autograd.grad`` of the *summed* task losses gives every task's gradient at once:
+tasks share no parameters after :func:`task_params`, so the sum separates. That is cheaper
+than nesting ``torch.func.grad`` inside ``vmap``, which batches the backward pass op by op as
+well; ``benchmarks/maml_step_time.py`` measures the result against learn2learn.
+
+Example, a MAML training step written from these pieces::
+
+    forward = functional(backbone)
+    theta = dict(backbone.named_parameters())
+    params = adapt(forward, task_params(theta, batch.num_tasks), batch.support_x, batch.support_y,
+                   per_task_loss, steps=1, lr=0.4)
+    loss = per_task_loss(forward(params, batch.query_x), batch.query_y).mean()
+    loss.backward()   # the meta-gradient, through the inner step
 """
 from __future__ import annotations
 
-import time
-import warnings
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+import fnmatch
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 Params = Dict[str, Tensor]
+#: ``forward(params, x)``: per-task parameters ``[B, ...]`` and inputs ``[B, M, ...]`` to outputs ``[B, M, ...]``.
+Forward = Callable[[Params, Tensor], Tensor]
+#: ``loss_fn(outputs, targets)``: ``[B, M, ...]`` outputs to per-task losses ``[B]``.
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: A step size: one number for every parameter and step, or ``lr(step, name)``.
+StepSize = Union[float, Tensor, Callable[[int, str], Union[float, Tensor]]]
+BATCHING = ("vmap", "loop")
+
+
+def task_params(params: Mapping[str, Tensor], tasks: int, detach: bool = False) -> Params:
+    """Each parameter repeated for ``tasks`` tasks along a new leading dimension.
+
+    An ``expand`` view, so nothing is copied and the gradient of a loss with respect to the
+    originals sums over tasks. ``detach=True`` cuts them from the originals (evaluation, or an
+    algorithm that needs only the values).
+    """
+    return {name: (p.detach() if detach else p).unsqueeze(0).expand(tasks, *p.shape) for name, p in params.items()}
+
+
+def functional(
+    module: nn.Module,
+    fixed: Optional[Mapping[str, Tensor]] = None,
+    buffers: Optional[Mapping[str, Tensor]] = None,
+    batching: str = "vmap",
+    keyword_params: Sequence[str] = (),
+) -> Forward:
+    """``forward(params, x)``: ``module`` run on every task's inputs with that task's parameters.
+
+    Args:
+        module: the network; it is never modified (its parameters are replaced for the call
+            by :func:`torch.func.functional_call`).
+        fixed: parameters shared by all tasks (no task dimension), e.g. the ones not adapted.
+            Parameters in neither ``params`` nor ``fixed`` keep the module's own values.
+        buffers: buffers to use (default: the module's own).
+        batching: ``"vmap"`` runs all tasks as one batched computation; ``"loop"`` runs them one
+            by one (for modules vmap cannot run, such as batch norm updating running
+            statistics). Both give the same numbers.
+        keyword_params: names in ``params`` that are not module parameters but keyword
+            arguments of ``module.forward`` (a per-task context vector, as in CAVIA).
+    """
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}.")
+    shared = dict(fixed or {})
+    shared.update(dict(module.named_buffers()) if buffers is None else buffers)
+    keywords = frozenset(keyword_params)
+
+    def one_task(params: Params, x: Tensor) -> Tensor:
+        weights = {name: value for name, value in params.items() if name not in keywords}
+        kwargs = {name: params[name] for name in keywords}
+        return functional_call(module, {**shared, **weights}, (x,), kwargs, strict=False)
+
+    if batching == "vmap":
+        return vmap(one_task, in_dims=(0, 0), randomness="different")
+
+    def looped(params: Params, x: Tensor) -> Tensor:
+        return torch.stack([one_task({name: p[i] for name, p in params.items()}, x[i]) for i in range(x.shape[0])])
+
+    return looped
+
+
+def predict(
+    module: nn.Module, params: Params, x: Tensor, fixed: Optional[Mapping[str, Tensor]] = None, batching: str = "vmap"
+) -> Tensor:
+    """Outputs ``[B, M, ...]`` of ``module`` on ``x`` ``[B, M, ...]`` under per-task ``params``."""
+    return functional(module, fixed, batching=batching)(params, x)
+
+
+class GradientDescent:
+    """The inner update ``p <- p - lr * g``: MAML's, and Reptile's SGD variant."""
+
+    def init(self, params: Params) -> Tuple:
+        return ()
+
+    def update(self, step: int, params: Params, grads: Params, state: Tuple, lr: StepSize) -> Tuple[Params, Tuple]:
+        return {name: p - rate(lr, step, name) * grads[name] for name, p in params.items()}, state
+
+
+class Adam:
+    """The Adam update (Kingma & Ba, 2015) for per-task parameters, as a pure function.
+
+    Reptile's inner loop (Nichol, Achiam & Schulman, 2018) uses it with ``betas=(0, 0.999)``.
+    The state (first and second moments, one per task) is returned, never stored.
+    """
+
+    def __init__(self, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got {betas}.")
+        if not eps > 0:
+            raise ValueError(f"Adam eps must be positive, got {eps}.")
+        self.betas, self.eps = tuple(betas), eps
+
+    def init(self, params: Params) -> Tuple[Params, Params]:
+        zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+        return zeros, dict(zeros)
+
+    def update(
+        self, step: int, params: Params, grads: Params, state: Tuple[Params, Params], lr: StepSize
+    ) -> Tuple[Params, Tuple[Params, Params]]:
+        beta1, beta2 = self.betas
+        first, second = state
+        first = {n: beta1 * first[n] + (1 - beta1) * g for n, g in grads.items()}
+        second = {n: beta2 * second[n] + (1 - beta2) * g * g for n, g in grads.items()}
+        correction1, correction2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
+        updated = {
+            n: p - rate(lr, step, n) * (first[n] / correction1) / ((second[n] / correction2).sqrt() + self.eps)
+            for n, p in params.items()
+        }
+        return updated, (first, second)
+
+
+InnerOptimizer = Union[GradientDescent, Adam]
+
+
+def rate(lr: StepSize, step: int, name: str) -> Union[float, Tensor]:
+    """The step size of parameter ``name`` at inner step ``step``."""
+    return lr(step, name) if callable(lr) else lr
+
+
+def trajectory(
+    forward: Forward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    loss_fn: LossFn,
+    steps: int,
+    lr: StepSize,
+    *,
+    second_order: bool = True,
+    differentiable: bool = True,
+    penalty: Optional[Callable[[Params], Tensor]] = None,
+    optimizer: Optional[InnerOptimizer] = None,
+    minibatch: Optional[Callable[[int], Tensor]] = None,
+) -> Iterator[Params]:
+    """Yield the per-task parameters before any step, after one, ..., after ``steps`` steps.
+
+    Step ``k`` minimises, for every task at once, ``loss_fn(forward(params, x), y)`` on its
+    support set (plus ``penalty(params)``, a per-task ``[B]`` term that sees the parameters,
+    such as iMAML's ``lambda / 2 * ||phi - theta||^2``), with ``optimizer`` (default
+    :class:`GradientDescent`) and step size ``lr``.
+
+    Args:
+        forward: from :func:`functional`, or any ``forward(params, x)`` (e.g. one that feeds a
+            context vector to a network).
+        params: per-task starting parameters ``[B, ...]`` (:func:`task_params`). Entries that do
+            not require grad are made to (a context initialised to zeros, detached weights).
+        second_order: keep the graph of every inner gradient (``create_graph=True``) so the
+            result is a second-order differentiable function of the starting parameters
+            (MAML); ``False`` treats inner gradients as constants (first-order MAML).
+        differentiable: ``False`` detaches every yielded step, so no graph outlives a step:
+            for evaluation, and for algorithms that need only the adapted values (Reptile,
+            iMAML). Memory then does not grow with ``steps``.
+        minibatch: ``minibatch(k)`` gives the support indices (``[m]``, or ``[B, m]`` per task)
+            used at step ``k``; default the whole support set.
+
+    Inner gradients are taken with autograd on even under ``torch.no_grad``; whether a graph
+    to the outer parameters is kept is ``differentiable``'s business alone.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be 0 or more, got {steps}.")
+    optimizer = GradientDescent() if optimizer is None else optimizer
+    params = _ready(params, differentiable)
+    state = optimizer.init(params)
+    yield _visible(params, differentiable)
+    for step in range(steps):
+        x, y = (support_x, support_y) if minibatch is None else _subset(support_x, support_y, minibatch(step))
+        with torch.enable_grad():
+            losses = loss_fn(forward(params, x), y)
+            if penalty is not None:
+                losses = losses + penalty(params)
+            names = list(params)
+            grads = torch.autograd.grad(
+                losses.sum(), [params[n] for n in names], create_graph=differentiable and second_order
+            )
+            params, state = optimizer.update(step, params, dict(zip(names, grads)), state, lr)
+        if not differentiable:
+            state = _detached(state)
+        params = _ready(params, differentiable)
+        yield _visible(params, differentiable)
+
+
+def adapt(
+    forward: Forward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    loss_fn: LossFn,
+    steps: int,
+    lr: StepSize,
+    **options,
+) -> Params:
+    """The per-task parameters after ``steps`` inner steps: the last of :func:`trajectory`
+    (same arguments and keyword options)."""
+    for params in trajectory(forward, params, support_x, support_y, loss_fn, steps, lr, **options):
+        pass
+    return params
+
+
+def _ready(params: Params, differentiable: bool) -> Params:
+    """Parameters an inner gradient can be taken with respect to."""
+    if differentiable:
+        return {n: p if _in_graph(p) else p.detach().requires_grad_() for n, p in params.items()}
+    return {n: p.detach().requires_grad_() for n, p in params.items()}
+
+
+def _in_graph(p: Tensor) -> bool:
+    # A view made under no_grad says requires_grad=True yet has no grad_fn linking it to its
+    # base: a gradient with respect to it cannot be taken, so it counts as outside the graph.
+    return p.requires_grad and (p.grad_fn is not None or p._base is None)
+
+
+def _visible(params: Params, differentiable: bool) -> Params:
+    return params if differentiable else {n: p.detach() for n, p in params.items()}
+
+
+def _detached(state):
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: _detached(v) for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(_detached(v) for v in state)
+    return state
+
+
+def _subset(support_x: Tensor, support_y: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
+    if index.dim() == 1:
+        return support_x.index_select(1, index), support_y.index_select(1, index)
+    return _take(support_x, index), _take(support_y, index)
+
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """``values[b, index[b]]`` for every task ``b``."""
+    shaped = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
+    return values.gather(1, shaped)
 
 
 class InnerLearningRate(nn.Module):
     """Inner-loop learning rates: one scalar, or per step, per parameter tensor, per element.
+
+    Call it as ``lr(step, name)``: it is a :data:`StepSize`.
 
     Args:
         shapes: name -> shape of every adapted parameter.
@@ -65,148 +322,29 @@ class InnerLearningRate(nn.Module):
         return rates[min(step, rates.shape[0] - 1)]
 
 
-class FunctionalLearner:
-    """Runs a module's inner loop over a batch of tasks as pure functions of its parameters.
+def select_parameters(module: nn.Module, selection: Optional[Iterable[str]]) -> list:
+    """Parameter names of ``module`` chosen by ``selection``, in the module's order.
 
-    The adapted parameters of all tasks are one tensor per parameter with a leading task
-    dimension: the initial value expanded ``B`` times, then moved by each task's gradient.
-    Under ``vmap`` the forward pass runs every task at once with its own parameters, and a
-    single ``torch.autograd.grad`` of the summed task losses yields every task's gradient
-    (tasks share no parameters after the expansion, so the sum separates). That is cheaper
-    than nesting ``torch.func.grad`` inside ``vmap``, which batches the backward pass op by op
-    as well; ``benchmarks/maml_step_time.py`` measures the result against learn2learn.
-
-    Args:
-        module: the network; its own parameters are never modified in place.
-        adapt: names of the parameters adapted in the inner loop (others stay fixed);
-            ``None`` adapts all.
-        batching: ``"vmap"``, ``"loop"``, or ``"auto"``: vmap if it runs the model (not, e.g.,
-            batch norm that updates running stats: then the loop, with a warning) and is
-            faster than the loop on a timed training batch.
+    Entries are exact names, prefixes ending in ``"."`` (``"head."``), or shell-style patterns
+    (``"features.*.weight"``); an entry starting with ``"!"`` removes what it matches. Entries
+    apply in order, starting from nothing, or from every parameter if the first entry removes.
+    ``None`` chooses all. For example ``["!features.*.1.*"]`` adapts everything but the batch
+    norm layers of :class:`~fewshot_lightning.models.Conv4` (as MAML's original code).
     """
-
-    def __init__(self, module: nn.Module, adapt: Optional[Iterable[str]] = None, batching: str = "auto") -> None:
-        if batching not in ("auto", "vmap", "loop"):
-            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}.")
-        self.module = module
-        names = [name for name, _ in module.named_parameters()]
-        self.adapt_names = list(names if adapt is None else adapt)
-        unknown = sorted(set(self.adapt_names) - set(names))
-        if unknown:
-            raise ValueError(f"Cannot adapt {unknown}: {type(module).__name__} has no such parameters.")
-        if not self.adapt_names:
-            raise ValueError("No parameters selected for adaptation.")
-        self.batching = batching
-        self._timings: Dict[str, float] = {}
-
-    def split_params(self) -> Tuple[Params, Params]:
-        """(adapted, fixed) parameter dicts of the module, as live tensors (gradients flow)."""
-        adapted, fixed = {}, {}
-        wanted = set(self.adapt_names)
-        for name, value in self.module.named_parameters():
-            (adapted if name in wanted else fixed)[name] = value
-        return adapted, fixed
-
-    def run(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        query_x: Tensor,
-        loss_fn: LossFn,
-        steps: int,
-        lr: Callable[[int, str], Union[float, Tensor]],
-        first_order: bool = False,
-        curve: bool = False,
-    ) -> Tensor:
-        """Adapt to every task of the batch and predict its query set.
-
-        ``loss_fn(outputs, targets)`` maps ``[B, M, ...]`` outputs to per-task losses ``[B]``.
-        With autograd enabled the result is differentiable with respect to the module's
-        parameters (and learnable rates), through the inner steps unless ``first_order``.
-        With autograd disabled (evaluation) the inner gradients are still taken, but no
-        outer graph is kept.
-
-        Returns query outputs ``[B, M, ...]``; with ``curve=True``, ``[steps + 1, B, M, ...]``:
-        the query outputs before any step, after one step, ..., after ``steps`` steps.
-        """
-        args = (support_x, support_y, query_x, loss_fn, steps, lr, first_order, curve)
-        if self.batching == "auto":
-            return self._choose(*args)
-        if self.batching == "vmap":
-            return self._run(*args, batched=True)
-        return self._loop(*args)
-
-    def _loop(self, support_x, support_y, query_x, loss_fn, steps, lr, first_order, curve) -> Tensor:
-        outputs = [
-            self._run(
-                support_x[i : i + 1], support_y[i : i + 1], query_x[i : i + 1], loss_fn, steps, lr, first_order, curve,
-                batched=False,
+    names = [name for name, _ in module.named_parameters()]
+    if selection is None:
+        return names
+    entries = list(selection)
+    chosen = set(names) if entries and entries[0].startswith("!") else set()
+    for entry in entries:
+        pattern = entry[1:] if entry.startswith("!") else entry
+        matches = {n for n in names if n == pattern or (pattern.endswith(".") and n.startswith(pattern))
+                   or fnmatch.fnmatchcase(n, pattern)}
+        if not matches:
+            raise ValueError(
+                f"adapt entry {entry!r} matches no parameter of {type(module).__name__}; its parameters are {names}."
             )
-            for i in range(support_x.shape[0])
-        ]
-        return torch.cat(outputs, dim=1 if curve else 0)
-
-    def _choose(self, *args) -> Tensor:
-        """``batching="auto"``: the first batches try vmap, then time vmap against the loop
-        (training steps only; the choice sticks). Both give the same numbers, so switching
-        changes speed alone."""
-        if not self._timings:  # first call: does vmap run this model at all?
-            try:
-                outputs = self._run(*args, batched=True)
-            except (RuntimeError, ValueError) as error:
-                warnings.warn(
-                    f"{type(self.module).__name__} cannot run under torch.func.vmap ({error}); adapting tasks "
-                    "one by one instead. Pass batching='loop' to skip this attempt.",
-                    stacklevel=3,
-                )
-                self.batching = "loop"
-                return self._loop(*args)
-            self._timings["warmup"] = 0.0
-            return outputs
-        if not torch.is_grad_enabled():  # evaluation batches are not the ones to time
-            return self._run(*args, batched=True)
-        mode = "vmap" if "vmap" not in self._timings else "loop"
-        start = time.perf_counter()
-        outputs = self._run(*args, batched=True) if mode == "vmap" else self._loop(*args)
-        self._timings[mode] = time.perf_counter() - start
-        if mode == "loop":
-            self.batching = "vmap" if self._timings["vmap"] <= self._timings["loop"] else "loop"
-        return outputs
-
-    def _run(self, support_x, support_y, query_x, loss_fn, steps, lr, first_order, curve, *, batched) -> Tensor:
-        adapted, fixed = self.split_params()
-        buffers = dict(self.module.named_buffers())
-        tasks = support_x.shape[0]
-        training = torch.is_grad_enabled()
-
-        def forward_one(params: Params, x: Tensor) -> Tensor:
-            return functional_call(self.module, {**params, **fixed, **buffers}, (x,))
-
-        if batched:
-            forward = vmap(forward_one, in_dims=(0, 0), randomness="different")
-        else:  # one task: drop its task dimension around the call
-            forward = lambda params, x: forward_one({n: p[0] for n, p in params.items()}, x[0]).unsqueeze(0)  # noqa: E731
-
-        with torch.enable_grad():
-            if training:
-                params = {n: p.unsqueeze(0).expand(tasks, *p.shape) for n, p in adapted.items()}
-            else:
-                params = {n: p.detach().unsqueeze(0).expand(tasks, *p.shape).requires_grad_() for n, p in adapted.items()}
-            create_graph = training and not first_order
-            points = []
-            for step in range(steps):
-                if curve:
-                    points.append(forward(params, query_x))
-                loss = loss_fn(forward(params, support_x), support_y).sum()
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-                params = {
-                    name: value - lr(step, name) * gradient
-                    for (name, value), gradient in zip(params.items(), grads)
-                }
-                if not training:
-                    params = {n: p.detach().requires_grad_() for n, p in params.items()}
-        with torch.set_grad_enabled(training):
-            final = forward(params, query_x)
-        if curve:
-            return torch.stack([p.detach() for p in points] + [final])
-        return final
+        chosen = chosen - matches if entry.startswith("!") else chosen | matches
+    if not chosen:
+        raise ValueError(f"adapt={entries} selects no parameter of {type(module).__name__} to adapt.")
+    return [n for n in names if n in chosen]

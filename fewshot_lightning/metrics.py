@@ -16,22 +16,30 @@ class MeanConfidenceInterval(Metric):
     standard deviation over the ``n`` episodes: the figure few-shot papers report as
     ``mean ± ci95`` over 600 test episodes. Sums are reduced across processes, so under DDP
     every rank reports the interval over all episodes of all ranks.
+
+    ``size > 1`` tracks a vector per episode (``update`` takes ``[n, size]``), e.g. the query
+    score after each inner step of an adaptation curve; ``compute()`` then returns two
+    ``[size]`` tensors.
     """
 
     full_state_update = False
     higher_is_better = None
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, size: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}.")
+        self.size = size
+        shape = () if size == 1 else (size,)
+        self.add_state("total", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_sq", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: Tensor) -> None:
-        values = values.detach().double().flatten()
-        self.total += values.sum()
-        self.total_sq += values.square().sum()
-        self.count += values.numel()
+        values = values.detach().double().reshape(-1, self.size)
+        self.total += values.sum(0).reshape(self.total.shape)
+        self.total_sq += values.square().sum(0).reshape(self.total.shape)
+        self.count += values.shape[0]
 
     def compute(self) -> Tuple[Tensor, Tensor]:
         n = self.count

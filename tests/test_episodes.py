@@ -3,14 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fewshot_lightning.data import (
-    EpisodeDataset,
-    EpisodeSampler,
-    EpisodicDataModule,
-    TaskBatch,
-    collate_tasks,
-    split_by_class,
-)
+from fewshot_lightning.data import EpisodeDataset, EpisodeSampler, TaskBatch, collate_tasks
 
 CLASSES, PER_CLASS = 30, 25
 
@@ -110,43 +103,72 @@ def test_dataset_of_pairs_and_uint8_scaling():
 
 def test_impossible_requests_name_the_numbers():
     data, labels = identity_data()
-    with pytest.raises(ValueError, match="Cannot sample 31-way tasks from 30 classes"):
+    with pytest.raises(ValueError, match="ways = 31, but the data has only 30 classes: set ways to at most 30"):
         EpisodeDataset(data, labels, ways=31, shots=1, queries=1)
-    with pytest.raises(ValueError, match=r"5-shot 21-query tasks need 26 samples per class.*smallest has 25"):
+    with pytest.raises(
+        ValueError,
+        match=r"shots = 5 and queries = 21 need 26 samples per class, but 30 of the 30 classes of the data have fewer "
+        r"\(the smallest, class 0, has 25\): lower shots and queries to sum to at most 25",
+    ):
         EpisodeDataset(data, labels, ways=5, shots=5, queries=21)
+    # Advice that can be followed: with one class, or a class of one sample, no number fits.
+    with pytest.raises(ValueError, match="the data has 1 class, and an episode needs at least 2: use data with more"):
+        EpisodeDataset(data[:25], labels[:25], ways=2, shots=1, queries=1)
+    with pytest.raises(ValueError, match=r"1 of the 30 classes of the data \(class 29\) has a single sample, and"):
+        EpisodeDataset(data[:-24], labels[:-24], ways=2, shots=1, queries=1)
     with pytest.raises(ValueError, match="shots must be at least 1, got 0"):
         EpisodeDataset(data, labels, ways=5, shots=0, queries=1)
     with pytest.raises(ValueError, match="Got 3 labels for 750 samples"):
         EpisodeDataset(data, labels[:3])
 
 
-def test_class_split_is_disjoint_and_sized():
-    data, labels = identity_data()
-    splits = split_by_class(data, labels, (0.6, 0.2, 0.2), seed=0)
-    classes = {name: set(part.labels.unique().tolist()) for name, part in splits.items()}
-    assert [len(classes[s]) for s in ("train", "val", "test")] == [18, 6, 6]
-    assert not (classes["train"] & classes["val"]) and not (classes["train"] & classes["test"])
-    assert not (classes["val"] & classes["test"])
-    assert sum(len(part.labels) for part in splits.values()) == CLASSES * PER_CLASS
+# The task stream, pinned: sample indices (support, then query) and labels of a few tasks,
+# recorded from the sampler of commit 3d5f579 (before the data refactor of issue 8). Any change
+# to seeding or drawing changes them, and with them every published number of a run. Covered:
+# the argsort path (narrow classes), the argpartition path (classes wider than 4 * (K + Q)),
+# ragged class sizes and later epochs (index >= num_tasks); test_datamodule.py pins the
+# DataModule's per-split seeds.
+PINNED_TASKS = {
+    # (classes, per class, ways, shots, queries, num_tasks, seed): {index: (support, support_y, query, query_y)}
+    (30, 25, 5, 2, 3, 100, 11): {
+        0: ([308, 348, 28, 301, 349, 619, 606, 38, 472, 450], [3, 4, 2, 3, 4, 1, 1, 2, 0, 0],
+            [338, 458, 40, 318, 468, 29, 620, 329, 344, 465, 312, 36, 615, 320, 609],
+            [4, 0, 2, 3, 0, 2, 1, 4, 4, 0, 3, 2, 1, 3, 1]),
+        42: ([347, 321, 55, 157, 344, 405, 67, 314, 420, 151], [3, 1, 0, 4, 3, 2, 0, 1, 2, 4],
+             [150, 315, 50, 170, 309, 342, 160, 400, 335, 305, 61, 416, 424, 60, 330],
+             [4, 1, 0, 4, 1, 3, 4, 2, 3, 1, 0, 2, 2, 0, 3]),
+        1337: ([745, 339, 120, 728, 122, 344, 233, 239, 538, 529], [3, 1, 4, 3, 4, 1, 2, 2, 0, 0],
+               [530, 328, 540, 109, 113, 743, 243, 238, 228, 536, 731, 729, 335, 334, 104],
+               [0, 1, 0, 4, 4, 3, 2, 2, 2, 0, 3, 3, 1, 1, 4]),
+    },
+    (8, 600, 3, 1, 2, 50, 3): {
+        5: ([2195, 1285, 3671], [1, 0, 2], [2387, 1727, 1428, 1815, 3779, 3880], [1, 0, 0, 1, 2, 2]),
+        260: ([2913, 2304, 719], [0, 1, 2], [2356, 758, 1987, 2771, 2909, 667], [1, 2, 1, 0, 0, 2]),
+    },
+}
+# Class c holds 4 + c samples: 4-way 1-shot 3-query, 20 tasks, seed 0.
+PINNED_RAGGED = {
+    1: ([37, 56, 67, 44], [2, 1, 0, 3], [46, 55, 50, 62, 71, 40, 47, 32, 31, 52, 70, 33],
+        [3, 1, 1, 0, 0, 3, 3, 2, 2, 1, 0, 2]),
+    33: ([14, 3, 7, 48], [2, 1, 3, 0], [13, 43, 12, 2, 0, 6, 8, 11, 44, 40, 5, 1], [2, 0, 2, 1, 1, 3, 3, 2, 0, 0, 3, 1]),
+}
 
 
-def test_datamodule_batches_and_eval_episode_shape():
-    data, labels = identity_data()
-    dm = EpisodicDataModule(
-        data, labels, ways=8, shots=1, queries=2, test_ways=5, test_shots=3, meta_batch_size=4,
-        train_tasks=12, val_tasks=6, test_tasks=6, num_workers=0,
-    )
-    dm.setup("fit")
-    train = next(iter(dm.train_dataloader()))
-    val = list(dm.val_dataloader())
-    assert train.support_x.shape == (4, 8, 2) and int(train.support_y.max()) == 7
-    assert val[0].support_x.shape == (4, 15, 2) and val[1].support_x.shape == (2, 15, 2)  # 6 = 4 + 2
-    # Validation episodes are the same on every pass.
-    assert torch.equal(list(dm.val_dataloader())[0].support_x, val[0].support_x)
+def as_pinned(task):
+    return (task.support_x[..., 0].long().tolist(), task.support_y.tolist(),
+            task.query_x[..., 0].long().tolist(), task.query_y.tolist())
 
 
-def test_datamodule_names_the_split_that_cannot_hold_the_request():
-    data, labels = identity_data()
-    dm = EpisodicDataModule(data, labels, ways=5, test_ways=10, num_workers=0)  # round(30 * 0.16) = 5 val classes < 10
-    with pytest.raises(ValueError, match="val split of EpisodicDataModule: Cannot sample 10-way tasks from 5 classes"):
-        dm.setup("fit")
+def test_the_task_stream_is_the_recorded_one():
+    for (classes, per_class, ways, shots, queries, num_tasks, seed), tasks in PINNED_TASKS.items():
+        ids = torch.arange(classes * per_class)
+        dataset = EpisodeDataset(ids.float()[:, None], ids // per_class, ways, shots, queries, num_tasks, seed)
+        for index, expected in tasks.items():
+            assert as_pinned(dataset[index]) == expected, (classes, index)
+        # A batch drawn through __getitems__ (the DataLoader's path) is the same tasks.
+        batch = dataset.__getitems__(list(tasks))
+        assert [as_pinned(TaskBatch(*task)) for task in zip(*batch)] == [as_pinned(dataset[i]) for i in tasks]
+    labels = torch.cat([torch.full((4 + c,), c) for c in range(10)])
+    ragged = EpisodeDataset(torch.arange(len(labels)).float()[:, None], labels, 4, 1, 3, num_tasks=20, seed=0)
+    for index, expected in PINNED_RAGGED.items():
+        assert as_pinned(ragged[index]) == expected, index

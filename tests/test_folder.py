@@ -3,14 +3,21 @@
 Solid colours make every decoded pixel predictable: resizing a constant image leaves it
 constant, so each class's pixels must equal its colour exactly.
 """
+import json
+import re
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fewshot_lightning.data import TaskBatch
+from fewshot_lightning.data import scale_images
+from fewshot_lightning.cli import main
+from fewshot_lightning.data import TaskBatch, split_by_class
 from fewshot_lightning.data.datasets import ImageFolderDataModule
 from fewshot_lightning.data.datasets import folder as folder_module
-from fewshot_lightning.data.datasets.folder import load_image_folder
+from fewshot_lightning.data.datasets.folder import load_image_folder, read_image_folder
+from test_cli import ROOT
 
 NUM_CLASSES = 10
 PER_CLASS = 4
@@ -38,7 +45,7 @@ def root(tmp_path):
 
 
 def test_rgb_images_are_decoded_resized_and_labelled(root):
-    folder = load_image_folder(str(root), image_size=16, channels=3)
+    folder = read_image_folder(str(root), image_size=16, channels=3)
     assert folder.classes == CLASSES
     assert folder.images.shape == (NUM_CLASSES * PER_CLASS, 3, 16, 16)
     assert folder.images.dtype == torch.uint8
@@ -49,14 +56,14 @@ def test_rgb_images_are_decoded_resized_and_labelled(root):
 
 
 def test_grayscale_uses_luma(root):
-    folder = load_image_folder(str(root), image_size=8, channels=1)
+    folder = read_image_folder(str(root), image_size=8, channels=1)
     assert folder.images.shape == (NUM_CLASSES * PER_CLASS, 1, 8, 8)
     # Class 0 is (10, 200, 50): ITU-R 601-2 luma 0.299*10 + 0.587*200 + 0.114*50 = 126.1 -> 126.
     assert torch.all(folder.images[folder.labels == 0] == 126)
 
 
 def test_cache_is_reused_and_a_changed_folder_rebuilds(root, monkeypatch):
-    first = load_image_folder(str(root), image_size=16, channels=3)
+    first = read_image_folder(str(root), image_size=16, channels=3)
     caches = list((root / ".fewshot_cache").glob("images_16px_3ch_*.pt"))
     assert len(caches) == 1
 
@@ -68,13 +75,13 @@ def test_cache_is_reused_and_a_changed_folder_rebuilds(root, monkeypatch):
         return real_decode(*args)
 
     monkeypatch.setattr(folder_module, "decode_image", counting_decode)
-    second = load_image_folder(str(root), image_size=16, channels=3)
+    second = read_image_folder(str(root), image_size=16, channels=3)
     assert calls == [] and torch.equal(first.images, second.images)
     # The cache folder is hidden: it is not taken for an 11th class.
     assert second.classes == CLASSES
 
     Image.new("RGB", (20, 20), colour(0)).save(root / CLASSES[0] / "img_new.png")
-    third = load_image_folder(str(root), image_size=16, channels=3)
+    third = read_image_folder(str(root), image_size=16, channels=3)
     # One more image: all 41 are decoded again, into a second cache file.
     assert len(calls) == NUM_CLASSES * PER_CLASS + 1
     assert third.images.shape[0] == NUM_CLASSES * PER_CLASS + 1
@@ -83,7 +90,7 @@ def test_cache_is_reused_and_a_changed_folder_rebuilds(root, monkeypatch):
 
 def test_cache_dir_keeps_the_image_folder_untouched(root, tmp_path):
     cache_dir = tmp_path / "cache"
-    load_image_folder(str(root), image_size=16, channels=3, cache_dir=str(cache_dir))
+    read_image_folder(str(root), image_size=16, channels=3, cache_dir=str(cache_dir))
     assert not (root / ".fewshot_cache").exists()
     assert len(list(cache_dir.glob("*.pt"))) == 1
 
@@ -101,7 +108,7 @@ def test_datamodule_fraction_split_and_episodes(root):
     assert classes["train"] | classes["val"] | classes["test"] == set(range(NUM_CLASSES))
     assert not (classes["train"] & classes["val"] or classes["train"] & classes["test"] or classes["val"] & classes["test"])
 
-    batch = next(iter(data.train_dataloader()))
+    batch = scale_images(next(iter(data.train_dataloader())))
     assert isinstance(batch, TaskBatch)
     assert batch.support_x.shape == (3, 2, 3, 16, 16) and batch.query_x.shape == (3, 6, 3, 16, 16)
     assert batch.support_x.dtype == torch.float32
@@ -120,6 +127,19 @@ def test_user_given_class_lists(root):
     assert data.datasets["val"].classes.tolist() == [5, 6]
     assert data.datasets["test"].classes.tolist() == [8, 9]
     assert data.classes == CLASSES
+
+
+def test_load_image_folder_splits_without_lightning(root):
+    by_fraction = load_image_folder(str(root), image_size=8, channels=1, split_fractions=(0.5, 0.2, 0.3), split_seed=1)
+    sizes = {split: len(part.labels.unique()) for split, part in by_fraction.items()}
+    # 10 classes: round(5.0) = 5 train, round(2.0) = 2 val, the other 3 test; 4 images each.
+    assert sizes == {"train": 5, "val": 2, "test": 3}
+    assert by_fraction["test"].data.shape == (3 * PER_CLASS, 1, 8, 8)
+    listed = load_image_folder(
+        str(root), image_size=8, channels=1, train_classes=CLASSES[:5], val_classes=CLASSES[5:7], test_classes=CLASSES[8:]
+    )
+    # Labels index the sorted class folder names, as ImageFolderDataModule.classes lists them.
+    assert [part.labels.unique().tolist() for part in listed.values()] == [[0, 1, 2, 3, 4], [5, 6], [8, 9]]
 
 
 def test_overlapping_or_partial_or_unknown_class_lists_raise(root):
@@ -149,16 +169,107 @@ def test_folder_without_images_raises(tmp_path):
     (tmp_path / "empty_class").mkdir()
     (tmp_path / "loose.png").write_bytes(b"")  # directly in root: not read, as the message says
     with pytest.raises(FileNotFoundError, match="holds no images in class sub-folders"):
-        load_image_folder(str(tmp_path))
+        read_image_folder(str(tmp_path))
 
 
 def test_class_folder_without_images_is_skipped(root):
     (root / "zz_empty").mkdir()
     with pytest.warns(UserWarning, match="zz_empty"):
-        folder = load_image_folder(str(root), image_size=8)
+        folder = read_image_folder(str(root), image_size=8)
     assert folder.classes == CLASSES
 
 
 def test_invalid_channels_raise(root):
     with pytest.raises(ValueError, match="channels must be 1 .grayscale. or 3 .RGB., got 2"):
         ImageFolderDataModule(root=str(root), channels=2)
+
+
+def truncate(path):
+    """Keep the first half of a file: the pixel data stops short, as after an interrupted download."""
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+def test_undecodable_images_are_skipped_with_a_warning_naming_each(root, monkeypatch):
+    noisy = root / CLASSES[1] / "img_noise.png"  # noise compresses badly: half the file is half the pixels
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noisy)
+    truncate(noisy)
+    (root / CLASSES[2] / "img_0.png").write_bytes(b"not a png")
+    (root / "zz_broken").mkdir()
+    (root / "zz_broken" / "only.png").write_bytes(b"")
+    expected = (
+        r"Skipping 3 of the 42 images under .*images, which could not be decoded: "
+        r"class_01/img_noise.png \(OSError: image file is truncated\), "
+        r"class_02/img_0.png \(not an image format Pillow can read\), "
+        r"zz_broken/only.png \(not an image format Pillow can read\)\. The other 39 are used\. "
+        r"Class folder\(s\) left with no image, and so dropped: zz_broken\. Delete or replace those files"
+    )
+    with pytest.warns(UserWarning, match=expected):
+        folder = read_image_folder(str(root), image_size=8)
+    # The readable images, labelled over the classes that still hold one: class_02 keeps 3.
+    assert folder.classes == CLASSES and folder.images.shape == (39, 3, 8, 8)
+    assert torch.bincount(folder.labels).tolist() == [4, 4, 3] + [4] * 7
+    assert "class_02/img_0.png" not in folder.files and len(folder.files) == 39
+    class_02 = torch.tensor(colour(2), dtype=torch.uint8).view(1, 3, 1, 1).expand(3, 3, 8, 8)
+    assert torch.equal(folder.images[folder.labels == 2], class_02)
+    # A later run reads the cache, decodes nothing, and is told again.
+    monkeypatch.setattr(folder_module, "decode_image", None)
+    with pytest.warns(UserWarning, match=expected):
+        again = read_image_folder(str(root), image_size=8)
+    assert torch.equal(again.images, folder.images) and torch.equal(again.labels, folder.labels)
+
+
+# The README's command for your own images, made quick: 16-pixel images, two steps.
+QUICK = ["--data.image_size", "16", "--model.init_args.backbone.init_args.image_size", "16",
+         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.val_tasks", "2",
+         "--trainer.logger.init_args.save_dir", "logs"]
+
+
+def write_noise_folder(root, per_class=7):
+    """10 classes of 7 noise images (the folder config needs 6 per class, 10 classes)."""
+    generator = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(generator.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / name / f"img_{i}.png")
+    return root
+
+
+def test_the_folder_config_trains_on_ten_classes_and_reports_the_split_and_skipped_files(tmp_path, monkeypatch, caplog):
+    # The command line's entry point in this process: a second interpreter would cost seconds.
+    root = write_noise_folder(tmp_path / "images")
+    truncate(root / CLASSES[3] / "img_6.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["fewshot-lightning"])
+    skipped = (f"Skipping 1 of the 70 images under {root}, which could not be decoded: class_03/img_6.png "
+               "(OSError: image file is truncated). The other 69 are used.")
+    with pytest.warns(UserWarning, match=re.escape(skipped)), caplog.at_level("INFO"):
+        main(["fit", "--config", str(ROOT / "configs" / "protonet_folder.yaml"), "--data.root", str(root), *QUICK])
+    # The seeded split, as split_by_class draws it for 10 classes (seed 0): printed and saved.
+    expected = {split: [CLASSES[label] for label in part.labels.unique().tolist()]
+                for split, part in split_by_class(torch.zeros(10), torch.arange(10), (0.64, 0.16, 0.20), 0).items()}
+    assert [len(names) for names in expected.values()] == [6, 2, 2]
+    assert ("ImageFolderDataModule class split (train/val/test: 6/2/2 classes):\n"
+            f"  train: {', '.join(expected['train'])}\n  val: {', '.join(expected['val'])}\n"
+            f"  test: {', '.join(expected['test'])}") in caplog.text
+    run_dir = tmp_path / "logs" / "protonet_folder" / "version_0"  # its own log name, not protonet_kanji's
+    assert json.loads((run_dir / "class_split.json").read_text()) == {"datamodule": "ImageFolderDataModule", **expected}
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_test_ways_above_the_test_classes_stops_fit_before_training(tmp_path, monkeypatch, capfd):
+    # The command's error, whether it reaches us raised or printed by the command line as it exits.
+    root = write_noise_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["fewshot-lightning"])
+    with pytest.raises((ValueError, SystemExit)) as failure:
+        main(["fit", "--config", str(ROOT / "configs" / "protonet_folder.yaml"), "--data.root", str(root), *QUICK,
+              "--data.test_ways", "3", "--data.split_fractions", "[0.5, 0.3, 0.2]"])
+    if failure.type is SystemExit:
+        assert failure.value.code not in (0, None)
+    message = " ".join((str(failure.value) + capfd.readouterr().err).split())
+    assert ("ImageFolderDataModule cannot draw the requested episodes: test_ways = 3, but the test split has only 2 "
+            "classes: set test_ways to at most 2, or give the test split a larger share of the 10 classes through "
+            "split_fractions (now [0.5, 0.3, 0.2]), or name each split's classes with train_classes, val_classes and "
+            "test_classes.") in message
+    assert not list(tmp_path.glob("logs/**/*.ckpt"))  # stopped at setup: no step was taken

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot_lightning.data import TaskBatch
+from fewshot_lightning.data import TaskBatch, scale_images
 from fewshot_lightning.data.datasets import KanjiDataModule, load_kanji, render_kanji, split_characters
 from fewshot_lightning.data.datasets import kanji as kanji_module
+from fewshot_lightning.data.datasets._storage import CHECKSUM_KEY, save_atomic
 from fewshot_lightning.data.datasets.kanji_render import render_character
 from fewshot_lightning.data.datasets.svg_path import flatten, parse_path
 
@@ -290,9 +291,11 @@ def test_cache_of_another_version_request_or_source_is_rebuilt(tmp_path, key, st
     path = kanji_module.cache_path(tmp_path, num_characters=4)
     payload = torch.load(path, weights_only=True)
     recorded = payload[key]
-    payload[key] = stale  # as if an older renderer, another seed or other SVG files had written it
+    del payload[CHECKSUM_KEY]
+    # As if an older renderer, another seed or other SVG files had written it (a sound file, checksummed).
+    payload[key] = stale
     payload["images"] = torch.zeros_like(payload["images"])
-    torch.save(payload, path)
+    save_atomic(payload, path)
     with pytest.warns(UserWarning, match=f"{key} differs"):
         rebuilt = kanji_module.kanji_images(tmp_path, num_characters=4)
     assert torch.equal(rebuilt.images, fresh.images)
@@ -320,8 +323,11 @@ def test_datamodule_episodes_have_task_batch_shapes(root, subset):
     train_classes, val_classes = data.datasets["train"].classes, data.datasets["val"].classes
     assert (len(train_classes), len(val_classes)) == (40, 10)
     assert not set(train_classes.tolist()) & set(val_classes.tolist())
+    # Classes are named by their character in the printed and saved class split.
+    assert data.characters == subset.characters
+    assert sorted(sum(data.class_split.values(), [])) == sorted(subset.characters)
 
-    batch = next(iter(data.train_dataloader()))
+    batch = scale_images(next(iter(data.train_dataloader())))
     assert isinstance(batch, TaskBatch)
     assert batch.support_x.shape == (4, 5, 1, 28, 28) and batch.query_x.shape == (4, 75, 1, 28, 28)
     assert batch.support_x.dtype == torch.float32
@@ -331,7 +337,7 @@ def test_datamodule_episodes_have_task_batch_shapes(root, subset):
         # 15 queries of each of the 5 labels.
         assert torch.equal(torch.bincount(batch.query_y[task], minlength=5), torch.full((5,), 15))
 
-    val_batch = next(iter(data.val_dataloader()))
+    val_batch = scale_images(next(iter(data.val_dataloader())))
     # Evaluation uses test_shots=5: 5 ways x 5 shots; 5 + 15 = 20 uses every instance.
     assert val_batch.support_x.shape == (4, 25, 1, 28, 28)
 

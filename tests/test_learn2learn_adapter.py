@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.learn2learn_tasks import Learn2LearnDataModule, Learn2LearnTasks, import_learn2learn
 
@@ -86,12 +87,12 @@ def test_datamodule_batches_tasks_from_prebuilt_tasksets():
         queries=QUERIES, meta_batch_size=4, train_tasks=8, val_tasks=4, num_workers=0,
     )
     module.setup("fit")
-    batch = next(iter(module.train_dataloader()))
+    batch = scale_images(next(iter(module.train_dataloader())))
     assert isinstance(batch, TaskBatch)
     # 4 tasks per batch of 10 support and 15 query images.
     assert batch.support_x.shape == (4, 10, 1, 4, 4) and batch.query_y.shape == (4, 15)
-    val_batch = next(iter(module.val_dataloader()))
-    assert torch.equal(val_batch.query_x, next(iter(module.val_dataloader())).query_x)  # fixed episodes
+    val_batch = scale_images(next(iter(module.val_dataloader())))
+    assert torch.equal(val_batch.query_x, scale_images(next(iter(module.val_dataloader()))).query_x)  # fixed episodes
 
 
 def test_a_taskset_of_the_wrong_shape_is_explained():

@@ -149,7 +149,7 @@ def test_anil_adapts_only_the_head():
     torch.manual_seed(0)
     backbone = MLP(1, (8, 8), 1)
     model = ANIL(backbone, inner_lr=0.1, inner_steps=1, batching="loop")
-    assert model.learner.adapt_names == ["head.weight", "head.bias"]
+    assert model.adapt_names == ["head.weight", "head.bias"]
     batch = regression_batch(tasks=2)
     outputs = model(batch)
     for t in range(2):  # independent: head-only gradient step on fixed features
@@ -212,13 +212,42 @@ def test_classification_inner_loop_uses_cross_entropy():
     assert (after < before).all()
 
 
-def test_auto_batching_times_both_paths_then_keeps_one():
+def test_auto_batching_decides_once_on_the_first_batch_and_logs_both_timings(caplog):
     model = MAML(MLP(1, (8,), 1), inner_lr=0.01)  # batching="auto"
+    assert model.batching is None  # undecided until a batch shows the model and the task size
     batch = regression_batch()
-    first = model(batch)  # proves vmap runs the model
-    second = model(batch)  # timed under vmap
-    third = model(batch)  # timed as a loop, then the faster one is kept
-    assert set(model.learner._timings) == {"warmup", "vmap", "loop"}
-    assert model.learner.batching in ("vmap", "loop")
-    # Same numbers whichever path produced them.
-    assert torch.allclose(first, second) and torch.allclose(first, third, atol=1e-6)
+    with caplog.at_level("INFO"):
+        first = model(batch)
+    assert model.batching in ("vmap", "loop")
+    message = " ".join(record.getMessage() for record in caplog.records)
+    assert f"chose {model.batching!r}" in message and "vmap" in message and "loop" in message and " ms" in message
+    decided = model.batching
+    second = model(batch)
+    assert model.batching == decided  # made once, kept for the run
+    # Either path gives the same numbers, so the decision changes speed only.
+    for batching in ("vmap", "loop"):
+        forced = MAML(MLP(1, (8,), 1), inner_lr=0.01, batching=batching)
+        forced.load_state_dict(model.state_dict())
+        assert torch.allclose(forced(batch), first, atol=1e-6)
+    assert torch.equal(first, second)
+
+
+def test_meta_sgd_refuses_the_arguments_it_fixes():
+    with pytest.raises(ValueError, match="MetaSGD always learns per-parameter rates; remove 'learn_inner_lr'"):
+        MetaSGD(MLP(), learn_inner_lr=False)
+
+
+def test_test_inner_steps_changed_after_construction_sizes_the_curve(tmp_path):
+    import lightning as L
+
+    from fewshot_lightning.data import SinusoidDataModule
+
+    model = MAML(MLP(1, (8,), 1), inner_lr=0.01, test_inner_steps=10)
+    model.test_inner_steps = 2  # e.g. a script evaluating with fewer steps than configured
+    data = SinusoidDataModule(test_tasks=20, meta_batch_size=10)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    result = trainer.test(model, data, verbose=False)[0]
+    assert {"test/mse_after_0_steps", "test/mse_after_2_steps"} <= set(result)
+    assert "test/mse_after_3_steps" not in result
+    assert result["test/mse_after_2_steps"] == pytest.approx(result["test/mse"], rel=1e-6)

@@ -14,6 +14,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import nn
 
+from fewshot_lightning.data import scale_images
 from fewshot_lightning.algorithms import CNP, AttentionLearner, MatchingNet, MetaLearner, ProtoNet, RelationNet
 from fewshot_lightning.algorithms.blackbox import episode_attention_mask
 from fewshot_lightning.cli import main as cli_main
@@ -139,8 +140,8 @@ def test_protonet_trains_20_way_evaluates_5_way_and_learns_to_ignore_noise():
     datamodule.setup("fit")
     datamodule.setup("test")
     # N is read from the labels: the same model gives 20 logits in training and 5 at test.
-    assert model(next(iter(datamodule.train_dataloader()))).shape == (8, 20 * 5, 20)
-    assert model(next(iter(datamodule.test_dataloader()))).shape == (8, 5 * 15, 5)
+    assert model(scale_images(next(iter(datamodule.train_dataloader())))).shape == (8, 20 * 5, 20)
+    assert model(scale_images(next(iter(datamodule.test_dataloader())))).shape == (8, 5 * 15, 5)
 
     before, after = fit_and_test(model, datamodule, steps=100)
     # Untrained, the noise dimensions swamp the distances: chance is 1/5 = 0.2 (measured 0.20).

@@ -44,7 +44,7 @@ def test_batch_norm_running_stats_fall_back_to_the_loop_with_a_warning():
     model = MAML(Conv4(hidden=8, out_features=5, image_size=16, track_running_stats=True), inner_lr=0.1)
     with pytest.warns(UserWarning, match="cannot run under torch.func.vmap"):
         outputs = model(batch)
-    assert model.learner.batching == "loop"
+    assert model.batching == "loop"
     assert outputs.shape == (2, 10, 5)
     # The two tasks are identical, so the loop gives them identical predictions.
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)

@@ -66,7 +66,9 @@ class MetaLearner(L.LightningModule):
                 for stage in ("val", "test")
             }
         )
-        self._score_name = "acc"
+        #: Whether the tasks are regression (score: MSE) or classification (score: accuracy).
+        #: Read from the DataModule at setup; without one, from the first evaluated batch.
+        self.regression: Optional[bool] = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -119,16 +121,18 @@ class MetaLearner(L.LightningModule):
         stack.enter_context(torch.no_grad())
         return stack
 
-    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
-        """Query predictions at evaluation time (subclasses may adapt differently here)."""
+    def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
+        """Query predictions at evaluation (``stage`` is ``"val"`` or ``"test"``); subclasses
+        may adapt differently here than in training."""
         return self(batch)
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> Dict[str, Tensor]:
+        self._check_task_kind(batch)
         with self._eval_context():
             if self.needs_grad_at_eval and batch.support_x.is_inference():
                 # Tensors made under inference_mode cannot enter autograd; a clone can.
                 batch = TaskBatch(*(t.clone() for t in batch))
-            outputs = self.evaluation_outputs(batch)
+            outputs = self.evaluation_outputs(batch, stage)
             losses = self.query_losses(outputs, batch)
             scores = self.scores(outputs, batch)
         metrics = self.eval_metrics[stage]
@@ -136,19 +140,40 @@ class MetaLearner(L.LightningModule):
         metrics["score"].update(scores)
         return {"loss": losses, "score": scores}
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        kind = getattr(datamodule, "regression", None)
+        if kind is not None:
+            self.regression = bool(kind)
+
+    def _check_task_kind(self, batch: TaskBatch) -> None:
+        """Fix the score's name once, and refuse batches of the other kind of task."""
+        regression = is_regression(batch.query_y)
+        if self.regression is None:
+            self.regression = regression
+        elif self.regression != regression:
+            expected = "regression (float targets)" if self.regression else "classification (integer labels)"
+            raise ValueError(
+                f"{type(self).__name__} is evaluating {expected} tasks, but got a batch with "
+                f"{batch.query_y.dtype} query targets: the DataModule's `regression` attribute and its batches disagree."
+            )
+
+    @property
+    def score_name(self) -> str:
+        """``"mse"`` for regression tasks, ``"acc"`` for classification."""
+        return "mse" if self.regression else "acc"
+
     def scores(self, outputs: Tensor, batch: TaskBatch) -> Tensor:
         """Per-task accuracy (classification) or MSE (regression), ``[B]``."""
         if is_regression(batch.query_y):
-            self._score_name = "mse"
             return (self.point_predictions(outputs) - batch.query_y).square().flatten(1).mean(1)
-        self._score_name = "acc"
         return (outputs.argmax(-1) == batch.query_y).float().mean(1)
 
     def _log_eval(self, stage: str) -> None:
         metrics = self.eval_metrics[stage]
         if not metrics["loss"].update_called:
             return
-        for key, name in (("loss", "loss"), ("score", self._score_name)):
+        for key, name in (("loss", "loss"), ("score", self.score_name)):
             mean, ci95 = metrics[key].compute()
             # compute() already reduced over processes: the value is the same on every rank.
             self.log(f"{stage}/{name}", mean, prog_bar=key == "score")

@@ -1,15 +1,19 @@
-"""Optimization-based meta-learning: MAML, first-order MAML, ANIL and Meta-SGD."""
+"""Optimization-based meta-learning: MAML, first-order MAML, ANIL, Meta-SGD and MAML++."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import time
+import warnings
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..data.task import TaskBatch
-from ..inner import FunctionalLearner, InnerLearningRate
-from .base import MetaLearner, per_task_loss
+from ..inner import BATCHING, Forward, InnerLearningRate, Params, functional, select_parameters, task_params, trajectory
+from ..metrics import MeanConfidenceInterval
+from .base import MetaLearner, is_regression, per_task_loss
 
 
 class MAML(MetaLearner):
@@ -19,6 +23,16 @@ class MAML(MetaLearner):
     gradient steps on its support set, then returns the mean query loss of the adapted
     networks; its backward pass is the meta-gradient, through the inner steps (second
     order) or not (``first_order=True``: FOMAML). Tasks run batched under ``torch.func.vmap``.
+
+    The pieces are public, for algorithms built on MAML and for your own code:
+    :meth:`initial_params`, :meth:`trajectory` / :meth:`adapt` (per-task adapted parameters)
+    and :meth:`predict` (outputs under given per-task parameters); see
+    :mod:`fewshot_lightning.inner` for the pure functions underneath.
+
+    Evaluation adapts with ``test_inner_steps`` steps and keeps no outer graph; at test time
+    it also records the query score after every step (the adaptation curve), logged as
+    ``test/<score>_after_<k>_steps`` and as a series ``test/adaptation_curve_<score>``
+    against the step, for any logger.
 
     Args:
         backbone: any ``nn.Module`` mapping inputs to logits (classification) or predictions.
@@ -31,7 +45,20 @@ class MAML(MetaLearner):
         per_parameter_lr: a rate per parameter element (Meta-SGD).
         adapt: names of parameters to adapt, or prefixes ending in ``.`` (``["head."]``);
             default all.
-        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` over the tasks of a batch.
+        batching: ``"vmap"`` or ``"loop"`` over the tasks of a batch (same numbers, different
+            speed), or ``"auto"``: on the first batch, try vmap (falling back to the loop with a
+            warning if the model cannot run under it, e.g. batch norm updating running
+            statistics), time one training step of each, keep the faster for the whole run and
+            log both timings.
+        optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
+        multi_step_loss_steps: MAML++'s multi-step loss (Antoniou, Edwards & Storkey, ICLR 2019):
+            for this many outer steps the training loss is a weighted sum of the query losses
+            after every inner step, the weights moving linearly from uniform to all on the last
+            step; afterwards only the last step counts (as plain MAML). 0 (default) turns it off.
+        first_order_steps: MAML++'s derivative-order annealing: the first this many outer steps
+            are first order, the rest second order. 0 (default) turns it off.
+
+    Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
     Example::
 
@@ -60,6 +87,8 @@ class MAML(MetaLearner):
         batching: str = "auto",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        multi_step_loss_steps: int = 0,
+        first_order_steps: int = 0,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -70,131 +99,328 @@ class MAML(MetaLearner):
             raise ValueError(f"test_inner_steps must be at least 1, got {test_inner_steps}.")
         if not inner_lr > 0:
             raise ValueError(f"inner_lr must be positive, got {inner_lr}.")
+        if batching not in ("auto",) + BATCHING:
+            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}.")
+        if multi_step_loss_steps < 0:
+            raise ValueError(f"multi_step_loss_steps must be 0 (off) or more, got {multi_step_loss_steps}.")
+        if first_order_steps < 0:
+            raise ValueError(f"first_order_steps must be 0 (off) or more, got {first_order_steps}.")
+        if first_order and first_order_steps:
+            raise ValueError(
+                f"first_order=True trains first order throughout, so first_order_steps={first_order_steps} would "
+                "never switch to second order: drop one of them."
+            )
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.first_order = first_order
-        self.learner = FunctionalLearner(backbone, resolve_names(backbone, adapt), batching)
-        shapes = {name: p.shape for name, p in backbone.named_parameters() if name in self.learner.adapt_names}
+        self.multi_step_loss_steps = multi_step_loss_steps
+        self.first_order_steps = first_order_steps
+        shapes = self.adapted_shapes(backbone, adapt)
+        #: Names of the adapted tensors, in order.
+        self.adapt_names = list(shapes)
+        #: The batching in use: fixed by the constructor, or by the first batch under "auto".
+        self.batching = None if batching == "auto" else batching
         self.inner_lr = InnerLearningRate(
             shapes, inner_lr, inner_steps, per_step=per_step_lr, per_parameter=per_parameter_lr,
             learnable=learn_inner_lr,
         )
+        self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
 
-    def forward(self, batch: TaskBatch) -> Tensor:
-        return self.learner.run(
-            batch.support_x, batch.support_y, batch.query_x, per_task_loss,
-            self.inner_steps, self.inner_lr, first_order=self.first_order,
+    # -- the building blocks ------------------------------------------------------------------
+    def adapted_shapes(self, backbone: nn.Module, adapt: Optional[Sequence[str]]) -> Dict[str, torch.Size]:
+        """Name -> shape of every tensor the inner loop adapts (it sizes the inner learning rates):
+        the backbone parameters ``adapt`` selects. Called once, by the constructor."""
+        parameters = dict(backbone.named_parameters())
+        return {name: parameters[name].shape for name in select_parameters(backbone, adapt)}
+
+    def initial_params(self, tasks: int, detach: bool = False) -> Params:
+        """The adapted parameters' starting point for ``tasks`` tasks, ``[tasks, ...]`` each."""
+        adapted = set(self.adapt_names)
+        return task_params({n: p for n, p in self.backbone.named_parameters() if n in adapted}, tasks, detach)
+
+    def functional(self, batching: Optional[str] = None) -> Forward:
+        """The backbone as ``forward(params, x)`` over tasks; parameters not adapted are shared."""
+        adapted = set(self.adapt_names)
+        fixed = {n: p for n, p in self.backbone.named_parameters() if n not in adapted}
+        return functional(self.backbone, fixed, batching=batching or self.batching or "vmap")
+
+    def trajectory(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        first_order: Optional[bool] = None,
+        differentiable: bool = True,
+        batching: Optional[str] = None,
+    ) -> Iterator[Params]:
+        """Per-task parameters after 0, 1, ..., ``steps`` inner steps on the support set.
+
+        ``differentiable=False`` (evaluation) detaches every step: no outer graph is built.
+        ``first_order`` defaults to :meth:`uses_first_order` at the current outer step.
+        """
+        first_order = self.uses_first_order() if first_order is None else first_order
+        return trajectory(
+            self.functional(batching), self.initial_params(support_x.shape[0], detach=not differentiable),
+            support_x, support_y, per_task_loss, steps, self.inner_lr,
+            second_order=not first_order, differentiable=differentiable, **self.inner_options(support_x, steps),
         )
 
-    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
-        curve = self.adaptation_curve(batch)
-        self._record_curve(curve, batch)
-        return curve[-1]
+    def inner_options(self, support_x: Tensor, steps: int) -> Dict[str, Any]:
+        """Extra keyword options of :func:`~fewshot_lightning.inner.trajectory` (``penalty``,
+        ``optimizer``, ``minibatch``) for ``steps`` steps on the tasks of ``support_x``: none for
+        MAML (plain gradient descent on the whole support set). Algorithms built on MAML
+        override it."""
+        return {}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None, **options) -> Params:
+        """Per-task parameters after ``steps`` (default ``inner_steps``) inner steps; keyword
+        options as :meth:`trajectory`."""
+        for params in self.trajectory(support_x, support_y, self.inner_steps if steps is None else steps, **options):
+            pass
+        return params
+
+    def predict(self, params: Params, x: Tensor, batching: Optional[str] = None) -> Tensor:
+        """Backbone outputs on ``x`` ``[B, M, ...]`` under per-task ``params``."""
+        return self.functional(batching)(params, x)
+
+    # -- training and evaluation --------------------------------------------------------------
+    def forward(self, batch: TaskBatch) -> Tensor:
+        """Query outputs after the training-time adaptation, differentiable for the meta-gradient."""
+        self.choose_batching(batch)
+        return self.training_outputs(batch)
+
+    def training_outputs(self, batch: TaskBatch, batching: Optional[str] = None) -> Tensor:
+        """:meth:`forward` with the batching given (default: the one chosen)."""
+        params = self.adapt(batch.support_x, batch.support_y, batching=batching)
+        return self.predict(params, batch.query_x, batching=batching)
+
+    def uses_first_order(self, step: Optional[int] = None) -> bool:
+        """Whether outer step ``step`` (default: the trainer's ``global_step``) is first order."""
+        step = self.global_step if step is None else step
+        return self.first_order or step < self.first_order_steps
+
+    def step_loss_weights(self, step: Optional[int] = None) -> Optional[Tensor]:
+        """MAML++'s weights of the query losses after inner steps 1..``inner_steps`` at outer step
+        ``step`` (default: the trainer's ``global_step``), or ``None`` once only the last counts.
+
+        At progress ``p = step / multi_step_loss_steps`` every step but the last weighs
+        ``(1 - p) / inner_steps`` and the last ``(1 - p) / inner_steps + p``: uniform at first,
+        moving linearly to the last step alone, the weights summing to one throughout.
+        """
+        step = self.global_step if step is None else step
+        if step >= self.multi_step_loss_steps or self.inner_steps == 1:
+            return None
+        progress = step / self.multi_step_loss_steps
+        weights = torch.full((self.inner_steps,), (1 - progress) / self.inner_steps)
+        weights[-1] += progress
+        return weights
+
+    def training_loss(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """The outer loss to minimise on this batch, and the query outputs after the last inner
+        step where computing the loss made them (``None`` otherwise).
+
+        With the multi-step loss active (:meth:`step_loss_weights`), the weighted sum over inner
+        steps of the mean query losses; otherwise the mean query loss after the last step.
+        """
+        weights = self.step_loss_weights()
+        if weights is None:
+            outputs = self.training_outputs(batch, batching)
+            return self.query_losses(outputs, batch).mean(), outputs
+        step_losses = []
+        steps = self.trajectory(batch.support_x, batch.support_y, self.inner_steps, batching=batching)
+        next(steps)  # the starting point: MAML++ weighs the losses after each step
+        for params in steps:
+            outputs = self.predict(params, batch.query_x, batching=batching)
+            step_losses.append(self.query_losses(outputs, batch).mean())
+        losses = torch.stack(step_losses)
+        return (weights.to(losses) * losses).sum(), outputs
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        """As :class:`~.base.MetaLearner`'s, but while MAML++'s multi-step loss is active the loss
+        is :meth:`training_loss`'s weighted sum over inner steps."""
+        if self.step_loss_weights() is None:
+            return super().training_step(batch, batch_idx)
+        self.choose_batching(batch)
+        loss, outputs = self.training_loss(batch)
+        self.log_training(loss, outputs, batch)
+        return loss
+
+    def log_training(self, loss: Tensor, outputs: Tensor, batch: TaskBatch) -> None:
+        """Log ``train/loss`` (and ``train/acc`` from the query ``outputs``) as the base class's
+        training step does, on the steps it logs."""
+        if not self._logging_step():
+            return
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.num_tasks)
+        if not is_regression(batch.query_y):
+            accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
+            self.log("train/acc", accuracy, prog_bar=True, batch_size=batch.num_tasks)
+
+    def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
+        self.choose_batching(batch)
+        if stage != "test":
+            params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
+            return self.predict(params, batch.query_x)
+        scores = []
+        for params in self.trajectory(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False):
+            outputs = self.predict(params, batch.query_x)
+            scores.append(self.scores(outputs, batch))
+        self.test_curve.update(torch.stack(scores, dim=1))
+        return outputs
 
     def adaptation_curve(self, batch: TaskBatch, steps: Optional[int] = None) -> Tensor:
-        """Query outputs after 0, 1, ..., ``steps`` inner steps: ``[steps + 1, B, M, ...]``."""
+        """Query outputs after 0, 1, ..., ``steps`` inner steps, ``[steps + 1, B, M, ...]``, no graph."""
+        self.choose_batching(batch)
         steps = self.test_inner_steps if steps is None else steps
-        return self.learner.run(
-            batch.support_x, batch.support_y, batch.query_x, per_task_loss, steps, self.inner_lr,
-            first_order=True, curve=True,
-        )
+        trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
+        return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
 
-    # The adaptation curve (query score against inner step) goes to TensorBoard at test time.
     def on_test_epoch_start(self) -> None:
-        self._curve_sum: Optional[Tensor] = None
-        self._curve_count = 0
-
-    def _record_curve(self, curve: Tensor, batch: TaskBatch) -> None:
-        if self._trainer is None or not self.trainer.testing:
-            return
-        per_step = torch.stack([self.scores(outputs, batch).sum() for outputs in curve])
-        self._curve_sum = per_step if self._curve_sum is None else self._curve_sum + per_step
-        self._curve_count += batch.num_tasks
+        # test_inner_steps may have been changed since construction (a script evaluating with
+        # more steps): the curve then has that many points.
+        if self.test_curve.size != self.test_inner_steps + 1:
+            with torch.inference_mode(False):  # its states are updated outside inference mode
+                self.test_curve = MeanConfidenceInterval(size=self.test_inner_steps + 1).to(self.device)
 
     def on_test_epoch_end(self) -> None:
-        name = self._score_name
         super().on_test_epoch_end()
-        if self._curve_sum is None:
+        if not self.test_curve.update_called:
             return
-        totals = torch.cat([self._curve_sum, torch.tensor([float(self._curve_count)], device=self._curve_sum.device)])
-        totals = self.all_gather(totals)
-        if totals.dim() > 1:
-            totals = totals.sum(0)
-        curve = (totals[:-1] / totals[-1]).tolist()
-        for step, value in enumerate(curve):
+        curve, _ = self.test_curve.compute()
+        self.test_curve.reset()
+        name = self.score_name
+        for step, value in enumerate(curve.tolist()):
             self.log(f"test/{name}_after_{step}_steps", value)
-        experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if self.trainer.is_global_zero and hasattr(experiment, "add_scalar"):
-            for step, value in enumerate(curve):
-                experiment.add_scalar(f"test/adaptation_curve_{name}", value, global_step=step)
+        # The same points as one series against the inner step, so a logger can draw the curve.
+        for logger in self.loggers:
+            for step, value in enumerate(curve.tolist()):
+                logger.log_metrics({f"test/adaptation_curve_{name}": value}, step=step)
 
+    # -- batching -----------------------------------------------------------------------------
+    def choose_batching(self, batch: TaskBatch) -> str:
+        """With ``batching="auto"``, decide once, on this batch, between vmap and the loop.
 
-def resolve_names(module: nn.Module, selection: Optional[Sequence[str]]) -> Optional[list]:
-    """Expand parameter names and ``"prefix."`` entries into parameter names."""
-    if selection is None:
-        return None
-    names = [name for name, _ in module.named_parameters()]
-    chosen = []
-    for entry in selection:
-        matches = [n for n in names if n == entry or (entry.endswith(".") and n.startswith(entry))]
-        if not matches:
-            raise ValueError(
-                f"adapt entry {entry!r} matches no parameter of {type(module).__name__}; "
-                f"its parameters are {names}."
+        vmap must first run the model at all; then one full training step (adaptation, query
+        loss, meta-gradient) is timed each way, twice, and the faster path (by its better time)
+        is kept for the rest of the run. Both paths give the same numbers, so the choice only
+        changes speed. The decision and both timings are logged.
+        """
+        if self.batching is not None:
+            return self.batching
+        with torch.inference_mode(False), torch.enable_grad():
+            if batch.support_x.is_inference():
+                batch = TaskBatch(*(t.clone() for t in batch))
+            try:
+                self._timed_step(batch, "vmap")
+            except (RuntimeError, ValueError) as error:
+                warnings.warn(
+                    f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({error}); adapting tasks "
+                    "one by one instead. Pass batching='loop' to skip this attempt.",
+                    stacklevel=2,
+                )
+                self.batching = "loop"
+                return self.batching
+            timings = {"vmap": [], "loop": []}
+            for _ in range(2):
+                for mode in ("vmap", "loop"):
+                    timings[mode].append(self._timed_step(batch, mode))
+        best = {mode: min(times) for mode, times in timings.items()}
+        self.batching = "vmap" if best["vmap"] <= best["loop"] else "loop"
+        rank_zero_info(
+            f"{type(self).__name__}: batching='auto' chose {self.batching!r} (one training step of "
+            f"{batch.num_tasks} tasks: vmap {1000 * best['vmap']:.1f} ms, loop {1000 * best['loop']:.1f} ms)."
+        )
+        for logger in self.loggers:
+            logger.log_metrics(
+                {"batching/vmap_ms": 1000 * best["vmap"], "batching/loop_ms": 1000 * best["loop"]},
+                step=self.global_step if self._trainer is not None else 0,
             )
-        chosen += [m for m in matches if m not in chosen]
-    return chosen
+        return self.batching
+
+    def _timed_step(self, batch: TaskBatch, batching: str) -> float:
+        start = time.perf_counter()
+        loss, _ = self.training_loss(batch, batching)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        torch.autograd.grad(loss, trainable, allow_unused=True)
+        return time.perf_counter() - start
 
 
 class ANIL(MAML):
-    """Almost No Inner Loop (Raghu et al., ICLR 2020): MAML that adapts only the head.
+    """Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, ICLR 2020): MAML that adapts only
+    the head.
 
-    Same arguments as :class:`MAML`; ``adapt`` defaults to ``["head."]`` (our backbones name
-    their last layer ``head``).
+    Arguments as :class:`MAML`; ``adapt`` defaults to ``["head."]`` (our backbones name their
+    last layer ``head``).
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        test_inner_steps: Optional[int] = None,
-        first_order: bool = False,
-        learn_inner_lr: bool = False,
-        per_step_lr: bool = False,
-        per_parameter_lr: bool = False,
-        adapt: Optional[Sequence[str]] = ("head.",),
-        batching: str = "auto",
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-    ) -> None:
-        super().__init__(
-            backbone, inner_lr, inner_steps, test_inner_steps, first_order, learn_inner_lr, per_step_lr,
-            per_parameter_lr, adapt, batching, optimizer, lr_scheduler,
-        )
+    def __init__(self, backbone: nn.Module, adapt: Optional[Sequence[str]] = ("head.",), **kwargs) -> None:
+        super().__init__(backbone, adapt=adapt, **kwargs)
 
 
 class MetaSGD(MAML):
     """Meta-SGD (Li, Zhou, Chen & Li, 2017): MAML whose inner learning rate is a learned
     tensor with one entry per parameter element (direction and size of the step).
 
-    Same arguments as :class:`MAML`; ``inner_lr`` initialises every rate.
+    Arguments as :class:`MAML`, less ``learn_inner_lr`` and ``per_parameter_lr`` (both always
+    on); ``inner_lr`` initialises every rate.
+    """
+
+    def __init__(self, backbone: nn.Module, **kwargs) -> None:
+        for fixed in ("learn_inner_lr", "per_parameter_lr"):
+            if fixed in kwargs:
+                raise ValueError(f"MetaSGD always learns per-parameter rates; remove {fixed!r} (or use MAML).")
+        super().__init__(backbone, learn_inner_lr=True, per_parameter_lr=True, **kwargs)
+
+
+class MAMLPlusPlus(MAML):
+    """MAML++ (Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019): MAML with
+    the paper's training options on by default.
+
+    Implemented here: the multi-step loss with annealed weights (``multi_step_loss_steps``),
+    derivative-order annealing (``first_order_steps``), per-step learnable inner learning rates
+    for every parameter tensor (``per_step_lr``, ``learn_inner_lr``), and cosine annealing of
+    the outer learning rate through ``lr_scheduler`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
+    Not implemented: per-step batch-norm statistics and weights (the paper's BNRS/BNWB).
+
+    Args:
+        backbone: any ``nn.Module``.
+        inner_steps: inner steps (the paper: 5).
+        per_step_lr, learn_inner_lr: learnable per-step, per-layer inner rates (on).
+        multi_step_loss_steps: outer steps of the multi-step loss; the authors' Omniglot
+            configuration anneals it over 10 "epochs" of 500 steps.
+        **kwargs: :class:`MAML`'s other arguments (``first_order_steps`` included).
+
+    Example::
+
+        from fewshot_lightning.algorithms import MAMLPlusPlus
+        from fewshot_lightning.models import Conv4
+
+        model = MAMLPlusPlus(Conv4(hidden=64, out_features=20), inner_lr=0.1, test_inner_steps=5)
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        test_inner_steps: Optional[int] = None,
-        first_order: bool = False,
-        per_step_lr: bool = False,
-        adapt: Optional[Sequence[str]] = None,
-        batching: str = "auto",
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        inner_steps: int = 5,
+        per_step_lr: bool = True,
+        learn_inner_lr: bool = True,
+        multi_step_loss_steps: int = 5000,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            backbone, inner_lr, inner_steps, test_inner_steps, first_order, True, per_step_lr, True,
-            adapt, batching, optimizer, lr_scheduler,
+            backbone, inner_steps=inner_steps, per_step_lr=per_step_lr, learn_inner_lr=learn_inner_lr,
+            multi_step_loss_steps=multi_step_loss_steps, **kwargs,
         )
+
+
+#: MAML's arguments about differentiating through the inner loop, and their "off" values.
+THROUGH_INNER_LOOP = {"first_order": False, "first_order_steps": 0, "learn_inner_lr": False, "multi_step_loss_steps": 0}
+
+
+def refuse(algorithm: str, kwargs: Dict[str, Any], defaults: Dict[str, Any], reason: str) -> None:
+    """Raise if ``kwargs`` sets one of MAML's arguments in ``defaults``, which mean nothing for
+    ``algorithm``, to other than its default (the CLI passes every default explicitly)."""
+    for name, default in defaults.items():
+        if name in kwargs and kwargs[name] != default:
+            raise ValueError(
+                f"{algorithm} takes no {name}={kwargs[name]!r}: {reason}. Leave it at {default!r} (or use MAML)."
+            )

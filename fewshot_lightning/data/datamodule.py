@@ -1,32 +1,57 @@
 """Lightning DataModules whose batches are :class:`TaskBatch`es."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .episodes import EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, labels_of
-from .task import collate_tasks
+from .episodes import (
+    EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, check_finite,
+    episode_shape_problems, labels_of,
+)
+from .task import TaskBatch, collate_tasks, scale_images
 
 SPLITS = ("train", "val", "test")
+#: The splits Lightning's stages use; ``setup(None)`` builds all three.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+#: The splits whose episodes ``setup`` checks can be drawn: at ``fit`` the test split too, so a
+#: test-only mistake (``test_ways`` above the test classes) stops the run before it trains.
+CHECKED_SPLITS = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "predict": ("test",)}
+#: The file, in the run's log folder, where the class split is written.
+CLASS_SPLIT_FILE = "class_split.json"
+#: Class names shown per split when the split is printed; the file has all of them.
+_SHOWN_CLASSES = 20
 
 
 class TaskDataModule(L.LightningDataModule):
     """Base DataModule: builds one :class:`TaskDataset` per split and batches its tasks.
 
     Subclasses implement :meth:`make_dataset`. Every batch is a :class:`TaskBatch` of
-    ``meta_batch_size`` tasks (the last evaluation batch may hold fewer).
+    ``meta_batch_size`` tasks (the last evaluation batch may hold fewer). The datasets are
+    built by :meth:`setup`, which Lightning's Trainer calls before asking for a dataloader.
 
     Args:
         meta_batch_size: tasks per training step (and per evaluation step).
         train_tasks: tasks in one training epoch.
-        val_tasks, test_tasks: the fixed evaluation episodes (600 for test, as in the literature).
+        val_tasks: the fixed validation episodes.
+        test_tasks: the fixed test episodes (600, as in the literature).
         num_workers: DataLoader worker processes.
         seed: base seed of every task; with ``seed_everything`` a run is repeatable.
     """
+
+    #: What kind of tasks this DataModule makes: ``False`` for classification (integer labels
+    #: ``0..N-1``, scored by accuracy), ``True`` for regression (float targets, scored by mean
+    #: squared error). A class attribute, known before any data is loaded, so that a learner
+    #: can read it at setup (``trainer.datamodule.regression``) to name its score ``acc`` or ``mse``.
+    regression: bool = False
+    #: Stacks the tasks a sampler hands out into one batch.
+    collate = staticmethod(collate_tasks)
 
     def __init__(
         self,
@@ -52,8 +77,7 @@ class TaskDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: Optional[str] = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS):
+        for split in STAGE_SPLITS.get(stage, SPLITS):
             if split not in self.datasets:
                 # Distinct seeds per split: validation never replays test episodes.
                 seed = self.seed * len(SPLITS) + SPLITS.index(split)
@@ -61,7 +85,13 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+            # Not built here: building data is setup's job, and Lightning calls it (per stage,
+            # on every process) before it asks for a dataloader; a second path would hide when.
+            stage = next(stage for stage, splits in STAGE_SPLITS.items() if split in splits)
+            raise RuntimeError(
+                f"{type(self).__name__} has no {split} tasks yet: call `setup({stage!r})` before "
+                f"`{split}_dataloader()` (Lightning's Trainer does this for you)."
+            )
         dataset = self.datasets[split]
         training = split == "train"
         return DataLoader(
@@ -69,11 +99,16 @@ class TaskDataModule(L.LightningDataModule):
             batch_size=self.meta_batch_size,
             sampler=EpisodeSampler(dataset, fixed=not training),
             drop_last=training,
-            collate_fn=collate_tasks,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and training,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Scale ``uint8`` images to float on the device they were moved to (see
+        :func:`~fewshot_lightning.data.task.scale_images`)."""
+        return scale_images(batch) if isinstance(batch, TaskBatch) else batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -85,20 +120,183 @@ class TaskDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
-class EpisodicDataModule(TaskDataModule):
-    """N-way K-shot Q-query episodes with class-disjoint train/val/test splits.
-
-    Use it directly on any labelled data (``data`` is split by class with a seeded shuffle,
-    or by ``class_split`` lists), or subclass it and override :meth:`load_splits` for a
-    benchmark with a published split.
+class ClassificationDataModule(TaskDataModule):
+    """N-way K-shot Q-query classification episodes: the episode arguments every
+    classification DataModule shares. Subclasses implement :meth:`make_dataset`.
 
     Args:
-        data: a tensor of samples or a ``Dataset`` of ``(x, y)`` pairs (for direct use).
-        labels: per-sample classes of ``data`` (read from ``data.targets`` if omitted).
-        split_fractions: fractions of classes for train/val/test when splitting ``data``.
-        ways, shots, queries: the training episodes.
-        test_ways, test_shots, test_queries: validation/test episodes (default: as training).
+        ways: N, classes per training episode.
+        shots: K, support samples per class.
+        queries: Q, query samples per class.
+        test_ways: N of validation and test episodes (default: ``ways``).
+        test_shots: K of validation and test episodes (default: ``shots``).
+        test_queries: Q of validation and test episodes (default: ``queries``).
+        **kwargs: ``meta_batch_size``, ``train_tasks``, ``val_tasks``, ``test_tasks``,
+            ``num_workers``, ``seed``, as in :class:`TaskDataModule`.
+    """
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        test_ways: Optional[int] = None,
+        test_shots: Optional[int] = None,
+        test_queries: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        train_shape = (ways, shots, queries)
+        test_shape = tuple(
+            train if test is None else test for train, test in zip(train_shape, (test_ways, test_shots, test_queries))
+        )
+        for shape in (train_shape, test_shape):
+            check_episode_shape(*shape)
+        self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
+        self._test_arguments_given = tuple(test is not None for test in (test_ways, test_shots, test_queries))
+
+    def episode_arguments(self, split: str) -> Tuple[Tuple[str, str, str], Tuple[str, str, str]]:
+        """The names of the arguments that set ``split``'s episode shape, and how to show them with
+        their values in a message (a test argument left unset says it took the training value)."""
+        values = self.episode_shape[split]
+        if split == "train":
+            names = ("ways", "shots", "queries")
+            return names, tuple(f"{name} = {value}" for name, value in zip(names, values))
+        names = ("test_ways", "test_shots", "test_queries")
+        described = tuple(
+            f"{name} = {value}" if given else f"{name} (not set, so {name[5:]} = {value})"
+            for name, value, given in zip(names, values, self._test_arguments_given)
+        )
+        return names, described
+
+
+class LabelledDataModule(ClassificationDataModule):
+    """Episodes over labelled data that is split by class: the base of every dataset's
+    DataModule. A subclass loads the data in :meth:`load_splits` (usually one call of the
+    dataset's ``load_<name>`` function); see ``docs/adding-a-dataset.md``.
+
+    The first :meth:`setup` loads the splits and checks them before anything trains:
+
+    * float data must be finite (:func:`~.episodes.check_finite`): one NaN pixel would turn
+      the weights into NaN;
+    * every split the stage uses (at ``fit``, the test split too) must hold the requested
+      episodes; the error names the argument at fault (``test_ways``, not ``ways``) and the
+      largest value that fits;
+    * the class split is printed, kept in :attr:`class_split` and, when the Trainer has a
+      logger, written to ``class_split.json`` in the run's log folder, beside ``config.yaml``.
+
+    Args:
         train_transform: per-sample augmentation for training episodes only.
+        **kwargs: the episode arguments of :class:`ClassificationDataModule` (``ways``,
+            ``shots``, ``queries``, ``test_ways``, ...) and of :class:`TaskDataModule`
+            (``meta_batch_size``, ``num_workers``, ``seed``, ...).
+    """
+
+    def __init__(self, train_transform: Optional[Transform] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.train_transform = train_transform
+        self._splits: Optional[Dict[str, LabelledData]] = None
+        #: After ``setup``: the names of each split's classes (see :meth:`class_name`), sorted by label.
+        self.class_split: Optional[Dict[str, List[str]]] = None
+
+    def load_splits(self) -> Dict[str, LabelledData]:
+        """The labelled data of the splits ``"train"``, ``"val"`` and ``"test"``, classes disjoint."""
+        raise NotImplementedError
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` in messages and :attr:`class_split`: the label itself,
+        unless a subclass knows better (a folder name)."""
+        return str(label)
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        """How to give ``splits`` more classes, for the error that finds they have too few."""
+        return f"use a dataset whose {' and '.join(splits)} split{'s have' if len(splits) > 1 else ' has'} more classes"
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._splits is None:
+            splits = self.load_splits()
+            for split, (data, labels) in splits.items():
+                check_finite(data, labels, f"The {split} split of {type(self).__name__}")
+            self._splits = splits
+            self.class_split = {
+                split: [self.class_name(label) for label in torch.unique(part.labels).tolist()]
+                for split, part in splits.items()
+            }
+            rank_zero_info(describe_class_split(type(self).__name__, self.class_split))
+        self.check_episodes(CHECKED_SPLITS.get(stage, SPLITS))
+        self.save_class_split()
+        super().setup(stage)
+
+    def check_episodes(self, splits: Iterable[str]) -> None:
+        """Raise a ``ValueError`` naming every argument that asks ``splits`` for episodes they
+        cannot hold; validation and test, shaped by the same ``test_*`` arguments, are checked
+        together, so the advice fits both."""
+        assert self._splits is not None, "setup loads the splits first"
+        problems = []
+        for group in (("train",), ("val", "test")):
+            checked = [split for split in group if split in splits]
+            if not checked:
+                continue
+            names, described = self.episode_arguments(checked[0])
+            split_of = {f"the {split} split": split for split in checked}
+            problems += episode_shape_problems(
+                {where: self._splits[split].labels for where, split in split_of.items()},
+                *self.episode_shape[checked[0]], names=names, described=described,
+                class_name=lambda label: f"class {self.class_name(label)}",
+                more_classes=lambda wheres: self.more_classes_advice([split_of[where] for where in wheres]),
+            )
+        if problems:
+            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+
+    def save_class_split(self) -> None:
+        """Write :attr:`class_split` to ``class_split.json`` in the Trainer's log folder, if it has one."""
+        trainer = self.trainer
+        if trainer is None or not trainer.loggers:
+            return
+        # On every rank: `log_dir` is a collective call under DDP (rank 0 broadcasts it).
+        log_dir = trainer.log_dir
+        if not log_dir or not trainer.is_global_zero:
+            return
+        path = Path(log_dir) / CLASS_SPLIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"datamodule": type(self).__name__, **self.class_split}, indent=1) + "\n")
+        rank_zero_info(f"Class split written to {path}.")
+
+    def make_dataset(self, split: str, num_tasks: int, seed: int) -> EpisodeDataset:
+        assert self._splits is not None, "setup loads the splits first"
+        data, labels = self._splits[split]
+        ways, shots, queries = self.episode_shape[split]
+        return EpisodeDataset(
+            data, labels, ways, shots, queries, num_tasks, seed,
+            transform=self.train_transform if split == "train" else None, scale=False,
+        )
+
+
+def describe_class_split(owner: str, class_split: Dict[str, List[str]]) -> str:
+    """``"<owner> class split (train/val/test: 6/2/2 classes):"`` and a line of names per split
+    (the first 20 of a long split)."""
+    counts = "/".join(str(len(names)) for names in class_split.values())
+    lines = [f"{owner} class split ({'/'.join(class_split)}: {counts} classes):"]
+    for split, names in class_split.items():
+        more = f", ... ({len(names) - _SHOWN_CLASSES:,} more)" if len(names) > _SHOWN_CLASSES else ""
+        lines.append(f"  {split}: {', '.join(names[:_SHOWN_CLASSES])}{more}")
+    return "\n".join(lines)
+
+
+class EpisodicDataModule(LabelledDataModule):
+    """N-way K-shot Q-query episodes on labelled data you pass in: ``data`` is split by class
+    with a seeded shuffle into class-disjoint train/val/test parts.
+
+    Args:
+        data: a tensor of samples or a ``Dataset`` of ``(x, y)`` pairs.
+        labels: per-sample classes of ``data`` (read from ``data.targets`` if omitted).
+        split_fractions: fractions of classes for train/val/test.
+        **kwargs: the arguments of :class:`LabelledDataModule` (``ways``, ``shots``,
+            ``queries``, ``test_ways``, ..., ``train_transform``, ``meta_batch_size``, ...).
+
+    Example::
+
+        data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=15, meta_batch_size=32)
     """
 
     def __init__(
@@ -106,54 +304,36 @@ class EpisodicDataModule(TaskDataModule):
         data: Optional[Union[Tensor, Dataset]] = None,
         labels: Optional[Union[Tensor, Sequence[int]]] = None,
         split_fractions: Sequence[float] = (0.64, 0.16, 0.20),
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        train_transform: Optional[Transform] = None,
-        meta_batch_size: int = 32,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed)
+        super().__init__(**kwargs)
         self.data = data
         self.labels = labels
-        if len(split_fractions) != 3 or any(f < 0 for f in split_fractions) or sum(split_fractions) <= 0:
-            raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test), got {split_fractions}.")
-        self.split_fractions = tuple(split_fractions)
-        train_shape = (ways, shots, queries)
-        test_shape = (test_ways or ways, test_shots or shots, test_queries or queries)
-        self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
-        self.train_transform = train_transform
-        self._splits: Optional[Dict[str, LabelledData]] = None
+        self.split_fractions = check_split_fractions(split_fractions)
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        """The labelled data of each split, classes disjoint. Override for published splits."""
         if self.data is None:
             raise ValueError(
                 f"{type(self).__name__} got no data: pass `data=` (and `labels=`), or use a benchmark "
                 "DataModule such as KanjiDataModule."
             )
         labels = labels_of(self.data) if self.labels is None else torch.as_tensor(self.labels, dtype=torch.long)
+        # Before the split, so that the samples it names are indices into `data` as passed in.
+        check_finite(self.data, labels, f"The data passed to {type(self).__name__}")
         return split_by_class(self.data, labels, self.split_fractions, self.seed)
 
-    def make_dataset(self, split: str, num_tasks: int, seed: int) -> EpisodeDataset:
-        if self._splits is None:
-            self._splits = self.load_splits()
-        data, labels = self._splits[split]
-        ways, shots, queries = self.episode_shape[split]
-        try:
-            return EpisodeDataset(
-                data, labels, ways, shots, queries, num_tasks, seed,
-                transform=self.train_transform if split == "train" else None,
-            )
-        except ValueError as error:
-            raise ValueError(f"{split} split of {type(self).__name__}: {error}") from None
+    def more_classes_advice(self, splits: List[str]) -> str:
+        return (
+            f"give the {' and '.join(splits)} split{'s' if len(splits) > 1 else ''} a larger share of the classes "
+            f"through split_fractions (now {list(self.split_fractions)}), or use data with more classes"
+        )
+
+
+def check_split_fractions(fractions: Sequence[float]) -> Tuple[float, float, float]:
+    """``fractions`` as a tuple, or a ``ValueError`` saying what three numbers are expected."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test), got {fractions}.")
+    return tuple(fractions)
 
 
 def split_by_class(

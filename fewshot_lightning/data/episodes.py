@@ -1,15 +1,15 @@
 """Map-style datasets of tasks, and the sampler that walks them.
 
-Task ``i`` of epoch ``e`` is drawn from a generator seeded by ``(seed, e, i)``. The
-:class:`EpisodeSampler` hands out the indices ``e * num_tasks + i``, split across DDP
-ranks; DataLoader workers split those further. So a run is reproducible whatever the
-number of workers, every epoch sees new tasks, and every rank sees different ones.
-Validation and test use a fixed sampler: the same episodes at every evaluation.
+Task ``i`` of epoch ``e`` is drawn from uniforms that depend only on ``(seed, e, i)``
+(:mod:`.seeding`). The :class:`EpisodeSampler` hands out the indices ``e * num_tasks + i``,
+split across DDP ranks; DataLoader workers split those further. So a run is reproducible
+whatever the number of workers, every epoch sees new tasks, and every rank sees different
+ones. Validation and test use a fixed sampler: the same episodes at every evaluation.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,9 +17,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from .task import TaskBatch, collate_tasks
+from .seeding import task_uniforms
+from .task import TaskBatch, collate_tasks, to_unit_float
 
 Transform = Callable[[Tensor], Tensor]
+#: Values per block of :func:`check_finite`: its temporary boolean mask stays at 16 MiB.
+_FINITE_BLOCK = 16 * 1024 * 1024
 
 
 class LabelledData(NamedTuple):
@@ -31,7 +34,7 @@ class LabelledData(NamedTuple):
 
 
 class TaskDataset(Dataset):
-    """Base class: index -> one task, from a generator seeded by ``(seed, epoch, i)``.
+    """Base class: index -> one task, whose randomness is :meth:`uniforms` of that index.
 
     Any index is valid; ``epoch, i = divmod(index, num_tasks)``. ``__len__`` is the number
     of tasks in one epoch.
@@ -46,9 +49,11 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return self.num_tasks
 
-    def generator(self, index: int) -> np.random.Generator:
+    def uniforms(self, index: int, count: int) -> np.ndarray:
+        """All the randomness of task ``index``: ``count`` uniforms in ``[0, 1)`` that depend only
+        on ``(seed, epoch, task)`` (see :func:`~fewshot_lightning.data.seeding.task_uniforms`)."""
         epoch, task = divmod(int(index), self.num_tasks)
-        return np.random.default_rng([self.seed, epoch, task])
+        return task_uniforms(self.seed, epoch, task, count)
 
     def __getitem__(self, index: int) -> TaskBatch:
         """Task ``index`` as unbatched tensors ``(support_x, support_y, query_x, query_y)``."""
@@ -80,7 +85,14 @@ class EpisodeDataset(TaskDataset):
         num_tasks: tasks per epoch.
         seed: base seed; task ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
         transform: applied to each sample (e.g. augmentation). ``uint8`` tensors with no
-            transform are scaled to ``float32`` in ``[0, 1]``.
+            transform are scaled to ``float32`` in ``[0, 1]``...
+        scale: ... unless ``scale=False``: then ``uint8`` samples stay ``uint8`` (a quarter of
+            the bytes to copy between processes and to the device), and whoever receives the
+            batch scales them (:func:`~fewshot_lightning.data.task.scale_images`); the
+            DataModules do this after moving each batch to the device.
+
+    The values of ``data`` are not checked here: the DataModules check float data once when
+    they load it (:func:`check_finite`), which is what to call on data used directly.
 
     Each task's classes get the labels ``0..N-1`` in random order, and support and query
     are each shuffled, so no model can read the label off the position.
@@ -96,9 +108,11 @@ class EpisodeDataset(TaskDataset):
         num_tasks: int = 1000,
         seed: int = 0,
         transform: Optional[Transform] = None,
+        scale: bool = True,
     ) -> None:
         super().__init__(num_tasks, seed)
         self.data = data
+        self.scale = scale
         labels = labels_of(data) if labels is None else torch.as_tensor(labels, dtype=torch.long)
         if len(labels) != len(data):
             raise ValueError(f"Got {len(labels)} labels for {len(data)} samples; they must match one to one.")
@@ -106,23 +120,12 @@ class EpisodeDataset(TaskDataset):
         self.ways, self.shots, self.queries = ways, shots, queries
         self.transform = transform
 
+        problems = episode_shape_problems({"the data": labels}, ways, shots, queries)
+        if problems:
+            raise ValueError(" ".join(problems))
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         self.classes = classes
-        if ways > len(classes):
-            raise ValueError(
-                f"Cannot sample {ways}-way tasks from {len(classes)} classes: lower `ways` to at most "
-                f"{len(classes)} or use data with more classes."
-            )
         needed = shots + queries
-        too_small = (counts < needed).nonzero().flatten()
-        if len(too_small):
-            smallest = int(counts.min())
-            raise ValueError(
-                f"{shots}-shot {queries}-query tasks need {needed} samples per class, but {len(too_small)} of "
-                f"{len(classes)} classes have fewer (the smallest has {smallest}, class "
-                f"{int(classes[counts.argmin()])}): lower `shots`/`queries` to sum to at most {smallest}, "
-                "or drop the small classes."
-            )
         order = torch.argsort(inverse, stable=True)
         # members[c] = indices of the samples of class c; a list of arrays for cheap numpy choice.
         self.members = [m.numpy() for m in torch.split(order, counts.tolist())]
@@ -139,26 +142,15 @@ class EpisodeDataset(TaskDataset):
         self.draws = ways + ways * width + ways * needed
         self._tensor_data = isinstance(data, Tensor)
 
-    def uniforms(self, index: int) -> np.ndarray:
-        """All the randomness of task ``index``: :attr:`draws` uniforms in ``[0, 1)`` from a
-        torch generator seeded by a 64-bit mix of ``(seed, epoch, task)``.
-
-        Setting up a torch generator costs a few microseconds; numpy's ``default_rng`` of a
-        seed list costs tens (its ``SeedSequence`` hashing), more than the rest of the task.
-        """
-        epoch, task = divmod(int(index), self.num_tasks)
-        generator = torch.Generator().manual_seed(mix64(self.seed, epoch, task))
-        return torch.rand(self.draws, dtype=torch.float64, generator=generator).numpy()
-
     def __getitem__(self, index: int) -> TaskBatch:
-        return self._task(*self._draw(self.uniforms(index)))
+        return self._task(*self._draw(self.uniforms(index, self.draws)))
 
     def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
-        # The DataLoader asks for a whole meta-batch here: one gather and one uint8 -> float
-        # conversion for all its tasks instead of one per task plus a stack.
+        # The DataLoader asks for a whole meta-batch here: one gather (and one uint8 -> float
+        # conversion) for all its tasks instead of one per task plus a stack.
         if not self._tensor_data or self.transform is not None:
             return collate_tasks([self[i] for i in indices])
-        drawn = [self._draw(self.uniforms(i)) for i in indices]
+        drawn = [self._draw(self.uniforms(i, self.draws)) for i in indices]
         samples = self._gather(np.concatenate([indices for indices, _, _ in drawn]))
         samples = samples.view(len(drawn), -1, *samples.shape[1:])
         support = self.ways * self.shots
@@ -199,9 +191,9 @@ class EpisodeDataset(TaskDataset):
 
     def _gather(self, indices: np.ndarray) -> Tensor:
         # index_select, not data[indices]: advanced indexing takes a general path about ten
-        # times slower for a few dozen rows. `/ 255` converts and scales in one pass.
+        # times slower for a few dozen rows.
         samples = self.data.index_select(0, torch.from_numpy(indices))
-        return samples / 255 if samples.dtype == torch.uint8 else samples
+        return to_unit_float(samples) if self.scale else samples
 
     def _samples(self, indices: np.ndarray) -> Tensor:
         """Samples one by one: through ``transform``, or from a ``Dataset`` of pairs."""
@@ -212,20 +204,6 @@ class EpisodeDataset(TaskDataset):
         if self.transform is not None:
             items = [self.transform(x) for x in items]
         return torch.stack([torch.as_tensor(x) for x in items])
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix64(*values: int) -> int:
-    """A 63-bit seed from integers: the SplitMix64 finaliser (Steele et al., 2014) folded over them."""
-    state = 0
-    for value in values:
-        state = (state + 0x9E3779B97F4A7C15 + (value & _MASK64)) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 31
-    return state >> 1  # torch.Generator.manual_seed wants a value that fits a signed 64-bit int
 
 
 def ordered_sample(n: int, k: int, uniforms: np.ndarray) -> np.ndarray:
@@ -249,6 +227,106 @@ def check_episode_shape(ways: int, shots: int, queries: int) -> None:
         raise ValueError(f"shots must be at least 1, got {shots}.")
     if queries < 1:
         raise ValueError(f"queries must be at least 1, got {queries}.")
+
+
+def episode_shape_problems(
+    parts: Mapping[str, Tensor],
+    ways: int,
+    shots: int,
+    queries: int,
+    names: Sequence[str] = ("ways", "shots", "queries"),
+    described: Optional[Sequence[str]] = None,
+    class_name: Callable[[int], str] = "class {}".format,
+    more_classes: Callable[[List[str]], str] = lambda wheres: "use data with more classes",
+) -> List[str]:
+    """Why ``ways``-way ``shots``-shot ``queries``-query episodes cannot be drawn from every one
+    of ``parts`` (``{"the val split": labels, ...}``, the parts these arguments shape), one
+    sentence per problem; an empty list if they can.
+
+    Each sentence names the argument at fault (``names``, shown as ``described``, e.g.
+    ``"test_ways (not set, so ways = 60)"``) and advice that can be followed: the largest
+    value that fits every part, or ``more_classes(parts at fault)`` when not even the smallest
+    episode, 2-way 1-shot 1-query, fits.
+    """
+    ways_name, shots_name, queries_name = names
+    values = (ways, shots, queries)
+    ways_shown, shots_shown, queries_shown = described or [f"{name} = {value}" for name, value in zip(names, values)]
+    counted = {where: torch.unique(labels, return_counts=True) for where, labels in parts.items()}
+    problems = []
+
+    one_class = [where for where, (classes, _) in counted.items() if len(classes) < 2]
+    for where in one_class:
+        found = len(counted[where][0])
+        problems.append(
+            f"{where} has {found} class{'' if found == 1 else 'es'}, and an episode needs at least 2: "
+            f"{more_classes([where])}."
+        )
+    sizes = {where: len(classes) for where, (classes, _) in counted.items() if where not in one_class}
+    too_few = [where for where, size in sizes.items() if size < ways]
+    if too_few:
+        found = " and ".join(f"{where} has only {sizes[where]} classes" for where in too_few)
+        problems.append(
+            f"{ways_shown}, but {found}: set {ways_name} to at most {min(sizes.values())}, or {more_classes(too_few)}."
+        )
+
+    # Classes of one sample fit no episode at all; the others fit when shots + queries <= count.
+    needed = shots + queries
+    lonely, short, smallest = [], [], None
+    for where, (classes, counts) in counted.items():
+        alone = classes[counts < 2]
+        if len(alone):
+            shown = ", ".join(class_name(int(c)) for c in alone[:5]) + (", ..." if len(alone) > 5 else "")
+            lonely.append((len(alone), f"{len(alone)} of the {len(classes)} classes of {where} ({shown})"))
+        elif (counts < needed).any():
+            fewer = int((counts < needed).sum())
+            short.append((fewer, f"{fewer} of the {len(classes)} classes of {where}"))
+            if smallest is None or int(counts.min()) < smallest[0]:
+                named = class_name(int(classes[counts.argmin()])) + (f" of {where}" if len(parts) > 1 else "")
+                smallest = (int(counts.min()), named)
+    if lonely:
+        which = " and ".join(text for _, text in lonely)
+        problems.append(
+            f"{which} {'has' if sum(n for n, _ in lonely) == 1 else 'have'} a single sample, and every class needs at "
+            "least 2 (a support and a query sample): drop those classes or add samples to them."
+        )
+    elif short:
+        which = " and ".join(text for _, text in short)
+        fewest, fewest_class = smallest
+        problems.append(
+            f"{shots_shown} and {queries_shown} need {needed} samples per class, but {which} "
+            f"{'has' if sum(n for n, _ in short) == 1 else 'have'} fewer (the smallest, {fewest_class}, has {fewest}): "
+            f"lower {shots_name} and {queries_name} to sum to at most {fewest}, or drop the classes with fewer than "
+            f"{needed} samples."
+        )
+    return problems
+
+
+def check_finite(data: Union[Tensor, Dataset], labels: Tensor, what: str = "The data") -> None:
+    """Raise a ``ValueError`` if float ``data`` holds NaN or infinite values, naming how many,
+    in which samples (the first five, with their classes) and what to do.
+
+    One such value in one sample turns every weight into NaN at the first step that draws
+    it (a NaN input gives a NaN loss, and its gradient reaches every parameter). Integer data
+    (decoded images) cannot hold one, and a ``Dataset`` of pairs is not read here; a float
+    tensor costs one ``isfinite`` pass, in blocks of 16M values to bound the memory.
+    """
+    if not isinstance(data, Tensor) or not (data.is_floating_point() or data.is_complex()) or len(data) == 0:
+        return
+    rows = max(1, _FINITE_BLOCK // max(1, data[0].numel()))
+    blocks = (data[start : start + rows] for start in range(0, len(data), rows))
+    bad_values = torch.cat([(~torch.isfinite(block)).reshape(len(block), -1).sum(1) for block in blocks])
+    samples = bad_values.nonzero().flatten()
+    if not len(samples):
+        return
+    total = int(bad_values.sum())
+    listed = ", ".join(f"sample {i} (class {int(labels[i])})" for i in samples[:5].tolist())
+    more = f" and {len(samples) - 5:,} more" if len(samples) > 5 else ""
+    raise ValueError(
+        f"{what} holds {total:,} non-finite value{'' if total == 1 else 's'} (NaN or infinity) in {len(samples):,} "
+        f"of its {len(data):,} samples: {listed}{more}. One is enough to make every weight NaN at the first training "
+        "step that draws it. Repair or drop those samples before training, e.g. "
+        "`keep = torch.isfinite(data).reshape(len(data), -1).all(1)`, then use `data[keep]` and `labels[keep]`."
+    )
 
 
 class EpisodeSampler(DistributedSampler):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .datamodule import TaskDataModule
+from .datamodule import ClassificationDataModule
 from .episodes import TaskDataset, check_episode_shape
 from .task import TaskBatch
 
@@ -34,7 +34,8 @@ class Learn2LearnTasks(TaskDataset):
 
     Every task is drawn fresh, from ``taskset.get_task(taskset.sample_task_description())``,
     with Python's ``random`` module (which learn2learn's samplers use) seeded to
-    :meth:`task_seed`; the global ``random`` state is restored afterwards. So task ``i`` of
+    :meth:`task_seed`; the global ``random`` state is restored afterwards. That seed and the
+    relabelling and shuffling below come from the task's :meth:`uniforms`, so task ``i`` of
     epoch ``e`` depends only on ``(seed, e, i)``, in any worker process, as for
     :class:`EpisodeDataset`. The taskset's own ``num_tasks`` pool is bypassed: it caches
     descriptions in whichever process first draws them, so it could not be reproduced across
@@ -67,14 +68,12 @@ class Learn2LearnTasks(TaskDataset):
             )
         self.taskset = taskset
         self.ways, self.shots, self.queries = ways, shots, queries
+        #: Uniforms per task: the seed of Python's random, class labels, support and query order.
+        self.draws = 1 + ways + ways * (shots + queries)
 
     def task_seed(self, index: int) -> int:
         """The seed of Python's ``random`` while task ``index`` is sampled."""
-        return python_seed(self.generator(index))
-
-    def sampled(self, index: int) -> Tuple[Tensor, Tensor]:
-        """Task ``index`` as the taskset returns it: ``(data, labels)``, unsplit."""
-        return self._sample(self.task_seed(index))
+        return python_seed(self.uniforms(index, self.draws)[0])
 
     def _sample(self, seed: int) -> Tuple[Tensor, Tensor]:
         outer_state = random.getstate()
@@ -87,13 +86,13 @@ class Learn2LearnTasks(TaskDataset):
         return torch.as_tensor(data), torch.as_tensor(labels)
 
     def __getitem__(self, index: int) -> TaskBatch:
-        rng = self.generator(index)
-        # The same generator then orders labels and shuffles: it has moved past the seed drawn.
-        data, labels = self._sample(python_seed(rng))
-        return self.episode(data, labels, rng)
+        uniforms = self.uniforms(index, self.draws)
+        data, labels = self._sample(python_seed(uniforms[0]))
+        return self.episode(data, labels, uniforms[1:])
 
-    def episode(self, data: Tensor, labels: Tensor, rng: np.random.Generator) -> TaskBatch:
-        """Split one sampled task into support and query, relabel and shuffle."""
+    def episode(self, data: Tensor, labels: Tensor, uniforms: np.ndarray) -> TaskBatch:
+        """Split one sampled task into support and query, relabel and shuffle; ``uniforms``
+        (``ways * (1 + shots + queries)`` of them) give the new labels and the two orders."""
         ways, shots, queries = self.ways, self.shots, self.queries
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) != ways or (counts != shots + queries).any():
@@ -105,9 +104,10 @@ class Learn2LearnTasks(TaskDataset):
             )
         # Row c: the positions of class c's samples, in the taskset's order (a stable sort).
         by_class = torch.argsort(inverse, stable=True).view(ways, shots + queries)
-        new_label = torch.from_numpy(rng.permutation(ways))[:, None]
-        support_order = torch.from_numpy(rng.permutation(ways * shots))
-        query_order = torch.from_numpy(rng.permutation(ways * queries))
+        # argsort of iid uniforms: uniformly random permutations.
+        new_label = torch.from_numpy(np.argsort(uniforms[:ways]))[:, None]
+        support_order = torch.from_numpy(np.argsort(uniforms[ways : ways + ways * shots]))
+        query_order = torch.from_numpy(np.argsort(uniforms[ways + ways * shots :]))
         support_idx = by_class[:, :shots].reshape(-1)[support_order]
         query_idx = by_class[:, shots:].reshape(-1)[query_order]
         support_y = new_label.expand(ways, shots).reshape(-1)[support_order]
@@ -115,15 +115,16 @@ class Learn2LearnTasks(TaskDataset):
         return TaskBatch(as_float(data[support_idx]), support_y, as_float(data[query_idx]), query_y)
 
 
-def python_seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(2**63))
+def python_seed(uniform: float) -> int:
+    # The uniforms are 53-bit doubles: this is every bit of one, exactly.
+    return int(uniform * 2**53)
 
 
 def as_float(samples: Tensor) -> Tensor:
     return samples.float().div_(255) if samples.dtype == torch.uint8 else samples
 
 
-class Learn2LearnDataModule(TaskDataModule):
+class Learn2LearnDataModule(ClassificationDataModule):
     """Episodes from learn2learn tasksets: a named learn2learn benchmark, or tasksets you built.
 
     With ``benchmark`` (``"omniglot"``, ``"mini-imagenet"``, ``"tiered-imagenet"``,
@@ -140,10 +141,9 @@ class Learn2LearnDataModule(TaskDataModule):
         root: where learn2learn keeps its data.
         tasksets: prebuilt tasksets (instead of ``benchmark``).
         benchmark_kwargs: extra keyword arguments for ``get_tasksets`` (e.g. ``data_augmentation``).
-        ways, shots, queries, test_ways, test_shots, test_queries: the episodes (validation and
-            test default to the training shape).
-        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
-            :class:`TaskDataModule`.
+        **kwargs: the episode arguments of
+            :class:`~fewshot_lightning.data.ClassificationDataModule` (``ways``, ``shots``,
+            ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``num_workers``, ``seed``, ...).
 
     Example::
 
@@ -156,31 +156,15 @@ class Learn2LearnDataModule(TaskDataModule):
         root: Union[str, Path] = "data",
         tasksets: Optional[Any] = None,
         benchmark_kwargs: Optional[Dict[str, Any]] = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        meta_batch_size: int = 32,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed)
+        super().__init__(**kwargs)
         if (benchmark is None) == (tasksets is None):
             raise ValueError("Pass exactly one of `benchmark` (a learn2learn benchmark name) and `tasksets`.")
         import_learn2learn()
         self.benchmark = benchmark
         self.root = Path(root).expanduser()
         self.benchmark_kwargs = dict(benchmark_kwargs or {})
-        train_shape = (ways, shots, queries)
-        test_shape = (test_ways or ways, test_shots or shots, test_queries or queries)
-        for shape in (train_shape, test_shape):
-            check_episode_shape(*shape)
-        self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
         self._tasksets = None if tasksets is None else tasksets_by_split(tasksets)
 
     def prepare_data(self) -> None:

@@ -4,6 +4,13 @@ The layout is torchvision's ``ImageFolder`` (``root/<class name>/**/<image>``). 
 is decoded once, resized to ``image_size`` x ``image_size`` (the whole image, ignoring its
 aspect ratio, as mini-ImageNet's 84x84 images were made by Ravi & Larochelle, 2017) and
 stored in one uint8 tensor cached on disk; later runs load that tensor in a second.
+
+Files that cannot be decoded (a truncated JPEG, a text file named ``.png``) are skipped,
+with a warning listing them in every run. Skipped rather than fatal, unlike in the
+benchmarks: a folder of your own is whatever it holds, a few broken downloads are common in
+one, and the rest is still a valid dataset; the warning names every file, and a class left
+with too few images for the requested episodes fails at setup (before any training) with
+an error naming it.
 """
 from __future__ import annotations
 
@@ -12,17 +19,17 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ..datamodule import SPLITS, EpisodicDataModule, split_by_class, subset_by_classes
+from ..datamodule import SPLITS, LabelledDataModule, check_split_fractions, split_by_class, subset_by_classes
 from ..episodes import LabelledData
-from ._storage import load_cache, save_atomic
+from ._storage import describe_error, describe_failures, load_cache, save_atomic
 
 #: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
 FORMAT_VERSION = 1
@@ -105,52 +112,154 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 def load_image_folder(
+    root: str,
+    image_size: int = 84,
+    channels: int = 3,
+    cache_dir: Optional[str] = None,
+    split_fractions: Sequence[float] = (0.64, 0.16, 0.20),
+    split_seed: int = 0,
+    train_classes: Optional[List[str]] = None,
+    val_classes: Optional[List[str]] = None,
+    test_classes: Optional[List[str]] = None,
+) -> Dict[str, LabelledData]:
+    """The images under ``root`` (see :func:`read_image_folder`), split by class: by a seeded
+    shuffle in ``split_fractions``, or exactly as listed in ``train_classes``, ``val_classes``
+    and ``test_classes`` (all three, disjoint). Labels index the sorted class folder names."""
+    class_lists = check_class_lists(train_classes, val_classes, test_classes)
+    fractions = check_split_fractions(split_fractions)
+    folder = read_image_folder(root, image_size, channels, cache_dir)
+    return split_folder(folder, root, fractions, split_seed, class_lists)
+
+
+def read_image_folder(
     root: str, image_size: int = 84, channels: int = 3, cache_dir: Optional[str] = None
 ) -> FolderImages:
     """Every image under ``root``, decoded once and cached in ``cache_dir`` (default
-    ``<root>/.fewshot_cache``) under a name keyed by :func:`folder_fingerprint`."""
+    ``<root>/.fewshot_cache``) under a name keyed by :func:`folder_fingerprint`.
+
+    Files that cannot be decoded are left out with a warning naming them (in every process
+    that loads them, from the cache too), and so is a class left with no image.
+    """
+    check_image_shape(image_size, channels)
     root_path = Path(root).expanduser()
     classes, files, labels = scan_folder(root_path)
     fingerprint = folder_fingerprint(root_path, files, image_size, channels)
     cache_folder = Path(cache_dir).expanduser() if cache_dir is not None else root_path / DEFAULT_CACHE_FOLDER
     path = cache_folder / f"images_{image_size}px_{channels}ch_{fingerprint[:16]}.pt"
-    shape = (len(files), channels, image_size, image_size)
 
     def problem(payload: Dict) -> Optional[str]:
         if payload.get("version") != FORMAT_VERSION or payload.get("fingerprint") != fingerprint:
             return "it was made from other files or settings"
+        skipped, reasons = payload.get("skipped"), payload.get("skip_reasons")
+        if not isinstance(skipped, list) or not isinstance(reasons, list) or not set(skipped) <= set(files):
+            return "it does not list the skipped files"
         images = payload.get("images")
+        shape = (len(files) - len(skipped), channels, image_size, image_size)
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
             return "images have the wrong type or shape"
         return None
 
     payload = load_cache(path, problem)
-    if payload is not None:
-        return FolderImages(payload["images"], torch.tensor(labels, dtype=torch.long), classes, files)
+    if payload is None:
+        payload = decode_folder(root_path, files, len(classes), image_size, channels, path)
+        payload.update(version=FORMAT_VERSION, fingerprint=fingerprint)
+        try:
+            save_atomic(payload, path)
+        except OSError as error:
+            raise OSError(
+                f"Cannot write the image cache {path} ({error}). Pass a writable `cache_dir` "
+                "(the image folder itself may be read-only)."
+            ) from error
+    skipped = list(zip(payload["skipped"], payload["skip_reasons"]))
+    return kept_images(root_path, payload["images"], classes, files, labels, skipped)
 
-    rank_zero_info(f"Decoding {len(files):,} images of {len(classes):,} classes from {root_path} into {path} (once).")
+
+def decode_folder(root: Path, files: List[str], num_classes: int, image_size: int, channels: int, cache: Path) -> Dict:
+    """``{"images": uint8 [N', C, S, S], "skipped": [files], "skip_reasons": [why]}``: the files
+    that decode, in order, and those that do not."""
+    rank_zero_info(f"Decoding {len(files):,} images of {num_classes:,} classes from {root} into {cache} (once).")
+
+    def decode(relative: str) -> Any:
+        try:
+            return decode_image(root / relative, image_size, channels)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
+            return error
+
     # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(lambda relative: decode_image(root_path / relative, image_size, channels), files))
-    images = torch.from_numpy(np.stack(decoded))
-    try:
-        save_atomic({"version": FORMAT_VERSION, "fingerprint": fingerprint, "images": images}, path)
-    except OSError as error:
-        raise OSError(
-            f"Cannot write the image cache {path} ({error}). Pass a writable `cache_dir` "
-            "(the image folder itself may be read-only)."
-        ) from error
-    return FolderImages(images, torch.tensor(labels, dtype=torch.long), classes, files)
+        decoded = list(pool.map(decode, files))
+    failed = [(relative, result) for relative, result in zip(files, decoded) if isinstance(result, BaseException)]
+    if len(failed) == len(files):
+        raise RuntimeError(
+            f"None of the {len(files)} images under {root} could be decoded: {describe_failures(failed)}. "
+            "Are they images? Pillow decodes BMP, GIF, JPEG, PGM/PPM, PNG, TIFF and WebP."
+        )
+    pixels = [result for result in decoded if not isinstance(result, BaseException)]
+    return {
+        "images": torch.from_numpy(np.stack(pixels)),
+        "skipped": [relative for relative, _ in failed],
+        "skip_reasons": [describe_error(error) for _, error in failed],
+    }
 
 
-class ImageFolderDataModule(EpisodicDataModule):
+def kept_images(
+    root: Path, images: Tensor, classes: List[str], files: List[str], labels: List[int], skipped: List[Tuple[str, str]]
+) -> FolderImages:
+    """The images that decoded, relabelled over the classes that still hold one, with a
+    warning naming the ``(file, why)`` pairs of ``skipped`` and any class they emptied."""
+    if not skipped:
+        return FolderImages(images, torch.tensor(labels, dtype=torch.long), classes, files)
+    left_out = {relative for relative, _ in skipped}
+    kept = [(relative, label) for relative, label in zip(files, labels) if relative not in left_out]
+    remaining = sorted({label for _, label in kept})
+    emptied = [classes[label] for label in range(len(classes)) if label not in set(remaining)]
+    new_label = {label: index for index, label in enumerate(remaining)}
+    dropped = f" Class folder(s) left with no image, and so dropped: {', '.join(emptied)}." if emptied else ""
+    # Once per process (one warning location, so Python shows it once though prepare_data and
+    # setup both load) and on rank 0 only: the same news from every DDP rank is noise.
+    rank_zero_warn(
+        f"Skipping {len(skipped)} of the {len(files)} images under {root}, which could not be decoded: "
+        f"{describe_failures(skipped)}. The other {len(kept)} are used.{dropped} "
+        "Delete or replace those files to silence this warning."
+    )
+    return FolderImages(
+        images,
+        torch.tensor([new_label[label] for _, label in kept], dtype=torch.long),
+        [classes[label] for label in remaining],
+        [relative for relative, _ in kept],
+    )
+
+
+def split_folder(
+    folder: FolderImages, root: str, fractions: Sequence[float], seed: int, class_lists: Optional[Dict[str, List[str]]]
+) -> Dict[str, LabelledData]:
+    """The classes of ``folder`` by split: as named in ``class_lists``, or if it is ``None`` by a
+    shuffle seeded with ``seed`` in ``fractions``."""
+    if class_lists is None:
+        return split_by_class(folder.images, folder.labels, fractions, seed)
+    index = {name: label for label, name in enumerate(folder.classes)}
+    unknown = sorted({name for names in class_lists.values() for name in names} - index.keys())
+    if unknown:
+        raise ValueError(
+            f"Class(es) {', '.join(unknown[:10])} are not image-holding sub-folders of {root}; "
+            f"its classes are {', '.join(folder.classes[:20])}{' ...' if len(folder.classes) > 20 else ''}."
+        )
+    return {
+        split: subset_by_classes(folder.images, folder.labels, torch.tensor([index[n] for n in names], dtype=torch.long))
+        for split, names in class_lists.items()
+    }
+
+
+class ImageFolderDataModule(LabelledDataModule):
     """Few-shot episodes over a folder of class sub-folders of images (your own data).
 
-    Images are decoded once into a cached uint8 tensor (see :func:`load_image_folder`); a
+    Images are decoded once into a cached uint8 tensor (see :func:`read_image_folder`); a
     changed folder (any image added, removed or edited) is decoded again. Classes are split
     either by a seeded shuffle in ``split_fractions``, or exactly as given by
     ``train_classes``, ``val_classes`` and ``test_classes`` (all three, disjoint; classes in
-    none of them are left out).
+    none of them are left out). After ``setup``, ``classes`` holds the class folder names
+    that the labels index, and ``class_split`` the names in each split; the split is also
+    printed, and written to ``class_split.json`` in the run's log folder.
 
     Args:
         root: the folder, laid out as ``root/<class name>/<image>``.
@@ -162,12 +271,8 @@ class ImageFolderDataModule(EpisodicDataModule):
         split_seed: seed of that shuffle (kept apart from ``seed`` so that rerunning with a new
             episode seed tests on the same classes).
         train_classes, val_classes, test_classes: class folder names of each split.
-        ways, shots, queries: the training episodes.
-        test_ways, test_shots, test_queries: validation/test episodes (default: as training).
-        meta_batch_size: tasks per step.
-        train_tasks, val_tasks, test_tasks: tasks per training epoch; fixed evaluation episodes.
-        num_workers: DataLoader worker processes.
-        seed: base seed of the episodes.
+        **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
+            (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``seed``, ...).
     """
 
     def __init__(
@@ -181,59 +286,47 @@ class ImageFolderDataModule(EpisodicDataModule):
         train_classes: Optional[List[str]] = None,
         val_classes: Optional[List[str]] = None,
         test_classes: Optional[List[str]] = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        meta_batch_size: int = 32,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            split_fractions=split_fractions, ways=ways, shots=shots, queries=queries, test_ways=test_ways,
-            test_shots=test_shots, test_queries=test_queries, meta_batch_size=meta_batch_size,
-            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
-        )
-        if image_size < 1:
-            raise ValueError(f"image_size must be at least 1 pixel, got {image_size}.")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+        super().__init__(**kwargs)
+        check_image_shape(image_size, channels)
         self.root = root
         self.image_size = image_size
         self.channels = channels
         self.cache_dir = cache_dir
+        self.split_fractions = check_split_fractions(split_fractions)
         self.split_seed = split_seed
         self.class_lists = check_class_lists(train_classes, val_classes, test_classes)
         self.classes: Optional[List[str]] = None
 
-    def _load(self) -> FolderImages:
-        return load_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
-
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node: the decoding happens once, not per rank.
-        self._load()
+        # Once per node, before `setup` on every process: the decoding happens once, not per rank.
+        read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        folder = self._load()
+        # load_image_folder's two halves: the class names are kept for `classes`.
+        folder = read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
         self.classes = folder.classes
-        if self.class_lists is None:
-            return split_by_class(folder.images, folder.labels, self.split_fractions, self.split_seed)
-        index = {name: label for label, name in enumerate(folder.classes)}
-        unknown = sorted({name for names in self.class_lists.values() for name in names} - index.keys())
-        if unknown:
-            raise ValueError(
-                f"Class(es) {', '.join(unknown[:10])} are not image-holding sub-folders of {self.root}; "
-                f"its classes are {', '.join(folder.classes[:20])}{' ...' if len(folder.classes) > 20 else ''}."
-            )
-        return {
-            split: subset_by_classes(folder.images, folder.labels, torch.tensor([index[n] for n in names], dtype=torch.long))
-            for split, names in self.class_lists.items()
-        }
+        return split_folder(folder, self.root, self.split_fractions, self.split_seed, self.class_lists)
+
+    def class_name(self, label: int) -> str:
+        return self.classes[label]
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        if self.class_lists is not None:
+            return f"list more classes in {' and '.join(split + '_classes' for split in splits)}"
+        return (
+            f"give the {' and '.join(splits)} split{'s' if len(splits) > 1 else ''} a larger share of the "
+            f"{len(self.classes)} classes through split_fractions (now {list(self.split_fractions)}), or name each "
+            "split's classes with train_classes, val_classes and test_classes"
+        )
+
+
+def check_image_shape(image_size: int, channels: int) -> None:
+    if image_size < 1:
+        raise ValueError(f"image_size must be at least 1 pixel, got {image_size}.")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
 
 
 def check_class_lists(

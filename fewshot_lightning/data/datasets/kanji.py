@@ -35,14 +35,14 @@ import re
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ..datamodule import SPLITS, EpisodicDataModule, subset_by_classes
+from ..datamodule import SPLITS, LabelledDataModule, subset_by_classes
 from ..episodes import LabelledData
 from ._storage import load_cache, save_atomic
 from .kanji_render import render_character
@@ -153,6 +153,13 @@ def select_characters(total: int, num_characters: Optional[int]) -> np.ndarray:
     if not 2 <= num_characters <= total:
         raise ValueError(f"num_characters must be between 2 and {total} (or None for all), got {num_characters}.")
     return np.linspace(0, total - 1, num_characters).round().astype(np.int64)
+
+
+def kanji_characters(num_characters: Optional[int] = None) -> str:
+    """The characters of a build in label order (label ``k`` is character ``k``): all 6,413 in
+    code-point order, or the even spread of :func:`select_characters`."""
+    files = kanjivg_files()
+    return "".join(character_of(files[i]) for i in select_characters(len(files), num_characters))
 
 
 def _check_sizes(image_size: int, instances: int) -> None:
@@ -268,7 +275,7 @@ def load_kanji(
     }
 
 
-class KanjiDataModule(EpisodicDataModule):
+class KanjiDataModule(LabelledDataModule):
     """Few-shot episodes over the Kanji benchmark: 6,413 classes of 20 handwritten-style instances each.
 
     See the module docstring for how the images are made, the split and the license. The
@@ -283,8 +290,8 @@ class KanjiDataModule(EpisodicDataModule):
             new episode seed tests on the same characters).
         num_characters: render only this many characters, spread evenly over the set, and
             split them in the full set's proportions (for quick tests); ``None`` for all.
-        **kwargs: the episodes (``ways``, ``shots``, ``queries``, ``test_*``,
-            ``meta_batch_size``, ``*_tasks``, ``num_workers``, ``seed``): see :class:`EpisodicDataModule`.
+        **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
+            (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``seed``, ...).
 
     Example::
 
@@ -303,7 +310,7 @@ class KanjiDataModule(EpisodicDataModule):
         render_seed: int = 0,
         split_seed: int = 0,
         num_characters: Optional[int] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _check_sizes(image_size, instances)
@@ -314,10 +321,16 @@ class KanjiDataModule(EpisodicDataModule):
         self.render_seed = render_seed
         self.split_seed = split_seed
         self.num_characters = num_characters
+        #: After ``setup``: the characters in label order (label ``k`` is ``characters[k]``).
+        self.characters: Optional[str] = None
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node: the render happens once, not per rank.
         kanji_images(self.root, self.image_size, self.instances, self.render_seed, self.num_characters)
 
     def load_splits(self) -> Dict[str, LabelledData]:
+        self.characters = kanji_characters(self.num_characters)
         return load_kanji(self.root, self.image_size, self.instances, self.render_seed, self.split_seed, self.num_characters)
+
+    def class_name(self, label: int) -> str:
+        return self.characters[label]

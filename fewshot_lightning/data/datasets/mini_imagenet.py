@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ..datamodule import SPLITS, EpisodicDataModule
-from ..episodes import LabelledData, Transform
+from ..datamodule import SPLITS, LabelledDataModule
+from ..episodes import LabelledData
 from ._storage import (
-    PathLike, as_uint8_chw, check_class_counts, check_disjoint, load_pickle, load_tensors, missing, relabel_splits,
-    save_atomic,
+    PathLike, as_uint8_chw, check_class_counts, check_disjoint, describe_failures, load_cache, load_pickle, missing,
+    relabel_splits, save_atomic,
 )
 
 PUBLISHED_CLASSES = {"train": 64, "val": 16, "test": 20}
+FOLDER = "mini-imagenet"
 IMAGE_SIZE = 84
 #: learn2learn's copies name the validation pickle ``-validation``; both spellings are accepted.
 PICKLE_NAMES = {
@@ -36,12 +37,71 @@ HOW_TO_GET = (
 )
 
 
-class MiniImageNetDataModule(EpisodicDataModule):
+def load_mini_imagenet(root: PathLike = "data") -> Dict[str, LabelledData]:
+    """mini-ImageNet's 64/16/20 classes (see :class:`MiniImageNetDataModule`): uint8 images
+    ``[N, 3, 84, 84]``, class ids unique across splits (train first, then val, then test).
+
+    Reads ``{root}/mini-imagenet/``: the pickles if all three are there, otherwise ``images/``
+    with the split CSVs, decoded on the first call into ``{split}-84px.pt`` caches beside them.
+    Missing files raise a ``FileNotFoundError`` that says where to get them.
+    """
+    folder = Path(root).expanduser() / FOLDER
+    pickles = {split: pickle_path(folder, split) for split in SPLITS}
+    if not all(pickles.values()):
+        check_csv_layout(folder, pickles)  # raises the missing-data error before anything slow
+    loaded = {split: read_cache_pickle(path) if path else csv_split(folder, split) for split, path in pickles.items()}
+    check_disjoint(folder, {split: wnids for split, (_, _, wnids) in loaded.items()})
+    check_class_counts(
+        "mini-ImageNet", folder, {split: len(wnids) for split, (_, _, wnids) in loaded.items()}, PUBLISHED_CLASSES
+    )
+    return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+
+
+def pickle_path(folder: Path, split: str) -> Optional[Path]:
+    return next((folder / name for name in PICKLE_NAMES[split] if (folder / name).is_file()), None)
+
+
+def check_csv_layout(folder: Path, pickles: Dict[str, Optional[Path]]) -> None:
+    """Raise the missing-data error unless ``images/`` and the three split CSVs are there."""
+    if (folder / "images").is_dir() and all((folder / f"{split}.csv").is_file() for split in SPLITS):
+        return
+    if any(pickles.values()):
+        absent = [" or ".join(PICKLE_NAMES[split]) for split, path in pickles.items() if path is None]
+        raise missing(folder, f"all three pickles, but {'; '.join(absent)} is missing", HOW_TO_GET)
+    raise missing(
+        folder, "mini-imagenet-cache-{train,val,test}.pkl, or images/ with train.csv, val.csv and test.csv", HOW_TO_GET
+    )
+
+
+def csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
+    """One split of the JPEG layout, from its cache, decoded into the cache first if it is
+    missing, damaged (see :func:`load_cache`) or not a cache of this layout."""
+    cache_path = folder / f"{split}-{IMAGE_SIZE}px.pt"
+
+    def problem(payload: Dict) -> Optional[str]:
+        images, labels = payload.get("images"), payload.get("labels")
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (3, *(IMAGE_SIZE,) * 2):
+            return "images have the wrong type or shape"
+        if not isinstance(labels, Tensor) or labels.shape != images.shape[:1]:
+            return "labels do not match the images"
+        if not isinstance(payload.get("wnids"), list):
+            return "the class wnids are missing"
+        return None
+
+    cache = load_cache(cache_path, problem)
+    if cache is None:
+        images, labels, wnids = decode_csv_split(folder, split)
+        save_atomic({"images": images, "labels": labels, "wnids": wnids}, cache_path)
+        return images, labels, wnids
+    return cache["images"], cache["labels"], list(cache["wnids"])
+
+
+class MiniImageNetDataModule(LabelledDataModule):
     """mini-ImageNet episodes: 100 ImageNet classes of 600 84x84 RGB images, split 64/16/20
     by class as in Ravi & Larochelle, "Optimization as a Model for Few-Shot Learning" (ICLR
     2017), the split nearly every later paper reports on.
 
-    Two on-disk layouts are read, from ``{root}/mini-imagenet/``:
+    Two on-disk layouts are read, from ``{root}/mini-imagenet/`` (:func:`load_mini_imagenet`):
 
     * the widely shared pickles ``mini-imagenet-cache-{train,val,test}.pkl`` (``-validation``
       also accepted), each a dict with ``image_data`` (uint8 ``[N, 84, 84, 3]``) and
@@ -55,86 +115,22 @@ class MiniImageNetDataModule(EpisodicDataModule):
 
     Args:
         root: folder holding ``mini-imagenet/``.
-        ways, shots, queries, test_ways, test_shots, test_queries, train_transform,
-        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
-            :class:`~fewshot_lightning.data.EpisodicDataModule`.
+        meta_batch_size: tasks per step (4, as MAML's mini-ImageNet setting).
+        **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
+            (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``num_workers``, ``seed``, ...).
     """
 
-    folder_name = "mini-imagenet"
-
-    def __init__(
-        self,
-        root: PathLike = "data",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        train_transform: Optional[Transform] = None,
-        meta_batch_size: int = 4,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            ways=ways, shots=shots, queries=queries, test_ways=test_ways, test_shots=test_shots,
-            test_queries=test_queries, train_transform=train_transform, meta_batch_size=meta_batch_size,
-            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
-        )
-        self.folder = Path(root).expanduser() / self.folder_name
-
-    def pickle_path(self, split: str) -> Optional[Path]:
-        return next((self.folder / name for name in PICKLE_NAMES[split] if (self.folder / name).is_file()), None)
-
-    def csv_cache_path(self, split: str) -> Path:
-        return self.folder / f"{split}-{IMAGE_SIZE}px.pt"
-
-    def _uses_pickles(self) -> bool:
-        found = {split: self.pickle_path(split) for split in SPLITS}
-        if all(found.values()):
-            return True
-        csv_ready = (self.folder / "images").is_dir() and all((self.folder / f"{s}.csv").is_file() for s in SPLITS)
-        if csv_ready:
-            return False
-        if any(found.values()):
-            absent = [" or ".join(PICKLE_NAMES[split]) for split, path in found.items() if path is None]
-            raise missing(self.folder, f"all three pickles, but {'; '.join(absent)} is missing", HOW_TO_GET)
-        raise missing(
-            self.folder,
-            "mini-imagenet-cache-{train,val,test}.pkl, or images/ with train.csv, val.csv and test.csv",
-            HOW_TO_GET,
-        )
+    def __init__(self, root: PathLike = "data", meta_batch_size: int = 4, **kwargs: Any) -> None:
+        super().__init__(meta_batch_size=meta_batch_size, **kwargs)
+        self.root = root
 
     def prepare_data(self) -> None:
-        # Decoding JPEGs is the slow part; Lightning runs this once per node before `setup`.
-        if self._uses_pickles():
-            return
-        for split in SPLITS:
-            if not self.csv_cache_path(split).is_file():
-                images, labels, wnids = decode_csv_split(self.folder, split)
-                save_atomic({"images": images, "labels": labels, "wnids": wnids}, self.csv_cache_path(split))
-
-    def load_split(self, split: str) -> Tuple[Tensor, Tensor, List[str]]:
-        """``(uint8 [N, 3, 84, 84], int64 class index [N], wnid of each class index)`` of one split."""
-        path = self.pickle_path(split)
-        if path is not None:
-            return read_cache_pickle(path)
-        self.prepare_data()
-        cache = load_tensors(self.csv_cache_path(split))
-        return cache["images"], cache["labels"], list(cache["wnids"])
+        # Once per node, before `setup` on every process: the JPEG layout is decoded into its
+        # caches once (decoding is the slow part); `setup` then only reads them.
+        self.load_splits()
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        self._uses_pickles()  # raises the missing-data error before anything slow
-        loaded = {split: self.load_split(split) for split in SPLITS}
-        check_disjoint(self.folder, {split: wnids for split, (_, _, wnids) in loaded.items()})
-        check_class_counts(
-            "mini-ImageNet", self.folder, {split: len(wnids) for split, (_, _, wnids) in loaded.items()},
-            PUBLISHED_CLASSES,
-        )
-        return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+        return load_mini_imagenet(self.root)
 
 
 def read_cache_pickle(path: Path) -> Tuple[Tensor, Tensor, List[str]]:
@@ -156,14 +152,30 @@ def read_cache_pickle(path: Path) -> Tuple[Tensor, Tensor, List[str]]:
 
 
 def decode_csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
-    """Decode the images listed in ``{split}.csv``: ``(uint8 [N, 3, 84, 84], labels, wnids)``."""
+    """Decode the images listed in ``{split}.csv``: ``(uint8 [N, 3, 84, 84], labels, wnids)``.
+
+    Every image is tried; missing or undecodable ones (a truncated JPEG) are listed together
+    in one error, so one run names all the files to fetch again. None is skipped: mini-ImageNet
+    is a fixed benchmark, and a result on fewer images is not comparable to the literature.
+    """
     rows = read_split_csv(folder / f"{split}.csv")
     wnids = sorted({wnid for _, wnid in rows})
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
     # Filled channel-first in place: no second full-size copy for the permute.
     images = np.empty((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    failures = []
     for i, (filename, _) in enumerate(rows):
-        images[i] = decode_image(folder / "images" / filename).transpose(2, 0, 1)
+        path = folder / "images" / filename
+        try:
+            images[i] = decode_image(path).transpose(2, 0, 1)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
+            failures.append((str(path), error))
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of the {len(rows)} images listed in {folder / f'{split}.csv'} could not be read: "
+            f"{describe_failures(failures)}. None is skipped (the benchmark would change): fetch those files "
+            f"again. {HOW_TO_GET}"
+        )
     labels = torch.tensor([label_of[wnid] for _, wnid in rows], dtype=torch.long)
     return torch.from_numpy(images), labels, wnids
 
@@ -182,7 +194,7 @@ def read_split_csv(path: Path) -> List[Tuple[str, str]]:
 
 def decode_image(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is listed in the split CSV but missing. {HOW_TO_GET}")
+        raise FileNotFoundError("listed in the split CSV but missing")
     with Image.open(path) as image:
         image = image.convert("RGB")
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):

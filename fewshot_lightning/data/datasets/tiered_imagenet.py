@@ -3,21 +3,24 @@ categories, the categories split 20/6/8 so that train, val and test are semantic
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ..datamodule import SPLITS, EpisodicDataModule
-from ..episodes import LabelledData, Transform
+from ..datamodule import SPLITS, LabelledDataModule
+from ..episodes import LabelledData
 from ._storage import (
-    PathLike, atomic_write, check_class_counts, check_disjoint, load_pickle, missing, relabel_splits,
+    PathLike, atomic_write, check_class_counts, check_disjoint, describe_failures, load_pickle, missing,
+    record_file_checksum, relabel_splits, verify_file_checksum,
 )
 
 PUBLISHED_CLASSES = {"train": 351, "val": 97, "test": 160}
+FOLDER = "tiered-imagenet"
 IMAGE_SIZE = 84
 HOW_TO_GET = (
     "tiered-ImageNet has no official, stable download. Build the files with Ren et al.'s script "
@@ -27,14 +30,77 @@ HOW_TO_GET = (
 )
 
 
-class TieredImageNetDataModule(EpisodicDataModule):
+def load_tiered_imagenet(root: PathLike = "data") -> Dict[str, LabelledData]:
+    """tiered-ImageNet's 351/97/160 classes (see :class:`TieredImageNetDataModule`): memory-mapped
+    uint8 images ``[N, 3, 84, 84]``, class ids unique across splits (train, then val, then test).
+
+    Reads ``{root}/tiered-imagenet/``; the first call decodes each split's PNGs into a ``.npy``
+    file beside them (several minutes), later calls map it. Missing files raise a
+    ``FileNotFoundError`` that says where to get them.
+    """
+    folder = Path(root).expanduser() / FOLDER
+    loaded = {split: read_split(folder, split) for split in SPLITS}
+    named = {split: names for split, (_, _, names) in loaded.items() if names}
+    if len(named) == len(SPLITS):
+        check_disjoint(folder, named)
+    check_class_counts(
+        "tiered-ImageNet", folder,
+        {split: len(torch.unique(labels)) for split, (_, labels, _) in loaded.items()}, PUBLISHED_CLASSES,
+    )
+    return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+
+
+def read_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
+    """``(memory-mapped uint8 [N, 3, 84, 84], int64 labels [N], class names)`` of one split,
+    decoding its PNGs into the memory map first if it is missing or damaged.
+
+    The map's SHA-256 is recorded beside it when it is built (``.npy.sha256``) and checked by
+    :func:`verify_file_checksum`: in full when the file's size or modification time changed
+    since it was last hashed, otherwise by one ``stat``: hashing the 16.5 GB of the three maps
+    takes about 20 s from the page cache at 1 GB/s, minutes from a cold disk, and would be paid
+    at every start of every process. A damaged map is rebuilt with a warning when the PNG
+    pickle is there, and refused with an error saying what to restore when it is not.
+    """
+    images_path, labels_path = folder / f"{split}_images_png.pkl", folder / f"{split}_labels.pkl"
+    cache_path = folder / f"{split}_images_{IMAGE_SIZE}px.npy"
+    if not labels_path.is_file():
+        raise missing(folder, f"{labels_path.name} and {images_path.name}", HOW_TO_GET)
+    if cache_path.is_file():
+        problem = verify_file_checksum(cache_path)
+        if problem is not None and not images_path.is_file():
+            raise RuntimeError(
+                f"{cache_path} is damaged ({problem}) and {images_path.name}, which it is decoded from, is not in "
+                f"{folder}. Put {images_path.name} back (the map is then rebuilt from it). {HOW_TO_GET}"
+            )
+        elif problem is not None:
+            warnings.warn(f"{cache_path} is damaged ({problem}); rebuilding it from {images_path.name}.", stacklevel=3)
+            cache_path.unlink()
+    if not cache_path.is_file():
+        if not images_path.is_file():
+            raise missing(folder, f"{images_path.name} (PNG-encoded images)", HOW_TO_GET)
+        encoded = load_pickle(images_path, "a list of PNG-encoded images", HOW_TO_GET)
+        atomic_write(cache_path, lambda path: decode_pngs(encoded, images_path, path))
+        record_file_checksum(cache_path)
+    labels, names = read_labels(labels_path)
+    # Copy-on-write mapping: a writable array for torch.from_numpy that never writes to the file.
+    images = np.load(cache_path, mmap_mode="c")
+    if images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+        raise RuntimeError(
+            f"{cache_path} holds images of shape {images.shape} but {labels_path.name} has {len(labels)} labels: "
+            f"the cache is stale or damaged. Delete it; it is rebuilt from {images_path.name}."
+        )
+    return torch.from_numpy(images), labels, names
+
+
+class TieredImageNetDataModule(LabelledDataModule):
     """tiered-ImageNet episodes: 351/97/160 classes (448,695 / 124,261 / 206,209 images) of
     84x84 RGB, as published by Ren et al., "Meta-Learning for Semi-Supervised Few-Shot
     Classification" (ICLR 2018).
 
-    Reads the release's layout from ``{root}/tiered-imagenet/``: ``{split}_images_png.pkl``
-    (a list of PNG-encoded images) and ``{split}_labels.pkl`` (a dict whose ``label_specific``
-    gives each image's class; ``label_specific_str``, when present, the class names).
+    Reads the release's layout from ``{root}/tiered-imagenet/`` (:func:`load_tiered_imagenet`):
+    ``{split}_images_png.pkl`` (a list of PNG-encoded images) and ``{split}_labels.pkl`` (a
+    dict whose ``label_specific`` gives each image's class; ``label_specific_str``, when
+    present, the class names).
 
     The PNGs are decoded **once** into a uint8 ``[N, 3, 84, 84]`` ``.npy`` file per split
     (``{split}_images_84px.npy``, about 16.5 GB for the three) that is then memory-mapped,
@@ -47,83 +113,22 @@ class TieredImageNetDataModule(EpisodicDataModule):
 
     Args:
         root: folder holding ``tiered-imagenet/``.
-        ways, shots, queries, test_ways, test_shots, test_queries, train_transform,
-        meta_batch_size, train_tasks, val_tasks, test_tasks, num_workers, seed: as in
-            :class:`~fewshot_lightning.data.EpisodicDataModule`.
+        meta_batch_size: tasks per step (4, as for mini-ImageNet).
+        **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
+            (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``num_workers``, ``seed``, ...).
     """
 
-    folder_name = "tiered-imagenet"
-
-    def __init__(
-        self,
-        root: PathLike = "data",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        test_ways: Optional[int] = None,
-        test_shots: Optional[int] = None,
-        test_queries: Optional[int] = None,
-        train_transform: Optional[Transform] = None,
-        meta_batch_size: int = 4,
-        train_tasks: int = 32_000,
-        val_tasks: int = 200,
-        test_tasks: int = 600,
-        num_workers: int = 2,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            ways=ways, shots=shots, queries=queries, test_ways=test_ways, test_shots=test_shots,
-            test_queries=test_queries, train_transform=train_transform, meta_batch_size=meta_batch_size,
-            train_tasks=train_tasks, val_tasks=val_tasks, test_tasks=test_tasks, num_workers=num_workers, seed=seed,
-        )
-        self.folder = Path(root).expanduser() / self.folder_name
-
-    def images_path(self, split: str) -> Path:
-        return self.folder / f"{split}_images_png.pkl"
-
-    def labels_path(self, split: str) -> Path:
-        return self.folder / f"{split}_labels.pkl"
-
-    def cache_path(self, split: str) -> Path:
-        return self.folder / f"{split}_images_{IMAGE_SIZE}px.npy"
+    def __init__(self, root: PathLike = "data", meta_batch_size: int = 4, **kwargs: Any) -> None:
+        super().__init__(meta_batch_size=meta_batch_size, **kwargs)
+        self.root = root
 
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node, so the decoding pass happens once.
-        for split in SPLITS:
-            labels_path = self.labels_path(split)
-            if not labels_path.is_file():
-                raise missing(self.folder, f"{labels_path.name} and {self.images_path(split).name}", HOW_TO_GET)
-            if self.cache_path(split).is_file():
-                continue
-            if not self.images_path(split).is_file():
-                raise missing(self.folder, f"{self.images_path(split).name} (PNG-encoded images)", HOW_TO_GET)
-            encoded = load_pickle(self.images_path(split), "a list of PNG-encoded images", HOW_TO_GET)
-            atomic_write(self.cache_path(split), lambda path: decode_pngs(encoded, self.images_path(split), path))
-
-    def load_split(self, split: str) -> Tuple[Tensor, Tensor, List[str]]:
-        """``(memory-mapped uint8 [N, 3, 84, 84], int64 labels [N], class names)`` of one split."""
-        labels, names = read_labels(self.labels_path(split))
-        # Copy-on-write mapping: a writable array for torch.from_numpy that never writes to the file.
-        images = np.load(self.cache_path(split), mmap_mode="c")
-        if images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
-            raise RuntimeError(
-                f"{self.cache_path(split)} holds images of shape {images.shape} but {self.labels_path(split).name} "
-                f"has {len(labels)} labels: the cache is stale or damaged. Delete it; it is rebuilt from "
-                f"{self.images_path(split).name}."
-            )
-        return torch.from_numpy(images), labels, names
+        # Once per node, before `setup` on every process: the decoding pass (and its 16.5 GB of
+        # output) happens once, not once per rank; `setup` then only maps the files.
+        self.load_splits()
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        self.prepare_data()
-        loaded = {split: self.load_split(split) for split in SPLITS}
-        named = {split: names for split, (_, _, names) in loaded.items() if names}
-        if len(named) == len(SPLITS):
-            check_disjoint(self.folder, named)
-        check_class_counts(
-            "tiered-ImageNet", self.folder,
-            {split: len(torch.unique(labels)) for split, (_, labels, _) in loaded.items()}, PUBLISHED_CLASSES,
-        )
-        return relabel_splits([(split, images, labels) for split, (images, labels, _) in loaded.items()])
+        return load_tiered_imagenet(self.root)
 
 
 def read_labels(path: Path) -> Tuple[Tensor, List[str]]:
@@ -138,10 +143,15 @@ def read_labels(path: Path) -> Tuple[Tensor, List[str]]:
 
 
 def decode_pngs(encoded: List[Any], source: Path, destination: Path) -> None:
-    """Decode every PNG of ``encoded`` into a uint8 ``[N, 3, 84, 84]`` ``.npy`` at ``destination``."""
+    """Decode every PNG of ``encoded`` into a uint8 ``[N, 3, 84, 84]`` ``.npy`` at ``destination``.
+
+    Every image is tried, and the unreadable ones are listed together in one error (none is
+    skipped: the benchmark would change, and the labels file counts every image).
+    """
     images = np.lib.format.open_memmap(
         destination, mode="w+", dtype=np.uint8, shape=(len(encoded), 3, IMAGE_SIZE, IMAGE_SIZE)
     )
+    failures = []
     for i, item in enumerate(encoded):
         try:
             with Image.open(io.BytesIO(png_bytes(item))) as image:
@@ -149,13 +159,16 @@ def decode_pngs(encoded: List[Any], source: Path, destination: Path) -> None:
                 if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
                 images[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-        except Exception as error:
-            raise RuntimeError(
-                f"Image {i} of {source} is not a readable PNG ({type(error).__name__}: {error}); the file is "
-                f"corrupt. {HOW_TO_GET}"
-            ) from error
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
+            failures.append((f"image {i}", error))
     images.flush()
     del images
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of the {len(encoded)} images in {source} are not readable PNGs: "
+            f"{describe_failures(failures)}. None is skipped (the benchmark would change): the file is corrupt. "
+            f"{HOW_TO_GET}"
+        )
 
 
 def png_bytes(item: Any) -> bytes:

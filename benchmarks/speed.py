@@ -1,0 +1,316 @@
+"""Training speed and memory: fewshot-lightning against learn2learn, same models, same tasks.
+
+One command, one table. Every case runs one full meta-iteration per timed call (inner
+adaptation of every task, query loss, outer backward, Adam step); contenders take turns
+round by round on the same pre-built batches, warm-up iterations are excluded for each,
+and the median is reported with tasks/s. learn2learn's contender is the loop of its README
+and examples (``maml.clone()``, ``learner.adapt(loss)`` per task, summed query losses).
+
+Cases (ways-shots-queries, meta-batch B, inner steps):
+
+- ``sinusoid``: MLP 1-40-40-1, 10-shot, B=25, 1 step, second order (Finn et al. 2017);
+- ``sinusoid-fo``: the same, first order;
+- ``conv4-32``: Conv4 with 32 filters and no batch norm, 28x28, 5w1s15q, B=16, 1 step;
+- ``conv4-64-bn``: our ``Conv4`` (64 filters, batch norm), 28x28, 5w1s15q, B=8, 1 step;
+- ``mini``: mini-ImageNet size, ``Conv4(hidden=32)`` on 84x84x3, 5w5s15q, B=4, 5 steps;
+- ``mini-fo``: the same, first order;
+- ``fit``: ``Trainer.fit`` with the shipped sinusoid config's callbacks (progress bar,
+  TensorBoard logger, checkpointing) against a bare loop over the same ``training_step``;
+- ``sampling``: see ``benchmarks/sampling_throughput.py`` (run separately).
+
+Peak memory: each (case, contender) also runs alone in a fresh subprocess, and the peak
+resident set size reached during its iterations (``ru_maxrss``) less the RSS before them is
+reported (on a GPU: ``torch.cuda.max_memory_allocated``).
+
+    python benchmarks/speed.py [--cases sinusoid conv4-64-bn ...] [--iterations 30] [--rounds 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_lightning.algorithms import MAML
+from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.data import SinusoidTasks, TaskBatch
+from fewshot_lightning.models import MLP, Conv4
+
+
+class Case(NamedTuple):
+    build: Callable[[], nn.Module]
+    tasks: int
+    steps: int
+    inner_lr: float
+    first_order: bool
+    batch: Callable[[int, str], TaskBatch]  # (seed, device) -> batch
+    batchings: tuple
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def sinusoid_batch(tasks: int) -> Callable[[int, str], TaskBatch]:
+    source = SinusoidTasks(shots=10, queries=10, num_tasks=10**6)
+    return lambda seed, device: TaskBatch(*(t.to(device) for t in source.__getitems__(range(seed * tasks, (seed + 1) * tasks))))
+
+
+def image_batch(tasks: int, ways: int, shots: int, queries: int, channels: int, side: int):
+    def make(seed: int, device: str) -> TaskBatch:
+        g = torch.Generator().manual_seed(seed)
+        support_y = torch.stack([torch.randperm(ways * shots, generator=g) % ways for _ in range(tasks)])
+        query_y = torch.stack([torch.randperm(ways * queries, generator=g) % ways for _ in range(tasks)])
+        batch = TaskBatch(torch.rand(tasks, ways * shots, channels, side, side, generator=g), support_y,
+                          torch.rand(tasks, ways * queries, channels, side, side, generator=g), query_y)
+        return TaskBatch(*(t.to(device) for t in batch))
+
+    return make
+
+
+def conv4_without_batch_norm(hidden: int = 32, ways: int = 5) -> nn.Module:
+    layers: List[nn.Module] = []
+    channels = 1
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = hidden
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden, ways))
+
+
+CASES: Dict[str, Case] = {
+    "sinusoid": Case(MLP, 25, 1, 0.01, False, sinusoid_batch(25), ("vmap", "loop")),
+    "sinusoid-fo": Case(MLP, 25, 1, 0.01, True, sinusoid_batch(25), ("vmap", "loop")),
+    "conv4-32": Case(conv4_without_batch_norm, 16, 1, 0.4, False, image_batch(16, 5, 1, 15, 1, 28), ("vmap", "loop")),
+    "conv4-64-bn": Case(lambda: Conv4(hidden=64, out_features=5), 8, 1, 0.4, False, image_batch(8, 5, 1, 15, 1, 28),
+                        ("vmap", "loop")),
+    "mini": Case(lambda: Conv4(in_channels=3, hidden=32, out_features=5, image_size=84), 4, 5, 0.01, False,
+                 image_batch(4, 5, 5, 15, 3, 84), ("vmap", "loop")),
+    "mini-fo": Case(lambda: Conv4(in_channels=3, hidden=32, out_features=5, image_size=84), 4, 5, 0.01, True,
+                    image_batch(4, 5, 5, 15, 3, 84), ("vmap", "loop")),
+}
+
+
+def ours(case: Case, network: nn.Module, batching: str) -> Callable[[TaskBatch], None]:
+    model = MAML(copy.deepcopy(network), inner_lr=case.inner_lr, inner_steps=case.steps,
+                 first_order=case.first_order, batching=batching).to(next(network.parameters()).device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(batch: TaskBatch) -> None:
+        loss = per_task_loss(model(batch), batch.query_y).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def learn2learn(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(copy.deepcopy(network), lr=case.inner_lr, first_order=case.first_order)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    loss_fn = F.mse_loss if case.batch(0, "cpu").support_y.is_floating_point() else F.cross_entropy
+
+    def step(batch: TaskBatch) -> None:
+        optimizer.zero_grad()
+        total = 0.0
+        for t in range(batch.num_tasks):
+            learner = maml.clone()
+            for _ in range(case.steps):
+                learner.adapt(loss_fn(learner(batch.support_x[t]), batch.support_y[t]))
+            total = total + loss_fn(learner(batch.query_x[t]), batch.query_y[t])
+        (total / batch.num_tasks).backward()
+        optimizer.step()
+
+    return step
+
+
+def contenders(case: Case, device: str) -> Dict[str, Callable[[TaskBatch], None]]:
+    torch.manual_seed(0)
+    network = case.build().to(device)
+    runs = {f"ours, {batching}": ours(case, network, batching) for batching in case.batchings}
+    try:
+        runs["learn2learn"] = learn2learn(case, network)
+    except ImportError:
+        pass
+    return runs
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int) -> Dict[str, float]:
+    """Median seconds per meta-iteration of each contender; contenders alternate every round."""
+    runs = contenders(case, device)
+    batches = [case.batch(i, device) for i in range(iterations)]
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for round_index in range(rounds):
+        for name, step in runs.items():
+            for i, batch in enumerate(batches):
+                synchronize(device)
+                start = time.perf_counter()
+                step(batch)
+                synchronize(device)
+                if round_index > 0 or i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(case_name: str, contender: str, device: str, iterations: int) -> float:
+    """MiB the contender's iterations add at their peak, measured alone in this process."""
+    case = CASES[case_name]
+    step = contenders(case, device)[contender]
+    batches = [case.batch(i, device) for i in range(iterations)]
+    step(batches[0])  # allocator warm-up and any one-off choice, not counted
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for batch in batches:
+            step(batch)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = rss_bytes()
+    for batch in batches:
+        step(batch)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+
+
+def measure_memory(case_name: str, names: List[str], device: str, iterations: int) -> Dict[str, Optional[float]]:
+    result = {}
+    for name in names:
+        command = [sys.executable, __file__, "--memory-probe", case_name, name, "--device", device,
+                   "--iterations", str(iterations), "--threads", str(torch.get_num_threads())]
+        probe = subprocess.run(command, capture_output=True, text=True)
+        result[name] = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else None
+    return result
+
+
+def fit_overhead(steps: int, rounds: int) -> Dict[str, float]:
+    """Milliseconds per training step: Trainer.fit with the shipped sinusoid config's callbacks
+    against a bare loop over the same ``training_step`` and optimizer, steady state (the first
+    ``steps // 5`` steps of each run are excluded)."""
+    import tempfile
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from fewshot_lightning.data import SinusoidDataModule
+
+    skip = steps // 5
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.stamps: List[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.stamps.append(time.perf_counter())
+
+    def with_trainer() -> float:
+        L.seed_everything(0, verbose=False)
+        model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+        data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
+        clock = StepClock()
+        with tempfile.TemporaryDirectory() as logs:
+            trainer = L.Trainer(
+                max_steps=steps, limit_val_batches=0, log_every_n_steps=200, enable_model_summary=False,
+                logger=TensorBoardLogger(logs, name="overhead"),
+                callbacks=[TQDMProgressBar(refresh_rate=50), ModelCheckpoint(dirpath=logs, save_last=True), clock],
+            )
+            trainer.fit(model, data)
+        return (clock.stamps[-1] - clock.stamps[skip]) / (len(clock.stamps) - 1 - skip)
+
+    def bare() -> float:
+        L.seed_everything(0, verbose=False)
+        model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+        optimizer = model.configure_optimizers()
+        data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
+        data.setup("fit")
+        stamps = []
+        for index, batch in enumerate(data.train_dataloader()):
+            stamps.append(time.perf_counter())
+            loss = model.training_step(batch, index)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
+
+    times: Dict[str, List[float]] = {"Trainer.fit": [], "bare loop": []}
+    for _ in range(rounds):
+        times["Trainer.fit"].append(with_trainer())
+        times["bare loop"].append(bare())
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES) + ["fit"], choices=list(CASES) + ["fit"])
+    parser.add_argument("--iterations", type=int, default=12, help="meta-iterations per contender per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="iterations of the first round not timed")
+    parser.add_argument("--fit-steps", type=int, default=1000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(peak_memory(*args.memory_probe, args.device, min(args.iterations, 5))))
+        return
+
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    print(f"Machine: {machine}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
+          f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f} at start")
+    print(f"Median of {args.rounds} rounds x {args.iterations} meta-iterations per contender, alternating, "
+          f"{args.warmup} warm-up iterations excluded.\n")
+    print("| case | contender | ms / meta-iteration | tasks/s | vs learn2learn | peak memory (MiB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.cases:
+        if name == "fit":
+            continue
+        case = CASES[name]
+        times = time_case(case, args.device, args.iterations, args.rounds, args.warmup)
+        memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations)
+        reference = times.get("learn2learn")
+        for contender, seconds in times.items():
+            ratio = f"{reference / seconds:.2f}x" if reference else "n/a"
+            mib = memory.get(contender)
+            print(f"| {name} | {contender} | {1000 * seconds:.1f} | {case.tasks / seconds:.0f} | {ratio} | "
+                  f"{'n/a' if mib is None else f'{mib:.0f}'} |", flush=True)
+    if "fit" in args.cases:
+        overhead = fit_overhead(args.fit_steps, args.rounds)
+        ratio = overhead["Trainer.fit"] / overhead["bare loop"]
+        print(f"\nTrainer.fit vs a bare loop, sinusoid MAML, {args.fit_steps} steps (first {args.fit_steps // 5} "
+              f"excluded), median of {args.rounds}: Trainer {1000 * overhead['Trainer.fit']:.2f} ms/step, bare "
+              f"{1000 * overhead['bare loop']:.2f} ms/step, overhead {ratio:.2f}x")
+    print(f"\n1-min load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

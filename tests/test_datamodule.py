@@ -1,0 +1,201 @@
+"""The DataModules' shared machinery: class splits, batches per split, per-split seeds, and
+the errors that name what to fix."""
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from fewshot_lightning.algorithms import ProtoNet
+from fewshot_lightning.data import EpisodicDataModule, LabelledData, LabelledDataModule, split_by_class
+from fewshot_lightning.data import episodes
+from fewshot_lightning.models import MLP
+from test_episodes import CLASSES, PER_CLASS, as_pinned, identity_data
+
+
+def test_class_split_is_disjoint_and_sized():
+    data, labels = identity_data()
+    splits = split_by_class(data, labels, (0.6, 0.2, 0.2), seed=0)
+    classes = {name: set(part.labels.unique().tolist()) for name, part in splits.items()}
+    assert [len(classes[s]) for s in ("train", "val", "test")] == [18, 6, 6]
+    assert not (classes["train"] & classes["val"]) and not (classes["train"] & classes["test"])
+    assert not (classes["val"] & classes["test"])
+    assert sum(len(part.labels) for part in splits.values()) == CLASSES * PER_CLASS
+
+
+def test_datamodule_batches_and_eval_episode_shape():
+    data, labels = identity_data()
+    dm = EpisodicDataModule(
+        data, labels, ways=8, shots=1, queries=2, test_ways=5, test_shots=3, meta_batch_size=4,
+        train_tasks=12, val_tasks=6, test_tasks=6, num_workers=0,
+    )
+    dm.setup("fit")
+    train = next(iter(dm.train_dataloader()))
+    val = list(dm.val_dataloader())
+    assert train.support_x.shape == (4, 8, 2) and int(train.support_y.max()) == 7
+    assert val[0].support_x.shape == (4, 15, 2) and val[1].support_x.shape == (2, 15, 2)  # 6 = 4 + 2
+    # Validation episodes are the same on every pass.
+    assert torch.equal(list(dm.val_dataloader())[0].support_x, val[0].support_x)
+
+
+def test_a_dataloader_before_setup_names_the_setup_call():
+    data, labels = identity_data()
+    dm = EpisodicDataModule(data, labels, num_workers=0)
+    # Lightning calls setup(stage) first; called by hand without it, the error says which call is missing.
+    with pytest.raises(RuntimeError, match=r"no train tasks yet: call `setup\('fit'\)` before `train_dataloader\(\)`"):
+        dm.train_dataloader()
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match=r"call `setup\('test'\)` before `test_dataloader\(\)`"):
+        dm.test_dataloader()
+    assert dm.val_dataloader() is not None
+
+
+def test_datamodule_names_the_argument_and_the_splits_that_cannot_hold_the_request():
+    data, labels = identity_data()
+    # 30 classes split 19/5/6 by the default fractions: 10-way evaluation fits neither val nor test,
+    # and the advice is the largest test_ways that fits both (5), not the test split's 6.
+    dm = EpisodicDataModule(data, labels, ways=5, test_ways=10, num_workers=0)
+    with pytest.raises(ValueError) as error:
+        dm.setup("fit")
+    assert str(error.value) == (
+        "EpisodicDataModule cannot draw the requested episodes: test_ways = 10, but the val split has only 5 classes "
+        "and the test split has only 6 classes: set test_ways to at most 5, or give the val and test splits a larger "
+        "share of the classes through split_fractions (now [0.64, 0.16, 0.2]), or use data with more classes."
+    )
+
+
+def test_test_ways_above_the_test_classes_stops_fit_not_test():
+    # Issue 10: the test split alone is too small; fit would train for hours and fail only at test.
+    data, labels = identity_data()
+    dm = EpisodicDataModule(data, labels, ways=5, test_ways=5, split_fractions=(0.6, 0.3, 0.1), num_workers=0)
+    with pytest.raises(ValueError) as error:
+        dm.setup("fit")  # 18/9/3 classes: training and validation fit, test does not
+    assert str(error.value) == (
+        "EpisodicDataModule cannot draw the requested episodes: test_ways = 5, but the test split has only 3 classes: "
+        "set test_ways to at most 3, or give the test split a larger share of the classes through split_fractions "
+        "(now [0.6, 0.3, 0.1]), or use data with more classes."
+    )
+    assert dm.datasets == {}  # nothing was built
+    # Validation alone checks only its own split.
+    dm.setup("validate")
+    assert set(dm.datasets) == {"val"}
+
+
+def test_an_unset_test_argument_is_named_with_the_value_it_took():
+    data, labels = identity_data()
+    dm = EpisodicDataModule(data, labels, ways=12, shots=3, queries=10, test_shots=5, num_workers=0)
+    with pytest.raises(ValueError) as error:
+        dm.setup("test")  # 6 test classes of 25 samples
+    assert str(error.value) == (
+        "EpisodicDataModule cannot draw the requested episodes: test_ways (not set, so ways = 12), but the test split "
+        "has only 6 classes: set test_ways to at most 6, or give the test split a larger share of the classes through "
+        "split_fractions (now [0.64, 0.16, 0.2]), or use data with more classes."
+    )
+    ragged = torch.cat([torch.arange(len(labels))[labels != 28], torch.nonzero(labels == 28).flatten()[:4]])
+    dm = EpisodicDataModule(data[ragged], labels[ragged], ways=4, test_shots=1, test_queries=5, num_workers=0)
+    with pytest.raises(ValueError) as error:
+        dm.setup("test")  # class 28 keeps 4 samples, and split seed 0 puts it in the test split
+    assert str(error.value) == (
+        "EpisodicDataModule cannot draw the requested episodes: test_shots = 1 and test_queries = 5 need 6 samples "
+        "per class, but 1 of the 6 classes of the test split has fewer (the smallest, class 28, has 4): lower "
+        "test_shots and test_queries to sum to at most 4, or drop the classes with fewer than 6 samples."
+    )
+
+
+def tiny_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
+
+
+def test_a_nan_in_the_data_stops_fit_naming_the_samples():
+    data, labels = identity_data()
+    data[417, 1] = float("nan")
+    data[503] = float("inf")
+    dm = EpisodicDataModule(data, labels, ways=3, shots=1, queries=1, meta_batch_size=2, num_workers=0)
+    model = ProtoNet(MLP(2, (8,), 4))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    trainer = tiny_trainer(logger=False)
+    with pytest.raises(ValueError) as error:
+        trainer.fit(model, dm)
+    # Indices into the tensor as passed in (sample j has class j // 25), not into a split.
+    assert str(error.value) == (
+        "The data passed to EpisodicDataModule holds 3 non-finite values (NaN or infinity) in 2 of its 750 samples: "
+        "sample 417 (class 16), sample 503 (class 20). One is enough to make every weight NaN at the first training "
+        "step that draws it. Repair or drop those samples before training, e.g. "
+        "`keep = torch.isfinite(data).reshape(len(data), -1).all(1)`, then use `data[keep]` and `labels[keep]`."
+    )
+    assert trainer.global_step == 0
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+class FloatSplits(LabelledDataModule):
+    """A loader's float splits: 10 classes of 5 samples each."""
+
+    def __init__(self, bad_samples=(), **kwargs):
+        super().__init__(num_workers=0, ways=2, queries=2, **kwargs)
+        self.bad_samples = bad_samples
+
+    def load_splits(self):
+        splits = {}
+        for offset, split in enumerate(("train", "val", "test")):
+            data = torch.rand(50, 1, 4, 4)
+            if split == "val":
+                for index in self.bad_samples:
+                    data[index, 0, 1, 2] = float("nan")
+            splits[split] = LabelledData(data, torch.arange(10).repeat_interleave(5) + 10 * offset)
+        return splits
+
+
+def test_every_split_of_a_loader_is_checked_at_fit(monkeypatch):
+    # Blocks of 7 values (one sample is 16): the block boundaries must not move the indices.
+    monkeypatch.setattr(episodes, "_FINITE_BLOCK", 7)
+    with pytest.raises(ValueError, match=r"^The val split of FloatSplits holds 1 non-finite value \(NaN or infinity\) "
+                                         r"in 1 of its 50 samples: sample 7 \(class 11\)\. One is enough"):
+        FloatSplits(bad_samples=[7]).setup("fit")
+    with pytest.raises(ValueError, match=r"holds 7 non-finite values \(NaN or infinity\) in 7 of its 50 samples: "
+                                         r"sample 0 \(class 10\), sample 1 \(class 10\), .*, sample 4 \(class 10\) "
+                                         r"and 2 more\."):
+        FloatSplits(bad_samples=range(7)).setup("fit")
+    FloatSplits().setup("fit")  # finite data passes
+
+
+def test_the_class_split_is_kept_printed_and_saved_in_the_run_folder(tmp_path, caplog):
+    data, labels = identity_data()
+    dm = EpisodicDataModule(data, labels, ways=3, shots=1, queries=1, meta_batch_size=2, num_workers=0)
+    trainer = tiny_trainer(logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"), limit_val_batches=1)
+    with caplog.at_level("INFO"):
+        trainer.fit(ProtoNet(MLP(2, (8,), 4)), dm)
+    expected = {
+        split: [str(label) for label in part.labels.unique().tolist()]
+        for split, part in split_by_class(data, labels, (0.64, 0.16, 0.20), seed=0).items()
+    }
+    assert dm.class_split == expected and [len(names) for names in expected.values()] == [19, 5, 6]
+    train = ", ".join(expected["train"])
+    assert f"EpisodicDataModule class split (train/val/test: 19/5/6 classes):\n  train: {train}" in caplog.text
+    saved = json.loads((tmp_path / "run" / "version_0" / "class_split.json").read_text())
+    assert saved == {"datamodule": "EpisodicDataModule", **expected}
+
+
+def test_the_datamodule_stream_is_the_recorded_one():
+    # Recorded, like test_episodes.PINNED_TASKS, before the data refactor of issue 8: each split's
+    # seed (seed * 3 + split index) and the sampler's epoch offset pick these exact tasks.
+    ids = torch.arange(750)
+    dm = EpisodicDataModule(
+        ids.float()[:, None], ids // 25, ways=5, shots=1, queries=2, test_ways=3, meta_batch_size=2,
+        train_tasks=8, val_tasks=4, test_tasks=4, num_workers=0, seed=2,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    train = dm.train_dataloader()
+    train.sampler.set_epoch(3)
+    assert as_pinned(next(iter(train))) == (
+        [[475, 301, 608, 550, 406], [422, 25, 486, 235, 510]], [[3, 4, 1, 0, 2], [0, 4, 1, 3, 2]],
+        [[413, 482, 623, 556, 620, 420, 551, 304, 496, 321], [508, 424, 505, 481, 37, 494, 246, 38, 229, 417]],
+        [[2, 3, 1, 0, 1, 2, 0, 4, 3, 4], [2, 0, 2, 1, 4, 1, 3, 4, 3, 0]],
+    )
+    assert as_pinned(next(iter(dm.val_dataloader()))) == (
+        [[148, 11, 674], [5, 166, 146]], [[2, 0, 1], [2, 0, 1]],
+        [[22, 666, 132, 14, 131, 658], [157, 9, 145, 134, 7, 172]], [[0, 1, 2, 0, 2, 1], [0, 2, 1, 1, 2, 0]],
+    )
+    assert as_pinned(next(iter(dm.test_dataloader())))[:2] == ([[633, 742, 341], [181, 325, 540]], [[1, 0, 2], [2, 0, 1]])

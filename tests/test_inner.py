@@ -1,0 +1,222 @@
+"""The functional inner loop (fewshot_lightning/inner.py) against independent computations."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.inner import Adam, adapt, functional, predict, select_parameters, task_params, trajectory
+from fewshot_lightning.models import MLP
+
+
+def regression_tasks(tasks=3, shots=6, queries=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tasks, shots + queries, 1, generator=g)
+    y = torch.sin(x) * torch.rand(tasks, 1, 1, generator=g) * 3
+    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+
+
+def plain_sgd(model, x, y, lr, steps):
+    """One task, written with a module copy and torch.optim.SGD: nothing of inner.py."""
+    import copy
+
+    task_model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(task_model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.mse_loss(task_model(x), y).backward()
+        optimizer.step()
+    return dict(task_model.named_parameters())
+
+
+def test_adapt_equals_plain_sgd_per_task_and_leaves_the_module_untouched():
+    model = MLP(1, (8, 8), 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sx, sy, _, _ = regression_tasks()
+    params = adapt(functional(model), task_params(dict(model.named_parameters()), 3), sx, sy, per_task_loss, 3, 0.05,
+                   differentiable=False)
+    for t in range(3):
+        reference = plain_sgd(model, sx[t], sy[t], 0.05, 3)
+        for name, value in params.items():
+            assert value.shape == (3, *before[name].shape)
+            assert torch.allclose(value[t], reference[name], atol=1e-6), name
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])  # functional: the module's own weights never move
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_vmap_and_loop_give_the_same_parameters_and_meta_gradients(second_order):
+    model = MLP(1, (8, 8), 1)
+    sx, sy, qx, qy = regression_tasks(tasks=4)
+    results = {}
+    for batching in ("vmap", "loop"):
+        forward = functional(model, batching=batching)
+        params = adapt(forward, task_params(dict(model.named_parameters()), 4), sx, sy, per_task_loss, 2, 0.1,
+                       second_order=second_order)
+        loss = per_task_loss(forward(params, qx), qy).mean()
+        results[batching] = (params, torch.autograd.grad(loss, list(model.parameters())))
+    (params_v, grads_v), (params_l, grads_l) = results["vmap"], results["loop"]
+    for name in params_v:
+        assert torch.allclose(params_v[name], params_l[name], atol=1e-6)
+    for v, l in zip(grads_v, grads_l):
+        assert torch.allclose(v, l, atol=1e-6)
+
+
+def test_evaluation_keeps_no_graph_even_with_learnable_rates_and_under_no_grad():
+    model = MLP(1, (8,), 1)
+    rate = torch.tensor(0.1, requires_grad=True)  # a learned rate, as Meta-SGD's
+    sx, sy, qx, _ = regression_tasks()
+    with torch.no_grad():  # inner gradients are still taken
+        steps = list(trajectory(functional(model), task_params(dict(model.named_parameters()), 3, detach=True),
+                                sx, sy, per_task_loss, 3, lambda step, name: rate, differentiable=False))
+    assert len(steps) == 4  # before any step, then after each of 3
+    for params in steps:
+        assert all(p.grad_fn is None and not p.requires_grad for p in params.values())
+    # Adaptation happened: the support loss fell at every step.
+    losses = [per_task_loss(predict(model, params, sx), sy) for params in steps]
+    assert all((later < earlier).all() for earlier, later in zip(losses, losses[1:]))
+    assert predict(model, steps[-1], qx).grad_fn is None
+
+
+def test_a_curve_looped_in_the_caller_equals_the_trajectory():
+    model = MLP(1, (8,), 1)
+    sx, sy, _, _ = regression_tasks()
+    forward = functional(model)
+    start = task_params(dict(model.named_parameters()), 3, detach=True)
+    whole = list(trajectory(forward, start, sx, sy, per_task_loss, 3, 0.05, differentiable=False))
+    params = start
+    for k in range(1, 4):
+        params = adapt(forward, params, sx, sy, per_task_loss, 1, 0.05, differentiable=False)
+        for name in params:
+            assert torch.allclose(params[name], whole[k][name], atol=1e-7)
+
+
+def test_adam_equals_torch_adam_per_task():
+    model = MLP(1, (8,), 1)
+    sx, sy, _, _ = regression_tasks()
+    betas = (0.0, 0.999)  # Reptile's inner Adam
+    params = adapt(functional(model), task_params(dict(model.named_parameters()), 3), sx, sy, per_task_loss, 4, 0.01,
+                   optimizer=Adam(betas=betas), differentiable=False)
+    import copy
+
+    for t in range(3):
+        task_model = copy.deepcopy(model)
+        optimizer = torch.optim.Adam(task_model.parameters(), lr=0.01, betas=betas, eps=1e-8)
+        for _ in range(4):
+            optimizer.zero_grad()
+            F.mse_loss(task_model(sx[t]), sy[t]).backward()
+            optimizer.step()
+        for name, value in task_model.named_parameters():
+            assert torch.allclose(params[name][t], value, atol=1e-6), name
+
+
+def test_penalty_sees_the_parameters():
+    # A proximal term lambda/2 ||phi - theta||^2 (iMAML): one gradient step on
+    # L(phi) + lambda/2 ||phi - theta||^2 from phi0 = theta + d is
+    # phi1 = phi0 - lr * (grad L(phi0) + lambda * d), checked on a linear model by hand.
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    offset = {n: torch.full_like(p, 0.3) for n, p in theta.items()}
+    start = {n: (theta[n] + offset[n]).unsqueeze(0) for n in theta}
+    x, y = torch.randn(1, 5, 2), torch.randn(1, 5, 1)
+    lam, lr = 2.0, 0.1
+
+    def penalty(params):
+        return 0.5 * lam * sum((params[n] - theta[n]).square().flatten(1).sum(1) for n in params)
+
+    params = adapt(functional(model), start, x, y, per_task_loss, 1, lr, penalty=penalty, differentiable=False)
+    w0, b0 = start["weight"][0], start["bias"][0]
+    residual = x[0] @ w0.T + b0 - y[0]  # [5, 1]
+    grad_w = 2 * residual.T @ x[0] / 5
+    grad_b = 2 * residual.sum(0) / 5
+    assert torch.allclose(params["weight"][0], w0 - lr * (grad_w + lam * 0.3), atol=1e-6)
+    assert torch.allclose(params["bias"][0], b0 - lr * (grad_b + lam * 0.3), atol=1e-6)
+
+
+def test_minibatches_use_the_indices_of_each_step():
+    model = MLP(1, (8,), 1)
+    sx, sy, _, _ = regression_tasks(shots=6)
+    picks = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])]
+    per_task = [torch.tensor([[0, 1, 2], [5, 4, 3], [1, 3, 5]]), torch.tensor([[3, 4, 5], [0, 1, 2], [0, 2, 4]])]
+    start = task_params(dict(model.named_parameters()), 3)
+    for indices in (picks, per_task):
+        params = adapt(functional(model), start, sx, sy, per_task_loss, 2, 0.05,
+                       minibatch=lambda step: indices[step], differentiable=False)
+        for t in range(3):
+            import copy
+
+            task_model = copy.deepcopy(model)
+            optimizer = torch.optim.SGD(task_model.parameters(), lr=0.05)
+            for step in range(2):
+                index = indices[step] if indices[step].dim() == 1 else indices[step][t]
+                optimizer.zero_grad()
+                F.mse_loss(task_model(sx[t, index]), sy[t, index]).backward()
+                optimizer.step()
+            for name, value in task_model.named_parameters():
+                assert torch.allclose(params[name][t], value, atol=1e-6), name
+
+
+class ContextMLP(nn.Module):
+    """An MLP fed [x, context]: CAVIA's regression network."""
+
+    def __init__(self, context_dim=3):
+        super().__init__()
+        self.context_dim = context_dim
+        self.body = nn.Sequential(nn.Linear(1 + context_dim, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x, context):
+        return self.body(torch.cat([x, context.expand(*x.shape[:-1], self.context_dim)], dim=-1))
+
+
+def test_keyword_params_adapt_a_context_instead_of_the_weights():
+    model = ContextMLP()
+    sx, sy, qx, qy = regression_tasks()
+    forward = functional(model, keyword_params=["context"])
+    params = adapt(forward, {"context": torch.zeros(3, 3)}, sx, sy, per_task_loss, 1, 1.0)
+    assert set(params) == {"context"} and params["context"].shape == (3, 3)
+    for t in range(3):  # one step on the context alone, computed directly
+        context = torch.zeros(3, requires_grad=True)
+        loss = F.mse_loss(model(sx[t], context), sy[t])
+        (grad,) = torch.autograd.grad(loss, context)
+        assert torch.allclose(params["context"][t], -1.0 * grad, atol=1e-6)
+    # Second order through the context: the shared weights get a meta-gradient.
+    per_task_loss(forward(params, qx), qy).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_task_params_are_views_whose_gradient_sums_over_tasks():
+    weight = torch.randn(2, 3, requires_grad=True)
+    params = task_params({"w": weight}, 4)
+    assert params["w"].shape == (4, 2, 3) and params["w"].stride()[0] == 0  # no copy
+    (params["w"] * torch.arange(4.0).view(4, 1, 1)).sum().backward()
+    assert torch.allclose(weight.grad, torch.full((2, 3), 0.0 + 1 + 2 + 3))
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="batching must be one of \\('vmap', 'loop'\\), got 'threads'"):
+        functional(MLP(), batching="threads")
+    with pytest.raises(ValueError, match="adapt entry 'tail.' matches no parameter of MLP"):
+        select_parameters(MLP(), ["tail."])
+    with pytest.raises(ValueError, match="Adam betas must be in \\[0, 1\\)"):
+        Adam(betas=(1.0, 0.9))
+
+
+def test_parameter_selection_by_name_prefix_pattern_and_exclusion():
+    from fewshot_lightning.models import Conv4
+
+    net = Conv4(hidden=4, out_features=2, image_size=16)
+    names = [n for n, _ in net.named_parameters()]
+    assert select_parameters(net, None) == names
+    assert select_parameters(net, ["head."]) == ["head.weight", "head.bias"]
+    assert select_parameters(net, ["features.0.0.weight"]) == ["features.0.0.weight"]
+    # Everything but batch norm: Conv4 blocks are (conv, batch norm, ReLU, pool), so index 1.
+    no_norm = select_parameters(net, ["!features.*.1.*"])
+    assert len(no_norm) == len(names) - 8  # 4 batch norms x (weight, bias)
+    assert not any(n.startswith("features.") and n.split(".")[2] == "1" for n in no_norm)
+    assert "head.weight" in no_norm and "features.1.0.weight" in no_norm
+    assert select_parameters(net, ["features.*.weight", "!features.*.1.weight"]) == [
+        f"features.{i}.0.weight" for i in range(4)
+    ]
+    with pytest.raises(ValueError, match="selects no parameter of Conv4"):
+        select_parameters(net, ["head.", "!head."])

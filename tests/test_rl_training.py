@@ -1,0 +1,61 @@
+"""Meta-training MAML-RL for a few iterations makes one policy-gradient step pay off; ANIL
+adapts the last layer only."""
+import lightning as L
+import pytest
+import torch
+
+from fewshot_lightning.algorithms import MAMLRL
+from fewshot_lightning.rl import GaussianMLPPolicy, GoalTasks, NavigationDataModule, PointNavigation, collate_goals
+
+
+def quiet_trainer(**kwargs):
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     **kwargs)
+
+
+def gain(result):
+    """Return after one adaptation step minus the return before it."""
+    return result["test/return_after_1_steps"] - result["test/return_after_0_steps"]
+
+
+def test_short_meta_training_makes_adaptation_pay_off():
+    L.seed_everything(0)
+    # Shortened setting (horizon 30, 32-32 policy, 10 trajectories, 10 goals a step, 20 steps).
+    model = MAMLRL(GaussianMLPPolicy(hidden=(32, 32)), PointNavigation(horizon=30), trajectories=10, outer_steps=2,
+                   test_inner_steps=1, optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+    data = NavigationDataModule(meta_batch_size=10, train_tasks=200, val_tasks=10, test_tasks=40)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    before = trainer.test(model, data, verbose=False)[0]
+    trainer.fit(model, data)
+    after = trainer.test(model, data, verbose=False)[0]
+    # 40 held-out goals, the same rollout noise before and after. Untrained, one step gains
+    # little (seen: +0.8 on a return of -15.9); meta-trained, it gains several units
+    # (seen: +6.6, to -5.8) and beats the untrained policy's adapted return by as much.
+    assert gain(before) < 1.5
+    assert gain(after) > 3.0
+    assert after["test/return_after_1_steps"] > before["test/return_after_1_steps"] + 3.0
+    assert 0 < after["test/return_after_1_steps_ci95"] < 2.0
+
+
+def test_anil_adapts_only_the_head_and_meta_trains_the_body():
+    torch.manual_seed(0)
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8, 8)), PointNavigation(horizon=10), trajectories=3, adapt=["head."])
+    batch = collate_goals([GoalTasks(10, 0)[i] for i in range(2)])
+    supports, query, query_advantages = model.sample(batch)
+    adapted = model.adapt_step(model.initial_params(2), supports[0], 0, differentiable=True)
+    assert sorted(adapted) == ["head.bias", "head.weight"]
+    # The two goals' heads moved apart from the shared start.
+    assert not torch.allclose(adapted["head.weight"][0], adapted["head.weight"][1])
+    loss = model.outer_loss(supports, query, query_advantages)
+    gradients = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    assert gradients["backbone.features.0.weight"].abs().sum() > 0  # the body is meta-learned
+    assert gradients["backbone.log_std"].abs().sum() > 0
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="action_size is 3"):
+        MAMLRL(GaussianMLPPolicy(action_size=3))
+    with pytest.raises(ValueError, match="estimator"):
+        MAMLRL(GaussianMLPPolicy(), estimator="dice")
+    with pytest.raises(ValueError, match="trajectories"):
+        MAMLRL(GaussianMLPPolicy(), trajectories=1)
