@@ -1,6 +1,6 @@
 """Cache files (datasets/_storage.py): a checksum of the content, verified on load, so bytes
 changed on disk are rebuilt rather than trained on; and file modes like any dataset file's."""
-import importlib.util
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewshot_lightning.data.datasets import kanji as kanji_module
-from fewshot_lightning.data.datasets import load_kanji, read_image_folder
+from fewshot_lightning.data.datasets import read_image_folder
 from fewshot_lightning.data.datasets._storage import CHECKSUM_KEY, load_cache, save_atomic
 from test_folder import write_folder
 
@@ -77,12 +77,15 @@ def test_a_damaged_image_folder_cache_is_rebuilt_with_the_right_pixels(tmp_path)
     assert torch.equal(loaded["images"], first.images)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kanjidraw") is None, reason="renders the kanjidraw package's stroke data")
+@pytest.mark.skipif(
+    "kanjivg" not in {d.metadata["Name"] for d in importlib.metadata.distributions()},
+    reason="draws the kanjivg package's SVG files",
+)
 def test_the_kanji_cache_with_random_bytes_in_its_middle_is_rebuilt(tmp_path):
     # Issue 10's case on an 8-character build (125 KB of images rather than 100 MB).
-    first = load_kanji(tmp_path, num_characters=8)
+    first = kanji_module.kanji_images(tmp_path, num_characters=8)
     path = kanji_module.cache_path(tmp_path, num_characters=8)
     overwrite_middle(path, 32 * 1024)
     with pytest.warns(UserWarning, match="is damaged"):
-        rebuilt = load_kanji(tmp_path, num_characters=8)
+        rebuilt = kanji_module.kanji_images(tmp_path, num_characters=8)
     assert torch.equal(rebuilt.images, first.images) and rebuilt.characters == first.characters
