@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from .base import MetaLearner
-from .episode_ops import embed_episodes, num_ways, one_hot
+from .episode_ops import check_batch_norm_stats, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow
 
 
 class AttentionLearner(MetaLearner):
@@ -35,16 +35,19 @@ class AttentionLearner(MetaLearner):
     :func:`~.episode_ops.num_ways`).
 
     Args:
-        backbone: the embedding network, e.g. ``Conv4(out_features=None)``; feature maps are
-            flattened to vectors.
+        backbone: the embedding network, e.g.
+            ``Conv4(out_features=None, track_running_stats=True)``; feature maps are flattened
+            to vectors, whose size (from its ``output_shape``) sizes the token projection.
         ways: the most classes a task may have.
-        embedding_dim: size of the backbone's (flattened) output (64 for
-            ``Conv4(hidden=64, out_features=None)`` on 28x28 images).
         model_dim: width of the Transformer.
         heads: attention heads; must divide ``model_dim``.
         layers: Transformer encoder layers.
         feedforward_dim: width of each layer's feed-forward block.
         dropout: dropout inside the Transformer.
+        batch_norm_stats: ``"running"`` (default) or ``"task"`` (see
+            :data:`~.episode_ops.BATCH_NORM_STATS`); the backbone normalises every task on its
+            own. SNAIL does not say how it evaluates; running statistics keep a query's
+            prediction a function of the support set and itself, as the attention mask does.
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -58,7 +61,7 @@ class AttentionLearner(MetaLearner):
         images, labels = torch.rand(50 * 20, 1, 28, 28), torch.arange(50).repeat_interleave(20)
         data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=5,
                                   meta_batch_size=4, train_tasks=40, num_workers=0)
-        model = AttentionLearner(Conv4(out_features=None), ways=5, embedding_dim=64)
+        model = AttentionLearner(Conv4(out_features=None, track_running_stats=True), ways=5)
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
@@ -66,18 +69,18 @@ class AttentionLearner(MetaLearner):
         self,
         backbone: nn.Module,
         ways: int = 5,
-        embedding_dim: int = 64,
         model_dim: int = 128,
         heads: int = 4,
         layers: int = 2,
         feedforward_dim: int = 256,
         dropout: float = 0.0,
+        batch_norm_stats: str = "running",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        for name, value in (("ways", ways), ("embedding_dim", embedding_dim), ("model_dim", model_dim),
+        for name, value in (("ways", ways), ("model_dim", model_dim),
                             ("heads", heads), ("layers", layers), ("feedforward_dim", feedforward_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -86,6 +89,9 @@ class AttentionLearner(MetaLearner):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         self.ways = ways
+        self.batch_norm_stats = check_batch_norm_stats("AttentionLearner", batch_norm_stats, backbone)
+        warn_if_narrow(backbone, "AttentionLearner")
+        embedding_dim = embedding_size(backbone, "AttentionLearner")
         self.tokens = nn.Linear(embedding_dim + ways, model_dim)
         layer = nn.TransformerEncoderLayer(
             model_dim, heads, feedforward_dim, dropout, batch_first=True, norm_first=True
@@ -101,7 +107,7 @@ class AttentionLearner(MetaLearner):
                 f"A task has {task_ways} classes but this AttentionLearner was built with ways={self.ways}; "
                 f"build it with ways >= {task_ways}."
             )
-        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x)
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         support, query = support.flatten(2), query.flatten(2)
         support_labels = one_hot(batch.support_y, self.ways, support.dtype)
         query_labels = support_labels.new_zeros(*query.shape[:2], self.ways)
