@@ -48,7 +48,7 @@ def build(algorithm: str, ways: int, shots: int, root: str):
         elif algorithm == "RelationNet":
             model = RelationNet(RelationEmbedding(hidden=32), relation_channels=32)
         elif algorithm == "AttentionLearner":
-            model = AttentionLearner(embedding, ways=ways, optimizer=lambda p: torch.optim.Adam(p, 3e-4))
+            model = AttentionLearner(embedding, ways=ways, optimizer=lambda p: torch.optim.Adam(p, 1e-3))  # as its config
         else:
             raise ValueError(f"Unknown algorithm {algorithm!r}.")
         data = KanjiDataModule(root=root, ways=ways, shots=shots, queries=5, test_queries=15, meta_batch_size=4,

@@ -20,11 +20,27 @@ class AttentionLearner(MetaLearner):
     Networks", ICML 2016): the learner *reads* the support set as ``(embedding, label)`` pairs
     and adaptation is a forward pass.
 
-    Every support sample becomes a token ``[f(x); onehot(y)]``, every query ``[f(x); 0]``; a
+    Every support sample becomes a token ``[f(x) - m; onehot(y)]``, every query
+    ``[f(x) - m; 0]``, with ``m`` the mean embedding of the task's support set; a
     ``torch.nn.TransformerEncoder`` (pre-norm) runs over the tokens of a task, and a linear head
-    reads each query token's class logits, ``[B, N*Q, N]``. The attention mask lets support
-    tokens see only the support set and each query token see only the support set and itself,
-    so a query's prediction never depends on the other queries (nor on how many there are).
+    reads each query token's class logits, ``[B, N*Q, N]``. The attention mask lets every token
+    see the support set only, so a query's prediction depends on the support set and itself
+    (through the residual stream), never on the other queries (nor on how many there are).
+
+    Three choices make it learn (issue 9: without them it stayed at chance on Kanji 5-way 1-shot
+    after 600 steps, the attention of every query uniform over its six visible tokens, entropy
+    log 6, and the embeddings of a task ever more alike, cosine similarity 0.83 -> 0.95):
+
+    - Centring on ``m``: the backbone's ReLU features share a large common part, so to
+      dot-product attention every token of a task looked alike and its softmax stayed uniform;
+      a query then reads the average label and no gradient tells matching tokens apart. Relative
+      to their support mean the tokens differ by what tells the classes apart (94% after 500
+      steps instead of 21%).
+    - Each layer's key projection starts equal to its query projection, so attention starts as
+      a similarity (``q_i . k_j = (W x_i) . (W x_j)``) instead of a random bilinear form.
+    - Queries do not attend to themselves: under a similarity the most similar token is the
+      query itself, which carries no label; its own embedding reaches the head through the
+      residual connections anyway. With both, 66% after 100 steps instead of 23%, 96% after 500.
 
     Order: there is no positional encoding, so the model is invariant to the order of the
     support set (attention is a weighted sum over it) and equivariant to the order of the
@@ -98,6 +114,10 @@ class AttentionLearner(MetaLearner):
         )
         # Nested tensors only serve padding masks, which every task here is free of.
         self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(model_dim), enable_nested_tensor=False)
+        with torch.no_grad():
+            for encoder_layer in self.encoder.layers:  # in_proj_weight stacks the query, key and value maps
+                projections = encoder_layer.self_attn.in_proj_weight
+                projections[model_dim : 2 * model_dim] = projections[:model_dim]
         self.head = nn.Linear(model_dim, ways)
 
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -109,6 +129,8 @@ class AttentionLearner(MetaLearner):
             )
         support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         support, query = support.flatten(2), query.flatten(2)
+        centre = support.mean(1, keepdim=True)
+        support, query = support - centre, query - centre
         support_labels = one_hot(batch.support_y, self.ways, support.dtype)
         query_labels = support_labels.new_zeros(*query.shape[:2], self.ways)
         support_tokens = torch.cat([support, support_labels], dim=-1)
@@ -121,9 +143,7 @@ class AttentionLearner(MetaLearner):
 
 def episode_attention_mask(support: int, queries: int, device: torch.device) -> Tensor:
     """Boolean mask, ``True`` where attention is blocked, for ``support`` support tokens followed
-    by ``queries`` query tokens: every token sees the support set; a query also sees itself."""
-    size = support + queries
-    blocked = torch.ones(size, size, dtype=torch.bool, device=device)
+    by ``queries`` query tokens: every token sees the support set and nothing else."""
+    blocked = torch.ones(support + queries, support + queries, dtype=torch.bool, device=device)
     blocked[:, :support] = False
-    blocked.fill_diagonal_(False)
     return blocked
