@@ -92,7 +92,7 @@ def build(algorithm: str, hidden: int, batching: str):
     if algorithm == "MAML":
         return MAML(Conv4(in_channels=1, hidden=hidden, out_features=5, image_size=SIDE), inner_lr=0.4, inner_steps=1,
                     batching=batching)
-    return ProtoNet(Conv4(in_channels=1, hidden=hidden, out_features=None, image_size=SIDE))
+    return ProtoNet(Conv4(in_channels=1, hidden=hidden, out_features=None, image_size=SIDE, track_running_stats=True))
 
 
 def train(algorithm: str, precision: str, images, labels, args, accelerator: str) -> Dict[str, object]:

@@ -38,17 +38,17 @@ def build(algorithm: str, ways: int, shots: int, root: str):
                                train_tasks=4 * 100_000, test_tasks=600, num_workers=0)
     elif algorithm == "ProtoNet":
         # Snell et al. train with more ways than they test (60-way for Omniglot); 2x the test ways here.
-        model = ProtoNet(Conv4(hidden=32, out_features=None))
+        model = ProtoNet(Conv4(hidden=32, out_features=None, track_running_stats=True))
         data = KanjiDataModule(root=root, ways=2 * ways, shots=shots, queries=5, test_ways=ways, test_queries=15,
                                meta_batch_size=1, train_tasks=100_000, test_tasks=600, num_workers=0)
     else:
-        embedding = Conv4(hidden=32, out_features=None)  # 32 features at 28x28
+        embedding = Conv4(hidden=32, out_features=None, track_running_stats=True)  # 32 features at 28x28
         if algorithm == "MatchingNet":
-            model = MatchingNet(embedding, embedding_dim=32)
+            model = MatchingNet(embedding)
         elif algorithm == "RelationNet":
-            model = RelationNet(RelationEmbedding(hidden=32), feature_channels=32, feature_size=7, relation_channels=32)
+            model = RelationNet(RelationEmbedding(hidden=32), relation_channels=32)
         elif algorithm == "AttentionLearner":
-            model = AttentionLearner(embedding, ways=ways, embedding_dim=32, optimizer=lambda p: torch.optim.Adam(p, 3e-4))
+            model = AttentionLearner(embedding, ways=ways, optimizer=lambda p: torch.optim.Adam(p, 1e-3))  # as its config
         else:
             raise ValueError(f"Unknown algorithm {algorithm!r}.")
         data = KanjiDataModule(root=root, ways=ways, shots=shots, queries=5, test_queries=15, meta_batch_size=4,

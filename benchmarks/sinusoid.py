@@ -24,7 +24,7 @@ from maml_step_time import cpu_name
 
 def build(name: str):
     if name == "CNP":  # Garnelo et al.'s sizes: 128-wide encoder and decoder
-        return CNP(MLP(2, (128, 128), 128), x_dim=1, y_dim=1, representation_dim=128, decoder_hidden=(128, 128))
+        return CNP(MLP(2, (128, 128), 128), x_dim=1, y_dim=1, decoder_hidden=(128, 128))
     algorithm = {"MAML": MAML, "MetaSGD": MetaSGD}[name]
     return algorithm(MLP(), inner_lr=0.01, inner_steps=1, test_inner_steps=10)
 

@@ -23,7 +23,8 @@ STEPS = 3
 
 
 def conv4(out_features=5):
-    return Conv4(hidden=8, out_features=out_features, image_size=16)
+    # Metric learners evaluate with running batch-norm statistics by default (the papers').
+    return Conv4(hidden=8, out_features=out_features, image_size=16, track_running_stats=out_features is None)
 
 
 LEARNERS = [
@@ -35,12 +36,12 @@ LEARNERS = [
     pytest.param(lambda: iMAML(conv4(), inner_steps=2, cg_steps=2, batching="vmap"), "images", id="iMAML"),
     pytest.param(lambda: CAVIA(FiLMConv4(hidden=8, image_size=16, context_dim=4), batching="vmap"), "images", id="CAVIA"),
     pytest.param(lambda: ProtoNet(conv4(None)), "images", id="ProtoNet"),
-    pytest.param(lambda: MatchingNet(conv4(None), embedding_dim=8), "images", id="MatchingNet"),
-    pytest.param(lambda: RelationNet(RelationEmbedding(hidden=8), feature_channels=8, feature_size=4,
-                                     relation_channels=8, relation_hidden=4), "images", id="RelationNet"),
-    pytest.param(lambda: AttentionLearner(conv4(None), embedding_dim=8, model_dim=32, heads=4, layers=1,
+    pytest.param(lambda: MatchingNet(conv4(None)), "images", id="MatchingNet"),
+    pytest.param(lambda: RelationNet(RelationEmbedding(hidden=8, image_size=16), relation_channels=8,
+                                     relation_hidden=4), "images", id="RelationNet"),
+    pytest.param(lambda: AttentionLearner(conv4(None), model_dim=32, heads=4, layers=1,
                                           feedforward_dim=32), "images", id="AttentionLearner"),
-    pytest.param(lambda: CNP(MLP(2, (32, 32), 32), representation_dim=32, decoder_hidden=(32, 32)), "sinusoid",
+    pytest.param(lambda: CNP(MLP(2, (32, 32), 32), decoder_hidden=(32, 32)), "sinusoid",
                  id="CNP"),
 ]
 

@@ -80,8 +80,9 @@ def clustered_images(classes=12, per_class=6, side=4):
 def attention_learner():
     L.seed_everything(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+    backbone.output_shape = (8,)  # what the learner sizes its tokens from
     # Dropout draws from the global generator at every step: a resume must restore its state.
-    return AttentionLearner(backbone, ways=3, embedding_dim=8, model_dim=16, heads=2, layers=1, feedforward_dim=16, dropout=0.5)
+    return AttentionLearner(backbone, ways=3, model_dim=16, heads=2, layers=1, feedforward_dim=16, dropout=0.5)
 
 
 def fit(model, steps, folder, ckpt_path=None):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from .base import MetaLearner
-from .episode_ops import embed_episodes, num_ways, one_hot
+from .episode_ops import check_batch_norm_stats, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow
 
 
 class AttentionLearner(MetaLearner):
@@ -20,11 +20,27 @@ class AttentionLearner(MetaLearner):
     Networks", ICML 2016): the learner *reads* the support set as ``(embedding, label)`` pairs
     and adaptation is a forward pass.
 
-    Every support sample becomes a token ``[f(x); onehot(y)]``, every query ``[f(x); 0]``; a
+    Every support sample becomes a token ``[f(x) - m; onehot(y)]``, every query
+    ``[f(x) - m; 0]``, with ``m`` the mean embedding of the task's support set; a
     ``torch.nn.TransformerEncoder`` (pre-norm) runs over the tokens of a task, and a linear head
-    reads each query token's class logits, ``[B, N*Q, N]``. The attention mask lets support
-    tokens see only the support set and each query token see only the support set and itself,
-    so a query's prediction never depends on the other queries (nor on how many there are).
+    reads each query token's class logits, ``[B, N*Q, N]``. The attention mask lets every token
+    see the support set only, so a query's prediction depends on the support set and itself
+    (through the residual stream), never on the other queries (nor on how many there are).
+
+    Three choices make it learn (issue 9: without them it stayed at chance on Kanji 5-way 1-shot
+    after 600 steps, the attention of every query uniform over its six visible tokens, entropy
+    log 6, and the embeddings of a task ever more alike, cosine similarity 0.83 -> 0.95):
+
+    - Centring on ``m``: the backbone's ReLU features share a large common part, so to
+      dot-product attention every token of a task looked alike and its softmax stayed uniform;
+      a query then reads the average label and no gradient tells matching tokens apart. Relative
+      to their support mean the tokens differ by what tells the classes apart (94% after 500
+      steps instead of 21%).
+    - Each layer's key projection starts equal to its query projection, so attention starts as
+      a similarity (``q_i . k_j = (W x_i) . (W x_j)``) instead of a random bilinear form.
+    - Queries do not attend to themselves: under a similarity the most similar token is the
+      query itself, which carries no label; its own embedding reaches the head through the
+      residual connections anyway. With both, 66% after 100 steps instead of 23%, 96% after 500.
 
     Order: there is no positional encoding, so the model is invariant to the order of the
     support set (attention is a weighted sum over it) and equivariant to the order of the
@@ -35,16 +51,19 @@ class AttentionLearner(MetaLearner):
     :func:`~.episode_ops.num_ways`).
 
     Args:
-        backbone: the embedding network, e.g. ``Conv4(out_features=None)``; feature maps are
-            flattened to vectors.
+        backbone: the embedding network, e.g.
+            ``Conv4(out_features=None, track_running_stats=True)``; feature maps are flattened
+            to vectors, whose size (from its ``output_shape``) sizes the token projection.
         ways: the most classes a task may have.
-        embedding_dim: size of the backbone's (flattened) output (64 for
-            ``Conv4(hidden=64, out_features=None)`` on 28x28 images).
         model_dim: width of the Transformer.
         heads: attention heads; must divide ``model_dim``.
         layers: Transformer encoder layers.
         feedforward_dim: width of each layer's feed-forward block.
         dropout: dropout inside the Transformer.
+        batch_norm_stats: ``"running"`` (default) or ``"task"`` (see
+            :data:`~.episode_ops.BATCH_NORM_STATS`); the backbone normalises every task on its
+            own. SNAIL does not say how it evaluates; running statistics keep a query's
+            prediction a function of the support set and itself, as the attention mask does.
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -58,7 +77,7 @@ class AttentionLearner(MetaLearner):
         images, labels = torch.rand(50 * 20, 1, 28, 28), torch.arange(50).repeat_interleave(20)
         data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=5,
                                   meta_batch_size=4, train_tasks=40, num_workers=0)
-        model = AttentionLearner(Conv4(out_features=None), ways=5, embedding_dim=64)
+        model = AttentionLearner(Conv4(out_features=None, track_running_stats=True), ways=5)
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
@@ -66,18 +85,18 @@ class AttentionLearner(MetaLearner):
         self,
         backbone: nn.Module,
         ways: int = 5,
-        embedding_dim: int = 64,
         model_dim: int = 128,
         heads: int = 4,
         layers: int = 2,
         feedforward_dim: int = 256,
         dropout: float = 0.0,
+        batch_norm_stats: str = "running",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        for name, value in (("ways", ways), ("embedding_dim", embedding_dim), ("model_dim", model_dim),
+        for name, value in (("ways", ways), ("model_dim", model_dim),
                             ("heads", heads), ("layers", layers), ("feedforward_dim", feedforward_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -86,12 +105,19 @@ class AttentionLearner(MetaLearner):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         self.ways = ways
+        self.batch_norm_stats = check_batch_norm_stats("AttentionLearner", batch_norm_stats, backbone)
+        warn_if_narrow(backbone, "AttentionLearner")
+        embedding_dim = embedding_size(backbone, "AttentionLearner")
         self.tokens = nn.Linear(embedding_dim + ways, model_dim)
         layer = nn.TransformerEncoderLayer(
             model_dim, heads, feedforward_dim, dropout, batch_first=True, norm_first=True
         )
         # Nested tensors only serve padding masks, which every task here is free of.
         self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(model_dim), enable_nested_tensor=False)
+        with torch.no_grad():
+            for encoder_layer in self.encoder.layers:  # in_proj_weight stacks the query, key and value maps
+                projections = encoder_layer.self_attn.in_proj_weight
+                projections[model_dim : 2 * model_dim] = projections[:model_dim]
         self.head = nn.Linear(model_dim, ways)
 
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -101,8 +127,10 @@ class AttentionLearner(MetaLearner):
                 f"A task has {task_ways} classes but this AttentionLearner was built with ways={self.ways}; "
                 f"build it with ways >= {task_ways}."
             )
-        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x)
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         support, query = support.flatten(2), query.flatten(2)
+        centre = support.mean(1, keepdim=True)
+        support, query = support - centre, query - centre
         support_labels = one_hot(batch.support_y, self.ways, support.dtype)
         query_labels = support_labels.new_zeros(*query.shape[:2], self.ways)
         support_tokens = torch.cat([support, support_labels], dim=-1)
@@ -115,9 +143,7 @@ class AttentionLearner(MetaLearner):
 
 def episode_attention_mask(support: int, queries: int, device: torch.device) -> Tensor:
     """Boolean mask, ``True`` where attention is blocked, for ``support`` support tokens followed
-    by ``queries`` query tokens: every token sees the support set; a query also sees itself."""
-    size = support + queries
-    blocked = torch.ones(size, size, dtype=torch.bool, device=device)
+    by ``queries`` query tokens: every token sees the support set and nothing else."""
+    blocked = torch.ones(support + queries, support + queries, dtype=torch.bool, device=device)
     blocked[:, :support] = False
-    blocked.fill_diagonal_(False)
     return blocked

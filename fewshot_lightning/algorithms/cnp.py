@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..data.task import TaskBatch
 from ..models.mlp import MLP
 from .base import MetaLearner
+from .episode_ops import check_batch_norm_stats, output_shape, per_task
 
 #: The floor and range of the predicted standard deviation, ``0.1 + 0.9 * softplus``: the floor
 #: keeps the likelihood from collapsing onto single context points early in training.
@@ -35,15 +36,22 @@ class CNP(MetaLearner):
 
     Constructor: like the other learners, the network passed first is ``backbone``, here the
     encoder (e.g. ``MLP(in_features=x_dim + y_dim, hidden=[128, 128], out_features=128)``); the
-    decoder is built from ``decoder_hidden`` since its input and output sizes follow from
-    ``representation_dim``, ``x_dim`` and ``y_dim``.
+    decoder is built from ``decoder_hidden`` since its input and output sizes follow from the
+    encoder's ``output_shape`` (the representation), ``x_dim`` and ``y_dim``.
+
+    Every task's context set is encoded on its own (:func:`~.episode_ops.per_task`), so an
+    encoder with batch norm normalises each task with its own context points; the paper's
+    encoder has none. ``batch_norm_stats="task"`` (default) keeps that in evaluation too, so
+    ``r`` stays a function of the context set alone.
 
     Args:
-        backbone: encoder from ``[*, x_dim + y_dim]`` to ``[*, representation_dim]``.
+        backbone: encoder from ``[*, x_dim + y_dim]`` to ``[*, R]``, with ``output_shape``
+            ``(R,)`` (as :class:`~fewshot_lightning.models.MLP` has).
         x_dim: size of a (flattened) input ``x``.
         y_dim: size of a (flattened) target ``y``.
-        representation_dim: size of the encoder's output.
         decoder_hidden: hidden widths of the decoder MLP.
+        batch_norm_stats: ``"task"`` or ``"running"`` (see
+            :data:`~.episode_ops.BATCH_NORM_STATS`).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -62,18 +70,23 @@ class CNP(MetaLearner):
         backbone: nn.Module,
         x_dim: int = 1,
         y_dim: int = 1,
-        representation_dim: int = 128,
         decoder_hidden: Sequence[int] = (128, 128),
+        batch_norm_stats: str = "task",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("representation_dim", representation_dim)):
+        for name, value in (("x_dim", x_dim), ("y_dim", y_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         if any(width < 1 for width in decoder_hidden):
             raise ValueError(f"decoder_hidden widths must be at least 1, got {list(decoder_hidden)}.")
+        self.batch_norm_stats = check_batch_norm_stats("CNP", batch_norm_stats, backbone)
+        shape = output_shape(backbone, "CNP")
+        if len(shape) != 1:
+            raise ValueError(f"CNP needs an encoder that outputs vectors, but its output_shape is {list(shape)}.")
+        representation_dim = shape[0]
         self.x_dim, self.y_dim, self.representation_dim = x_dim, y_dim, representation_dim
         self.decoder = MLP(representation_dim + x_dim, decoder_hidden, 2 * y_dim)
 
@@ -85,15 +98,14 @@ class CNP(MetaLearner):
                 f"CNP was built with x_dim={self.x_dim}, y_dim={self.y_dim} but the task has x of size "
                 f"{context_x.shape[-1]} and y of size {context_y.shape[-1]}."
             )
-        tasks, shots = context_x.shape[:2]
-        pairs = torch.cat([context_x, context_y], dim=-1)
-        encoded = self.backbone(pairs.flatten(0, 1))
-        if encoded.shape[-1] != self.representation_dim:
+        tasks = context_x.shape[0]
+        encoded = per_task(self.backbone, torch.cat([context_x, context_y], dim=-1), self.batch_norm_stats)
+        if encoded.shape[2:] != (self.representation_dim,):
             raise ValueError(
-                f"The encoder returned vectors of size {encoded.shape[-1]} but representation_dim is "
-                f"{self.representation_dim}: make them match."
+                f"The encoder's output_shape says ({self.representation_dim},) but it returned "
+                f"{list(encoded.shape[2:])} per context point."
             )
-        representation = encoded.view(tasks, shots, -1).mean(1)
+        representation = encoded.mean(1)
         queries = target_x.shape[1]
         decoded = self.decoder(torch.cat([representation.unsqueeze(1).expand(-1, queries, -1), target_x], dim=-1))
         mean, raw_sigma = decoded.chunk(2, dim=-1)

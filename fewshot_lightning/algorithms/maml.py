@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..data.task import TaskBatch
 from ..inner import BATCHING, Forward, InnerLearningRate, Params, functional, select_parameters, task_params, trajectory
 from ..metrics import MeanConfidenceInterval
-from .base import MetaLearner, is_regression, per_task_loss
+from .base import MetaLearner, per_task_loss
 
 
 class MAML(MetaLearner):

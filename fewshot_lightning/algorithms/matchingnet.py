@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from .base import MetaLearner
-from .episode_ops import embed_episodes, num_ways, one_hot
+from .episode_ops import check_batch_norm_stats, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow
 from .protonet import register_log_scale
 
 
@@ -38,16 +38,23 @@ class MatchingNet(MetaLearner):
     Order: without FCE the predictions do not depend on the order of the support set; with FCE
     they do (the bidirectional LSTM reads it as a sequence; the episodes shuffle it).
 
+    Batch norm: every task is normalised on its own (:func:`~.episode_ops.per_task`). The
+    paper does not say how it evaluates; its model is ``P(y | x, S)``, a function of the query
+    and the support set alone, which running statistics in evaluation keep
+    (``batch_norm_stats="running"``, the default); ``"task"`` normalises evaluation tasks with
+    their own batch statistics (transductive).
+
     Args:
-        backbone: the embedding network (``f'`` and ``g'``), e.g. ``Conv4(out_features=None)``;
-            feature maps are flattened to vectors.
+        backbone: the embedding network (``f'`` and ``g'``), e.g.
+            ``Conv4(out_features=None, track_running_stats=True)``; feature maps are flattened
+            to vectors. With ``fce=True`` its ``output_shape`` sizes the LSTMs.
         fce: use full context embeddings.
         fce_steps: unrolling steps ``K`` of the query's attention LSTM (``fce=True`` only).
-        embedding_dim: size of the backbone's (flattened) output; sizes the LSTMs, so only read
-            with ``fce=True``. 64 for ``Conv4(hidden=64, out_features=None)`` on 28x28 images.
         scale: positive multiplier of the cosine similarities before the softmax. 1 is the
             paper; larger values sharpen the attention.
         learn_scale: train ``scale`` (kept positive through its logarithm).
+        batch_norm_stats: ``"running"`` or ``"task"`` (see
+            :data:`~.episode_ops.BATCH_NORM_STATS`).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -61,7 +68,7 @@ class MatchingNet(MetaLearner):
         images, labels = torch.rand(50 * 20, 1, 28, 28), torch.arange(50).repeat_interleave(20)
         data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=5,
                                   meta_batch_size=4, train_tasks=40, num_workers=0)
-        model = MatchingNet(Conv4(out_features=None), fce=True, embedding_dim=64)
+        model = MatchingNet(Conv4(out_features=None, track_running_stats=True), fce=True)
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
@@ -70,21 +77,22 @@ class MatchingNet(MetaLearner):
         backbone: nn.Module,
         fce: bool = False,
         fce_steps: int = 5,
-        embedding_dim: int = 64,
         scale: float = 1.0,
         learn_scale: bool = False,
+        batch_norm_stats: str = "running",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         register_log_scale(self, scale, learn_scale)
+        self.batch_norm_stats = check_batch_norm_stats("MatchingNet", batch_norm_stats, backbone)
+        warn_if_narrow(backbone, "MatchingNet")
         self.fce = fce
         if fce:
             if fce_steps < 1:
                 raise ValueError(f"fce_steps must be at least 1, got {fce_steps}.")
-            if embedding_dim < 1:
-                raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim}.")
+            embedding_dim = embedding_size(backbone, "MatchingNet(fce=True)")
             self.fce_steps = fce_steps
             self.support_lstm = nn.LSTM(embedding_dim, embedding_dim, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(2 * embedding_dim, embedding_dim)
@@ -97,7 +105,7 @@ class MatchingNet(MetaLearner):
         return self.log_attention(batch).exp()
 
     def log_attention(self, batch: TaskBatch) -> Tensor:
-        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x)
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         support, query = support.flatten(2), query.flatten(2)
         if self.fce:
             support = self.contextual_support(support)

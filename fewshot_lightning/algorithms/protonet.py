@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from .base import MetaLearner
-from .episode_ops import class_means, embed_episodes, num_ways
+from .episode_ops import check_batch_norm_stats, class_means, embed_episodes, num_ways, warn_if_narrow
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -24,17 +24,25 @@ class ProtoNet(MetaLearner):
     class is ``-scale * ||f(x) - prototype||^2`` (``distance="euclidean"``, the paper's choice)
     or ``scale * cos(f(x), prototype)`` (``"cosine"``). Nothing fixes the number of ways N: it
     is read from each batch's labels (see :func:`~.episode_ops.num_ways`), so a model trained
-    20-way evaluates 5-way, as in the paper's Omniglot experiments. The whole meta-batch is
-    embedded in one backbone call. Backbone outputs with more than one dimension (feature
-    maps) are flattened to vectors.
+    20-way evaluates 5-way, as in the paper's Omniglot experiments. Backbone outputs with more
+    than one dimension (feature maps) are flattened to vectors.
+
+    Batch norm: every task is normalised on its own, never with the other tasks of its batch
+    (:func:`~.episode_ops.per_task`). By default (``batch_norm_stats="running"``) evaluation
+    uses running statistics, as the paper's code does (``model.eval()``), so a query's
+    prediction depends on the support set and itself only; ``"task"`` normalises evaluation
+    tasks with their own batch statistics (transductive).
 
     Args:
-        backbone: the embedding network, e.g. ``Conv4(out_features=None)``.
+        backbone: the embedding network, e.g.
+            ``Conv4(out_features=None, track_running_stats=True)``.
         distance: ``"euclidean"`` (squared) or ``"cosine"``.
         scale: positive multiplier of the logits (an inverse softmax temperature). Default
             ``None``: 1 for ``"euclidean"`` (the paper), 10 for ``"cosine"``, whose values in
             ``[-1, 1]`` otherwise give a nearly uniform softmax.
         learn_scale: train ``scale`` with the backbone (kept positive through its logarithm).
+        batch_norm_stats: ``"running"`` or ``"task"`` (see
+            :data:`~.episode_ops.BATCH_NORM_STATS`).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -48,7 +56,7 @@ class ProtoNet(MetaLearner):
         images, labels = torch.rand(100 * 20, 1, 28, 28), torch.arange(100).repeat_interleave(20)
         data = EpisodicDataModule(images, labels, ways=20, shots=1, queries=5, test_ways=5,
                                   meta_batch_size=4, train_tasks=40, num_workers=0)
-        model = ProtoNet(Conv4(out_features=None))
+        model = ProtoNet(Conv4(out_features=None, track_running_stats=True))
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
@@ -58,6 +66,7 @@ class ProtoNet(MetaLearner):
         distance: str = "euclidean",
         scale: Optional[float] = None,
         learn_scale: bool = False,
+        batch_norm_stats: str = "running",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
@@ -66,10 +75,12 @@ class ProtoNet(MetaLearner):
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
         self.distance = distance
+        self.batch_norm_stats = check_batch_norm_stats("ProtoNet", batch_norm_stats, backbone)
+        warn_if_narrow(backbone, "ProtoNet")
         register_log_scale(self, default_scale(distance) if scale is None else scale, learn_scale)
 
     def forward(self, batch: TaskBatch) -> Tensor:
-        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x)
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         prototypes = class_means(support.flatten(2), batch.support_y, num_ways(batch.support_y))
         return self.logits(query.flatten(2), prototypes)
 

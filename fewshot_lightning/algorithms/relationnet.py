@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..data.task import TaskBatch
 from ..models.relation import RelationModule
 from .base import MetaLearner
-from .episode_ops import class_sums, embed_episodes, num_ways, one_hot
+from .episode_ops import check_batch_norm_stats, class_sums, embed_episodes, num_ways, one_hot, output_shape, per_task
 
 LOSSES = ("mse", "bce")
 
@@ -31,14 +31,24 @@ class RelationNet(MetaLearner):
     counterpart, with stronger gradients for confidently wrong scores). Both are averaged over
     the ``N*Q x N`` scores of a task.
 
+    Batch norm, in the embedding and the relation module: every task is normalised on its own
+    (:func:`~.episode_ops.per_task`). By default (``batch_norm_stats="task"``) with its own
+    batch statistics in evaluation too, as the paper's code (floodsung/LearningToCompare_FSL)
+    does: it never switches to evaluation mode. ``"running"`` evaluates with running
+    statistics (the relation module then keeps them; the backbone must too).
+
     Args:
-        backbone: a network returning feature maps, e.g.
-            :class:`~fewshot_lightning.models.RelationEmbedding` (``[64, 7, 7]`` for 28x28).
-        feature_channels: ``C`` of the backbone's maps.
-        feature_size: ``H = W`` of the backbone's maps.
+        backbone: a network returning feature maps ``[C, H, W]`` and saying their shape in
+            ``output_shape``, e.g. :class:`~fewshot_lightning.models.RelationEmbedding`
+            (``(64, 7, 7)`` for 28x28 images).
         relation_channels: filters of the relation module's conv blocks (64 in the paper).
         relation_hidden: width of its first fully connected layer (8 in the paper).
+        relation_padding: padding of the relation module's convolutions: 1 keeps the map
+            side before each pooling; 0 is the paper's code on mini-ImageNet (with
+            ``RelationEmbedding(padding=0)``: 19x19 maps -> 3x3).
         loss: ``"mse"`` or ``"bce"``.
+        batch_norm_stats: ``"task"`` or ``"running"`` (see
+            :data:`~.episode_ops.BATCH_NORM_STATS`).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -52,18 +62,18 @@ class RelationNet(MetaLearner):
         images, labels = torch.rand(50 * 20, 1, 28, 28), torch.arange(50).repeat_interleave(20)
         data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=5,
                                   meta_batch_size=4, train_tasks=40, num_workers=0)
-        model = RelationNet(RelationEmbedding(hidden=64), feature_channels=64, feature_size=7)
+        model = RelationNet(RelationEmbedding(hidden=64))
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        feature_channels: int = 64,
-        feature_size: int = 7,
         relation_channels: int = 64,
         relation_hidden: int = 8,
+        relation_padding: int = 1,
         loss: str = "mse",
+        batch_norm_stats: str = "task",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
@@ -72,22 +82,32 @@ class RelationNet(MetaLearner):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
         self.loss = loss
-        self.feature_shape = (feature_channels, feature_size, feature_size)
-        self.relation = RelationModule(2 * feature_channels, relation_channels, relation_hidden, feature_size)
+        self.batch_norm_stats = check_batch_norm_stats("RelationNet", batch_norm_stats, backbone)
+        self.feature_shape = output_shape(backbone, "RelationNet")
+        if len(self.feature_shape) != 3 or self.feature_shape[1] != self.feature_shape[2]:
+            raise ValueError(
+                f"RelationNet needs square feature maps [C, H, W] from the backbone, but its output_shape is "
+                f"{list(self.feature_shape)}: use a backbone that keeps a spatial map, such as RelationEmbedding."
+            )
+        channels, side = self.feature_shape[0], self.feature_shape[1]
+        self.relation = RelationModule(
+            2 * channels, relation_channels, relation_hidden, side, relation_padding,
+            track_running_stats=batch_norm_stats == "running",
+        )
 
     def forward(self, batch: TaskBatch) -> Tensor:
-        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x)
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         if tuple(support.shape[2:]) != self.feature_shape:
             raise ValueError(
-                f"RelationNet expects backbone feature maps of shape {list(self.feature_shape)} "
-                f"(feature_channels, feature_size, feature_size), but the backbone returned "
-                f"{list(support.shape[2:])}: set feature_channels and feature_size to match."
+                f"The backbone's output_shape says {list(self.feature_shape)} but it returned maps of shape "
+                f"{list(support.shape[2:])} for these images: build it for this image size."
             )
         classes = class_sums(support, batch.support_y, num_ways(batch.support_y))
         tasks, queries, ways = query.shape[0], query.shape[1], classes.shape[1]
         pair_shape = (tasks, queries, ways, *self.feature_shape)
         pairs = torch.cat([query.unsqueeze(2).expand(pair_shape), classes.unsqueeze(1).expand(pair_shape)], dim=3)
-        return torch.sigmoid(self.relation(pairs.flatten(0, 2))).view(tasks, queries, ways)
+        relations = per_task(self.relation, pairs.flatten(1, 2), self.batch_norm_stats)
+        return torch.sigmoid(relations).view(tasks, queries, ways)
 
     def query_losses(self, outputs: Tensor, batch: TaskBatch) -> Tensor:
         targets = one_hot(batch.query_y, outputs.shape[-1], outputs.dtype)

@@ -1,0 +1,128 @@
+"""Convolutional building blocks whose batch norm computes its statistics per task.
+
+A backbone in this package takes a batch of tasks, ``[*tasks, M, *sample]`` (``M`` samples of
+each task; ``[M, *sample]`` is one task), and batch norm normalises every task with the
+statistics of its own samples, so a task's outputs never depend on the other tasks it is
+batched with. Inside, activations are kept *sample-major*, ``[M, T, C, H, W]``: then the ``T``
+tasks' channels of one sample lie side by side, ``[M, T * C, H, W]`` is a free view, and one
+ordinary batch-norm call over ``T * C`` channels gives every (task, channel) its own statistics.
+That is as fast as normalising the pooled batch, where running the backbone per task under
+``torch.func.vmap`` costs an extra multiply and add per batch-norm layer (its batching rule
+applies the affine part separately), about 1.5x the backbone's time on a CPU.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TaskBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with per-task batch statistics.
+
+    Input ``[M, T, C, H, W]``: ``M`` samples of each of ``T`` tasks, sample-major (see the
+    module docstring); or ``[M, C, H, W]``, one task, exactly as ``nn.BatchNorm2d``.
+
+    With batch statistics (training, or no running statistics), each task is normalised with
+    the mean and variance of its own samples. Running averages (``track_running_stats=True``)
+    move towards the mean over tasks of the per-task statistics,
+    ``running <- (1 - momentum) running + momentum mean_t(stat_t)``: one update per call,
+    whatever the number of tasks, and the same as ``nn.BatchNorm2d`` for one task. In
+    evaluation with running statistics every sample is normalised on its own.
+
+    Same arguments, parameters and buffers as ``nn.BatchNorm2d``, so checkpoints of either load
+    into the other.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return super().forward(x)
+        if x.dim() != 5:
+            raise ValueError(f"TaskBatchNorm2d expects [samples, tasks, C, H, W] or [N, C, H, W], got {list(x.shape)}.")
+        samples, tasks, channels = x.shape[:3]
+        if tasks == 1 or not (self.training or self.running_mean is None):
+            # One task, or running statistics (per sample): nothing to keep apart.
+            return super().forward(x.flatten(0, 1)).view_as(x)
+        update = self.training and self.track_running_stats and self.running_mean is not None
+        factor = 0.0 if self.momentum is None else self.momentum
+        if update:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Per-task copies of the running averages, moved by F.batch_norm in place, then averaged.
+        running_mean = self.running_mean.repeat(tasks) if update else None
+        running_var = self.running_var.repeat(tasks) if update else None
+        weight = self.weight.repeat(tasks) if self.affine else None
+        bias = self.bias.repeat(tasks) if self.affine else None
+        folded = x.reshape(samples, tasks * channels, *x.shape[3:])
+        out = F.batch_norm(folded, running_mean, running_var, weight, bias, True, factor, self.eps)
+        if update:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(tasks, channels).mean(0))
+                self.running_var.copy_(running_var.view(tasks, channels).mean(0))
+        return out.view_as(x)
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 convolution, :class:`TaskBatchNorm2d`, ReLU and an optional 2x2 max-pool, on
+    sample-major activations ``[M, T, C, H, W]``.
+
+    Args:
+        in_channels, out_channels: channels in and out.
+        pool: end with a 2x2 max-pool.
+        stride: of the convolution.
+        padding: of the convolution (1 keeps the side at stride 1).
+        track_running_stats: batch norm keeps running averages.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        pool: bool = True,
+        stride: int = 1,
+        padding: int = 1,
+        track_running_stats: bool = False,
+    ) -> None:
+        layers = [
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=padding),
+            TaskBatchNorm2d(out_channels, track_running_stats=track_running_stats),
+            nn.ReLU(),
+        ]
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        super().__init__(*layers)
+        self.pool = pool
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        samples, tasks = x.shape[:2]
+        conv, norm, relu = self[0], self[1], self[2]
+        out = norm(conv(x.flatten(0, 1)).unflatten(0, (samples, tasks)))
+        out = relu(out)
+        if self.pool:
+            out = self[3](out.flatten(0, 1)).unflatten(0, (samples, tasks))
+        return out
+
+    def output_side(self, side: int) -> int:
+        """Side of the output map for an input map of side ``side``."""
+        side = (side + 2 * self.padding - 3) // self.stride + 1
+        return side // 2 if self.pool else side
+
+
+def per_task_call(forward: Callable[[Tensor], Tensor], x: Tensor, sample_dims: int) -> Tensor:
+    """Run ``forward``, a function of sample-major ``[M, T, *sample]`` activations, on task-major
+    ``x`` of shape ``[*tasks, M, *sample]`` (``sample_dims`` trailing dimensions per sample;
+    ``[M, *sample]`` is one task, ``[*sample]`` one sample) and return ``[*tasks, M, *out]``.
+
+    Only the input and the output are transposed; those are the smallest tensors of a
+    convolutional backbone.
+    """
+    leading = x.shape[: x.dim() - sample_dims]
+    samples = leading[-1] if leading else 1
+    sample_major = x.reshape(-1, samples, *x.shape[x.dim() - sample_dims :]).transpose(0, 1)
+    out = forward(sample_major)
+    return out.transpose(0, 1).reshape(*leading, *out.shape[2:])
