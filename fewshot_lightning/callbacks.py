@@ -94,7 +94,9 @@ class NonFiniteGuard(Callback):
     With 16-bit mixed precision's ``GradScaler``, a non-finite gradient from finite losses is
     the loss scale overflowing, which the scaler answers by skipping the step and lowering the
     scale: whatever the policy, such a step is skipped, warned about and counted (and counts
-    towards ``max_consecutive_skips``), not raised.
+    towards ``max_consecutive_skips``), not raised. For learners that scale their inner loss
+    too (``scales_inner_loss``: the MAML family), an overflow in the inner loop makes the query
+    losses themselves non-finite, so there a non-finite loss is treated the same way.
 
     Args:
         policy: ``"raise"`` or ``"skip"``.
@@ -137,9 +139,11 @@ class NonFiniteGuard(Callback):
         message = self._describe(trainer, pl_module, params, task_losses)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         losses_finite = task_losses is None or bool(task_losses.isfinite().all())
-        overflow = scaler is not None and trainer.strategy.reduce_boolean_decision(losses_finite, all=True)
+        inner_scaled = getattr(pl_module, "scales_inner_loss", False)
+        overflow = scaler is not None and (inner_scaled or trainer.strategy.reduce_boolean_decision(losses_finite, all=True))
         if overflow:
-            message += f" The 16-bit loss scale ({scaler.get_scale():g}) overflowed; the GradScaler lowers it."
+            where = " (in the inner loop or the outer backward pass)" if inner_scaled else ""
+            message += f" The 16-bit loss scale ({scaler.get_scale():g}) overflowed{where}; the GradScaler lowers it."
         elif self.policy == "raise":
             raise NonFiniteError(
                 f"{message} Stopped the run. Look for NaN or inf in the data, or lower the learning rates; to "

@@ -171,6 +171,7 @@ def trajectory(
     penalty: Optional[Callable[[Params], Tensor]] = None,
     optimizer: Optional[InnerOptimizer] = None,
     minibatch: Optional[Callable[[int], Tensor]] = None,
+    loss_scale: Optional[Union[float, Tensor]] = None,
 ) -> Iterator[Params]:
     """Yield the per-task parameters before any step, after one, ..., after ``steps`` steps.
 
@@ -192,6 +193,12 @@ def trajectory(
             iMAML). Memory then does not grow with ``steps``.
         minibatch: ``minibatch(k)`` gives the support indices (``[m]``, or ``[B, m]`` per task)
             used at step ``k``; default the whole support set.
+        loss_scale: under 16-bit mixed precision, the factor the support loss is multiplied by
+            before the inner backward pass (so small gradients do not flush to zero in fp16) and
+            the gradients divided by after it, as a ``GradScaler`` does for the outer loss. An
+            overflow gives infinite gradients, hence infinite adapted parameters and query loss:
+            the outer ``GradScaler`` then skips the step and lowers its scale, which the caller
+            passes here again.
 
     Inner gradients are taken with autograd on even under ``torch.no_grad``; whether a graph
     to the outer parameters is kept is ``differentiable``'s business alone.
@@ -209,9 +216,10 @@ def trajectory(
             if penalty is not None:
                 losses = losses + penalty(params)
             names = list(params)
-            grads = torch.autograd.grad(
-                losses.sum(), [params[n] for n in names], create_graph=differentiable and second_order
-            )
+            total = losses.sum() if loss_scale is None else losses.sum() * loss_scale
+            grads = torch.autograd.grad(total, [params[n] for n in names], create_graph=differentiable and second_order)
+            if loss_scale is not None:
+                grads = [g / loss_scale for g in grads]
             params, state = optimizer.update(step, params, dict(zip(names, grads)), state, lr)
         if not differentiable:
             state = _detached(state)

@@ -128,3 +128,51 @@ def test_fp16_loss_scale_overflows_are_skipped_not_raised():
     assert re.search(r"Non-finite gradient at global_step 0 .* with finite losses on all 2 tasks .* The 16-bit loss "
                      r"scale \(1\.04858e\+06\) overflowed; the GradScaler lowers it\. Skipped the step", overflows[0])
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_fp16_scales_the_inner_loss_and_skips_inner_overflows_until_the_scale_fits():
+    """MAML under 16-bit mixed precision (on the CPU, with the loop so autocast reaches the
+    layers): the inner loss is scaled by the GradScaler's current scale; with a scale far too
+    large the fp16 inner gradients overflow, the query losses go non-finite, and each such step
+    is skipped (even with policy 'raise') while the scaler halves its scale, until it fits."""
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.models import MLP
+
+    L.seed_everything(0)
+    model = MAML(MLP(1, (16, 16), 1), inner_lr=0.01, batching="loop")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 22)
+    guard = NonFiniteGuard()
+    used = []
+
+    class InnerScale(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            used.append((pl_module.inner_loss_scale(), scaler.get_scale()))
+
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[guard, InnerScale()],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, SinusoidDataModule(meta_batch_size=4, train_tasks=80))
+    assert all(inner == outer for inner, outer in used)  # the inner loop uses the scaler's scale
+    halvings = round(math.log2(2.0 ** 22 / scaler.get_scale()))
+    # fp16 tops out near 2^16: a support loss of order one, scaled by 2^22, overflows in the backward.
+    assert 1 <= halvings <= guard.max_consecutive_skips and guard.skipped == halvings
+    overflows = [str(w.message) for w in warned if "overflowed (in the inner loop or the outer backward" in str(w.message)]
+    assert len(overflows) == halvings and overflows[0].startswith("Non-finite training loss at global_step 0")
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert trainer.global_step == 20
+
+
+def test_a_scaled_inner_loss_gives_the_unscaled_gradient_steps():
+    from fewshot_lightning.algorithms.base import per_task_loss
+    from fewshot_lightning.inner import adapt, functional, task_params
+    from fewshot_lightning.models import MLP
+
+    net = MLP(1, (8,), 1)
+    x, y = torch.randn(3, 5, 1), torch.randn(3, 5, 1)
+    start = task_params(dict(net.named_parameters()), 3)
+    plain = adapt(functional(net), start, x, y, per_task_loss, 2, 0.1)
+    scaled = adapt(functional(net), start, x, y, per_task_loss, 2, 0.1, loss_scale=2.0 ** 12)
+    for name in plain:  # in fp32 a power-of-two scale is exact: the same steps
+        torch.testing.assert_close(scaled[name], plain[name], rtol=1e-6, atol=1e-7)

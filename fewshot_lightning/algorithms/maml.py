@@ -72,6 +72,9 @@ class MAML(MetaLearner):
     """
 
     needs_grad_at_eval = True
+    #: The inner loss is scaled like the outer one under 16-bit mixed precision, so a non-finite
+    #: query loss there may be an inner overflow (see NonFiniteGuard).
+    scales_inner_loss = True
 
     def __init__(
         self,
@@ -162,8 +165,21 @@ class MAML(MetaLearner):
         return trajectory(
             self.functional(batching), self.initial_params(support_x.shape[0], detach=not differentiable),
             support_x, support_y, per_task_loss, steps, self.inner_lr,
-            second_order=not first_order, differentiable=differentiable, **self.inner_options(support_x, steps),
+            second_order=not first_order, differentiable=differentiable, loss_scale=self.inner_loss_scale(),
+            **self.inner_options(support_x, steps),
         )
+
+    def inner_loss_scale(self) -> Optional[float]:
+        """Under 16-bit mixed precision, the ``GradScaler``'s current scale: the inner loss is
+        scaled by it too, so fp16 inner gradients neither flush to zero nor go unnoticed when
+        they overflow (see :func:`~fewshot_lightning.inner.trajectory`). ``None`` otherwise
+        (fp32 and bf16 need no scaling)."""
+        if self._trainer is None:
+            return None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler.get_scale()
 
     def inner_options(self, support_x: Tensor, steps: int) -> Dict[str, Any]:
         """Extra keyword options of :func:`~fewshot_lightning.inner.trajectory` (``penalty``,
