@@ -73,9 +73,12 @@ def functional(
         fixed: parameters shared by all tasks (no task dimension), e.g. the ones not adapted.
             Parameters in neither ``params`` nor ``fixed`` keep the module's own values.
         buffers: buffers to use (default: the module's own).
-        batching: ``"vmap"`` runs all tasks as one batched computation; ``"loop"`` runs them one
-            by one (for modules vmap cannot run, such as batch norm updating running
-            statistics). Both give the same numbers.
+        batching: ``"vmap"`` runs all tasks as one batched computation: the module's own
+            ``forward_tasks(params, x)`` if it has one (a forward written for a batch of tasks,
+            every parameter with a leading task dimension, as :class:`~fewshot_lightning.models.MLP`
+            has), otherwise :func:`torch.func.vmap` of its ``forward``. ``"loop"`` runs the
+            tasks one by one (for modules vmap cannot run, such as batch norm updating running
+            statistics). All give the same numbers.
         keyword_params: names in ``params`` that are not module parameters but keyword
             arguments of ``module.forward`` (a per-task context vector, as in CAVIA).
     """
@@ -91,6 +94,15 @@ def functional(
         return functional_call(module, {**shared, **weights}, (x,), kwargs, strict=False)
 
     if batching == "vmap":
+        forward_tasks = getattr(module, "forward_tasks", None)
+        if forward_tasks is not None and not keywords and not dict(module.named_buffers()):
+            def batched(params: Params, x: Tensor) -> Tensor:
+                tasks = x.shape[0]
+                shared_params = {n: p.unsqueeze(0).expand(tasks, *p.shape) for n, p in shared.items()}
+                own = {n: p for n, p in module.named_parameters() if n not in params and n not in shared}
+                return forward_tasks({**task_params(own, tasks), **shared_params, **params}, x)
+
+            return batched
         return vmap(one_task, in_dims=(0, 0), randomness="different")
 
     def looped(params: Params, x: Tensor) -> Tensor:

@@ -220,3 +220,41 @@ def test_parameter_selection_by_name_prefix_pattern_and_exclusion():
     ]
     with pytest.raises(ValueError, match="selects no parameter of Conv4"):
         select_parameters(net, ["head.", "!head."])
+
+
+def test_a_modules_own_batched_forward_equals_vmap_of_its_forward_to_second_order():
+    # MLP.forward_tasks (batched matrix products) against torch.func.vmap of MLP.forward: the
+    # same outputs, inner steps and meta-gradients. ANIL-like: only the head per task, the
+    # features shared, so the fixed parameters take the batched path too.
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1)
+    sx, sy, qx, qy = regression_tasks(tasks=4)
+    head = {n: p for n, p in model.named_parameters() if n.startswith("head.")}
+    features = {n: p for n, p in model.named_parameters() if not n.startswith("head.")}
+    vmapped = torch.func.vmap(
+        lambda params, x: torch.func.functional_call(model, {**features, **params}, (x,)), in_dims=(0, 0)
+    )
+    results = []
+    for forward in (functional(model, fixed=features), vmapped):
+        params = adapt(forward, task_params(head, 4), sx, sy, per_task_loss, 2, 0.1)
+        loss = per_task_loss(forward(params, qx), qy).mean()
+        results.append((forward(params, qx), torch.autograd.grad(loss, list(model.parameters()))))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_modules_without_their_own_batched_forward_run_under_vmap_and_as_a_loop_alike():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    sx, sy, qx, qy = regression_tasks(tasks=3)
+    outs = []
+    for batching in ("vmap", "loop"):
+        forward = functional(model, batching=batching)
+        params = adapt(forward, task_params(dict(model.named_parameters()), 3), sx, sy, per_task_loss, 2, 0.1)
+        outs.append((forward(params, qx), torch.autograd.grad(per_task_loss(forward(params, qx), qy).mean(),
+                                                               list(model.parameters()))))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for v, l in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(v, l, rtol=1e-5, atol=1e-6)

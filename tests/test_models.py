@@ -109,3 +109,38 @@ def test_foreign_batch_norm_under_vmap_follows_the_same_rule_as_task_batch_norm(
 def test_conv4_names_an_image_too_small():
     with pytest.raises(ValueError, match="image_size 8 is too small"):
         Conv4(image_size=8)
+
+
+def plain_conv4(net: Conv4) -> nn.Sequential:
+    """The textbook network (conv, batch norm, ReLU, max-pool; NCHW) with ``net``'s weights."""
+    layers = []
+    for block in net.features:
+        conv, norm = block[0], block[1]
+        plain_norm = nn.BatchNorm2d(norm.num_features, track_running_stats=False)
+        plain_norm.weight, plain_norm.bias = norm.weight, norm.bias  # the same parameters
+        layers += [conv, plain_norm, nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), net.head)
+
+
+def test_conv4_computes_the_textbook_network_with_its_gradients_of_gradients():
+    # Conv4 pools before the ReLU and runs one task channels-last: the same function, with the
+    # same first and second derivatives, as conv -> batch norm -> ReLU -> max-pool in NCHW.
+    # float64, so that agreement to 1e-10 means the same mathematics, not float32 noise.
+    torch.manual_seed(0)
+    net = Conv4(hidden=8, out_features=5, image_size=16).double()
+    reference = plain_conv4(net)
+    x = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    labels = torch.arange(6) % 5
+    results = []
+    for model in (net, reference):
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), list(net.parameters()))
+        results.append((model(x), grads, second))
+    (out, grads, second), (ref_out, ref_grads, ref_second) = results
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    for mine, theirs in zip(grads + second, ref_grads + ref_second):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+    # Under vmap (no channels-last there) the same numbers again.
+    batched = torch.func.vmap(net)(x.unsqueeze(0).expand(2, *x.shape))
+    torch.testing.assert_close(batched[1], ref_out, rtol=0, atol=1e-12)

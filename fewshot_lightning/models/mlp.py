@@ -1,8 +1,9 @@
 """Fully connected network; the 1-40-40-1 ReLU net of MAML's sinusoid experiments by default."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 
@@ -31,3 +32,21 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+    def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        """The outputs of every task under its own parameters, in one batched matrix product
+        per layer: ``params`` holds every parameter with a leading task dimension ``[T, ...]``,
+        ``x`` is ``[T, M, in_features]``; returns ``[T, M, out_features]``.
+
+        The same function as ``forward`` under ``torch.func.vmap``, in about a twelfth of the
+        operations (vmap turns each linear layer into some ten), which is most of a sinusoid
+        MAML step's time; :func:`~fewshot_lightning.inner.functional` uses it.
+        """
+        hidden = x
+        layers = [(f"features.{i}", layer) for i, layer in enumerate(self.features)] + [("head", self.head)]
+        for name, layer in layers:
+            if isinstance(layer, nn.Linear):
+                hidden = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), hidden, params[f"{name}.weight"].transpose(1, 2))
+            else:
+                hidden = layer(hidden)
+        return hidden
