@@ -96,11 +96,12 @@ def functional(
     if batching == "vmap":
         forward_tasks = getattr(module, "forward_tasks", None)
         if forward_tasks is not None and not keywords and not dict(module.named_buffers()):
+            rest = {n: p for n, p in module.named_parameters() if n not in shared}
+
             def batched(params: Params, x: Tensor) -> Tensor:
                 tasks = x.shape[0]
-                shared_params = {n: p.unsqueeze(0).expand(tasks, *p.shape) for n, p in shared.items()}
-                own = {n: p for n, p in module.named_parameters() if n not in params and n not in shared}
-                return forward_tasks({**task_params(own, tasks), **shared_params, **params}, x)
+                others = {n: p for n, p in rest.items() if n not in params}
+                return forward_tasks({**task_params({**shared, **others}, tasks), **params}, x)
 
             return batched
         return vmap(one_task, in_dims=(0, 0), randomness="different")

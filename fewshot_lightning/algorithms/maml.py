@@ -128,6 +128,8 @@ class MAML(MetaLearner):
             learnable=learn_inner_lr,
         )
         self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
+        self._split: Optional[Tuple[Params, Params]] = None
+        self._functionals: Dict[str, Forward] = {}
 
     # -- the building blocks ------------------------------------------------------------------
     def adapted_shapes(self, backbone: nn.Module, adapt: Optional[Sequence[str]]) -> Dict[str, torch.Size]:
@@ -138,14 +140,36 @@ class MAML(MetaLearner):
 
     def initial_params(self, tasks: int, detach: bool = False) -> Params:
         """The adapted parameters' starting point for ``tasks`` tasks, ``[tasks, ...]`` each."""
-        adapted = set(self.adapt_names)
-        return task_params({n: p for n, p in self.backbone.named_parameters() if n in adapted}, tasks, detach)
+        return task_params(self._parameter_split()[0], tasks, detach)
 
     def functional(self, batching: Optional[str] = None) -> Forward:
         """The backbone as ``forward(params, x)`` over tasks; parameters not adapted are shared."""
-        adapted = set(self.adapt_names)
-        fixed = {n: p for n, p in self.backbone.named_parameters() if n not in adapted}
-        return functional(self.backbone, fixed, batching=batching or self.batching or "vmap")
+        batching = batching or self.batching or "vmap"
+        if batching not in self._functionals:
+            self._functionals[batching] = functional(self.backbone, self._parameter_split()[1], batching=batching)
+        return self._functionals[batching]
+
+    def _parameter_split(self) -> Tuple[Params, Params]:
+        """(adapted, fixed) parameters of the backbone, the live tensors, looked up once: a
+        sinusoid step is short enough for walking the module tree a few times a step to show."""
+        if self._split is None:
+            adapted = set(self.adapt_names)
+            parameters = dict(self.backbone.named_parameters())
+            self._split = (
+                {n: p for n, p in parameters.items() if n in adapted},
+                {n: p for n, p in parameters.items() if n not in adapted},
+            )
+        return self._split
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy (deepcopy, pickling for spawned processes) looks its own parameters up again:
+        # the cached forwards hold this instance's.
+        return {**self.__dict__, "_split": None, "_functionals": {}}
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the module may replace parameter tensors: look them up again.
+        self._split, self._functionals = None, {}
+        return super()._apply(fn, *args, **kwargs)
 
     def trajectory(
         self,
