@@ -22,8 +22,8 @@ DATA_MODULES = {
     "fewshot_lightning.data.Learn2LearnDataModule": (
         {"benchmark": None, "root": "data", "tasksets": None, "benchmark_kwargs": None}, {**TASK, **EPISODE}),
     "fewshot_lightning.data.datasets.OmniglotDataModule": (
-        {"root": "data", "download": False, "image_size": 28, "train_characters": 1100, "val_characters": 100,
-         "split_seed": 0, "train_rotations": True, "eval_rotations": False}, LABELLED),
+        {"root": "data", "download": False, "image_size": 28, "train_rotations": True, "eval_rotations": True},
+        LABELLED),
     "fewshot_lightning.data.datasets.MiniImageNetDataModule": ({"root": "data", "meta_batch_size": 4}, LABELLED),
     "fewshot_lightning.data.datasets.TieredImageNetDataModule": ({"root": "data", "meta_batch_size": 4}, LABELLED),
     "fewshot_lightning.data.datasets.CIFARFSDataModule": (

@@ -1,8 +1,9 @@
-"""Omniglot's loader and DataModule on a fixture of PNG drawings and zip archives in the
-release's layout (never a download). The published split needs all 1623 characters: it is
-checked on its own against the published counts, and the loading path on the fixture."""
+"""Omniglot's loader and DataModule on fixtures of PNG drawings and zip archives in the
+release's layout, with the release's alphabet and character names (never a download), and the
+published split of Vinyals et al. that ships with the package."""
 from __future__ import annotations
 
+import configparser
 import hashlib
 import shutil
 import zipfile
@@ -18,14 +19,139 @@ from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import OmniglotDataModule, load_omniglot, omniglot, vinyals_split
 
 SPLITS = ("train", "val", "test")
+ROTATIONS = ("rot000", "rot090", "rot180", "rot270")
 
 
 def classes_of(labels: torch.Tensor) -> set:
     return set(torch.unique(labels).tolist())
 
 
-# Fixture: 5 background and 3 evaluation characters, 4 drawings each (the real ones have 20).
-OMNIGLOT_FIXTURE = {"images_background": {"Alpha": 3, "Beta": 2}, "images_evaluation": {"Gamma": 3}}
+# The 50 alphabets of the release (Lake et al. 2015) and their characters: 30 alphabets and 964
+# characters in images_background, 20 and 659 in images_evaluation.
+BACKGROUND = {
+    "Alphabet_of_the_Magi": 20, "Anglo-Saxon_Futhorc": 29, "Arcadian": 26, "Armenian": 41,
+    "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46, "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14,
+    "Braille": 26, "Burmese_(Myanmar)": 34, "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43,
+    "Greek": 24, "Gujarati": 48, "Hebrew": 22, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16,
+    "Japanese_(hiragana)": 52, "Japanese_(katakana)": 47, "Korean": 40, "Latin": 26, "Malay_(Jawi_-_Arabic)": 40,
+    "Mkhedruli_(Georgian)": 41, "N_Ko": 33, "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14, "Sanskrit": 42,
+    "Syriac_(Estrangelo)": 23, "Tagalog": 17, "Tifinagh": 55,
+}
+EVALUATION = {
+    "Angelic": 20, "Atemayar_Qelisayer": 26, "Atlantean": 26, "Aurek-Besh": 26, "Avesta": 26, "Ge_ez": 26,
+    "Glagolitic": 45, "Gurmukhi": 45, "Kannada": 41, "Keble": 26, "Malayalam": 47, "Manipuri": 40, "Mongolian": 30,
+    "Old_Church_Slavonic_(Cyrillic)": 45, "Oriya": 46, "Sylheti": 28, "Syriac_(Serto)": 23, "Tengwar": 25,
+    "Tibetan": 42, "ULOG": 26,
+}
+# The published test set: 13 alphabets of images_evaluation, these 12 whole and Gurmukhi's 42 to 45.
+TEST_ALPHABETS = {
+    "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian", "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti",
+    "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG",
+}
+VAL_ALPHABETS = {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
+# SHA-256 of the lists at github.com/jakesnell/prototypical-networks, commit c9bb4d2582,
+# data/omniglot/splits/vinyals/: the shipped files are those bytes.
+PUBLISHED_SHA256 = {
+    "train": "984522c194c30fb678ce53304a160a42faf5403ad4f9a67010f32dd3a35738e0",
+    "val": "11f99e54faee3e26f53d3231c1cceac5bf7b8730e9be31cb6dab256551dc0c1a",
+    "test": "845264cc5c156180828ccf17915668b17ee21424d0170df6e7d81676aa5d1204",
+}
+
+
+def characters_of(names) -> set:
+    return {name.rsplit("/", 1)[0] for name in names}
+
+
+def test_the_shipped_split_is_the_published_one():
+    split = vinyals_split()
+    folder = Path(omniglot.__file__).parent / omniglot.SPLIT_LISTS
+    for name in SPLITS:
+        assert hashlib.sha256((folder / f"{name}.txt").read_bytes()).hexdigest() == PUBLISHED_SHA256[name], name
+    # 1028 / 172 / 423 characters (Vinyals et al.'s 1200 training characters, 172 of them held
+    # out for validation), each in its four rotations: 4112 / 688 / 1692 classes.
+    assert [len(split[s]) for s in SPLITS] == [4112, 688, 1692]
+    characters = {s: characters_of(split[s]) for s in SPLITS}
+    assert [len(characters[s]) for s in SPLITS] == [1028, 172, 423]
+    for s in SPLITS:
+        assert len(set(split[s])) == len(split[s])
+        assert set(split[s]) == {f"{c}/{r}" for c in characters[s] for r in ROTATIONS}
+    assert characters["train"].isdisjoint(characters["val"] | characters["test"])
+    assert characters["val"].isdisjoint(characters["test"])
+    release = {f"{a}/character{i:02d}" for a, n in {**BACKGROUND, **EVALUATION}.items() for i in range(1, n + 1)}
+    assert sum(BACKGROUND.values()) == 964 and sum(EVALUATION.values()) == 659
+    assert set().union(*characters.values()) == release
+
+    alphabets = {s: {name.split("/")[0] for name in characters[s]} for s in SPLITS}
+    assert alphabets["test"] == TEST_ALPHABETS | {"Gurmukhi"} and TEST_ALPHABETS < set(EVALUATION)
+    assert alphabets["val"] == VAL_ALPHABETS and VAL_ALPHABETS < set(BACKGROUND)
+    assert alphabets["train"] == set(BACKGROUND) - VAL_ALPHABETS | set(EVALUATION) - TEST_ALPHABETS
+    # The 12 whole test alphabets; Gurmukhi split between training (1 to 41) and test (42 to 45).
+    for alphabet in TEST_ALPHABETS:
+        assert {c for c in release if c.startswith(alphabet + "/")} <= characters["test"]
+    assert {f"Gurmukhi/character{i}" for i in range(42, 46)} <= characters["test"]
+    assert {f"Gurmukhi/character{i:02d}" for i in range(1, 42)} <= characters["train"]
+    assert split["test"][0] == "Gurmukhi/character42/rot000" and split["test"][-1] == "ULOG/character26/rot270"
+    assert "Latin/character01/rot090" in split["train"] and "Hebrew/character22/rot180" in split["val"]
+
+
+def test_the_lists_are_package_data_so_an_installed_wheel_has_them():
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    patterns = config["options.package_data"]["fewshot_lightning.data.datasets"].split()
+    package = Path(omniglot.__file__).parent
+    packaged = {path for pattern in patterns for path in package.glob(pattern)}
+    assert {package / omniglot.SPLIT_LISTS / f"{name}.txt" for name in SPLITS} <= packaged
+
+
+def write_pattern(path: Path, pattern: np.ndarray) -> None:
+    """A 1-bit drawing like Omniglot's: ``pattern`` (True = stroke) black on white."""
+    Image.fromarray(np.where(pattern, 0, 255).astype(np.uint8)).convert("1").save(path)
+
+
+def character_pattern(index: int, side: int = 28) -> np.ndarray:
+    """A drawing unique to character ``index`` and unlike its own rotations: a 3x3 corner
+    block (turning moves it to another corner) and the index's 11 bits along the top row."""
+    pattern = np.zeros((side, side), dtype=bool)
+    pattern[1:4, 1:4] = True
+    for bit in range(11):
+        pattern[6 + 2 * bit, 8:12] = bool(index >> bit & 1)
+    return pattern
+
+
+def test_the_whole_release_loads_into_exactly_the_published_classes(tmp_path):
+    # Every character of the release by its real name, two 28x28 drawings each (no resize; an
+    # episode needs two samples of a class).
+    folder = tmp_path / "omniglot-py"
+    drawn = {}
+    for image_set, alphabets in (("images_background", BACKGROUND), ("images_evaluation", EVALUATION)):
+        for alphabet, count in alphabets.items():
+            for c in range(1, count + 1):
+                target = folder / image_set / alphabet / f"character{c:02d}"
+                target.mkdir(parents=True)
+                drawn[f"{alphabet}/character{c:02d}"] = pattern = character_pattern(len(drawn))
+                write_pattern(target / "0001_01.png", pattern)
+                write_pattern(target / "0001_02.png", pattern)
+    module = OmniglotDataModule(tmp_path, ways=5, shots=1, queries=1, num_workers=0)
+    module.setup("fit")
+    published = vinyals_split()
+    # The classes of each split are the published ones, rotations included, and each class's
+    # image is its character's drawing (inverted: strokes 255) turned as its name says.
+    assert {s: set(module.class_split[s]) for s in SPLITS} == {s: set(published[s]) for s in SPLITS}
+    for split in SPLITS:
+        data, labels = module._splits[split]
+        assert data.shape == (2 * len(published[split]), 1, 28, 28)
+        for image, label in zip(data, labels.tolist()):
+            character, rotation = module.class_name(label).rsplit("/", 1)
+            expected = np.rot90(drawn[character], int(rotation[3:]) // 90)
+            assert torch.equal(image[0], torch.from_numpy(np.where(expected, 255, 0).astype(np.uint8)))
+
+
+# Fixture: a few characters by their real names, 4 drawings each (the real ones have 20):
+# Latin 1 and 2 and Gurmukhi 40 and 41 are training characters, Armenian 1 and 2 validation
+# ones and Gurmukhi 42 and 43 test ones in the published split.
+OMNIGLOT_FIXTURE = {
+    "images_background": {"Latin": (1, 2), "Armenian": (1, 2)}, "images_evaluation": {"Gurmukhi": (40, 41, 42, 43)},
+}
 DRAWINGS = 4
 
 
@@ -41,8 +167,8 @@ def drawing(character: int, index: int) -> Image.Image:
 def write_omniglot(folder: Path) -> None:
     character = 0
     for image_set, alphabets in OMNIGLOT_FIXTURE.items():
-        for alphabet, count in alphabets.items():
-            for c in range(1, count + 1):
+        for alphabet, numbers in alphabets.items():
+            for c in numbers:
                 target = folder / image_set / alphabet / f"character{c:02d}"
                 target.mkdir(parents=True)
                 for d in range(DRAWINGS):
@@ -52,39 +178,23 @@ def write_omniglot(folder: Path) -> None:
 
 def omniglot_module(root: Path, **kwargs) -> OmniglotDataModule:
     # 8 fixture characters: 4 train, 2 val, 2 test.
-    return OmniglotDataModule(root, train_characters=4, val_characters=2, num_workers=0, **kwargs)
+    return OmniglotDataModule(root, num_workers=0, **kwargs)
 
 
 def load_fixture(root: Path, **kwargs) -> dict:
-    return load_omniglot(root, train_characters=4, val_characters=2, **kwargs)
+    return load_omniglot(root, **kwargs)
 
 
-def test_vinyals_split_has_the_published_counts_and_is_a_fixed_shuffle():
-    # 964 background + 659 evaluation characters; names as the loader builds them.
-    names = [f"images_background/A{i // 20}/character{i % 20:02d}" for i in range(964)]
-    names += [f"images_evaluation/E{i // 20}/character{i % 20:02d}" for i in range(659)]
-    split = vinyals_split(names)
-    # Vinyals et al.: 1200 train / 423 test; MAML's code holds 100 of the 1200 out for validation.
-    assert [len(split[s]) for s in SPLITS] == [1100, 100, 423]
-    assert set(split["train"]).isdisjoint(split["val"]) and set(split["train"]).isdisjoint(split["test"])
-    assert set(split["val"]).isdisjoint(split["test"])
-    assert set().union(*split.values()) == set(names)
-    # Pooled across both sets: a shuffle, not "background = train".
-    assert any(name.startswith("images_evaluation") for name in split["train"])
-    # Depends on the names only, not on the order a filesystem lists them in.
-    assert vinyals_split(names[::-1]) == split
-    assert vinyals_split(names, seed=1)["test"] != split["test"]
-
-
-def test_omniglot_loads_rotated_training_classes_from_extracted_folders(tmp_path):
+def test_omniglot_loads_the_published_rotated_classes_from_extracted_folders(tmp_path):
     write_omniglot(tmp_path / "omniglot-py")
     with pytest.warns(UserWarning, match="has 8 characters, not 1623"):
         splits = load_fixture(tmp_path)
     train, val, test = (splits[s] for s in SPLITS)
-    # 4 characters x 4 rotations = 16 training classes of 4 drawings; val/test upright by default.
+    # Characters x 4 rotations (the published lists rotate every split) x 4 drawings:
+    # 4 training characters, 2 validation and 2 test ones.
     assert train.data.shape == (64, 1, 28, 28) and len(classes_of(train.labels)) == 16
-    assert val.data.shape == (8, 1, 28, 28) and len(classes_of(val.labels)) == 2
-    assert test.data.shape == (8, 1, 28, 28) and len(classes_of(test.labels)) == 2
+    assert val.data.shape == (32, 1, 28, 28) and len(classes_of(val.labels)) == 8
+    assert test.data.shape == (32, 1, 28, 28) and len(classes_of(test.labels)) == 8
     assert classes_of(train.labels).isdisjoint(classes_of(val.labels) | classes_of(test.labels))
     assert classes_of(val.labels).isdisjoint(classes_of(test.labels))
     for part in (train, val, test):
@@ -100,17 +210,36 @@ def test_omniglot_loads_rotated_training_classes_from_extracted_folders(tmp_path
     assert (tmp_path / "omniglot-py" / "omniglot-28px.pt").is_file()
 
 
-def test_omniglot_reads_its_cache_without_the_raw_files_and_can_rotate_evaluation(tmp_path):
+def test_omniglot_reads_its_cache_without_the_raw_files_and_can_keep_only_upright_classes(tmp_path):
     write_omniglot(tmp_path / "omniglot-py")
     with pytest.warns(UserWarning):
         first = load_fixture(tmp_path)
     for image_set in OMNIGLOT_FIXTURE:
         shutil.rmtree(tmp_path / "omniglot-py" / image_set)
     with pytest.warns(UserWarning):
-        again = load_fixture(tmp_path, eval_rotations=True)
+        again = load_fixture(tmp_path, eval_rotations=False)
     assert torch.equal(again["train"].data, first["train"].data)
-    # Rotated evaluation: 2 characters x 4 rotations = 8 test classes, 32 images.
-    assert again["test"].data.shape == (32, 1, 28, 28) and len(classes_of(again["test"].labels)) == 8
+    # Upright evaluation: the rot000 classes only, 2 characters of 4 drawings, which are the
+    # rotated load's upright ones.
+    for split in ("val", "test"):
+        assert again[split].data.shape == (8, 1, 28, 28) and len(classes_of(again[split].labels)) == 2
+        upright = first[split].labels % 4 == 0
+        assert torch.equal(again[split].data, first[split].data[upright])
+        assert torch.equal(again[split].labels, first[split].labels[upright])
+    with pytest.warns(UserWarning):
+        upright_training = load_fixture(tmp_path, train_rotations=False)["train"]
+    assert upright_training.data.shape == (16, 1, 28, 28) and set((upright_training.labels % 4).tolist()) == {0}
+
+
+@pytest.mark.filterwarnings("ignore:Omniglot in .* has 9 characters")
+def test_a_character_outside_the_published_split_is_refused(tmp_path):
+    write_omniglot(tmp_path / "omniglot-py")
+    stray = tmp_path / "omniglot-py" / "images_background" / "Latin" / "character27"  # Latin has 26
+    stray.mkdir()
+    drawing(0, 0).save(stray / "0001_01.png")
+    with pytest.raises(RuntimeError, match=r"1 character folders are not in the published Omniglot split .* "
+                                          r"Latin/character27: these are not the official"):
+        load_fixture(tmp_path)
 
 
 def test_omniglot_extracts_a_verified_archive(tmp_path, monkeypatch):
@@ -195,12 +324,15 @@ def test_omniglot_training_batches_are_task_batches_in_unit_range(tmp_path):
     assert batch.support_x.dtype == torch.float32
     assert 0.0 <= float(batch.query_x.min()) and float(batch.query_x.max()) == 1.0
     assert sorted(batch.support_y[0].tolist()) == [0, 1, 2]
+    # Classes are named as in the published lists, in label order.
+    assert module.class_split["val"] == [f"Armenian/character0{c}/{r}" for c in (1, 2) for r in ROTATIONS]
+    assert module.class_split["test"] == [f"Gurmukhi/character{c}/{r}" for c in (42, 43) for r in ROTATIONS]
 
 
 def test_omniglot_unreadable_drawings_are_named_and_none_is_skipped(tmp_path):
     folder = tmp_path / "omniglot-py"
     write_omniglot(folder)
-    broken = folder / "images_evaluation" / "Gamma" / "character02" / "0006_02.png"
+    broken = folder / "images_evaluation" / "Gurmukhi" / "character42" / "0006_02.png"
     broken.write_bytes(broken.read_bytes()[:49])  # the first half: the pixel data stops short
     with pytest.raises(RuntimeError) as error:
         load_fixture(tmp_path)

@@ -2,10 +2,10 @@
 50 alphabets, 20 drawings each, as used for few-shot learning by Vinyals et al. (2016)."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
-from ..datamodule import LabelledDataModule
+from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
 from ._storage import PathLike, describe_failures, load_cache, missing, save_atomic
 
@@ -27,42 +27,91 @@ ARCHIVE_MD5 = {
 }
 #: 964 characters in ``images_background`` and 659 in ``images_evaluation``.
 NUM_CHARACTERS = 1623
-#: Vinyals et al. train on 1200 characters and test on the other 423; MAML's reference code
-#: holds out 100 of the 1200 for validation.
-VINYALS_TRAIN, VINYALS_VAL, VINYALS_TEST = 1100, 100, 423
 QUARTER_TURNS = 4
 #: The folder under ``root``: torchvision's ``Omniglot`` layout, so both share one download.
 FOLDER = "omniglot-py"
+#: The package folder holding the published lists, ``{train,val,test}.txt``.
+SPLIT_LISTS = "splits/omniglot_vinyals"
 
 
-def vinyals_split(
-    characters: Sequence[str], train: int = VINYALS_TRAIN, val: int = VINYALS_VAL, seed: int = 0
-) -> Dict[str, List[str]]:
-    """Split character names into ``train`` / ``val`` / rest-for-test.
+def vinyals_split() -> Dict[str, List[str]]:
+    """The classes of each split of Omniglot as Vinyals et al. (NeurIPS 2016) split it, in the
+    lists Snell et al. published with Prototypical Networks (github.com/jakesnell/
+    prototypical-networks, ``data/omniglot/splits/vinyals/{train,val,test}.txt``; the same
+    characters as Ren et al.'s few-shot-ssl-public lists), shipped with this package as data.
 
-    The background and evaluation characters are pooled and ordered by the SHA-256 of
-    ``"{seed}/{name}"``: a fixed shuffle that is the same on every machine, Python, NumPy and
-    torch version, and does not depend on the order a filesystem lists folders in.
+    A class is ``"alphabet/characterNN/rotDDD"``: a character of the official release turned
+    ``DDD`` degrees counter-clockwise. The lists hold 1028 / 172 / 423 characters (Vinyals et
+    al.'s 1200 training characters, of which Ravi & Larochelle's and Snell et al.'s code hold
+    172 out for validation, and 423 for test), each in all four rotations: 4112 / 688 / 1692
+    classes. The test characters are from 13 alphabets of ``images_evaluation``: Kannada, Keble,
+    Malayalam, Manipuri, Mongolian, Old Church Slavonic, Oriya, Sylheti, Syriac (Serto), Tengwar,
+    Tibetan and ULOG whole, and Gurmukhi's characters 42 to 45 (1 to 41 are training ones).
     """
-    if train < 1 or val < 0 or train + val >= len(characters):
-        raise ValueError(
-            f"Cannot take {train} train and {val} validation characters from {len(characters)} and leave any "
-            f"for test: lower train_characters/val_characters (the full Omniglot has {NUM_CHARACTERS})."
+    folder = resources.files(__package__).joinpath(SPLIT_LISTS)
+    return {split: folder.joinpath(f"{split}.txt").read_text(encoding="utf-8").split() for split in SPLITS}
+
+
+def character_key(name: str) -> str:
+    """``"images_background/Latin/character01"`` (a character as the cache names it) ->
+    ``"Latin/character01"`` (as the published lists name it: alphabet names are unique)."""
+    return name.split("/", 1)[1]
+
+
+def class_label(character: int, turns: int) -> int:
+    """Class id of character ``character`` (its index in the cache) turned ``turns`` quarter
+    turns: a rotated character is a new class (Santoro et al. 2016, Vinyals et al. 2016), and
+    the ids of different characters never collide."""
+    return QUARTER_TURNS * character + turns
+
+
+def published_name(characters: Sequence[str], label: int) -> str:
+    """The published name of class ``label``, ``"alphabet/characterNN/rotDDD"``, given the
+    characters in cache order as :func:`character_key` names them."""
+    character, turns = divmod(label, QUARTER_TURNS)
+    return f"{characters[character]}/rot{90 * turns:03d}"
+
+
+def split_characters(
+    images: Tensor, labels: Tensor, characters: Sequence[str], train_rotations: bool = True, eval_rotations: bool = True
+) -> Dict[str, LabelledData]:
+    """Images ``[N, S, S]`` of the characters ``labels`` (indices into ``characters``, named as
+    :func:`character_key`) -> ``{split: LabelledData([N', 1, S, S], class ids)}`` on the
+    published split (:func:`vinyals_split`), class ids as :func:`class_label`.
+
+    The classes are the lists' own, ``rotDDD`` included; ``train_rotations=False`` or
+    ``eval_rotations=False`` keep only the upright (``rot000``) classes of training or of
+    validation and test. Listed characters absent from ``characters`` are left out (an
+    incomplete extraction is warned about where the images are read); a character that no list
+    names is an error, as the release would not be Omniglot's.
+    """
+    published = vinyals_split()
+    listed = {name.rsplit("/", 1)[0] for names in published.values() for name in names}
+    unknown = [name for name in characters if name not in listed]
+    if unknown:
+        raise RuntimeError(
+            f"{len(unknown)} character folders are not in the published Omniglot split (Vinyals et al.), e.g. "
+            f"{', '.join(unknown[:5])}: these are not the official images_background/images_evaluation "
+            "archives. Delete the extracted folders and the cache and run again with download=True."
         )
-    order = sorted(characters, key=lambda name: hashlib.sha256(f"{seed}/{name}".encode()).hexdigest())
-    return {"train": order[:train], "val": order[train : train + val], "test": order[train + val :]}
-
-
-def with_rotations(images: Tensor, characters: Tensor, rotate: bool) -> LabelledData:
-    """Images ``[N, S, S]`` -> ``LabelledData([N', 1, S, S], class ids)``.
-
-    Class id ``4 * character + quarter_turns``: a rotated character is a new class (Santoro
-    et al. 2016, Vinyals et al. 2016), and the ids of different characters never collide.
-    """
-    turns = range(QUARTER_TURNS) if rotate else range(1)
-    data = torch.cat([torch.rot90(images, k, dims=(1, 2)) for k in turns])
-    labels = torch.cat([characters * QUARTER_TURNS + k for k in turns])
-    return LabelledData(data.unsqueeze(1), labels)
+    index_of = {name: i for i, name in enumerate(characters)}
+    rotate = {"train": train_rotations, "val": eval_rotations, "test": eval_rotations}
+    splits = {}
+    for split, names in published.items():
+        by_turns: Dict[int, List[int]] = {}
+        for name in names:
+            character, rotation = name.rsplit("/", 1)
+            turns = int(rotation[len("rot"):]) // 90
+            if character in index_of and (turns == 0 or rotate[split]):
+                by_turns.setdefault(turns, []).append(index_of[character])
+        # An empty split (none of its characters extracted) stays empty, for the episode check to name.
+        data, ids = [images[:0]], [labels[:0]]
+        for turns, members in sorted(by_turns.items()):
+            keep = torch.isin(labels, torch.tensor(members))
+            data.append(torch.rot90(images[keep], turns, dims=(1, 2)))
+            ids.append(class_label(labels[keep], turns))
+        splits[split] = LabelledData(torch.cat(data).unsqueeze(1), torch.cat(ids))
+    return splits
 
 
 def download_omniglot(root: PathLike = "data") -> None:
@@ -78,14 +127,12 @@ def download_omniglot(root: PathLike = "data") -> None:
 def load_omniglot(
     root: PathLike = "data",
     image_size: int = 28,
-    train_characters: int = VINYALS_TRAIN,
-    val_characters: int = VINYALS_VAL,
-    split_seed: int = 0,
     train_rotations: bool = True,
-    eval_rotations: bool = False,
+    eval_rotations: bool = True,
 ) -> Dict[str, LabelledData]:
-    """Omniglot on the split of Vinyals et al. (see :class:`OmniglotDataModule`): uint8 images
-    ``[N, 1, S, S]`` (strokes 255 on 0) with class ids ``4 * character + quarter_turns``.
+    """Omniglot on the published split of Vinyals et al. (see :class:`OmniglotDataModule` and
+    :func:`vinyals_split`): uint8 images ``[N, 1, S, S]`` (strokes 255 on 0) with class ids
+    ``4 * character + quarter_turns``.
 
     Reads ``{root}/omniglot-py/``; the first call extracts the archives (checking their MD5s)
     and decodes the PNGs into the cache ``omniglot-{image_size}px.pt`` there, later calls read
@@ -95,17 +142,8 @@ def load_omniglot(
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}.")
     cache = decoded_characters(Path(root).expanduser() / FOLDER, image_size)
-    names: List[str] = list(cache["characters"])
-    chosen = vinyals_split(names, train_characters, val_characters, split_seed)
-    rotations = {"train": train_rotations, "val": eval_rotations, "test": eval_rotations}
-    images, labels = cache["images"], cache["labels"]
-    index_of = {name: i for i, name in enumerate(names)}
-    splits = {}
-    for split, members in chosen.items():
-        member_ids = torch.tensor(sorted(index_of[name] for name in members))
-        keep = torch.isin(labels, member_ids)
-        splits[split] = with_rotations(images[keep], labels[keep], rotations[split])
-    return splits
+    characters = [character_key(name) for name in cache["characters"]]
+    return split_characters(cache["images"], cache["labels"], characters, train_rotations, eval_rotations)
 
 
 def decoded_characters(folder: Path, image_size: int) -> Dict[str, object]:
@@ -168,25 +206,22 @@ def extract_archives(folder: Path) -> None:
 
 class OmniglotDataModule(LabelledDataModule):
     """Omniglot episodes on the split of Vinyals et al., "Matching Networks for One Shot
-    Learning" (NeurIPS 2016), as commonly implemented.
+    Learning" (NeurIPS 2016), in the lists Snell et al. published (:func:`vinyals_split`).
 
-    Split: all 1623 characters of ``images_background`` and ``images_evaluation`` pooled and
-    shuffled with a fixed seed (see :func:`vinyals_split`); 1200 for meta-training, of which
-    100 are held out for validation as in MAML's reference code (Finn et al. 2017), and the
-    remaining 423 for test. So train/val/test = 1100/100/423 characters. We take the
-    1200/423 counts because they are the ones Vinyals et al. report and MAML, learn2learn and
-    most re-implementations use; the character lists themselves were never published, so
-    every variant (including the 1028/172/423 lists of Ravi & Larochelle's and Snell et al.'s
-    code) is one fixed draw among many.
+    Split: 1028 / 172 / 423 characters for training, validation and test; Vinyals et al. train
+    on 1200 characters and test on the other 423, and the published lists hold 172 of the 1200
+    out for validation. The test characters are 12 whole alphabets of ``images_evaluation`` and
+    the last 4 characters of a thirteenth (Gurmukhi), so test alphabets are mostly unseen in training.
 
-    Rotations by 90, 180 and 270 degrees make new classes: 4400 training classes by default
-    (``train_rotations``); validation and test use the upright characters unless
-    ``eval_rotations`` is set (then 400 and 1692 classes).
+    Rotations by 90, 180 and 270 degrees make new classes in every split, as the lists name
+    them (and as MAML's code does): 4112 / 688 / 1692 classes. ``train_rotations=False`` or
+    ``eval_rotations=False`` keeps only the upright characters of that part.
 
     Images are inverted (strokes 255 on a 0 background, as in MAML's and learn2learn's
     preprocessing, so zero padding and the background agree), resized 105 -> ``image_size``
     with Lanczos antialiasing, and cached once as a uint8 tensor in
-    ``{root}/omniglot-py/omniglot-{image_size}px.pt`` (:func:`load_omniglot`).
+    ``{root}/omniglot-py/omniglot-{image_size}px.pt`` (:func:`load_omniglot`). Class names, in
+    the printed class split and ``class_split.json``, are the lists' ``alphabet/characterNN/rotDDD``.
 
     Args:
         root: folder holding ``omniglot-py/`` (the layout of torchvision's ``Omniglot``, so both
@@ -195,10 +230,8 @@ class OmniglotDataModule(LabelledDataModule):
         download: fetch the official archives from the brendenlake/omniglot repository and
             check their MD5s (:func:`download_omniglot`).
         image_size: side of the square images (28 in the literature).
-        train_characters, val_characters: sizes of the training and validation character
-            sets; the rest are for test.
-        split_seed: seed of the fixed shuffle that picks the characters of each split.
-        train_rotations, eval_rotations: add the three rotations as classes.
+        train_rotations, eval_rotations: keep the rotated classes of training, and of
+            validation and test.
         **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
             (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``seed``, ...).
     """
@@ -208,11 +241,8 @@ class OmniglotDataModule(LabelledDataModule):
         root: PathLike = "data",
         download: bool = False,
         image_size: int = 28,
-        train_characters: int = VINYALS_TRAIN,
-        val_characters: int = VINYALS_VAL,
-        split_seed: int = 0,
         train_rotations: bool = True,
-        eval_rotations: bool = False,
+        eval_rotations: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -221,22 +251,26 @@ class OmniglotDataModule(LabelledDataModule):
         self.root = root
         self.download = download
         self.image_size = image_size
-        self.train_characters, self.val_characters = train_characters, val_characters
-        self.split_seed = split_seed
         self.train_rotations, self.eval_rotations = train_rotations, eval_rotations
+        #: After ``setup``: the characters in cache order, ``"alphabet/characterNN"``.
+        self.characters: Optional[List[str]] = None
 
     def prepare_data(self) -> None:
         # Once per node, before `setup` on every process: the download, the extraction and the
         # decoding into the cache happen once; `setup` then only reads the cache.
         if self.download:
             download_omniglot(self.root)
-        self.load_splits()
+        decoded_characters(Path(self.root).expanduser() / FOLDER, self.image_size)
 
     def load_splits(self) -> Dict[str, LabelledData]:
-        return load_omniglot(
-            self.root, self.image_size, self.train_characters, self.val_characters, self.split_seed,
-            self.train_rotations, self.eval_rotations,
+        cache = decoded_characters(Path(self.root).expanduser() / FOLDER, self.image_size)
+        self.characters = [character_key(name) for name in cache["characters"]]
+        return split_characters(
+            cache["images"], cache["labels"], self.characters, self.train_rotations, self.eval_rotations
         )
+
+    def class_name(self, label: int) -> str:
+        return published_name(self.characters, label) if self.characters is not None else str(label)
 
 
 def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:
