@@ -301,7 +301,7 @@ def main() -> None:
         for contender, seconds in times.items():
             ratio = f"{reference / seconds:.2f}x" if reference else "n/a"
             mib = memory.get(contender)
-            print(f"| {name} | {contender} | {1000 * seconds:.1f} | {case.tasks / seconds:.0f} | {ratio} | "
+            print(f"| {name} | {contender} | {1000 * seconds:.1f} | {case.tasks / seconds:.{0 if case.tasks / seconds >= 10 else 2}f} | {ratio} | "
                   f"{'n/a' if mib is None else f'{mib:.0f}'} |", flush=True)
     if "fit" in args.cases:
         overhead = fit_overhead(args.fit_steps, args.rounds)

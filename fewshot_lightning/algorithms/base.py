@@ -146,22 +146,16 @@ class MetaLearner(L.LightningModule):
         return self.query_losses(outputs, batch), outputs
 
     def log_training(self, loss: Tensor, outputs: Optional[Tensor], batch: TaskBatch) -> None:
-        """Log ``train/loss`` and, for classification outputs, ``train/acc``, on logging steps."""
-        if not self._logging_step():
-            return
+        """Log ``train/loss`` and, for classification outputs, ``train/acc``.
+
+        Every step: Lightning writes every ``log_every_n_steps`` only, and skipping the calls on
+        the other steps saved nothing measurable (sinusoid MAML under ``Trainer.fit``: 3.3-3.6
+        ms a step either way, docs/benchmarks.md)."""
         size = batch.num_tasks
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if outputs is not None and not is_regression(batch.query_y):
             accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
             self.log("train/acc", accuracy, prog_bar=True, batch_size=size)
-
-    def _logging_step(self) -> bool:
-        """Whether this training step's metrics reach the logger. ``self.log`` costs about as
-        much as a whole sinusoid MAML step, and Lightning only writes every
-        ``log_every_n_steps`` anyway, so other steps skip it."""
-        if self._trainer is None:
-            return True
-        return (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     # -- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
