@@ -99,6 +99,24 @@ def test_conjugate_gradient_solves_each_task_with_its_own_matrix(float64):
     assert torch.allclose(solution["x"], torch.linalg.solve(matrices, rhs), atol=1e-8)
 
 
+def test_conjugate_gradient_stops_a_task_at_non_positive_curvature(float64):
+    # Task 0: A = diag(1, -1) (indefinite), rhs = (1, 1). The first direction is rhs itself,
+    # whose curvature is 1 - 1 = 0: no step is bounded along it, so task 0 stays at x = 0
+    # (plain CG divides by that zero curvature and returns inf). Task 1: A = diag(2, 3),
+    # positive definite, solved exactly in 2 steps: x = (1/2, 1/3), untouched by task 0.
+    matrices = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([2.0, 3.0]))])
+    rhs = torch.ones(2, 2)
+    solution = conjugate_gradient(lambda v: {"x": (matrices @ v["x"][..., None])[..., 0]}, {"x": rhs}, steps=5)["x"]
+    assert torch.equal(solution[0], torch.zeros(2))
+    assert torch.allclose(solution[1], torch.tensor([1 / 2, 1 / 3]), atol=1e-12)
+    # Task 0 with rhs (2, 1): curvature 4 - 1 = 3 > 0 for the first direction, so it takes that
+    # step, alpha = |r|^2 / 3 = 5/3, x = (10/3, 5/3); the next direction is (20/9, 40/9), of
+    # curvature (400 - 1600) / 81 < 0, and it stops there, finite.
+    rhs = torch.tensor([[2.0, 1.0], [1.0, 1.0]])
+    solution = conjugate_gradient(lambda v: {"x": (matrices @ v["x"][..., None])[..., 0]}, {"x": rhs}, steps=5)["x"]
+    assert torch.allclose(solution[0], torch.tensor([10 / 3, 5 / 3]), atol=1e-12)
+
+
 def saved_bytes_alive(build_loss):
     """Bytes of the tensors autograd saved while building ``build_loss()``'s graph that are still
     alive once it is built: the memory the outer backward pass holds on to."""

@@ -164,22 +164,30 @@ def implicit_meta_gradient(
 def conjugate_gradient(matvec: Callable[[Params], Params], rhs: Params, steps: int) -> Params:
     """``steps`` iterations of conjugate gradient on ``A x = rhs`` from ``x = 0``, for every task.
 
-    ``A`` (given as ``matvec``) must be symmetric positive definite per task; tensors carry a
-    leading task dimension and each task runs its own scalars. A task whose residual reaches
-    exactly zero stops moving.
+    ``A`` (given as ``matvec``) should be symmetric positive definite per task; tensors carry a
+    leading task dimension and each task runs its own scalars. A task stops moving, keeping the
+    solution it has, when its residual reaches zero or when a search direction shows
+    curvature ``p^T A p`` that is not positive (``A`` is not positive definite there, as
+    ``I + H / lam`` is not where the support loss's Hessian has an eigenvalue below
+    ``-lam``): a step along it is unbounded, and taking it turned iMAML's meta-gradient into
+    inf on sinusoid (truncated CG, as in Steihaug's method).
     """
     solution = {n: torch.zeros_like(r) for n, r in rhs.items()}
     residual = dict(rhs)
     direction = dict(rhs)
     residual_norm = _task_dot(residual, residual)
+    active = residual_norm > 0
     for _ in range(steps):
         product = matvec(direction)
         curvature = _task_dot(direction, product)
-        alpha = torch.where(curvature > 0, residual_norm / curvature.clamp_min(torch.finfo(curvature.dtype).tiny), 0)
+        # Curvature relative to the direction's length: float rounding makes a zero one tiny.
+        active = active & (curvature > 1e-6 * _task_dot(direction, direction))
+        alpha = torch.where(active, residual_norm / curvature.clamp_min(torch.finfo(curvature.dtype).tiny), 0)
         solution = {n: x + _per_task(alpha, x) * direction[n] for n, x in solution.items()}
         residual = {n: r - _per_task(alpha, r) * product[n] for n, r in residual.items()}
         new_norm = _task_dot(residual, residual)
-        beta = torch.where(residual_norm > 0, new_norm / residual_norm.clamp_min(torch.finfo(new_norm.dtype).tiny), 0)
+        active = active & (new_norm > 0)
+        beta = torch.where(active, new_norm / residual_norm.clamp_min(torch.finfo(new_norm.dtype).tiny), 0)
         direction = {n: residual[n] + _per_task(beta, d) * d for n, d in direction.items()}
         residual_norm = new_norm
     return solution
