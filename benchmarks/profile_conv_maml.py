@@ -28,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.models import Conv4
-from speed import cpu_name, image_batch
+from maml_step_time import cpu_name
+from speed import image_batch
 
 PHASES = ("support forward", "inner gradient", "update", "query forward", "outer backward", "Adam step")
 

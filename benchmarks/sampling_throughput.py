@@ -36,20 +36,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fewshot_lightning.data import EpisodeDataset, EpisodeSampler, collate_tasks
 
+from maml_step_time import cpu_name
+
 CLASSES, PER_CLASS, SIDE = 1000, 20, 28
 WAYS, SHOTS, QUERIES = 5, 1, 15
 META_BATCH = 32
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(runs: Dict[str, Callable[[int], None]], tasks: int, repeats: int) -> Dict[str, Tuple[float, float]]:
@@ -177,7 +168,7 @@ def main() -> None:
 
     print(f"### Episode sampling throughput: {WAYS}-way {SHOTS}-shot {QUERIES}-query, "
           f"{CLASSES} classes x {PER_CLASS} uint8 images of 1x{SIDE}x{SIDE}\n")
-    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores (1-min load average {load_before:.1f} before, "
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores (1-min load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after), "
           f"torch threads {torch.get_num_threads()}; "
           f"{', '.join(versions)}. Median of {args.repeats} runs of {args.tasks} tasks.\n")

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import SinusoidTasks, TaskBatch
 from fewshot_lightning.models import MLP, Conv4
 
+from maml_step_time import cpu_name
+
 
 class Case(NamedTuple):
     build: Callable[[], nn.Module]
@@ -56,16 +57,6 @@ class Case(NamedTuple):
     first_order: bool
     batch: Callable[[int, str], TaskBatch]  # (seed, device) -> batch
     batchings: tuple
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def sinusoid_batch(tasks: int) -> Callable[[int, str], TaskBatch]:

@@ -369,3 +369,14 @@ def select_parameters(module: nn.Module, selection: Optional[Iterable[str]]) -> 
     if not chosen:
         raise ValueError(f"adapt={entries} selects no parameter of {type(module).__name__} to adapt.")
     return [n for n in names if n in chosen]
+
+
+def split_parameters(module: nn.Module, names: Iterable[str]) -> Tuple[Params, Params]:
+    """``(adapted, fixed)``: ``module``'s parameters named in ``names`` and the others, the live
+    tensors (``fixed`` is what :func:`functional` takes to share them across tasks)."""
+    chosen = set(names)
+    parameters = dict(module.named_parameters())
+    return (
+        {n: p for n, p in parameters.items() if n in chosen},
+        {n: p for n, p in parameters.items() if n not in chosen},
+    )

@@ -11,7 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..data.task import TaskBatch
-from ..inner import BATCHING, Forward, InnerLearningRate, Params, functional, select_parameters, task_params, trajectory
+from ..inner import (
+    BATCHING, Forward, InnerLearningRate, Params, functional, select_parameters, split_parameters, task_params,
+    trajectory,
+)
 from ..metrics import MeanConfidenceInterval
 from .base import MetaLearner, per_task_loss
 
@@ -153,12 +156,7 @@ class MAML(MetaLearner):
         """(adapted, fixed) parameters of the backbone, the live tensors, looked up once: a
         sinusoid step is short enough for walking the module tree a few times a step to show."""
         if self._split is None:
-            adapted = set(self.adapt_names)
-            parameters = dict(self.backbone.named_parameters())
-            self._split = (
-                {n: p for n, p in parameters.items() if n in adapted},
-                {n: p for n, p in parameters.items() if n not in adapted},
-            )
+            self._split = split_parameters(self.backbone, self.adapt_names)
         return self._split
 
     def __getstate__(self) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..inner import Params, adapt, functional, select_parameters, task_params
+from ..inner import Params, adapt, functional, select_parameters, split_parameters, task_params
 from ..metrics import MeanConfidenceInterval
 from ..rl.navigation import PointNavigation
 from ..rl.policy import gaussian_log_prob
@@ -153,14 +153,11 @@ class MAMLRL(MetaLearner):
     # -- the building blocks ------------------------------------------------------------------
     def initial_params(self, tasks: int, detach: bool = False) -> Params:
         """The adapted parameters' starting point for ``tasks`` tasks, ``[tasks, ...]`` each."""
-        adapted = set(self.adapt_names)
-        return task_params({n: p for n, p in self.backbone.named_parameters() if n in adapted}, tasks, detach)
+        return task_params(split_parameters(self.backbone, self.adapt_names)[0], tasks, detach)
 
     def functional(self) -> PolicyForward:
         """The policy as ``forward(params, observations)`` over tasks; parameters not adapted are shared."""
-        adapted = set(self.adapt_names)
-        fixed = {n: p for n, p in self.backbone.named_parameters() if n not in adapted}
-        return functional(self.backbone, fixed)
+        return functional(self.backbone, split_parameters(self.backbone, self.adapt_names)[1])
 
     def rollouts(self, params: Params, batch: GoalBatch, phase: int) -> Rollouts:
         """``trajectories`` episodes of every task's policy; ``phase`` (the inner step they serve)
