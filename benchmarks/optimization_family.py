@@ -147,11 +147,19 @@ def memory_part(args) -> List[Dict]:
 
 
 # -- part 2: sinusoid ------------------------------------------------------------------------
+SINUSOID_CONFIGS = {"MAML": "maml", "FOMAML": "maml", "Reptile": "reptile", "iMAML": "imaml", "CAVIA": "cavia",
+                    "MAMLPlusPlus": "mamlpp"}
+CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")
+
+
+def sinusoid_config(name: str) -> dict:
+    """``configs/<algorithm>_sinusoid.yaml`` (FOMAML: MAML's)."""
+    return yaml.safe_load((CONFIGS / f"{SINUSOID_CONFIGS[name]}_sinusoid.yaml").read_text())
+
+
 def sinusoid_learner(name: str, steps: int) -> MAML:
     """The model section of ``configs/<algorithm>_sinusoid.yaml`` (FOMAML: MAML's, first order)."""
-    config = {"MAML": "maml", "FOMAML": "maml", "Reptile": "reptile", "iMAML": "imaml", "CAVIA": "cavia",
-              "MAMLPlusPlus": "mamlpp"}[name]
-    model = yaml.safe_load((CONFIGS / f"{config}_sinusoid.yaml").read_text())["model"]
+    model = sinusoid_config(name)["model"]
     model["init_args"]["batching"] = "vmap"
     if name == "FOMAML":
         model["init_args"]["first_order"] = True
@@ -188,8 +196,10 @@ def sinusoid_part(args) -> List[Dict]:
         L.seed_everything(0)
         model = sinusoid_learner(name, args.sinusoid_steps)
         data = SinusoidDataModule(shots=10, queries=10, meta_batch_size=25, train_tasks=25 * 1000)
+        # The config's outer-gradient clipping (MAML++'s), as `fewshot-lightning fit` applies it.
+        clipping = {k: v for k, v in sinusoid_config(name)["trainer"].items() if k in CLIPPING}
         trainer = L.Trainer(max_steps=args.sinusoid_steps, logger=False, enable_checkpointing=False,
-                            enable_model_summary=False, limit_val_batches=0, enable_progress_bar=False)
+                            enable_model_summary=False, limit_val_batches=0, enable_progress_bar=False, **clipping)
         start = time.perf_counter()
         trainer.fit(model, data)
         seconds = time.perf_counter() - start
