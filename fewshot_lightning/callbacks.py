@@ -145,9 +145,11 @@ class NonFiniteGuard(Callback):
             where = " (in the inner loop or the outer backward pass)" if inner_scaled else ""
             message += f" The 16-bit loss scale ({scaler.get_scale():g}) overflowed{where}; the GradScaler lowers it."
         elif self.policy == "raise":
+            hint = getattr(pl_module, "nonfinite_hint", lambda: "")()
             raise NonFiniteError(
-                f"{message} Stopped the run. Look for NaN or inf in the data, or lower the learning rates; to "
-                "skip such steps instead, use NonFiniteGuard(policy='skip') (CLI: --nonfinite.policy skip)."
+                f"{message} Stopped the run. {hint + ' Otherwise, l' if hint else 'L'}ook for NaN or inf in the data, "
+                "or lower the learning rates; to skip such steps instead, use NonFiniteGuard(policy='skip') "
+                "(CLI: --nonfinite.policy skip)."
             )
         if self.consecutive > self.max_consecutive_skips:
             raise NonFiniteError(

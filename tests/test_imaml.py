@@ -7,7 +7,7 @@ from torch import nn
 
 from fewshot_lightning.algorithms import MAML, Reptile, iMAML
 from fewshot_lightning.algorithms.base import per_task_loss
-from fewshot_lightning.algorithms.imaml import conjugate_gradient, proximal_term
+from fewshot_lightning.algorithms.imaml import conjugate_gradient, proximal_term, safeguarded_trajectory
 from fewshot_lightning.data import SinusoidTasks, TaskBatch
 from fewshot_lightning.inner import adapt, functional, task_params
 from fewshot_lightning.models import MLP
@@ -167,8 +167,80 @@ def test_evaluation_uses_test_lam_and_training_lam():
         ({"test_lam": -1.0}, "test_lam must be 0 or more, got -1.0"),
         ({"first_order": True}, "iMAML takes no first_order=True: its meta-gradient is implicit"),
         ({"adapt": ["head."]}, r"iMAML takes no adapt=\['head.'\]"),
+        ({"inner_solver": "newton"}, "inner_solver must be one of 'gd', 'hessian_free', got 'newton'"),
+        ({"inner_cg_steps": 0}, "inner_cg_steps must be at least 1, got 0"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         iMAML(MLP(), **kwargs)
+
+
+def scalar_problem(value):
+    """One task, one parameter ``w``; ``forward`` hands ``w`` to the loss, which is ``value(w)``."""
+    return (lambda params, x: params["w"].expand(x.shape[0], 1)), (lambda w, y: value(w[:, 0]))
+
+
+def test_line_search_halves_a_step_that_would_diverge(float64):
+    # F(w) = 150/2 w^2, gradient 150 w, fixed step 0.02: w <- (1 - 3) w = -2 w, F grows 4-fold a
+    # step (curvature 150 > 2 / 0.02 = 100). The line search tries t = 1 (F x4, refused), then
+    # t = 1/2: w <- (1 - 1.5) w = -w / 2, F x1/4, accepted (Armijo asks a decrease of 1e-4 * t *
+    # lr * |g|^2 only). So every step halves |w|, where plain gradient descent doubles it.
+    forward, loss = scalar_problem(lambda w: 75 * w ** 2)
+    start = {"w": torch.ones(1, 1)}
+    x = y = torch.zeros(1, 1, 1)
+    fixed = [p["w"].item() for p in safeguarded_trajectory(forward, start, x, y, loss, 3, 0.02, halvings=0)]
+    searched = [p["w"].item() for p in safeguarded_trajectory(forward, start, x, y, loss, 3, 0.02)]
+    assert searched == [1.0, -0.5, 0.25, -0.125]
+    # With no halving allowed the step of 1 is refused and w stays: never an increase of F.
+    assert fixed == [1.0, 1.0, 1.0, 1.0]
+    from fewshot_lightning.inner import adapt as plain_adapt
+    plain = plain_adapt(forward, start, x, y, loss, 3, 0.02, differentiable=False)
+    assert plain["w"].item() == pytest.approx(-8.0)  # plain gradient descent: (-2)^3
+
+
+def test_line_search_leaves_stable_steps_alone(float64):
+    # Where the fixed step decreases F enough, the line search takes it unchanged: the result
+    # equals plain gradient descent on the proximal problem (the paper's "iMAML, GD").
+    model, batch = linear_problem()
+    plain = iMAML(model, inner_lr=LR, inner_steps=5, lam=LAM)
+    searched = iMAML(model, inner_lr=LR, inner_steps=5, lam=LAM, line_search=True)
+    for a, b in zip(plain.trajectory(batch.support_x, batch.support_y, 5, differentiable=False),
+                    searched.trajectory(batch.support_x, batch.support_y, 5)):
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-14)
+
+
+def test_newton_falls_back_to_the_gradient_at_negative_curvature(float64):
+    # F(w) = w^4/4 - w^2/2 at w = 0.1: F'' = 3 w^2 - 1 < 0, so conjugate gradient stops at once
+    # (no descent direction from the Newton system) and the step is the gradient one,
+    # w - lr * F'(w) = 0.1 - 0.1 * (0.001 - 0.1) = 0.1099, which decreases F: accepted at t = 1.
+    forward, loss = scalar_problem(lambda w: w ** 4 / 4 - w ** 2 / 2)
+    steps = list(safeguarded_trajectory(forward, {"w": torch.full((1, 1), 0.1)}, torch.zeros(1, 1, 1),
+                                        torch.zeros(1, 1, 1), loss, 1, 0.1, newton=True))
+    assert steps[1]["w"].item() == pytest.approx(0.1099, abs=1e-15)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_hessian_free_solver_gives_the_closed_form_meta_gradient(batching, float64):
+    # The proximal problem of linear regression is quadratic in 3 parameters: one Newton step
+    # with 3 CG steps lands on its solution (Armijo accepts t = 1 at an exact Newton step), so
+    # the implicit meta-gradient equals the closed form, where 1 step of gradient descent does not.
+    model, batch = linear_problem()
+    exact = closed_form_meta_gradient(model, batch, LAM)
+    learner = iMAML(model, inner_lr=LR, inner_steps=1, lam=LAM, cg_steps=3, inner_solver="hessian_free",
+                    inner_cg_steps=3, batching=batching)
+    loss = per_task_loss(learner(batch), batch.query_y).mean()
+    assert torch.allclose(flat(torch.autograd.grad(loss, list(model.parameters()))), exact, atol=1e-10)
+    assert (imaml_gradient(model, batch, 1, cg_steps=3) - exact).abs().max() > 1e-3
+
+
+def test_a_non_finite_gradient_is_passed_on_not_absorbed(float64):
+    # Task 1's support target is inf (as an fp16 overflow makes a gradient): its parameters turn
+    # non-finite, as under plain gradient descent, so the outer step sees it; task 0 is untouched.
+    forward = lambda params, x: params["w"][:, None, :].expand(-1, x.shape[1], -1)
+    loss = lambda out, y: (out - y).square().mean((1, 2))
+    y = torch.tensor([[[1.0]], [[float("inf")]]])
+    steps = list(safeguarded_trajectory(forward, {"w": torch.zeros(2, 1)}, torch.zeros(2, 1, 1), y, loss, 1, 0.25))
+    assert steps[1]["w"][0].item() == pytest.approx(0.5)  # 0 - 0.25 * 2 * (0 - 1), F from 1 to 0.25
+    assert not torch.isfinite(steps[1]["w"][1]).any()

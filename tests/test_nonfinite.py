@@ -176,3 +176,27 @@ def test_a_scaled_inner_loss_gives_the_unscaled_gradient_steps():
     scaled = adapt(functional(net), start, x, y, per_task_loss, 2, 0.1, loss_scale=2.0 ** 12)
     for name in plain:  # in fp32 a power-of-two scale is exact: the same steps
         torch.testing.assert_close(scaled[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+def test_imaml_divergence_names_its_line_search_which_prevents_it():
+    # Sinusoid support losses of an MLP have curvature far above 2 / 0.5 = 4 (about 44 at
+    # initialisation): fixed inner steps of 0.5 blow up on the first batch. The guard's message
+    # then names iMAML's fix; with the line search on, the same run trains, finite.
+    from fewshot_lightning.algorithms import iMAML
+    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.models import MLP
+
+    def run(**options):
+        L.seed_everything(0)
+        model = iMAML(MLP(1, (40, 40), 1), inner_lr=0.5, inner_steps=10, lam=1.0, **options)
+        data = SinusoidDataModule(shots=10, meta_batch_size=4, train_tasks=20, num_workers=0)
+        trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[NonFiniteGuard()])
+        trainer.fit(model, data)
+        return model, trainer
+
+    with pytest.raises(NonFiniteError, match=r"Stopped the run\. iMAML's fixed-step inner gradient descent diverges .* "
+                                             r"2 / inner_lr = 4: turn on its line search \(line_search: true"):
+        run()
+    model, trainer = run(line_search=True)
+    assert trainer.global_step == 5 and all(bool(torch.isfinite(p).all()) for p in model.parameters())

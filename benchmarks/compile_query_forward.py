@@ -1,0 +1,106 @@
+"""One of issue 12's candidates, measured: ``torch.compile`` of the query forward pass of MAML.
+
+Second-order MAML differentiates the inner gradient, and AOTAutograd's compiled backward
+cannot be differentiated again, so the support pass cannot be compiled; the *query* pass is
+differentiated once (its backward reaches the adapted parameters, whose own graph back to
+the initialisation stays eager). This script compiles exactly that: each task's query
+forward, ``functional_call`` of the backbone under the task's adapted parameters, with
+``torch.compile(dynamic=False)`` (inductor), and times full meta-iterations against the
+eager loop on ``benchmarks/speed.py``'s cases and batches, taking turns, medians after a
+warm-up round. It checks the first step's loss agrees before timing.
+
+    python benchmarks/compile_query_forward.py [--cases conv4-64-bn conv4-32 mini-fo] [--iterations 6] [--rounds 4]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch.func import functional_call
+
+from fewshot_lightning.algorithms import MAML
+from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.data import TaskBatch
+
+from maml_step_time import cpu_name
+from speed import CASES, Case
+
+
+def meta_iteration(case: Case, network: torch.nn.Module, compiled: bool) -> Callable[[TaskBatch], torch.Tensor]:
+    model = MAML(copy.deepcopy(network), inner_lr=case.inner_lr, inner_steps=case.steps,
+                 first_order=case.first_order, batching="loop")
+    if compiled:
+        _, fixed = model._parameter_split()
+        backbone, buffers = model.backbone, dict(model.backbone.named_buffers())
+
+        def one_task(params, x):
+            return functional_call(backbone, {**fixed, **buffers, **params}, (x,), strict=False)
+
+        query_forward = torch.compile(one_task, dynamic=False)
+
+        def predict(params, x, batching=None):
+            return torch.stack([query_forward({n: p[i] for n, p in params.items()}, x[i]) for i in range(x.shape[0])])
+
+        model.predict = predict  # training_outputs: adapt (eager), then predict on the queries
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(batch: TaskBatch) -> torch.Tensor:
+        loss = per_task_loss(model(batch), batch.query_y).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def measure(name: str, iterations: int, rounds: int) -> Dict[str, float]:
+    case = CASES[name]
+    torch.manual_seed(0)
+    network = case.build()
+    batches = [case.batch(i, "cpu") for i in range(iterations)]
+    runs = {"eager": meta_iteration(case, network, False), "compiled": meta_iteration(case, network, True)}
+    start = time.perf_counter()
+    first = {label: float(step(batches[0])) for label, step in runs.items()}
+    compile_s = time.perf_counter() - start
+    if abs(first["eager"] - first["compiled"]) > 1e-4 * max(1.0, abs(first["eager"])):
+        raise RuntimeError(f"{name}: compiled loss {first['compiled']} differs from eager {first['eager']}")
+    times: Dict[str, List[float]] = {label: [] for label in runs}
+    for round_index in range(rounds):
+        for label, step in runs.items():
+            for batch in batches:
+                begin = time.perf_counter()
+                step(batch)
+                if round_index > 0:
+                    times[label].append(time.perf_counter() - begin)
+    eager, compiled = (statistics.median(times[label]) for label in ("eager", "compiled"))
+    return {"eager_ms": eager * 1e3, "compiled_ms": compiled * 1e3, "speedup": eager / compiled,
+            "first_step_s": compile_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["conv4-64-bn", "conv4-32", "mini-fo"], choices=sorted(CASES))
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=4, help="the first is warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, torch {torch.__version__}; "
+          f"load average before {os.getloadavg()[0]:.2f}")
+    print("| case | eager loop (ms) | compiled query forward (ms) | speedup | first step, compiling (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.cases:
+        row = measure(name, args.iterations, args.rounds)
+        print(f"| {name} | {row['eager_ms']:.1f} | {row['compiled_ms']:.1f} | {row['speedup']:.2f}x | "
+              f"{row['first_step_s']:.0f} |", flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
