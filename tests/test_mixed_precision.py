@@ -34,6 +34,8 @@ LEARNERS = [
     pytest.param(lambda: MAMLPlusPlus(conv4(), inner_lr=0.4, inner_steps=2, batching="vmap"), "images", id="MAMLPlusPlus"),
     pytest.param(lambda: Reptile(conv4(), inner_steps=2, test_inner_steps=2, batching="vmap"), "images", id="Reptile"),
     pytest.param(lambda: iMAML(conv4(), inner_steps=2, cg_steps=2, batching="vmap"), "images", id="iMAML"),
+    pytest.param(lambda: iMAML(conv4(), inner_steps=2, cg_steps=2, inner_solver="hessian_free", batching="vmap"),
+                 "images", id="iMAML-hessian-free"),
     pytest.param(lambda: CAVIA(FiLMConv4(hidden=8, image_size=16, context_dim=4), batching="vmap"), "images", id="CAVIA"),
     pytest.param(lambda: ProtoNet(conv4(None)), "images", id="ProtoNet"),
     pytest.param(lambda: MatchingNet(conv4(None)), "images", id="MatchingNet"),

@@ -130,17 +130,24 @@ def test_fp16_loss_scale_overflows_are_skipped_not_raised():
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_fp16_scales_the_inner_loss_and_skips_inner_overflows_until_the_scale_fits():
+@pytest.mark.parametrize("learner", ["MAML", "iMAML line search", "iMAML Hessian-free"])
+def test_fp16_scales_the_inner_loss_and_skips_inner_overflows_until_the_scale_fits(learner):
     """MAML under 16-bit mixed precision (on the CPU, with the loop so autocast reaches the
     layers): the inner loss is scaled by the GradScaler's current scale; with a scale far too
     large the fp16 inner gradients overflow, the query losses go non-finite, and each such step
-    is skipped (even with policy 'raise') while the scaler halves its scale, until it fits."""
-    from fewshot_lightning.algorithms import MAML
+    is skipped (even with policy 'raise') while the scaler halves its scale, until it fits.
+    iMAML's line-searched solvers pass an overflowing inner gradient on rather than refusing
+    the step quietly, so the same holds for them."""
+    from fewshot_lightning.algorithms import MAML, iMAML
     from fewshot_lightning.data import SinusoidDataModule
     from fewshot_lightning.models import MLP
 
     L.seed_everything(0)
-    model = MAML(MLP(1, (16, 16), 1), inner_lr=0.01, batching="loop")
+    if learner == "MAML":
+        model = MAML(MLP(1, (16, 16), 1), inner_lr=0.01, batching="loop")
+    else:
+        solver = {"inner_solver": "hessian_free"} if learner.endswith("free") else {"line_search": True}
+        model = iMAML(MLP(1, (16, 16), 1), inner_lr=0.01, inner_steps=2, batching="loop", **solver)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 22)
     guard = NonFiniteGuard()
     used = []
