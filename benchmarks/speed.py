@@ -23,6 +23,7 @@ resident set size reached during its iterations (``ru_maxrss``) less the RSS bef
 reported (on a GPU: ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/speed.py [--cases sinusoid conv4-64-bn ...] [--iterations 30] [--rounds 3] [--device cpu]
+    python benchmarks/speed.py --tensor-memory [--cases ...]   # exact tensor peaks, no timing
 """
 from __future__ import annotations
 
@@ -191,6 +192,23 @@ def peak_memory(case_name: str, contender: str, device: str, iterations: int) ->
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
 
 
+def tensor_peaks(case_name: str, device: str) -> Dict[str, float]:
+    """MiB held at the peak by the tensors one meta-iteration allocates, per contender (after a
+    warm-up iteration; ``optimization_family.peak_bytes``: the allocator's own events on the CPU,
+    ``max_memory_allocated`` on a GPU). Exact and repeatable, unlike peak RSS, which also holds
+    whatever the C allocator keeps of freed memory."""
+    from optimization_family import peak_bytes
+
+    case = CASES[case_name]
+    runs = contenders(case, device)
+    batches = [case.batch(i, device) for i in range(2)]
+    peaks = {}
+    for name, step in runs.items():
+        step(batches[0])
+        peaks[name] = peak_bytes(lambda: step(batches[1]), torch.device(device)) / 2**20
+    return peaks
+
+
 def measure_memory(case_name: str, names: List[str], device: str, iterations: int) -> Dict[str, Optional[float]]:
     result = {}
     for name in names:
@@ -268,6 +286,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="only the tensor-peak table (exact, no timing): see tensor_peaks")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -278,6 +298,16 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     print(f"Machine: {machine}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f} at start")
+    if args.tensor_memory:
+        print("| case | contender | tensor peak (MiB) | vs learn2learn |")
+        print("|---|---|---:|---:|")
+        for name in (case for case in args.cases if case != "fit"):
+            peaks = tensor_peaks(name, args.device)
+            reference = peaks.get("learn2learn")
+            for contender, mib in peaks.items():
+                ratio = f"{mib / reference:.3f}x" if reference else "n/a"
+                print(f"| {name} | {contender} | {mib:.1f} | {ratio} |", flush=True)
+        return
     print(f"Median of {args.rounds} rounds x {args.iterations} meta-iterations per contender, alternating, "
           f"{args.warmup} warm-up iterations excluded.\n")
     print("| case | contender | ms / meta-iteration | tasks/s | vs learn2learn | peak memory (MiB) |")
