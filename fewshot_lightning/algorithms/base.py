@@ -136,8 +136,33 @@ class MetaLearner(L.LightningModule):
         losses, outputs = self.training_losses(batch)
         self.train_task_losses = losses.detach()
         loss = losses.mean()
-        self.log_training(loss, outputs, batch)
+        if self.training_metrics_read(batch_idx):
+            self.log_training(loss, outputs, batch)
         return loss
+
+    def training_metrics_read(self, batch_idx: int) -> bool:
+        """Whether anything reads this step's training metrics: the loggers (Lightning writes
+        ``on_step`` metrics every ``log_every_n_steps`` optimizer steps), the progress bar (every
+        ``refresh_rate`` batches and at an epoch's last), or a callback or learning-rate scheduler
+        that monitors a ``train/`` metric (then every step). On the other steps the ``self.log``
+        calls are skipped: under ``Trainer.fit`` they cost about 0.6 ms a step, a sixth of a
+        sinusoid MAML step (docs/benchmarks.md). Without a trainer: ``True``."""
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or trainer.fast_dev_run or trainer.should_stop:
+            return True
+        every = trainer.log_every_n_steps
+        if every and (trainer.global_step + 1) % every == 0:
+            return True
+        bar = trainer.progress_bar_callback
+        if bar is not None and getattr(bar, "is_enabled", True):
+            rate = getattr(bar, "refresh_rate", 1)
+            if not isinstance(rate, int) or rate <= 1 or (batch_idx + 1) % rate == 0:
+                return True
+            if batch_idx + 1 == trainer.num_training_batches:
+                return True
+        monitors = [getattr(callback, "monitor", None) for callback in trainer.callbacks]
+        monitors += [config.monitor for config in trainer.lr_scheduler_configs]
+        return any(isinstance(name, str) and name.startswith("train/") for name in monitors)
 
     def training_losses(self, batch: TaskBatch) -> Tuple[Tensor, Optional[Tensor]]:
         """The training loss of each task, ``[B]`` (the step minimises their mean), and the query
@@ -146,11 +171,8 @@ class MetaLearner(L.LightningModule):
         return self.query_losses(outputs, batch), outputs
 
     def log_training(self, loss: Tensor, outputs: Optional[Tensor], batch: TaskBatch) -> None:
-        """Log ``train/loss`` and, for classification outputs, ``train/acc``.
-
-        Every step: Lightning writes every ``log_every_n_steps`` only, and skipping the calls on
-        the other steps saved nothing measurable (sinusoid MAML under ``Trainer.fit``: 3.3-3.6
-        ms a step either way, docs/benchmarks.md)."""
+        """Log ``train/loss`` and, for classification outputs, ``train/acc``: on the steps
+        :meth:`training_metrics_read` says anything reads them."""
         size = batch.num_tasks
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if outputs is not None and not is_regression(batch.query_y):

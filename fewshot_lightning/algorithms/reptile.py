@@ -121,22 +121,15 @@ class Reptile(MAML):
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False, batching=batching)
         return self.reptile_losses(adapted), None
 
-    def _query_logged(self) -> bool:
-        """Whether Lightning writes this step's ``on_step`` metrics (every ``log_every_n_steps``
-        optimizer steps): the query loss is logged, and computed, only then."""
-        if self._trainer is None:
-            return True
-        return (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
-
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         self.choose_batching(batch)
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False)
         losses = self.reptile_losses(adapted)
         self.train_task_losses = losses.detach()
         loss = losses.mean()
-        if self._query_logged():
+        if self.training_metrics_read(batch_idx):
             # The queries cost a forward pass that the update does not need (for Conv4 about a
-            # tenth of a 5-step update): only on the steps Lightning writes.
+            # tenth of a 5-step update): only on the steps whose metrics something reads.
             with torch.no_grad():
                 outputs = self.predict(adapted, batch.query_x)
             self.log_training(self.query_losses(outputs, batch).mean(), outputs, batch)
