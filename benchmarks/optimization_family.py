@@ -190,9 +190,17 @@ def sinusoid_scores(model: MAML, tasks: int = 600) -> Dict[str, float]:
     return scores
 
 
+def with_mamlpp(args) -> List[str]:
+    """The algorithms asked for, and MAML++ after them when ``--algorithms`` was left at its
+    default (a run of chosen algorithms runs just those)."""
+    if args.algorithms != ALGORITHMS or "MAMLPlusPlus" in args.algorithms:
+        return list(args.algorithms)
+    return args.algorithms + ["MAMLPlusPlus"]
+
+
 def sinusoid_part(args) -> List[Dict]:
     rows = []
-    for name in args.algorithms + (["MAMLPlusPlus"] if "MAMLPlusPlus" not in args.algorithms else []):
+    for name in with_mamlpp(args):
         L.seed_everything(0)
         model = sinusoid_learner(name, args.sinusoid_steps)
         data = SinusoidDataModule(shots=10, queries=10, meta_batch_size=25, train_tasks=25 * 1000)
@@ -246,7 +254,7 @@ def kanji_run(name: str, args) -> Dict:
 
 def kanji_part(args) -> List[Dict]:
     rows = []
-    for name in args.algorithms + (["MAMLPlusPlus"] if "MAMLPlusPlus" not in args.algorithms else []):
+    for name in with_mamlpp(args):
         rows.append(kanji_run(name, args))
         print(rows[-1], flush=True)
     return rows
@@ -256,7 +264,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["memory", "sinusoid", "kanji"],
                         choices=["memory", "sinusoid", "kanji"])
-    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS,
+                        help="default: all five, and MAML++ in the sinusoid and kanji parts; named ones run alone")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the memory part)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10], help="inner steps (memory part)")
     parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations per row (memory part)")
