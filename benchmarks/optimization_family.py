@@ -193,9 +193,7 @@ def sinusoid_scores(model: MAML, tasks: int = 600) -> Dict[str, float]:
 def with_mamlpp(args) -> List[str]:
     """The algorithms asked for, and MAML++ after them when ``--algorithms`` was left at its
     default (a run of chosen algorithms runs just those)."""
-    if args.algorithms != ALGORITHMS or "MAMLPlusPlus" in args.algorithms:
-        return list(args.algorithms)
-    return args.algorithms + ["MAMLPlusPlus"]
+    return args.algorithms + ["MAMLPlusPlus"] if args.algorithms == ALGORITHMS else list(args.algorithms)
 
 
 def sinusoid_part(args) -> List[Dict]:

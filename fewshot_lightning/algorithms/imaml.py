@@ -315,7 +315,9 @@ def safeguarded_trajectory(
             values = objective(leaves)
             grads = torch.autograd.grad(values.sum() * scale, [leaves[n] for n in names], create_graph=newton)
             grads = dict(zip(names, grads))
-            gradient_step = {n: rate(lr, step, n) * g.detach() / scale for n, g in grads.items()}
+            gradient = {n: g.detach() / scale for n, g in grads.items()}
+            gradient_step = {n: rate(lr, step, n) * g for n, g in gradient.items()}
+            direction = gradient_step
             if newton:
                 def hessian_product(vector: Params) -> Params:
                     products = torch.autograd.grad(
@@ -325,13 +327,9 @@ def safeguarded_trajectory(
                     return dict(zip(names, products))
 
                 # The Newton system H d = g scaled by the loss scale on both sides: d is unscaled.
-                direction = conjugate_gradient(hessian_product, {n: g.detach() for n, g in grads.items()}, cg_steps)
-                gradient = {n: g.detach() / scale for n, g in grads.items()}
-                descent = _task_dot(gradient, direction) > 0
-                direction = {n: torch.where(_per_task(descent, d), d, gradient_step[n]) for n, d in direction.items()}
-            else:
-                gradient = {n: g.detach() / scale for n, g in grads.items()}
-                direction = gradient_step
+                newton_direction = conjugate_gradient(hessian_product, {n: g.detach() for n, g in grads.items()}, cg_steps)
+                descent = _task_dot(gradient, newton_direction) > 0
+                direction = {n: torch.where(_per_task(descent, d), d, gradient_step[n]) for n, d in newton_direction.items()}
         searched = _line_search(objective, params, values.detach(), direction, _task_dot(gradient, direction), halvings)
         # A non-finite gradient (an fp16 overflow, NaN data) is passed on, not absorbed by the line
         # search: the task's parameters become non-finite as under plain gradient descent, so the
