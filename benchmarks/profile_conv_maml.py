@@ -1,8 +1,9 @@
 """Where one convolutional MAML meta-iteration spends its time (issue 12).
 
 Conv4-64 with batch norm, 28x28, 5-way 1-shot 15 queries, 8 tasks, 1 inner step, second order:
-the ``conv4-64-bn`` case of ``benchmarks/speed.py``, on the path ``batching="auto"`` takes on a
-CPU (``loop``). Two views of the same iteration:
+the ``conv4-64-bn`` case of ``benchmarks/speed.py``, on the loop (``--memory-format
+channels_last``: with channels-last weights, the path ``batching="auto"`` took on the 2-core CPU
+of ``docs/benchmarks.md``). Two views of the same iteration:
 
 1. phases, timed with the phase boundaries synchronised: support forward, inner gradient
    (``autograd.grad`` with ``create_graph``), the update, query forward under the adapted
@@ -13,7 +14,7 @@ CPU (``loop``). Two views of the same iteration:
    (``MAML.training_step`` + backward + step), the convolutions' forward, backward and
    double-backward kernels among them.
 
-    python benchmarks/profile_conv_maml.py [--iterations 10] [--batching loop] [--threads 2]
+    python benchmarks/profile_conv_maml.py [--iterations 10] [--batching loop] [--memory-format contiguous] [--threads 2]
 """
 from __future__ import annotations
 
@@ -68,17 +69,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--batching", default="loop", choices=("loop", "vmap"))
+    parser.add_argument("--memory-format", default="contiguous", choices=("contiguous", "channels_last"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = MAML(Conv4(hidden=64, out_features=5), inner_lr=0.4, inner_steps=1, batching=args.batching)
+    model = MAML(Conv4(hidden=64, out_features=5), inner_lr=0.4, inner_steps=1, batching=args.batching,
+                 memory_format=args.memory_format)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     make = image_batch(8, 5, 1, 15, 1, 28)
     batches = [make(seed, "cpu") for seed in range(args.iterations + 2)]
     print(f"Machine: {cpu_name()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f}")
-    print(f"Conv4-64-bn MAML, 5w1s15q 28x28, 8 tasks, 1 step, second order, batching={args.batching}; "
+    print(f"Conv4-64-bn MAML, 5w1s15q 28x28, 8 tasks, 1 step, second order, batching={args.batching}, "
+          f"memory_format={args.memory_format}; "
           f"median of {args.iterations} iterations after 2 warm-up\n")
 
     samples = {name: [] for name in PHASES}

@@ -5,6 +5,9 @@ adaptation of every task, query loss, outer backward, Adam step); contenders tak
 round by round on the same pre-built batches, warm-up iterations are excluded for each,
 and the median is reported with tasks/s. learn2learn's contender is the loop of its README
 and examples (``maml.clone()``, ``learner.adapt(loss)`` per task, summed query losses).
+Ours runs on each of its execution paths (``vmap``, ``loop``, and for convolutional models
+``loop channels_last``); below the table, the path ``batching="auto"`` picks on each case, with
+the timings it picked by, says which of them a user of the defaults gets.
 
 Cases (ways-shots-queries, meta-batch B, inner steps):
 
@@ -19,8 +22,10 @@ Cases (ways-shots-queries, meta-batch B, inner steps):
 - ``sampling``: see ``benchmarks/sampling_throughput.py`` (run separately).
 
 Peak memory: each (case, contender) also runs alone in a fresh subprocess, and the peak
-resident set size reached during its iterations (``ru_maxrss``) less the RSS before them is
-reported (on a GPU: ``torch.cuda.max_memory_allocated``).
+resident set size reached during its iterations, a first one included (the kernel's mark
+reset just before them, ``VmHWM``), less the RSS before them is reported (on a GPU: ``torch.cuda.max_memory_allocated``).
+Peak RSS also holds what the C allocator keeps of freed memory, so it varies from run to run;
+``--tensor-memory`` gives exact tensor peaks.
 
     python benchmarks/speed.py [--cases sinusoid conv4-64-bn ...] [--iterations 30] [--rounds 3] [--device cpu]
     python benchmarks/speed.py --tensor-memory [--cases ...]   # exact tensor peaks, no timing
@@ -57,7 +62,7 @@ class Case(NamedTuple):
     inner_lr: float
     first_order: bool
     batch: Callable[[int, str], TaskBatch]  # (seed, device) -> batch
-    batchings: tuple
+    paths: tuple  # our execution paths: "vmap", "loop", "loop channels_last"
 
 
 def sinusoid_batch(tasks: int) -> Callable[[int, str], TaskBatch]:
@@ -86,22 +91,26 @@ def conv4_without_batch_norm(hidden: int = 32, ways: int = 5) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden, ways))
 
 
+MLP_PATHS = ("vmap", "loop")
+CONV_PATHS = ("vmap", "loop", "loop channels_last")
 CASES: Dict[str, Case] = {
-    "sinusoid": Case(MLP, 25, 1, 0.01, False, sinusoid_batch(25), ("vmap", "loop")),
-    "sinusoid-fo": Case(MLP, 25, 1, 0.01, True, sinusoid_batch(25), ("vmap", "loop")),
-    "conv4-32": Case(conv4_without_batch_norm, 16, 1, 0.4, False, image_batch(16, 5, 1, 15, 1, 28), ("vmap", "loop")),
+    "sinusoid": Case(MLP, 25, 1, 0.01, False, sinusoid_batch(25), MLP_PATHS),
+    "sinusoid-fo": Case(MLP, 25, 1, 0.01, True, sinusoid_batch(25), MLP_PATHS),
+    "conv4-32": Case(conv4_without_batch_norm, 16, 1, 0.4, False, image_batch(16, 5, 1, 15, 1, 28), CONV_PATHS),
     "conv4-64-bn": Case(lambda: Conv4(hidden=64, out_features=5), 8, 1, 0.4, False, image_batch(8, 5, 1, 15, 1, 28),
-                        ("vmap", "loop")),
+                        CONV_PATHS),
     "mini": Case(lambda: Conv4(in_channels=3, hidden=32, out_features=5, image_size=84), 4, 5, 0.01, False,
-                 image_batch(4, 5, 5, 15, 3, 84), ("vmap", "loop")),
+                 image_batch(4, 5, 5, 15, 3, 84), CONV_PATHS),
     "mini-fo": Case(lambda: Conv4(in_channels=3, hidden=32, out_features=5, image_size=84), 4, 5, 0.01, True,
-                    image_batch(4, 5, 5, 15, 3, 84), ("vmap", "loop")),
+                    image_batch(4, 5, 5, 15, 3, 84), CONV_PATHS),
 }
 
 
-def ours(case: Case, network: nn.Module, batching: str) -> Callable[[TaskBatch], None]:
+def ours(case: Case, network: nn.Module, path: str) -> Callable[[TaskBatch], None]:
+    batching, _, memory_format = path.partition(" ")
     model = MAML(copy.deepcopy(network), inner_lr=case.inner_lr, inner_steps=case.steps,
-                 first_order=case.first_order, batching=batching).to(next(network.parameters()).device)
+                 first_order=case.first_order, batching=batching,
+                 memory_format=memory_format or "contiguous").to(next(network.parameters()).device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: TaskBatch) -> None:
@@ -137,12 +146,37 @@ def learn2learn(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
 def contenders(case: Case, device: str) -> Dict[str, Callable[[TaskBatch], None]]:
     torch.manual_seed(0)
     network = case.build().to(device)
-    runs = {f"ours, {batching}": ours(case, network, batching) for batching in case.batchings}
+    runs = {f"ours, {path}": ours(case, network, path) for path in case.paths}
     try:
         runs["learn2learn"] = learn2learn(case, network)
     except ImportError:
         pass
     return runs
+
+
+def auto_choice(case: Case, device: str) -> str:
+    """The path ``batching="auto"`` (with ``memory_format="auto"``) picks for this case here, and
+    the timings it picked by: what a user of the defaults runs."""
+    import logging
+
+    torch.manual_seed(0)
+    model = MAML(case.build(), inner_lr=case.inner_lr, inner_steps=case.steps,
+                 first_order=case.first_order).to(device)
+    from lightning_utilities.core import rank_zero
+
+    # rank_zero_info's logger (the package that imported last names it: learn2learn brings pytorch_lightning)
+    loggers = [logging.getLogger("lightning.pytorch"), rank_zero.log]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)  # the decision's own log line would split the table
+    try:
+        model.choose_batching(case.batch(0, device))
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    path = model.batching + (" channels_last" if model.memory_format == "channels_last" else "")
+    timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in model.batching_timings.items())
+    return f"{path}" + (f" (its timed step: {timings})" if timings else "")
 
 
 def synchronize(device: str) -> None:
@@ -173,12 +207,14 @@ def rss_bytes() -> int:
 
 
 def peak_memory(case_name: str, contender: str, device: str, iterations: int) -> float:
-    """MiB the contender's iterations add at their peak, measured alone in this process."""
+    """MiB the contender's iterations add at their peak, measured alone in this process: on the
+    CPU from just before its first iteration (so one-off allocations, such as oneDNN's cached
+    kernels, count, for every contender alike) to the end; on a GPU after a warm-up iteration."""
     case = CASES[case_name]
     step = contenders(case, device)[contender]
     batches = [case.batch(i, device) for i in range(iterations)]
-    step(batches[0])  # allocator warm-up and any one-off choice, not counted
     if device.startswith("cuda"):
+        step(batches[0])  # allocator warm-up, not counted
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -187,9 +223,31 @@ def peak_memory(case_name: str, contender: str, device: str, iterations: int) ->
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     before = rss_bytes()
-    for batch in batches:
+    reset = reset_peak_rss()
+    for batch in [batches[0]] + batches:
         step(batch)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    peak = peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (peak - before) / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: ``5`` to ``/proc/self/clear_refs``), so the peak
+    read after the iterations is theirs, not one reached earlier (importing, building the
+    batches); ``ru_maxrss`` cannot be reset. False where it cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def tensor_peaks(case_name: str, device: str) -> Dict[str, float]:
@@ -286,6 +344,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-auto", action="store_true", help="skip reporting the path batching='auto' picks")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="only the tensor-peak table (exact, no timing): see tensor_peaks")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
@@ -312,10 +371,13 @@ def main() -> None:
           f"{args.warmup} warm-up iterations excluded.\n")
     print("| case | contender | ms / meta-iteration | tasks/s | vs learn2learn | peak memory (MiB) |")
     print("|---|---|---:|---:|---:|---:|")
+    choices = {}
     for name in args.cases:
         if name == "fit":
             continue
         case = CASES[name]
+        if not args.no_auto:
+            choices[name] = auto_choice(case, args.device)
         times = time_case(case, args.device, args.iterations, args.rounds, args.warmup)
         memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations)
         reference = times.get("learn2learn")
@@ -324,6 +386,10 @@ def main() -> None:
             mib = memory.get(contender)
             print(f"| {name} | {contender} | {1000 * seconds:.1f} | {case.tasks / seconds:.{0 if case.tasks / seconds >= 10 else 2}f} | {ratio} | "
                   f"{'n/a' if mib is None else f'{mib:.0f}'} |", flush=True)
+    if choices:
+        print("\nPath `batching=\"auto\"` (and `memory_format=\"auto\"`) picks, timed on the case's first batch:")
+        for name, choice in choices.items():
+            print(f"- {name}: {choice}")
     if "fit" in args.cases:
         overhead = fit_overhead(args.fit_steps, args.rounds)
         ratio = overhead["Trainer.fit"] / overhead["bare loop"]

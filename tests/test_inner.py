@@ -5,8 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_lightning.algorithms.base import per_task_loss
-from fewshot_lightning.inner import Adam, adapt, functional, predict, select_parameters, task_params, trajectory
-from fewshot_lightning.models import MLP
+from fewshot_lightning.inner import (
+    Adam, adapt, channels_last, functional, predict, select_parameters, task_params, trajectory,
+)
+from fewshot_lightning.models import MLP, Conv4
 
 
 def regression_tasks(tasks=3, shots=6, queries=4, seed=1):
@@ -196,6 +198,10 @@ def test_task_params_are_views_whose_gradient_sums_over_tasks():
 def test_bad_arguments_name_the_fix():
     with pytest.raises(ValueError, match="batching must be one of \\('vmap', 'loop'\\), got 'threads'"):
         functional(MLP(), batching="threads")
+    with pytest.raises(ValueError, match="memory_format must be one of \\('contiguous', 'channels_last'\\), got 'nhwc'"):
+        functional(MLP(), batching="loop", memory_format="nhwc")
+    with pytest.raises(ValueError, match="channels_last' applies to batching='loop'.*pass batching='loop'"):
+        functional(MLP(), batching="vmap", memory_format="channels_last")
     with pytest.raises(ValueError, match="adapt entry 'tail.' matches no parameter of MLP"):
         select_parameters(MLP(), ["tail."])
     with pytest.raises(ValueError, match="Adam betas must be in \\[0, 1\\)"):
@@ -258,3 +264,57 @@ def test_modules_without_their_own_batched_forward_run_under_vmap_and_as_a_loop_
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     for v, l in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(v, l, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_restrides_even_a_one_channel_weight_and_copies_only_when_needed():
+    # A [64, 1, 3, 3] weight is "contiguous" in both layouts, yet a convolution reads its
+    # strides to pick the output layout: it must come out with NHWC strides (9, 1, 3, 1).
+    grey = torch.randn(64, 1, 3, 3, requires_grad=True)
+    assert grey.is_contiguous(memory_format=torch.channels_last) and grey.stride() == (9, 9, 3, 1)
+    restrided = channels_last(grey)
+    assert restrided.stride() == (9, 1, 3, 1) and torch.equal(restrided, grey)
+    assert channels_last(restrided) is restrided  # already so strided: no copy
+    restrided.sum().backward()
+    assert torch.equal(grey.grad, torch.ones_like(grey))  # a differentiable copy
+    bias = torch.randn(64)
+    assert channels_last(bias) is bias  # only 4-D tensors
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_channels_last_loop_gives_the_contiguous_numbers_and_really_runs_channels_last(second_order):
+    # Conv4 with batch norm on one-channel images, two inner steps: adapted parameters, query
+    # outputs and the meta-gradient agree with the contiguous loop to rounding (different
+    # kernels, so not bit for bit), and the first convolution answers in the NHWC layout.
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, hidden=16, out_features=5, image_size=28)
+    g = torch.Generator().manual_seed(3)
+    sx, qx = torch.rand(3, 5, 1, 28, 28, generator=g), torch.rand(3, 10, 1, 28, 28, generator=g)
+    sy, qy = torch.arange(5).repeat(3, 1), torch.arange(10).remainder(5).repeat(3, 1)
+    layouts = []
+    hook = model.features[0][0].register_forward_hook(
+        lambda module, inputs, output: layouts.append(output.stride()[1] == 1)  # NHWC: channels vary fastest
+    )
+    results = {}
+    try:
+        for memory_format in ("contiguous", "channels_last"):
+            layouts.clear()
+            forward = functional(model, batching="loop", memory_format=memory_format)
+            params = adapt(forward, task_params(dict(model.named_parameters()), 3), sx, sy, per_task_loss, 2, 0.1,
+                           second_order=second_order)
+            outputs = forward(params, qx)
+            grads = torch.autograd.grad(per_task_loss(outputs, qy).mean(), list(model.parameters()))
+            results[memory_format] = (params, outputs, grads, list(layouts))
+    finally:
+        hook.remove()
+    (p_c, o_c, g_c, l_c), (p_l, o_l, g_l, l_l) = results["contiguous"], results["channels_last"]
+    assert not any(l_c) and all(l_l) and len(l_l) == 3 * 3  # 3 tasks x (2 support passes + 1 query)
+    assert o_c.shape == o_l.shape == (3, 10, 5)
+    assert torch.allclose(o_c, o_l, atol=1e-4)
+    for name in p_c:
+        assert torch.allclose(p_c[name], p_l[name], atol=1e-5), name
+    # Relative to the meta-gradient's size, which is far from zero (only the convolution
+    # biases, which batch norm cancels, have none).
+    scale = torch.cat([a.flatten() for a in g_c]).norm()
+    assert scale > 1e-2
+    for (name, _), a, b in zip(model.named_parameters(), g_c, g_l):
+        assert (a - b).norm() <= 1e-4 * scale, name

@@ -9,7 +9,7 @@ from torch import nn
 from fewshot_lightning.algorithms import ANIL, MAML, MetaSGD
 from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import TaskBatch
-from fewshot_lightning.models import MLP
+from fewshot_lightning.models import MLP, Conv4
 
 
 def regression_batch(tasks=3, shots=5, queries=4, dtype=torch.float32):
@@ -192,6 +192,10 @@ def test_per_step_rates_use_each_step_then_the_last():
         ({"test_inner_steps": -2}, "test_inner_steps must be at least 1, got -2"),
         ({"adapt": ["nope."]}, "adapt entry 'nope.' matches no parameter"),
         ({"batching": "threads"}, "batching must be 'auto', 'vmap' or 'loop', got 'threads'"),
+        ({"memory_format": "nhwc"}, "memory_format must be 'auto', 'contiguous' or 'channels_last', got 'nhwc'"),
+        ({"memory_format": "channels_last", "batching": "vmap"},
+         "memory_format='channels_last' applies to batching='loop' (vmap runs the tasks' convolutions as one grouped "
+         "convolution, channels-first): pass batching='loop' or 'auto', or memory_format='contiguous'"),
     ],
 )
 def test_bad_hyperparameters_raise_before_training(kwargs, message):
@@ -272,3 +276,65 @@ def test_a_diverging_test_time_adaptation_is_reported_not_hidden(tmp_path):
                         enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match=r"test/mse is (nan|inf).*adaptation diverged.*lower inner_lr"):
         trainer.test(model, SinusoidDataModule(test_tasks=20, meta_batch_size=10), verbose=False)
+
+
+def image_batch(tasks=2, ways=5, queries=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(torch.rand(tasks, ways, 1, 28, 28, generator=g), torch.arange(ways).repeat(tasks, 1),
+                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+                     torch.arange(ways * queries).remainder(ways).repeat(tasks, 1))
+
+
+def test_auto_times_the_channels_last_loop_for_a_convolutional_model_and_keeps_its_numbers(caplog):
+    # A model with 4-D weights has three candidate paths; the choice is made once, logged with
+    # the three timings, and whichever wins gives the numbers of the contiguous loop.
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4)
+    assert model.batching is None and model.memory_format is None  # undecided until a batch comes
+    batch = image_batch()
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO"):
+            chosen = model.choose_batching(batch)
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
+    message = " ".join(record.getMessage() for record in caplog.records)
+    assert chosen == model.batching and (model.batching, model.memory_format) in (
+        ("vmap", "contiguous"), ("loop", "contiguous"), ("loop", "channels_last"))
+    for path in ("vmap", "loop", "loop channels_last"):
+        assert f"{path} " in message and " ms" in message
+    reference = MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4, batching="loop", memory_format="contiguous")
+    reference.load_state_dict(model.state_dict())
+    loss, grads = our_meta_gradient(model, batch)
+    reference_loss, reference_grads = our_meta_gradient(reference, batch)
+    assert torch.allclose(loss, reference_loss, rtol=1e-5)
+    scale = torch.cat([g.flatten() for g in reference_grads]).norm()
+    assert scale > 1e-3
+    assert all((a - b).norm() <= 1e-4 * scale for a, b in zip(grads, reference_grads))
+
+
+def test_memory_format_needs_no_choice_where_it_cannot_matter():
+    assert MAML(MLP()).memory_format == "contiguous"  # no 4-D weight: nothing to lay out
+    assert MAML(Conv4(hidden=8), batching="vmap").memory_format == "contiguous"  # vmap: channels-first only
+    fixed = MAML(Conv4(hidden=8), memory_format="channels_last")  # batching="auto" left to its default
+    assert (fixed.batching, fixed.memory_format) == ("loop", "channels_last")
+    assert fixed.choose_batching(image_batch()) == "loop"  # nothing left to time
+
+
+def test_a_resumed_run_keeps_the_chosen_memory_format():
+    from types import SimpleNamespace
+
+    model = MAML(Conv4(hidden=8), inner_lr=0.4, batching="loop", memory_format="channels_last")
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert (checkpoint["batching"], checkpoint["memory_format"]) == ("loop", "channels_last")
+    resumed = MAML(Conv4(hidden=8), inner_lr=0.4)  # "auto" both: would time the paths afresh
+    resumed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    resumed.on_load_checkpoint(checkpoint)
+    assert (resumed.batching, resumed.memory_format) == ("loop", "channels_last")
+    older = {key: value for key, value in checkpoint.items() if key != "memory_format"}  # saved before the option
+    resumed = MAML(Conv4(hidden=8), inner_lr=0.4)
+    resumed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    resumed.on_load_checkpoint(older)
+    assert (resumed.batching, resumed.memory_format) == ("loop", "contiguous")

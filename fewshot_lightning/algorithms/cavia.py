@@ -66,9 +66,10 @@ class CAVIA(MAML):
         weight = next(self.backbone.parameters())
         return {CONTEXT: weight.new_zeros(tasks, self.backbone.context_dim)}
 
-    def functional(self, batching: Optional[str] = None) -> Forward:
+    def functional(self, batching: Optional[str] = None, memory_format: Optional[str] = None) -> Forward:
         """The backbone as ``forward({"context": c}, x)``: every weight shared, the context per task."""
+        batching, memory_format = self.execution(batching, memory_format)
         return functional(
-            self.backbone, dict(self.backbone.named_parameters()), batching=batching or self.batching or "vmap",
-            keyword_params=[CONTEXT],
+            self.backbone, dict(self.backbone.named_parameters()), batching=batching, keyword_params=[CONTEXT],
+            memory_format=memory_format,
         )
