@@ -61,3 +61,38 @@ def test_bf16_mixed_precision_trains_with_finite_losses():
     result = trainer.test(model, data, verbose=False)[0]
     assert torch.isfinite(torch.tensor(result["test/loss"]))
     assert 0.0 <= result["test/acc"] <= 1.0
+
+
+def test_cpu_training_stops_probing_for_an_absent_gpu_driver_every_step(monkeypatch):
+    # `import lightning` makes CUDA-built PyTorch load the NVIDIA management library on every
+    # torch.cuda.is_available(), which torch.optim asks in every step: where no driver is
+    # installed, a failed dlopen per step. Training on the CPU there must not pay it.
+    import ctypes
+
+    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.models import MLP
+
+    if not torch.backends.cuda.is_built() or torch.cuda._device_count_nvml() >= 0:
+        pytest.skip("needs a CUDA build of PyTorch on a machine without an NVIDIA driver (as CI's)")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as `import lightning` leaves it; restored after
+    loads = []
+    original = ctypes.CDLL.__init__
+
+    def counting(self, name, *args, **kwargs):
+        if "nvidia-ml" in str(name):
+            loads.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes.CDLL, "__init__", counting)
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1, requires_grad=True))]).step()  # no grad: only the probe
+    assert len(loads) == 1  # what each step cost before (so the count below can fail)
+
+    class CountFromTheFirstStep(L.Callback):
+        def on_train_start(self, trainer, module):
+            loads.clear()
+
+    data = SinusoidDataModule(meta_batch_size=4, train_tasks=4 * 20, num_workers=0)
+    trainer = quiet_trainer(max_steps=20, limit_val_batches=0, callbacks=[CountFromTheFirstStep()])
+    trainer.fit(MAML(MLP(1, (8,), 1), inner_lr=0.01, batching="vmap"), data)
+    assert trainer.global_step == 20 and loads == []  # 20 optimizer steps, not one probe
+    assert not torch.cuda.is_available()  # the answer is unchanged
