@@ -143,12 +143,16 @@ def learn2learn(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
     return step
 
 
-def contenders(case: Case, device: str) -> Dict[str, Callable[[TaskBatch], None]]:
+def contenders(case: Case, device: str, learn2learn_channels_last: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
     torch.manual_seed(0)
     network = case.build().to(device)
     runs = {f"ours, {path}": ours(case, network, path) for path in case.paths}
     try:
         runs["learn2learn"] = learn2learn(case, network)
+        if learn2learn_channels_last and "loop channels_last" in case.paths:
+            # What a learn2learn user can do for the same layout: convert the module.
+            runs["learn2learn, module channels_last"] = learn2learn(
+                case, copy.deepcopy(network).to(memory_format=torch.channels_last))
     except ImportError:
         pass
     return runs
@@ -184,9 +188,10 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int) -> Dict[str, float]:
+def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int,
+              learn2learn_channels_last: bool = False) -> Dict[str, float]:
     """Median seconds per meta-iteration of each contender; contenders alternate every round."""
-    runs = contenders(case, device)
+    runs = contenders(case, device, learn2learn_channels_last)
     batches = [case.batch(i, device) for i in range(iterations)]
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for round_index in range(rounds):
@@ -211,7 +216,7 @@ def peak_memory(case_name: str, contender: str, device: str, iterations: int) ->
     CPU from just before its first iteration (so one-off allocations, such as oneDNN's cached
     kernels, count, for every contender alike) to the end; on a GPU after a warm-up iteration."""
     case = CASES[case_name]
-    step = contenders(case, device)[contender]
+    step = contenders(case, device, learn2learn_channels_last=True)[contender]
     batches = [case.batch(i, device) for i in range(iterations)]
     if device.startswith("cuda"):
         step(batches[0])  # allocator warm-up, not counted
@@ -298,17 +303,19 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, float]:
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             self.stamps.append(time.perf_counter())
 
-    def with_trainer() -> float:
+    def with_trainer(callbacks: bool = True) -> float:
         L.seed_everything(0, verbose=False)
         model = MAML(MLP(), inner_lr=0.01, batching="vmap")
         data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
         clock = StepClock()
         with tempfile.TemporaryDirectory() as logs:
-            trainer = L.Trainer(
-                max_steps=steps, limit_val_batches=0, log_every_n_steps=200, enable_model_summary=False,
-                logger=TensorBoardLogger(logs, name="overhead"),
-                callbacks=[TQDMProgressBar(refresh_rate=50), ModelCheckpoint(dirpath=logs, save_last=True), clock],
-            )
+            if callbacks:
+                options = dict(logger=TensorBoardLogger(logs, name="overhead"), callbacks=[
+                    TQDMProgressBar(refresh_rate=50), ModelCheckpoint(dirpath=logs, save_last=True), clock])
+            else:  # Lightning's loop alone: what the callbacks add is the difference
+                options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[clock])
+            trainer = L.Trainer(max_steps=steps, limit_val_batches=0, log_every_n_steps=200,
+                                enable_model_summary=False, **options)
             trainer.fit(model, data)
         return (clock.stamps[-1] - clock.stamps[skip]) / (len(clock.stamps) - 1 - skip)
 
@@ -327,9 +334,10 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, float]:
             optimizer.step()
         return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
 
-    times: Dict[str, List[float]] = {"Trainer.fit": [], "bare loop": []}
+    times: Dict[str, List[float]] = {"Trainer.fit": [], "Trainer.fit, no callbacks": [], "bare loop": []}
     for _ in range(rounds):
         times["Trainer.fit"].append(with_trainer())
+        times["Trainer.fit, no callbacks"].append(with_trainer(callbacks=False))
         times["bare loop"].append(bare())
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -345,6 +353,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-auto", action="store_true", help="skip reporting the path batching='auto' picks")
+    parser.add_argument("--learn2learn-channels-last", action="store_true",
+                        help="also time learn2learn on the module converted to channels-last (convolutional cases)")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="only the tensor-peak table (exact, no timing): see tensor_peaks")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
@@ -378,7 +388,7 @@ def main() -> None:
         case = CASES[name]
         if not args.no_auto:
             choices[name] = auto_choice(case, args.device)
-        times = time_case(case, args.device, args.iterations, args.rounds, args.warmup)
+        times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last)
         memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations)
         reference = times.get("learn2learn")
         for contender, seconds in times.items():
@@ -395,7 +405,9 @@ def main() -> None:
         ratio = overhead["Trainer.fit"] / overhead["bare loop"]
         print(f"\nTrainer.fit vs a bare loop, sinusoid MAML, {args.fit_steps} steps (first {args.fit_steps // 5} "
               f"excluded), median of {args.rounds}: Trainer {1000 * overhead['Trainer.fit']:.2f} ms/step, bare "
-              f"{1000 * overhead['bare loop']:.2f} ms/step, overhead {ratio:.2f}x")
+              f"{1000 * overhead['bare loop']:.2f} ms/step, overhead {ratio:.2f}x; Trainer without logger, "
+              f"checkpoint or progress bar {1000 * overhead['Trainer.fit, no callbacks']:.2f} ms/step "
+              f"({overhead['Trainer.fit, no callbacks'] / overhead['bare loop']:.2f}x)")
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.1f}")
 
 

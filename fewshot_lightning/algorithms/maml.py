@@ -58,8 +58,9 @@ class MAML(MetaLearner):
             convolutions, batch norm and pooling run channels-last; loop only), or ``"auto"``
             (default): for a model with 4-D weights, the loop is timed both ways beside vmap on
             the first batch and the fastest of the three paths is kept and logged. Same numbers
-            to rounding. On a 2-core CPU channels-last made Conv4 MAML on 28x28 grey images
-            about a fifth faster and on 84x84x3 images slower (``benchmarks/speed.py``).
+            to rounding. On a 2-core CPU the channels-last loop ran Conv4 MAML on 28x28 grey
+            images about 1.25x as fast as the NCHW loop, and on 84x84x3 images about as fast
+            (``benchmarks/speed.py``, docs/benchmarks.md).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
         multi_step_loss_steps: MAML++'s multi-step loss (Antoniou, Edwards & Storkey, ICLR 2019):
             for this many outer steps the training loss is a weighted sum of the query losses
