@@ -338,3 +338,24 @@ def test_a_resumed_run_keeps_the_chosen_memory_format():
     resumed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
     resumed.on_load_checkpoint(older)
     assert (resumed.batching, resumed.memory_format) == ("loop", "contiguous")
+
+
+@pytest.mark.parametrize("channels_last_ms, chosen", [(97.0, ("loop", "contiguous")), (90.0, ("loop", "channels_last")),
+                                                      (60.0, ("loop", "channels_last"))])
+def test_auto_takes_channels_last_only_when_it_is_clearly_faster(monkeypatch, channels_last_ms, chosen):
+    # Timings fixed by hand (vmap 150 ms, NCHW loop 100 ms): 3% faster is a near tie that timing
+    # noise decides, so the module's own layout stays; 10% and 40% faster switch.
+    from fewshot_lightning.algorithms import maml
+
+    assert maml.CHANNELS_LAST_MARGIN == 0.05
+    times = {("vmap", "contiguous"): 0.150, ("loop", "contiguous"): 0.100,
+             ("loop", "channels_last"): channels_last_ms / 1000}
+
+    def timed_step(self, batch, batching, memory_format="contiguous"):
+        return times[(batching, memory_format)]
+
+    monkeypatch.setattr(MAML, "_timed_step", timed_step)
+    model = MAML(Conv4(hidden=8), inner_lr=0.4)
+    model.choose_batching(image_batch())
+    assert (model.batching, model.memory_format) == chosen
+    assert model.batching_timings == {"vmap": 150.0, "loop": 100.0, "loop channels_last": channels_last_ms}
