@@ -145,3 +145,14 @@ def test_ddp_validation_logs_no_sync_dist_warning(parity_runs):
     output = parity_runs[-1]
     assert "val/" in output  # validation ran and logged
     assert "sync_dist" not in output
+
+
+def test_ddp_with_auto_batching_decides_once_for_every_process(tmp_path):
+    # batching="auto" times the paths on each process's first batch and then takes process 0's
+    # choice (a collective broadcast: a process skipping it would hang the run, hence the
+    # subprocess timeout). The run finishes, says once what it chose, and saves that choice.
+    args = [arg for arg in SHORT if arg not in ("--model.init_args.batching", "vmap")]
+    output = run_cli("fit", *args, *DDP, "--trainer.max_steps", "2", cwd=tmp_path)
+    assert output.count("batching='auto' chose") == 1  # logged by process 0 only
+    saved = last_checkpoint(tmp_path / "lightning_logs")
+    assert saved["batching"] in ("vmap", "loop") and saved["memory_format"] == "contiguous"  # an MLP: no 4-D weights

@@ -359,3 +359,29 @@ def test_auto_takes_channels_last_only_when_it_is_clearly_faster(monkeypatch, ch
     model.choose_batching(image_batch())
     assert (model.batching, model.memory_format) == chosen
     assert model.batching_timings == {"vmap": 150.0, "loop": 100.0, "loop channels_last": channels_last_ms}
+
+
+def test_under_several_processes_every_process_takes_the_path_process_0_chose(monkeypatch):
+    # This process times vmap fastest, process 0 chose the channels-last loop: the broadcast
+    # answer wins, and this process's own timings are still what it logs.
+    from types import SimpleNamespace
+
+    times = {("vmap", "contiguous"): 0.05, ("loop", "contiguous"): 0.10, ("loop", "channels_last"): 0.08}
+
+    def timed_step(self, batch, batching, memory_format="contiguous"):
+        return times[(batching, memory_format)]
+
+    monkeypatch.setattr(MAML, "_timed_step", timed_step)
+    broadcasts = []
+
+    def broadcast(obj, src=0):
+        broadcasts.append((obj, src))
+        return ("loop", "channels_last")  # process 0's choice
+
+    model = MAML(Conv4(hidden=8), inner_lr=0.4)
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(broadcast=broadcast), loggers=[],
+                                     global_step=0)
+    model.choose_batching(image_batch())
+    assert broadcasts == [(("vmap", "contiguous"), 0)]  # its own choice, sent to process 0's decision
+    assert (model.batching, model.memory_format) == ("loop", "channels_last")
+    assert model.batching_timings["vmap"] == 50.0

@@ -432,6 +432,11 @@ class MAML(MetaLearner):
             # the margin the two loops are a coin toss decided by timing noise.
             judged[("loop", "channels_last")] /= 1 - CHANNELS_LAST_MARGIN
         self.batching, self.memory_format = min(judged, key=judged.get)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every process runs the path process 0 timed: they step in lockstep anyway, and a
+            # run should not depend on which process's timing came out ahead.
+            self.batching, self.memory_format = self.trainer.strategy.broadcast(
+                (self.batching, self.memory_format), src=0)
         label = {("vmap", "contiguous"): "vmap", ("loop", "contiguous"): "loop",
                  ("loop", "channels_last"): "loop channels_last"}
         self.batching_timings = {label[c]: 1000 * t for c, t in best.items()}
