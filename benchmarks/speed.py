@@ -15,6 +15,8 @@ Cases (ways-shots-queries, meta-batch B, inner steps):
 - ``sinusoid-fo``: the same, first order;
 - ``conv4-32``: Conv4 with 32 filters and no batch norm, 28x28, 5w1s15q, B=16, 1 step;
 - ``conv4-64-bn``: our ``Conv4`` (64 filters, batch norm), 28x28, 5w1s15q, B=8, 1 step;
+- ``kanji-config``: the training episodes of ``configs/maml_kanji.yaml``: Conv4-64 with batch
+  norm, 28x28, 5w1s1q, B=32, 1 step;
 - ``mini``: mini-ImageNet size, ``Conv4(hidden=32)`` on 84x84x3, 5w5s15q, B=4, 5 steps;
 - ``mini-fo``: the same, first order;
 - ``fit``: ``Trainer.fit`` with the shipped sinusoid config's callbacks (progress bar,
@@ -99,6 +101,9 @@ CASES: Dict[str, Case] = {
     "conv4-32": Case(conv4_without_batch_norm, 16, 1, 0.4, False, image_batch(16, 5, 1, 15, 1, 28), CONV_PATHS),
     "conv4-64-bn": Case(lambda: Conv4(hidden=64, out_features=5), 8, 1, 0.4, False, image_batch(8, 5, 1, 15, 1, 28),
                         CONV_PATHS),
+    # The shipped configs/maml_kanji.yaml's training episodes: one query per class, 32 tasks.
+    "kanji-config": Case(lambda: Conv4(hidden=64, out_features=5), 32, 1, 0.4, False, image_batch(32, 5, 1, 1, 1, 28),
+                         CONV_PATHS),
     "mini": Case(lambda: Conv4(in_channels=3, hidden=32, out_features=5, image_size=84), 4, 5, 0.01, False,
                  image_batch(4, 5, 5, 15, 3, 84), CONV_PATHS),
     "mini-fo": Case(lambda: Conv4(in_channels=3, hidden=32, out_features=5, image_size=84), 4, 5, 0.01, True,
