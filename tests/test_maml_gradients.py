@@ -196,6 +196,9 @@ def test_per_step_rates_use_each_step_then_the_last():
         ({"memory_format": "channels_last", "batching": "vmap"},
          "memory_format='channels_last' applies to batching='loop' (vmap runs the tasks' convolutions as one grouped "
          "convolution, channels-first): pass batching='loop' or 'auto', or memory_format='contiguous'"),
+        ({"memory_format": "channels_last"},
+         "memory_format='channels_last' lays out 4-D (convolution) weights, and MLP has none: it would only force "
+         "the task-by-task loop. Use memory_format='auto' or 'contiguous'"),
     ],
 )
 def test_bad_hyperparameters_raise_before_training(kwargs, message):

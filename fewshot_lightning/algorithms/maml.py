@@ -154,9 +154,15 @@ class MAML(MetaLearner):
         #: Milliseconds of the timed training step on each candidate path, once "auto" has chosen
         #: (``"vmap"``, ``"loop"``, ``"loop channels_last"``); empty if nothing was timed.
         self.batching_timings: Dict[str, float] = {}
+        convolutional = any(p.dim() == 4 for p in backbone.parameters())
         if memory_format == "channels_last":
+            if not convolutional:
+                raise ValueError(
+                    f"memory_format='channels_last' lays out 4-D (convolution) weights, and {type(backbone).__name__} "
+                    "has none: it would only force the task-by-task loop. Use memory_format='auto' or 'contiguous'."
+                )
             self.batching = "loop"
-        elif memory_format == "auto" and (batching == "vmap" or not any(p.dim() == 4 for p in backbone.parameters())):
+        elif memory_format == "auto" and (batching == "vmap" or not convolutional):
             self.memory_format = "contiguous"
         self.inner_lr = InnerLearningRate(
             shapes, inner_lr, inner_steps, per_step=per_step_lr, per_parameter=per_parameter_lr,
