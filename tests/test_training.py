@@ -96,3 +96,33 @@ def test_cpu_training_stops_probing_for_an_absent_gpu_driver_every_step(monkeypa
     trainer.fit(MAML(MLP(1, (8,), 1), inner_lr=0.01, batching="vmap"), data)
     assert trainer.global_step == 20 and loads == []  # 20 optimizer steps, not one probe
     assert not torch.cuda.is_available()  # the answer is unchanged
+
+
+def test_learner_attribute_assignment_keeps_module_semantics_and_skips_checks_for_plain_values(monkeypatch):
+    """``MetaLearner.__setattr__`` stores plain values (Lightning's ``_current_fx_name``, around
+    every hook) without ``nn.Module``'s checks, and leaves parameters, buffers and submodules to
+    ``nn.Module``: registering, replacing and clearing them must work exactly as before."""
+    model = MAML(torch.nn.Linear(2, 3), inner_lr=0.1)
+    calls = []
+    module_setattr = torch.nn.Module.__setattr__
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", lambda self, name, value: (calls.append(name), module_setattr(self, name, value)))
+
+    model._current_fx_name = "training_step"
+    model.some_flag, model.some_count, model.some_rate = True, 3, 0.5
+    assert (model._current_fx_name, model.some_flag, model.some_count, model.some_rate) == ("training_step", True, 3, 0.5)
+    assert calls == [], "plain values should not go through nn.Module.__setattr__"
+
+    model.extra = torch.nn.Parameter(torch.ones(2))  # registered as a parameter
+    assert "extra" in dict(model.named_parameters())
+    model.extra = None  # a parameter set to None stays registered, as None (nn.Module's rule)
+    assert "extra" in model._parameters and model._parameters["extra"] is None and "extra" not in model.__dict__
+    model.register_buffer("counter", torch.zeros(1))
+    model.counter = None  # a buffer cleared, not shadowed by an instance attribute
+    assert "counter" in model._buffers and model._buffers["counter"] is None and "counter" not in model.__dict__
+    model.head = torch.nn.Linear(3, 1)
+    assert "head" in model._modules
+    model.head = None
+    assert model._modules["head"] is None and "head" not in model.__dict__
+    with pytest.raises(TypeError, match="cannot assign 'int' as parameter"):
+        model.extra = 1  # nn.Module's own error: an int on a parameter's name
+    assert calls.count("extra") == 3 and calls.count("counter") == 1 and calls.count("head") == 2

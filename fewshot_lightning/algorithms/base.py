@@ -95,6 +95,10 @@ def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+#: Value types ``MetaLearner.__setattr__`` stores without ``nn.Module``'s checks.
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
 class MetaLearner(L.LightningModule):
     """Shared base: one training step is one batch of tasks.
 
@@ -117,6 +121,21 @@ class MetaLearner(L.LightningModule):
 
     #: Whether evaluation needs autograd (gradient-based adaptation) even under ``inference_mode``.
     needs_grad_at_eval: bool = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module.__setattr__``, with a shortcut for plain values (``str``, numbers, ``None``)
+        under a name that is no parameter, buffer or submodule: stored as on any object, which
+        is all ``nn.Module`` does with them after its checks. Lightning sets
+        ``_current_fx_name`` twice around every hook call, some forty times a training step, and
+        the checks (``isinstance`` against ``Parameter``'s metaclass) made them a fifth of
+        ``Trainer.fit``'s own cost on a sinusoid MAML step (docs/benchmarks.md)."""
+        if type(value) in _PLAIN_TYPES:
+            held = self.__dict__
+            if name not in held.get("_parameters", ()) and name not in held.get("_buffers", ()) \
+                    and name not in held.get("_modules", ()):
+                object.__setattr__(self, name, value)
+                return
+        super().__setattr__(name, value)
 
     def __init__(
         self,
