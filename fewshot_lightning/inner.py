@@ -80,8 +80,9 @@ def functional(
         buffers: buffers to use (default: the module's own).
         batching: ``"vmap"`` runs all tasks as one batched computation: the module's own
             ``forward_tasks(params, x)`` if it has one (a forward written for a batch of tasks,
-            every parameter with a leading task dimension, as :class:`~fewshot_lightning.models.MLP`
-            has), otherwise :func:`torch.func.vmap` of its ``forward``. ``"loop"`` runs the
+            as :class:`~fewshot_lightning.models.MLP` and :class:`~fewshot_lightning.models.Conv4`
+            have: the per-task parameters with a leading task dimension, the shared ones as the
+            module holds them), otherwise :func:`torch.func.vmap` of its ``forward``. ``"loop"`` runs the
             tasks one by one (for modules vmap cannot run, such as batch norm updating running
             statistics). All give the same numbers.
         keyword_params: names in ``params`` that are not module parameters but keyword
@@ -117,13 +118,14 @@ def functional(
 
     if batching == "vmap":
         forward_tasks = getattr(module, "forward_tasks", None)
-        if forward_tasks is not None and not keywords and not dict(module.named_buffers()):
+        if forward_tasks is not None and not keywords and not dict(module.named_buffers()) \
+                and _defined_together(type(module), "forward", "forward_tasks"):
             rest = {n: p for n, p in module.named_parameters() if n not in shared}
 
             def batched(params: Params, x: Tensor) -> Tensor:
-                tasks = x.shape[0]
+                # Shared parameters go in as the module holds them, without a task dimension.
                 others = {n: p for n, p in rest.items() if n not in params}
-                return forward_tasks({**task_params({**shared, **others}, tasks), **params}, x)
+                return forward_tasks({**shared, **others, **params}, x)
 
             return batched
         return vmap(one_task, in_dims=(0, 0), randomness="different")
@@ -148,6 +150,14 @@ def functional(
         ])
 
     return looped_channels_last
+
+
+def _defined_together(cls: type, *names: str) -> bool:
+    """Whether the methods ``names`` of ``cls`` come from the same class of its MRO: a subclass
+    that overrides ``forward`` but not ``forward_tasks`` must not be run by the parent's
+    ``forward_tasks``, which would compute the parent's function."""
+    owners = {next(klass for klass in cls.__mro__ if name in vars(klass)) for name in names}
+    return len(owners) == 1
 
 
 def channels_last(tensor: Tensor) -> Tensor:

@@ -251,6 +251,65 @@ def test_a_modules_own_batched_forward_equals_vmap_of_its_forward_to_second_orde
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
 
+def image_tasks(tasks=3, ways=3, shots=2, queries=2, channels=1, side=28, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    labels = lambda per_class: torch.arange(ways).repeat_interleave(per_class).repeat(tasks, 1)
+    return (torch.rand(tasks, ways * shots, channels, side, side, generator=g), labels(shots),
+            torch.rand(tasks, ways * queries, channels, side, side, generator=g), labels(queries))
+
+
+@pytest.mark.parametrize("adapted", ["all", "head"])
+@pytest.mark.parametrize("variant", [
+    dict(hidden=6, out_features=3),
+    dict(hidden=6, out_features=3, max_pool=False),  # cbfinn/maml's stride-2 Omniglot network
+    dict(in_channels=3, hidden=4, out_features=3, image_size=32),
+])
+def test_conv4_batched_forward_equals_its_forward_task_by_task_to_second_order(variant, adapted, monkeypatch):
+    # Conv4.forward_tasks (grouped convolutions, batch norm over the tasks' channels side by
+    # side) against the module's own forward run task by task (the loop): the same outputs,
+    # two second-order inner steps and meta-gradients, with every parameter adapted (MAML) and
+    # with only the head (ANIL: the features shared, passed without a task dimension).
+    torch.manual_seed(0)
+    model = Conv4(**variant)
+    sx, sy, qx, qy = image_tasks(channels=variant.get("in_channels", 1), side=variant.get("image_size", 28))
+    theta = dict(model.named_parameters())
+    start = {n: p for n, p in theta.items() if adapted == "all" or n.startswith("head.")}
+    fixed = {n: p for n, p in theta.items() if n not in start}
+    calls = []
+    own = Conv4.forward_tasks
+    monkeypatch.setattr(Conv4, "forward_tasks", lambda self, params, x: (calls.append(x.shape[0]), own(self, params, x))[1])
+    results = []
+    for batching in ("vmap", "loop"):
+        forward = functional(model, fixed=fixed, batching=batching)
+        params = adapt(forward, task_params(start, 3), sx, sy, per_task_loss, 2, 0.3)
+        out = forward(params, qx)
+        results.append((out, torch.autograd.grad(per_task_loss(out, qy).mean(), list(theta.values()))))
+    assert calls == [3, 3, 3], "vmap batching should run Conv4.forward_tasks (two inner steps, then the query)"
+    (out, grads), (ref_out, ref_grads) = results
+    assert out.shape == (3, 6, 3)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    scale = torch.cat([g.flatten() for g in ref_grads]).norm()
+    assert scale > 1e-3  # gradients that are not all zero, so the comparison can fail
+    for mine, theirs in zip(grads, ref_grads):
+        assert (mine - theirs).norm() <= 1e-4 * scale
+
+
+def test_a_subclass_that_changes_forward_is_not_run_by_its_parents_batched_forward():
+    # Conv4.forward_tasks computes Conv4's function; a subclass with a forward of its own (and
+    # no forward_tasks) must run its own forward under vmap, as it does in the loop.
+    class Doubled(Conv4):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = Doubled(hidden=4, out_features=3)
+    sx = image_tasks()[0]
+    params = task_params(dict(model.named_parameters()), 3)
+    torch.testing.assert_close(functional(model, batching="vmap")(params, sx), functional(model, batching="loop")(params, sx),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(functional(model, batching="vmap")(params, sx)[0], model(sx[0]), rtol=1e-5, atol=1e-6)
+
+
 def test_modules_without_their_own_batched_forward_run_under_vmap_and_as_a_loop_alike():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))

@@ -1,8 +1,10 @@
 """The four-block convolutional backbone of Matching Networks, MAML and ProtoNets."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import ConvBlock, per_task_call
@@ -70,3 +72,61 @@ class Conv4(nn.Module):
         maps = self.features(x)
         out = maps.flatten(2) if self.max_pool else maps.mean((-2, -1))
         return out if self.head is None else self.head(out)
+
+    def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        """The outputs of every task under its own parameters, ``x`` ``[T, M, C, H, W]`` to
+        ``[T, M, *output_shape]``: the same function as ``forward`` under ``torch.func.vmap``
+        (:func:`~fewshot_lightning.inner.functional` with ``batching="vmap"`` uses it).
+        ``params`` holds every parameter, each either per task, with a leading task dimension
+        ``[T, ...]``, or shared by all tasks, shaped as the module holds it (a layer not
+        adapted, as in ANIL).
+
+        Activations are kept sample-major, ``[M, T * C, H, W]``: a convolution is one grouped
+        convolution (a group per task, its weights ``[T * O, C, 3, 3]``), or, with shared
+        weights, one plain convolution over all ``M * T`` images (the same maps viewed
+        ``[M * T, C, H, W]``); batch norm is one call over ``T * O`` channels with each task's own
+        statistics and its scale and shift passed in (vmap's batching rule applies those apart,
+        as a multiply and an add that keep the normalised maps for the backward: about a third
+        more memory held through a second-order MAML step); pooling and ReLU run on the same
+        4-D tensor, with no transposes between layers. Only batch statistics are supported (the
+        module keeps no running averages, which is when ``functional`` calls this).
+        """
+        if x.dim() != 5:
+            raise ValueError(f"Conv4.forward_tasks expects x of shape [tasks, samples, C, H, W], got {list(x.shape)}.")
+        tasks, samples = x.shape[:2]
+
+        def per_task(name: str) -> Optional[Tensor]:
+            # [T, ...] for a per-task parameter, a shared one expanded to it (a view), or None.
+            value = params.get(name)
+            if value is None or value.dim() > self.get_parameter(name).dim():
+                return value
+            return value.expand(tasks, *value.shape)
+
+        def is_shared(name: str) -> bool:
+            value = params.get(name)
+            return value is None or value.dim() == self.get_parameter(name).dim()
+
+        hidden = x.transpose(0, 1).reshape(samples, tasks * x.shape[2], *x.shape[3:])
+        for index, block in enumerate(self.features):
+            conv, norm = f"features.{index}.0", f"features.{index}.1"
+            if is_shared(f"{conv}.weight") and is_shared(f"{conv}.bias"):
+                images = F.conv2d(hidden.reshape(samples * tasks, -1, *hidden.shape[2:]), params[f"{conv}.weight"],
+                                  params.get(f"{conv}.bias"), stride=block.stride, padding=block.padding)
+                hidden = images.view(samples, -1, *images.shape[2:])
+            else:
+                bias = per_task(f"{conv}.bias")
+                hidden = F.conv2d(hidden, per_task(f"{conv}.weight").flatten(0, 1), None if bias is None else bias.flatten(),
+                                  stride=block.stride, padding=block.padding, groups=tasks)
+            weight, bias = per_task(f"{norm}.weight"), per_task(f"{norm}.bias")
+            hidden = F.batch_norm(hidden, None, None, None if weight is None else weight.flatten(),
+                                  None if bias is None else bias.flatten(), True, 0.0, block[1].eps)
+            if block.pool:
+                hidden = F.max_pool2d(hidden, 2)
+            hidden = torch.relu(hidden)
+        maps = hidden.view(samples, tasks, -1, *hidden.shape[2:])
+        out = (maps.flatten(2) if self.max_pool else maps.mean((-2, -1))).transpose(0, 1)
+        if self.head is None:
+            return out
+        if is_shared("head.weight") and is_shared("head.bias"):
+            return F.linear(out, params["head.weight"], params["head.bias"])
+        return torch.baddbmm(per_task("head.bias").unsqueeze(1), out, per_task("head.weight").transpose(1, 2))

@@ -35,8 +35,9 @@ class MLP(nn.Module):
 
     def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         """The outputs of every task under its own parameters, in one batched matrix product
-        per layer: ``params`` holds every parameter with a leading task dimension ``[T, ...]``,
-        ``x`` is ``[T, M, in_features]``; returns ``[T, M, out_features]``.
+        per layer: ``params`` holds every parameter, per task with a leading task dimension
+        ``[T, ...]`` or shared by all tasks as the module holds it; ``x`` is
+        ``[T, M, in_features]``; returns ``[T, M, out_features]``.
 
         The same function as ``forward`` under ``torch.func.vmap``, in about a twelfth of the
         operations (vmap turns each linear layer into some ten), which is most of a sinusoid
@@ -46,7 +47,12 @@ class MLP(nn.Module):
         layers = [(f"features.{i}", layer) for i, layer in enumerate(self.features)] + [("head", self.head)]
         for name, layer in layers:
             if isinstance(layer, nn.Linear):
-                hidden = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), hidden, params[f"{name}.weight"].transpose(1, 2))
+                weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+                if weight.dim() == 2:  # shared: the same for every task, an expand view
+                    weight = weight.expand(x.shape[0], *weight.shape)
+                if bias.dim() == 1:
+                    bias = bias.expand(x.shape[0], *bias.shape)
+                hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2))
             else:
                 hidden = layer(hidden)
         return hidden
