@@ -258,20 +258,26 @@ def image_tasks(tasks=3, ways=3, shots=2, queries=2, channels=1, side=28, seed=2
             torch.rand(tasks, ways * queries, channels, side, side, generator=g), labels(queries))
 
 
+@pytest.mark.parametrize("groups", ["all tasks", "2+1 tasks", "one task"])
 @pytest.mark.parametrize("adapted", ["all", "head"])
 @pytest.mark.parametrize("variant", [
     dict(hidden=6, out_features=3),
     dict(hidden=6, out_features=3, max_pool=False),  # cbfinn/maml's stride-2 Omniglot network
     dict(in_channels=3, hidden=4, out_features=3, image_size=32),
 ])
-def test_conv4_batched_forward_equals_its_forward_task_by_task_to_second_order(variant, adapted, monkeypatch):
+def test_conv4_batched_forward_equals_its_forward_task_by_task_to_second_order(variant, adapted, groups, monkeypatch):
     # Conv4.forward_tasks (grouped convolutions, batch norm over the tasks' channels side by
     # side) against the module's own forward run task by task (the loop): the same outputs,
     # two second-order inner steps and meta-gradients, with every parameter adapted (MAML) and
-    # with only the head (ANIL: the features shared, passed without a task dimension).
+    # with only the head (ANIL: the features shared, passed without a task dimension), all
+    # three tasks at once or in groups (the CPU's cpu_chunk_bytes: 2 + 1 leaves a short group).
     torch.manual_seed(0)
     model = Conv4(**variant)
     sx, sy, qx, qy = image_tasks(channels=variant.get("in_channels", 1), side=variant.get("image_size", 28))
+    side = variant.get("image_size", 28) // (1 if variant.get("max_pool", True) else 2)
+    per_task = 6 * variant["hidden"] * side * side * 4  # first map's bytes: 6 samples, float32
+    model.cpu_chunk_bytes = {"all tasks": None, "2+1 tasks": 2 * per_task, "one task": 1}[groups]
+    assert model._tasks_per_chunk(sx) == {"all tasks": 3, "2+1 tasks": 2, "one task": 1}[groups]
     theta = dict(model.named_parameters())
     start = {n: p for n, p in theta.items() if adapted == "all" or n.startswith("head.")}
     fixed = {n: p for n, p in theta.items() if n not in start}

@@ -73,6 +73,13 @@ class Conv4(nn.Module):
         out = maps.flatten(2) if self.max_pool else maps.mean((-2, -1))
         return out if self.head is None else self.head(out)
 
+    #: On the CPU, :meth:`forward_tasks` runs the tasks in groups whose first feature map
+    #: (the largest activation) holds at most this many bytes (at least one task a group);
+    #: ``None``: all tasks at once. Smaller groups hold less memory through a second-order
+    #: backward and, on a 2-core CPU, also ran faster than all tasks at once
+    #: (``benchmarks/conv4_task_chunks.py``, docs/benchmarks.md).
+    cpu_chunk_bytes: Optional[int] = 8 * 2**20
+
     def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         """The outputs of every task under its own parameters, ``x`` ``[T, M, C, H, W]`` to
         ``[T, M, *output_shape]``: the same function as ``forward`` under ``torch.func.vmap``
@@ -89,10 +96,30 @@ class Conv4(nn.Module):
         as a multiply and an add that keep the normalised maps for the backward: about a third
         more memory held through a second-order MAML step); pooling and ReLU run on the same
         4-D tensor, with no transposes between layers. Only batch statistics are supported (the
-        module keeps no running averages, which is when ``functional`` calls this).
+        module keeps no running averages, which is when ``functional`` calls this). On the CPU
+        the tasks go through in groups (:attr:`cpu_chunk_bytes`); the numbers are the same.
         """
         if x.dim() != 5:
             raise ValueError(f"Conv4.forward_tasks expects x of shape [tasks, samples, C, H, W], got {list(x.shape)}.")
+        tasks, chunk = x.shape[0], self._tasks_per_chunk(x)
+        if chunk >= tasks:
+            return self._forward_tasks(params, x)
+        own_dims = {name: self.get_parameter(name).dim() for name in params}
+        return torch.cat([
+            self._forward_tasks({name: value[start:start + chunk] if value.dim() > own_dims[name] else value
+                                 for name, value in params.items()}, x[start:start + chunk])
+            for start in range(0, tasks, chunk)
+        ])
+
+    def _tasks_per_chunk(self, x: Tensor) -> int:
+        if x.device.type != "cpu" or self.cpu_chunk_bytes is None:
+            return x.shape[0]
+        first = self.features[0]
+        side = [(size + 2 * first.padding - 3) // first.stride + 1 for size in x.shape[-2:]]
+        per_task = x.shape[1] * first[0].out_channels * side[0] * side[1] * x.element_size()
+        return max(1, self.cpu_chunk_bytes // per_task)
+
+    def _forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         tasks, samples = x.shape[:2]
 
         def per_task(name: str) -> Optional[Tensor]:
