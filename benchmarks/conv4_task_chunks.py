@@ -1,7 +1,8 @@
 """How many tasks ``Conv4.forward_tasks`` should run at once on the CPU: time and tensor peak
 of a second-order MAML meta-iteration on ``batching="vmap"`` for several values of
 ``Conv4.cpu_chunk_bytes`` (the most bytes a group of tasks' first feature map may hold), with
-learn2learn and our channels-last loop on the same module and batches in the same run.
+learn2learn (as ``speed.py`` runs it: on the module, and on a copy that keeps NCHW maps; ratios
+against the faster) and our channels-last loop on the same module and batches in the same run.
 
 Cases are ``benchmarks/speed.py``'s (same model, tasks and batches). Contenders take turns
 round by round, a warm-up iteration before each contender's timed ones, medians; the tensor
@@ -79,7 +80,7 @@ def main() -> None:
             runs[f"ours, vmap, {label}"] = with_budget(budget)
             groups[f"ours, vmap, {label}"] = tasks_per_group(network, batches[0], budget)
         runs["ours, loop channels_last"] = speed.ours(case, network, "loop channels_last")
-        runs["learn2learn"] = speed.learn2learn(case, network)
+        runs.update({name: step for name, step in speed.contenders(case, "cpu").items() if name.startswith("learn2learn")})
         peaks = {}
         for label, step in runs.items():
             step(batches[0])
@@ -92,7 +93,8 @@ def main() -> None:
                 for index in range(args.iterations):
                     step(batches[index % len(batches)])
                 times[label].append((time.perf_counter() - start) / args.iterations * 1000)
-        reference_ms, reference_peak = statistics.median(times["learn2learn"]), peaks["learn2learn"]
+        reference_ms = speed.reference_of({label: statistics.median(values) for label, values in times.items()})
+        reference_peak = speed.reference_of(peaks)
         for label in runs:
             ms = statistics.median(times[label])
             print(f"| {name} | {label} | {groups.get(label, '')} | {ms:.1f} | {reference_ms / ms:.2f}x | "

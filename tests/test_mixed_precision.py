@@ -142,3 +142,20 @@ def test_autocast_does_not_reach_a_convolution_under_vmap_on_the_cpu():
         vmapped = convolve(weights, images)
     assert plain.dtype == torch.bfloat16  # outside vmap autocast applies ...
     assert vmapped.dtype == torch.float32 and torch.equal(vmapped, exact)  # ... inside, the conv stays fp32
+
+
+def test_autocast_reaches_conv4s_convolutions_on_the_batched_path(monkeypatch):
+    # Conv4 batches tasks with its own forward_tasks (no torch.func.vmap), so under bf16-mixed
+    # its convolutions run in bf16 on the CPU too, unlike a backbone run under vmap (above).
+    from fewshot_lightning.inner import functional, task_params
+    from fewshot_lightning.models import Conv4
+
+    dtypes = []
+    convolve = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: (lambda out: (dtypes.append(out.dtype), out)[1])(convolve(*a, **k)))
+    model = Conv4(hidden=4, out_features=3)
+    params = task_params(dict(model.named_parameters()), 2)
+    x = torch.rand(2, 3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = functional(model, batching="vmap")(params, x)
+    assert dtypes == [torch.bfloat16] * 4 and out.dtype == torch.bfloat16

@@ -144,3 +144,24 @@ def test_conv4_computes_the_textbook_network_with_its_gradients_of_gradients():
     # Under vmap (no channels-last there) the same numbers again.
     batched = torch.func.vmap(net)(x.unsqueeze(0).expand(2, *x.shape))
     torch.testing.assert_close(batched[1], ref_out, rtol=0, atol=1e-12)
+
+
+def test_a_block_told_to_keep_the_layout_runs_one_task_nchw_with_the_same_numbers(monkeypatch):
+    # ConvBlock.one_task_channels_last=False keeps a lone task's maps in the layout they came
+    # in (NCHW here): the convolutions see channels-first input, and the outputs are unchanged.
+    torch.manual_seed(0)
+    net = Conv4(in_channels=3, hidden=8, out_features=5, image_size=16)
+    x = torch.randn(6, 3, 16, 16)
+    expected = net(x)
+    layouts = []
+    convolve = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward",
+                        lambda self, inputs, weight, bias: (layouts.append(inputs.is_contiguous()), convolve(
+                            inputs, weight, bias, self.stride, self.padding, self.dilation, self.groups))[1])
+    net(x)
+    assert layouts == [False] * 4  # by default a lone task runs channels-last (not NCHW-contiguous)
+    layouts.clear()
+    for block in net.features:
+        block.one_task_channels_last = False
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
+    assert layouts == [True] * 4

@@ -98,12 +98,19 @@ class ConvBlock(nn.Sequential):
         self.stride = stride
         self.padding = padding
 
+    #: Run a single task's maps channels-last (see ``forward``). Faster on a CPU for a forward
+    #: and a first-order backward; through a second-order backward on 84x84 colour images the
+    #: channels-last batch-norm double backward made a MAML step about twice as slow
+    #: (docs/benchmarks.md, mini-ImageNet rows): set ``False`` on a block, or on the class, to
+    #: keep the layout the maps come in.
+    one_task_channels_last: bool = True
+
     def forward(self, x: Tensor) -> Tensor:
         samples, tasks = x.shape[:2]
         conv, norm, relu = self[0], self[1], self[2]
         images = x.flatten(0, 1)
-        if tasks == 1 and not is_batched(images):
-            # One task (as MAML adapts them): channels-last, where a CPU's batch norm and
+        if tasks == 1 and self.one_task_channels_last and not is_batched(images):
+            # One task (as MAML's loop adapts them): channels-last, where a CPU's batch norm and
             # max-pool run several times faster (vmap cannot take this layout; several tasks
             # need channels next to each other for their per-task statistics).
             images = images.contiguous(memory_format=torch.channels_last)
