@@ -383,3 +383,17 @@ def test_channels_last_loop_gives_the_contiguous_numbers_and_really_runs_channel
     assert scale > 1e-2
     for (name, _), a, b in zip(model.named_parameters(), g_c, g_l):
         assert (a - b).norm() <= 1e-4 * scale, name
+
+
+def test_conv4_task_groups_take_any_positive_budget_and_refuse_others():
+    model = Conv4(hidden=4, out_features=3)
+    x = image_tasks(tasks=5)[0]  # 6 samples of 28x28: a task's first map is 6*4*28*28*4 bytes
+    per_task = 6 * 4 * 28 * 28 * 4
+    model.cpu_chunk_bytes = 2.5 * per_task  # a float budget (8e6 in a config) still gives whole tasks
+    assert model._tasks_per_chunk(x) == 2
+    params = task_params(dict(model.named_parameters()), 5)
+    torch.testing.assert_close(functional(model)(params, x), functional(model, batching="loop")(params, x), rtol=1e-5, atol=1e-6)
+    for bad in (0, -1):
+        model.cpu_chunk_bytes = bad
+        with pytest.raises(ValueError, match="cpu_chunk_bytes must be a positive number of bytes, or None"):
+            model._tasks_per_chunk(x)

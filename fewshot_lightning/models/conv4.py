@@ -114,10 +114,13 @@ class Conv4(nn.Module):
     def _tasks_per_chunk(self, x: Tensor) -> int:
         if x.device.type != "cpu" or self.cpu_chunk_bytes is None:
             return x.shape[0]
+        if not self.cpu_chunk_bytes > 0:
+            raise ValueError(f"Conv4.cpu_chunk_bytes must be a positive number of bytes, or None for all tasks at once; "
+                             f"got {self.cpu_chunk_bytes!r}.")
         first = self.features[0]
         side = [(size + 2 * first.padding - 3) // first.stride + 1 for size in x.shape[-2:]]
         per_task = x.shape[1] * first[0].out_channels * side[0] * side[1] * x.element_size()
-        return max(1, self.cpu_chunk_bytes // per_task)
+        return max(1, int(self.cpu_chunk_bytes // per_task))
 
     def _forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         tasks, samples = x.shape[:2]
