@@ -158,8 +158,7 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False)
     runs = {f"ours, {path}": ours(case, network, path) for path in case.paths}
     try:
         runs["learn2learn"] = learn2learn(case, network)
-        blocks = [module for module in network.modules() if isinstance(module, ConvBlock)]
-        if blocks:
+        if any(isinstance(module, ConvBlock) for module in network.modules()):
             # Our ConvBlock runs a lone task's maps channels-last, and learn2learn adapts one task
             # at a time, so it inherits that choice; on a module that keeps NCHW it can be faster
             # (mini-ImageNet size, second order: twice). The ratios take the faster of the two.

@@ -1,7 +1,7 @@
 """The four-block convolutional backbone of Matching Networks, MAML and ProtoNets."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +102,13 @@ class Conv4(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"Conv4.forward_tasks expects x of shape [tasks, samples, C, H, W], got {list(x.shape)}.")
         tasks, chunk = x.shape[0], self._tasks_per_chunk(x)
+        # A parameter is per task where it has one dimension more than the module's own.
+        per_task = {name for name, own in self.named_parameters() if name in params and params[name].dim() > own.dim()}
         if chunk >= tasks:
-            return self._forward_tasks(params, x)
-        own_dims = {name: self.get_parameter(name).dim() for name in params}
+            return self._forward_tasks(params, per_task, x)
         return torch.cat([
-            self._forward_tasks({name: value[start:start + chunk] if value.dim() > own_dims[name] else value
-                                 for name, value in params.items()}, x[start:start + chunk])
+            self._forward_tasks({name: value[start:start + chunk] if name in per_task else value
+                                 for name, value in params.items()}, per_task, x[start:start + chunk])
             for start in range(0, tasks, chunk)
         ])
 
@@ -122,19 +123,18 @@ class Conv4(nn.Module):
         per_task = x.shape[1] * first[0].out_channels * side[0] * side[1] * x.element_size()
         return max(1, int(self.cpu_chunk_bytes // per_task))
 
-    def _forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+    def _forward_tasks(self, params: Dict[str, Tensor], per_task_names: Set[str], x: Tensor) -> Tensor:
         tasks, samples = x.shape[:2]
 
         def per_task(name: str) -> Optional[Tensor]:
             # [T, ...] for a per-task parameter, a shared one expanded to it (a view), or None.
             value = params.get(name)
-            if value is None or value.dim() > self.get_parameter(name).dim():
+            if value is None or name in per_task_names:
                 return value
             return value.expand(tasks, *value.shape)
 
         def is_shared(name: str) -> bool:
-            value = params.get(name)
-            return value is None or value.dim() == self.get_parameter(name).dim()
+            return name not in per_task_names
 
         hidden = x.transpose(0, 1).reshape(samples, tasks * x.shape[2], *x.shape[3:])
         for index, block in enumerate(self.features):
