@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .models.blocks import keep_layout
+
 Params = Dict[str, Tensor]
 #: ``forward(params, x)``: per-task parameters ``[B, ...]`` and inputs ``[B, M, ...]`` to outputs ``[B, M, ...]``.
 Forward = Callable[[Params, Tensor], Tensor]
@@ -92,8 +94,13 @@ def functional(
             each call unless it is already so strided; convolutions then answer channels-last
             and batch norm and pooling follow. Same numbers to rounding; faster or slower
             depending on the model and device (on a 2-core CPU, Conv4 MAML on 28x28 grey
-            images ran about 1.25x as fast as the NCHW loop, on 84x84x3 images about the same,
-            ``benchmarks/speed.py``). ``"contiguous"`` (default) leaves the tensors as they are.
+            images ran about 1.25x as fast as the NCHW loop, ``benchmarks/speed.py``).
+            ``"contiguous"`` (default) leaves the tensors as they are and runs every layer
+            channels-first: the loop runs inside
+            :func:`~fewshot_lightning.models.blocks.keep_layout`, so a
+            :class:`~fewshot_lightning.models.blocks.ConvBlock` does not switch a lone task to
+            channels-last (which made a second-order step on 84x84 colour images about twice
+            as slow).
     """
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}.")
@@ -134,9 +141,11 @@ def functional(
     # the tasks' gradients, where indexing makes a zero tensor of all tasks' size per task.
     def looped(params: Params, x: Tensor) -> Tensor:
         per_task = {name: p.unbind(0) for name, p in params.items()}
-        return torch.stack([
-            one_task({name: values[i] for name, values in per_task.items()}, inputs) for i, inputs in enumerate(x.unbind(0))
-        ])
+        with keep_layout():
+            return torch.stack([
+                one_task({name: values[i] for name, values in per_task.items()}, inputs)
+                for i, inputs in enumerate(x.unbind(0))
+            ])
 
     if memory_format == "contiguous":
         return looped

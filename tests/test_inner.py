@@ -356,9 +356,9 @@ def test_channels_last_loop_gives_the_contiguous_numbers_and_really_runs_channel
     sx, qx = torch.rand(3, 5, 1, 28, 28, generator=g), torch.rand(3, 10, 1, 28, 28, generator=g)
     sy, qy = torch.arange(5).repeat(3, 1), torch.arange(10).remainder(5).repeat(3, 1)
     layouts = []
-    hook = model.features[0][0].register_forward_hook(
+    hooks = [block[0].register_forward_hook(
         lambda module, inputs, output: layouts.append(output.stride()[1] == 1)  # NHWC: channels vary fastest
-    )
+    ) for block in model.features]
     results = {}
     try:
         for memory_format in ("contiguous", "channels_last"):
@@ -370,9 +370,21 @@ def test_channels_last_loop_gives_the_contiguous_numbers_and_really_runs_channel
             grads = torch.autograd.grad(per_task_loss(outputs, qy).mean(), list(model.parameters()))
             results[memory_format] = (params, outputs, grads, list(layouts))
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     (p_c, o_c, g_c, l_c), (p_l, o_l, g_l, l_l) = results["contiguous"], results["channels_last"]
-    assert not any(l_c) and all(l_l) and len(l_l) == 3 * 3  # 3 tasks x (2 support passes + 1 query)
+    # Every convolution of every block: NCHW throughout in the contiguous loop (a ConvBlock
+    # run on its own switches a lone task to channels-last from its second block on, where
+    # the maps have more than one channel), NHWC throughout in the channels-last one.
+    assert len(l_c) == len(l_l) == 4 * 3 * 3  # 4 blocks x 3 tasks x (2 support passes + 1 query)
+    assert not any(l_c) and all(l_l)
+    plain = []
+    hooks = [block[0].register_forward_hook(lambda module, inputs, output: plain.append(output.stride()[1] == 1))
+             for block in model.features]
+    model(qx[0])  # the module on its own still runs a lone task channels-last after the first block
+    for hook in hooks:
+        hook.remove()
+    assert plain == [False, True, True, True]
     assert o_c.shape == o_l.shape == (3, 10, 5)
     assert torch.allclose(o_c, o_l, atol=1e-4)
     for name in p_c:

@@ -65,8 +65,8 @@ class MAML(MetaLearner):
             the first batch and the fastest of the three paths is kept and logged (channels-last
             only if at least 5% faster than the plain loop, see :meth:`choose_batching`). Same numbers
             to rounding. On a 2-core CPU the channels-last loop ran Conv4 MAML on 28x28 grey
-            images about 1.25x as fast as the NCHW loop, and on 84x84x3 images about as fast
-            (``benchmarks/speed.py``, docs/benchmarks.md).
+            images about 1.25x as fast as the NCHW loop; on 84x84x3 images 1.5x as fast first
+            order, and half as fast second order (``benchmarks/speed.py``, docs/benchmarks.md).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
         multi_step_loss_steps: MAML++'s multi-step loss (Antoniou, Edwards & Storkey, ICLR 2019):
             for this many outer steps the training loss is a weighted sum of the query losses

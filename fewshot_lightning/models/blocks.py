@@ -12,7 +12,9 @@ applies the affine part separately), about 1.5x the backbone's time on a CPU.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +104,16 @@ class ConvBlock(nn.Sequential):
     #: and a first-order backward; through a second-order backward on 84x84 colour images the
     #: channels-last batch-norm double backward made a MAML step about twice as slow
     #: (docs/benchmarks.md, mini-ImageNet rows): set ``False`` on a block, or on the class, to
-    #: keep the layout the maps come in.
+    #: keep the layout the maps come in. Off inside :func:`keep_layout`, which the
+    #: task-by-task loop of :func:`~fewshot_lightning.inner.functional` enters unless told to
+    #: run channels-last, so that MAML's choice of layout (``memory_format``) is the one run.
     one_task_channels_last: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
         samples, tasks = x.shape[:2]
         conv, norm, relu = self[0], self[1], self[2]
         images = x.flatten(0, 1)
-        if tasks == 1 and self.one_task_channels_last and not is_batched(images):
+        if tasks == 1 and self.one_task_channels_last and not _keeping_layout.get() and not is_batched(images):
             # One task (as MAML's loop adapts them): channels-last, where a CPU's batch norm and
             # max-pool run several times faster (vmap cannot take this layout; several tasks
             # need channels next to each other for their per-task statistics).
@@ -125,6 +129,22 @@ class ConvBlock(nn.Sequential):
         """Side of the output map for an input map of side ``side``."""
         side = (side + 2 * self.padding - 3) // self.stride + 1
         return side // 2 if self.pool else side
+
+
+_keeping_layout: ContextVar[bool] = ContextVar("keeping_layout", default=False)
+
+
+@contextmanager
+def keep_layout() -> Iterator[None]:
+    """Within this context a :class:`ConvBlock` runs a lone task in the layout its maps and
+    weights come in, as with ``one_task_channels_last=False`` (channels-first for NCHW
+    weights and images; channels-last where the weights are so strided, since a convolution
+    answers in its weight's layout)."""
+    token = _keeping_layout.set(True)
+    try:
+        yield
+    finally:
+        _keeping_layout.reset(token)
 
 
 def is_batched(x: Tensor) -> bool:
