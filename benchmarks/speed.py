@@ -22,8 +22,8 @@ Cases (ways-shots-queries, meta-batch B, inner steps):
   norm, 28x28, 5w1s1q, B=32, 1 step;
 - ``mini``: mini-ImageNet size, ``Conv4(hidden=32)`` on 84x84x3, 5w5s15q, B=4, 5 steps;
 - ``mini-fo``: the same, first order;
-- ``fit``: ``Trainer.fit`` with the shipped sinusoid config's callbacks (progress bar,
-  TensorBoard logger, checkpointing) against a bare loop over the same ``training_step``;
+- ``fit``: ``fewshot-lightning fit --config configs/maml_sinusoid.yaml`` (every callback of the
+  shipped config and of the CLI) against a bare loop over the same ``training_step``;
 - ``sampling``: see ``benchmarks/sampling_throughput.py`` (run separately).
 
 Peak memory: each (case, contender) also runs alone in a fresh subprocess, and the peak
@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -300,19 +301,25 @@ def measure_memory(case_name: str, names: List[str], device: str, iterations: in
     return result
 
 
-def fit_overhead(steps: int, rounds: int) -> Dict[str, float]:
-    """Milliseconds per training step: Trainer.fit with the shipped sinusoid config's callbacks
-    against a bare loop over the same ``training_step`` and optimizer, steady state (the first
-    ``steps // 5`` steps of each run are excluded)."""
+def fit_overhead(steps: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per training step, one figure per round: ``fewshot-lightning fit --config
+    configs/maml_sinusoid.yaml`` (the CLI exactly as ``main`` builds it, so every callback of
+    the shipped config and of the CLI is in place: progress bar, TensorBoard logger, both
+    checkpoint callbacks, the non-finite guard, the requeue and run-folder callbacks; no
+    validation), ``Trainer.fit`` with no logger, checkpoint or progress bar (Lightning's loop
+    alone), and a bare loop over the same ``training_step`` and optimizer. Steady state: the
+    first ``steps // 5`` steps of each run are excluded. The three take turns round by round."""
     import tempfile
 
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.callbacks import Callback
 
-    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.algorithms.base import MetaLearner
+    from fewshot_lightning.cli import FewShotCLI, RunFolder
+    from fewshot_lightning.data import SinusoidDataModule, TaskDataModule
 
     skip = steps // 5
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml")
 
     class StepClock(Callback):
         def __init__(self) -> None:
@@ -321,21 +328,28 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, float]:
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             self.stamps.append(time.perf_counter())
 
-    def with_trainer(callbacks: bool = True) -> float:
+    def per_step(stamps: List[float]) -> float:
+        return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
+
+    def with_cli() -> float:
+        clock = StepClock()
+        with tempfile.TemporaryDirectory() as logs:
+            FewShotCLI(MetaLearner, TaskDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       auto_configure_optimizers=False, trainer_defaults={"callbacks": [RunFolder(), clock]},
+                       args=["fit", "--config", config, "--trainer.max_steps", str(steps),
+                             "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", logs,
+                             "--trainer.logger.init_args.save_dir", logs, "--data.init_args.train_tasks", str(25 * steps)])
+        return per_step(clock.stamps)
+
+    def loop_alone() -> float:
         L.seed_everything(0, verbose=False)
         model = MAML(MLP(), inner_lr=0.01, batching="vmap")
         data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
         clock = StepClock()
-        with tempfile.TemporaryDirectory() as logs:
-            if callbacks:
-                options = dict(logger=TensorBoardLogger(logs, name="overhead"), callbacks=[
-                    TQDMProgressBar(refresh_rate=50), ModelCheckpoint(dirpath=logs, save_last=True), clock])
-            else:  # Lightning's loop alone: what the callbacks add is the difference
-                options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[clock])
-            trainer = L.Trainer(max_steps=steps, limit_val_batches=0, log_every_n_steps=200,
-                                enable_model_summary=False, **options)
-            trainer.fit(model, data)
-        return (clock.stamps[-1] - clock.stamps[skip]) / (len(clock.stamps) - 1 - skip)
+        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
+        trainer.fit(model, data)
+        return per_step(clock.stamps)
 
     def bare() -> float:
         L.seed_everything(0, verbose=False)
@@ -350,14 +364,14 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, float]:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
+        return per_step(stamps)
 
-    times: Dict[str, List[float]] = {"Trainer.fit": [], "Trainer.fit, no callbacks": [], "bare loop": []}
+    times: Dict[str, List[float]] = {"CLI, shipped config": [], "Trainer.fit, no callbacks": [], "bare loop": []}
     for _ in range(rounds):
-        times["Trainer.fit"].append(with_trainer())
-        times["Trainer.fit, no callbacks"].append(with_trainer(callbacks=False))
+        times["CLI, shipped config"].append(with_cli())
+        times["Trainer.fit, no callbacks"].append(loop_alone())
         times["bare loop"].append(bare())
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def reference_of(values: Dict[str, float]) -> Optional[float]:
@@ -374,6 +388,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="iterations of the first round not timed")
     parser.add_argument("--fit-steps", type=int, default=1000)
+    parser.add_argument("--fit-rounds", type=int, default=5, help="rounds of the fit case (its runs take turns)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true")
@@ -426,13 +441,16 @@ def main() -> None:
         for name, choice in choices.items():
             print(f"- {name}: {choice}")
     if "fit" in args.cases:
-        overhead = fit_overhead(args.fit_steps, args.rounds)
-        ratio = overhead["Trainer.fit"] / overhead["bare loop"]
-        print(f"\nTrainer.fit vs a bare loop, sinusoid MAML, {args.fit_steps} steps (first {args.fit_steps // 5} "
-              f"excluded), median of {args.rounds}: Trainer {1000 * overhead['Trainer.fit']:.2f} ms/step, bare "
-              f"{1000 * overhead['bare loop']:.2f} ms/step, overhead {ratio:.2f}x; Trainer without logger, "
-              f"checkpoint or progress bar {1000 * overhead['Trainer.fit, no callbacks']:.2f} ms/step "
-              f"({overhead['Trainer.fit, no callbacks'] / overhead['bare loop']:.2f}x)")
+        overhead = fit_overhead(args.fit_steps, args.fit_rounds)
+        bare = overhead["bare loop"]
+        print(f"\n`fit --config configs/maml_sinusoid.yaml` against a bare loop over the same training_step, "
+              f"{args.fit_steps} steps (first {args.fit_steps // 5} excluded), {args.fit_rounds} rounds taking turns; "
+              "ms/step, median (min to max), and overhead as the ratio of medians (and of the fastest rounds):")
+        for name, values in overhead.items():
+            ratio = "" if name == "bare loop" else (
+                f": {statistics.median(values) / statistics.median(bare):.2f}x ({min(values) / min(bare):.2f}x)")
+            print(f"- {name}: {1000 * statistics.median(values):.2f} ms ({1000 * min(values):.2f} to "
+                  f"{1000 * max(values):.2f}){ratio}")
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -9,6 +9,7 @@ a guard that stops (or skips) a step with a non-finite loss or gradient
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -73,6 +74,17 @@ class LastCheckpoint(ModelCheckpoint):
         return last_epoch and trainer.fit_loop.epoch_loop.batch_idx + 1 >= trainer.num_training_batches
 
 
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, in a few operations whatever their
+    number: the largest absolute value of each (one ``foreach`` kernel launch for all, where
+    checking each tensor took two operations apiece, 60 us a sinusoid MAML step), which is
+    finite exactly when all its elements are (NaN propagates through the maximum)."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf).isfinite())
+
+
 class NonFiniteGuard(Callback):
     """Stops or skips a training step whose loss or gradients are not finite, so that no run
     ends with NaN weights and exit code 0.
@@ -126,10 +138,7 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         task_losses = getattr(pl_module, "train_task_losses", None)
-        checks = [p.grad.isfinite().all() for p in params]
-        if task_losses is not None:
-            checks.append(task_losses.isfinite().all())
-        finite = bool(torch.stack(checks).all()) if checks else True
+        finite = _all_finite([p.grad for p in params] + ([] if task_losses is None else [task_losses]))
         # One decision for all processes: a process that stepped alone would leave the others' weights.
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
             self.consecutive = 0

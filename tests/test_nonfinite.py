@@ -207,3 +207,22 @@ def test_imaml_divergence_names_its_line_search_which_prevents_it():
         run()
     model, trainer = run(line_search=True)
     assert trainer.global_step == 5 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else():
+    # The guard's one-pass check (the largest absolute value of each tensor) against an
+    # element-by-element isfinite: one bad element anywhere among many tensors is found, and
+    # finite values as large as float32 allows (whose sum would overflow) are not mistaken.
+    from fewshot_lightning.callbacks import _all_finite
+
+    def clean():
+        return [torch.randn(64, 32, 3, 3), torch.randn(5), torch.zeros(0), torch.randn(7, dtype=torch.float16),
+                torch.full((4,), 3e38)]
+
+    assert _all_finite(clean()) and _all_finite([]) and _all_finite([torch.zeros(0)])
+    for index in (0, 1, 3, 4):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            tensors = clean()
+            tensors[index].view(-1)[-1] = bad
+            assert not _all_finite(tensors), (index, bad)
+            assert not all(bool(t.isfinite().all()) for t in tensors)  # the slow check agrees
