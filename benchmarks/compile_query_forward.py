@@ -10,10 +10,12 @@ eager loop on ``benchmarks/speed.py``'s cases and batches, taking turns, medians
 warm-up round. It checks the first step's loss agrees before timing.
 
     python benchmarks/compile_query_forward.py [--cases conv4-64-bn conv4-32 mini-fo] [--iterations 6] [--rounds 4]
+        [--memory-format channels_last]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -26,25 +28,37 @@ from torch.func import functional_call
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import TaskBatch
+from fewshot_lightning.inner import channels_last
+from fewshot_lightning.models.blocks import keep_layout
 
 from maml_step_time import cpu_name
 from speed import CASES, Case
 
 
-def meta_iteration(case: Case, network: torch.nn.Module, compiled: bool) -> Callable[[TaskBatch], torch.Tensor]:
+def meta_iteration(case: Case, network: torch.nn.Module, compiled: bool,
+                   memory_format: str = "contiguous") -> Callable[[TaskBatch], torch.Tensor]:
     model = MAML(copy.deepcopy(network), inner_lr=case.inner_lr, inner_steps=case.steps,
-                 first_order=case.first_order, batching="loop")
+                 first_order=case.first_order, batching="loop", memory_format=memory_format)
     if compiled:
         _, fixed = model._parameter_split()
         backbone, buffers = model.backbone, dict(model.backbone.named_buffers())
 
+        shared = {name: channels_last(p) for name, p in fixed.items()} if memory_format == "channels_last" else fixed
+
         def one_task(params, x):
-            return functional_call(backbone, {**fixed, **buffers, **params}, (x,), strict=False)
+            return functional_call(backbone, {**shared, **buffers, **params}, (x,), strict=False)
 
         query_forward = torch.compile(one_task, dynamic=False)
 
+        # The layout of the eager loop it replaces: NCHW throughout (ConvBlock's switch of a lone
+        # task to channels-last off, as inner.functional's NCHW loop does), or every 4-D
+        # parameter passed channels-last.
+        layout = channels_last if memory_format == "channels_last" else (lambda p: p)
+
         def predict(params, x, batching=None):
-            return torch.stack([query_forward({n: p[i] for n, p in params.items()}, x[i]) for i in range(x.shape[0])])
+            with contextlib.nullcontext() if memory_format == "channels_last" else keep_layout():
+                return torch.stack([query_forward({n: layout(p[i]) for n, p in params.items()}, x[i])
+                                    for i in range(x.shape[0])])
 
         model.predict = predict  # training_outputs: adapt (eager), then predict on the queries
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -59,12 +73,13 @@ def meta_iteration(case: Case, network: torch.nn.Module, compiled: bool) -> Call
     return step
 
 
-def measure(name: str, iterations: int, rounds: int) -> Dict[str, float]:
+def measure(name: str, iterations: int, rounds: int, memory_format: str = "contiguous") -> Dict[str, float]:
     case = CASES[name]
     torch.manual_seed(0)
     network = case.build()
     batches = [case.batch(i, "cpu") for i in range(iterations)]
-    runs = {"eager": meta_iteration(case, network, False), "compiled": meta_iteration(case, network, True)}
+    runs = {"eager": meta_iteration(case, network, False, memory_format),
+            "compiled": meta_iteration(case, network, True, memory_format)}
     start = time.perf_counter()
     first = {label: float(step(batches[0])) for label, step in runs.items()}
     compile_s = time.perf_counter() - start
@@ -89,14 +104,16 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=4, help="the first is warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                        help="the loop's layout, eager and compiled alike (channels_last: auto's path on 28x28 grey images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, torch {torch.__version__}; "
-          f"load average before {os.getloadavg()[0]:.2f}")
+          f"load average before {os.getloadavg()[0]:.2f}; the loop's layout: {args.memory_format}")
     print("| case | eager loop (ms) | compiled query forward (ms) | speedup | first step, compiling (s) |")
     print("|---|---:|---:|---:|---:|")
     for name in args.cases:
-        row = measure(name, args.iterations, args.rounds)
+        row = measure(name, args.iterations, args.rounds, args.memory_format)
         print(f"| {name} | {row['eager_ms']:.1f} | {row['compiled_ms']:.1f} | {row['speedup']:.2f}x | "
               f"{row['first_step_s']:.0f} |", flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
