@@ -226,3 +226,28 @@ def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else():
             tensors[index].view(-1)[-1] = bad
             assert not _all_finite(tensors), (index, bad)
             assert not all(bool(t.isfinite().all()) for t in tensors)  # the slow check agrees
+
+
+def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named():
+    # nn.Embedding(sparse=True) gives a sparse gradient, which isfinite() cannot take: the guard
+    # checks it anyway and, when it holds a NaN, names the parameter.
+    from fewshot_lightning.callbacks import _all_finite
+
+    table = nn.Embedding(10, 3, sparse=True)
+    table(torch.tensor([1, 2])).sum().backward()
+    assert table.weight.grad.layout == torch.sparse_coo and _all_finite([table.weight.grad])
+    table.weight.grad = torch.sparse_coo_tensor(torch.tensor([[4]]), torch.tensor([[1.0, float("nan"), 2.0]]), (10, 3),
+                                                    check_invariants=True)
+    assert not _all_finite([table.weight.grad])
+
+    class Learner(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.table = table
+
+    class FakeTrainer:
+        global_step, current_epoch, world_size = 7, 0, 1
+
+    guard = NonFiniteGuard()
+    message = guard._describe(FakeTrainer(), Learner(), [table.weight], None)
+    assert "Non-finite gradient at" in message and "table.weight" in message

@@ -114,9 +114,10 @@ class ConvBlock(nn.Sequential):
         conv, norm, relu = self[0], self[1], self[2]
         images = x.flatten(0, 1)
         if tasks == 1 and self.one_task_channels_last and not _keeping_layout.get() and not is_batched(images):
-            # One task (as MAML's loop adapts them): channels-last, where a CPU's batch norm and
-            # max-pool run several times faster (vmap cannot take this layout; several tasks
-            # need channels next to each other for their per-task statistics).
+            # One task (a learner fed one task at a time, e.g. a meta-batch of 1): channels-last,
+            # where a CPU's batch norm and max-pool run several times faster (vmap cannot take
+            # this layout; several tasks need channels next to each other for their per-task
+            # statistics). MAML's loops choose their layout themselves (see keep_layout).
             images = images.contiguous(memory_format=torch.channels_last)
         out = norm(conv(images).unflatten(0, (samples, tasks)))
         if self.pool:
