@@ -9,7 +9,8 @@ model built of our ``ConvBlock`` it also runs on a copy that keeps the maps NCHW
 (``one_task_channels_last=False``), and every "vs learn2learn" ratio is taken against the
 faster (or, for memory, the smaller) of its contenders.
 Ours runs on each of its execution paths (``vmap``, ``loop``, and for convolutional models
-``loop channels_last``); below the table, the path ``batching="auto"`` picks on each case, with
+``loop channels_last`` and ``vmap channels_last``: support passes under vmap, query passes in
+the channels-last loop); below the table, the path ``batching="auto"`` picks on each case, with
 the timings it picked by, says which of them a user of the defaults gets.
 
 Cases (ways-shots-queries, meta-batch B, inner steps):
@@ -69,7 +70,7 @@ class Case(NamedTuple):
     inner_lr: float
     first_order: bool
     batch: Callable[[int, str], TaskBatch]  # (seed, device) -> batch
-    paths: tuple  # our execution paths: "vmap", "loop", "loop channels_last"
+    paths: tuple  # our execution paths: "vmap", "vmap channels_last", "loop", "loop channels_last"
 
 
 def sinusoid_batch(tasks: int) -> Callable[[int, str], TaskBatch]:
@@ -99,7 +100,7 @@ def conv4_without_batch_norm(hidden: int = 32, ways: int = 5) -> nn.Module:
 
 
 MLP_PATHS = ("vmap", "loop")
-CONV_PATHS = ("vmap", "loop", "loop channels_last")
+CONV_PATHS = ("vmap", "vmap channels_last", "loop", "loop channels_last")
 CASES: Dict[str, Case] = {
     "sinusoid": Case(MLP, 25, 1, 0.01, False, sinusoid_batch(25), MLP_PATHS),
     "sinusoid-fo": Case(MLP, 25, 1, 0.01, True, sinusoid_batch(25), MLP_PATHS),

@@ -193,12 +193,9 @@ def test_per_step_rates_use_each_step_then_the_last():
         ({"adapt": ["nope."]}, "adapt entry 'nope.' matches no parameter"),
         ({"batching": "threads"}, "batching must be 'auto', 'vmap' or 'loop', got 'threads'"),
         ({"memory_format": "nhwc"}, "memory_format must be 'auto', 'contiguous' or 'channels_last', got 'nhwc'"),
-        ({"memory_format": "channels_last", "batching": "vmap"},
-         "memory_format='channels_last' applies to batching='loop' (vmap runs the tasks' convolutions as one grouped "
-         "convolution, channels-first): pass batching='loop' or 'auto', or memory_format='contiguous'"),
         ({"memory_format": "channels_last"},
-         "memory_format='channels_last' lays out 4-D (convolution) weights, and MLP has none: it would only force "
-         "the task-by-task loop. Use memory_format='auto' or 'contiguous'"),
+         "memory_format='channels_last' lays out 4-D (convolution) weights, and MLP has none: it would change "
+         "nothing. Use memory_format='auto' or 'contiguous'"),
     ],
 )
 def test_bad_hyperparameters_raise_before_training(kwargs, message):
@@ -288,9 +285,9 @@ def image_batch(tasks=2, ways=5, queries=3, seed=0):
                      torch.arange(ways * queries).remainder(ways).repeat(tasks, 1))
 
 
-def test_auto_times_the_channels_last_loop_for_a_convolutional_model_and_keeps_its_numbers(caplog):
-    # A model with 4-D weights has three candidate paths; the choice is made once, logged with
-    # the three timings, and whichever wins gives the numbers of the contiguous loop.
+def test_auto_times_the_channels_last_paths_for_a_convolutional_model_and_keeps_its_numbers(caplog):
+    # A model with 4-D weights has four candidate paths; the choice is made once, logged with
+    # the four timings, and whichever wins gives the numbers of the contiguous loop.
     torch.manual_seed(0)
     model = MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4)
     assert model.batching is None and model.memory_format is None  # undecided until a batch comes
@@ -304,8 +301,9 @@ def test_auto_times_the_channels_last_loop_for_a_convolutional_model_and_keeps_i
         lightning_logger.removeHandler(caplog.handler)
     message = " ".join(record.getMessage() for record in caplog.records)
     assert chosen == model.batching and (model.batching, model.memory_format) in (
-        ("vmap", "contiguous"), ("loop", "contiguous"), ("loop", "channels_last"))
-    for path in ("vmap", "loop", "loop channels_last"):
+        ("vmap", "contiguous"), ("vmap", "channels_last"), ("loop", "contiguous"), ("loop", "channels_last"))
+    assert list(model.batching_timings) == ["vmap", "vmap channels_last", "loop", "loop channels_last"]
+    for path in model.batching_timings:
         assert f"{path} " in message and " ms" in message
     reference = MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4, batching="loop", memory_format="contiguous")
     reference.load_state_dict(model.state_dict())
@@ -319,10 +317,15 @@ def test_auto_times_the_channels_last_loop_for_a_convolutional_model_and_keeps_i
 
 def test_memory_format_needs_no_choice_where_it_cannot_matter():
     assert MAML(MLP()).memory_format == "contiguous"  # no 4-D weight: nothing to lay out
-    assert MAML(Conv4(hidden=8), batching="vmap").memory_format == "contiguous"  # vmap: channels-first only
+    # vmap fixed, layout left to "auto": channels-first, as vmap's own batched forward is.
+    assert MAML(Conv4(hidden=8), batching="vmap").memory_format == "contiguous"
+    both = MAML(Conv4(hidden=8), batching="vmap", memory_format="channels_last")
+    assert both.choose_batching(image_batch()) == "vmap" and both.batching_timings == {}  # nothing left to time
     fixed = MAML(Conv4(hidden=8), memory_format="channels_last")  # batching="auto" left to its default
-    assert (fixed.batching, fixed.memory_format) == ("loop", "channels_last")
-    assert fixed.choose_batching(image_batch()) == "loop"  # nothing left to time
+    assert (fixed.batching, fixed.memory_format) == (None, "channels_last")
+    assert fixed.choose_batching(image_batch()) in ("vmap", "loop")
+    assert list(fixed.batching_timings) == ["vmap channels_last", "loop channels_last"]  # only those agreeing with it
+    assert fixed.memory_format == "channels_last"
 
 
 def test_a_resumed_run_keeps_the_chosen_memory_format():
@@ -343,16 +346,20 @@ def test_a_resumed_run_keeps_the_chosen_memory_format():
     assert (resumed.batching, resumed.memory_format) == ("loop", "contiguous")
 
 
-@pytest.mark.parametrize("channels_last_ms, chosen", [(97.0, ("loop", "contiguous")), (90.0, ("loop", "channels_last")),
-                                                      (60.0, ("loop", "channels_last"))])
-def test_auto_takes_channels_last_only_when_it_is_clearly_faster(monkeypatch, channels_last_ms, chosen):
+@pytest.mark.parametrize("channels_last_ms, vmap_channels_last_ms, chosen", [
+    (97.0, 200.0, ("loop", "contiguous")), (90.0, 200.0, ("loop", "channels_last")),
+    (60.0, 200.0, ("loop", "channels_last")), (60.0, 50.0, ("vmap", "channels_last")),
+    (200.0, 97.0, ("loop", "contiguous"))])
+def test_auto_takes_channels_last_only_when_it_is_clearly_faster(monkeypatch, channels_last_ms, vmap_channels_last_ms,
+                                                                 chosen):
     # Timings fixed by hand (vmap 150 ms, NCHW loop 100 ms): 3% faster is a near tie that timing
-    # noise decides, so the module's own layout stays; 10% and 40% faster switch.
+    # noise decides, so the module's own layout stays; 10% and 40% faster switch; the fastest
+    # channels-last path wins, whichever batching it has.
     from fewshot_lightning.algorithms import maml
 
     assert maml.CHANNELS_LAST_MARGIN == 0.05
     times = {("vmap", "contiguous"): 0.150, ("loop", "contiguous"): 0.100,
-             ("loop", "channels_last"): channels_last_ms / 1000}
+             ("loop", "channels_last"): channels_last_ms / 1000, ("vmap", "channels_last"): vmap_channels_last_ms / 1000}
 
     def timed_step(self, batch, batching, memory_format="contiguous"):
         return times[(batching, memory_format)]
@@ -361,7 +368,8 @@ def test_auto_takes_channels_last_only_when_it_is_clearly_faster(monkeypatch, ch
     model = MAML(Conv4(hidden=8), inner_lr=0.4)
     model.choose_batching(image_batch())
     assert (model.batching, model.memory_format) == chosen
-    assert model.batching_timings == {"vmap": 150.0, "loop": 100.0, "loop channels_last": channels_last_ms}
+    assert model.batching_timings == {"vmap": 150.0, "vmap channels_last": vmap_channels_last_ms, "loop": 100.0,
+                                      "loop channels_last": channels_last_ms}
 
 
 def test_under_several_processes_every_process_takes_the_path_process_0_chose(monkeypatch):
@@ -369,7 +377,8 @@ def test_under_several_processes_every_process_takes_the_path_process_0_chose(mo
     # answer wins, and this process's own timings are still what it logs.
     from types import SimpleNamespace
 
-    times = {("vmap", "contiguous"): 0.05, ("loop", "contiguous"): 0.10, ("loop", "channels_last"): 0.08}
+    times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
+             ("loop", "channels_last"): 0.08}
 
     def timed_step(self, batch, batching, memory_format="contiguous"):
         return times[(batching, memory_format)]
@@ -388,3 +397,35 @@ def test_under_several_processes_every_process_takes_the_path_process_0_chose(mo
     assert broadcasts == [(("vmap", "contiguous"), 0)]  # its own choice, sent to process 0's decision
     assert (model.batching, model.memory_format) == ("loop", "channels_last")
     assert model.batching_timings["vmap"] == 50.0
+
+
+@pytest.mark.parametrize("learner", [MAML, ANIL, MetaSGD])
+def test_vmap_channels_last_adapts_under_vmap_and_runs_the_queries_channels_last_with_the_loops_numbers(learner):
+    # batching="vmap" with memory_format="channels_last": the support passes go through Conv4's
+    # batched forward (which calls no block module), the query passes task by task through the
+    # blocks, channels-last; loss and meta-gradient are the NCHW loop's to rounding, for MAML,
+    # ANIL (shared features) and Meta-SGD (learned rates), two inner steps, second order.
+    torch.manual_seed(0)
+    batch = image_batch()
+    models = {memory_format: learner(Conv4(hidden=8, out_features=5), inner_lr=0.4, inner_steps=2,
+                                     batching="vmap" if memory_format == "channels_last" else "loop",
+                                     memory_format=memory_format)
+              for memory_format in ("contiguous", "channels_last")}
+    models["channels_last"].load_state_dict(models["contiguous"].state_dict())
+    hybrid = models["channels_last"]
+    layouts = []
+    hooks = [block[0].register_forward_hook(lambda module, inputs, output: layouts.append(output.stride()[1] == 1))
+             for block in hybrid.backbone.features]
+    try:
+        loss, grads = our_meta_gradient(hybrid, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert (hybrid.batching, hybrid.memory_format) == ("vmap", "channels_last")
+    assert len(layouts) == 4 * batch.num_tasks and all(layouts)  # the query passes only: one a task, NHWC
+    reference_loss, reference_grads = our_meta_gradient(models["contiguous"], batch)
+    assert torch.allclose(loss, reference_loss, rtol=1e-5)
+    scale = torch.cat([g.flatten() for g in reference_grads]).norm()
+    assert scale > 1e-3
+    for a, b in zip(grads, reference_grads):
+        assert (a - b).norm() <= 1e-4 * scale

@@ -19,8 +19,8 @@ from ..metrics import MeanConfidenceInterval
 from .base import MetaLearner, per_task_loss
 
 
-#: How much faster than the NCHW loop the channels-last loop must time to be chosen by "auto"
-#: (a relative margin: on 84x84 colour images the two were within a few percent either way).
+#: How much faster than the channels-first paths a channels-last path must time to be chosen
+#: by "auto" (a relative margin, so that timing noise does not decide a near tie).
 CHANNELS_LAST_MARGIN = 0.05
 
 
@@ -58,15 +58,17 @@ class MAML(MetaLearner):
             warning if the model cannot run under it, e.g. batch norm updating running
             statistics), time one training step of each, keep the faster for the whole run and
             log both timings.
-        memory_format: layout of the convolution weights under the loop: ``"contiguous"`` (as
-            the module holds them), ``"channels_last"`` (every 4-D weight passed NHWC, so
-            convolutions, batch norm and pooling run channels-last; loop only), or ``"auto"``
-            (default): for a model with 4-D weights, the loop is timed both ways beside vmap on
-            the first batch and the fastest of the three paths is kept and logged (channels-last
-            only if at least 5% faster than the plain loop, see :meth:`choose_batching`). Same numbers
-            to rounding. On a 2-core CPU the channels-last loop ran Conv4 MAML on 28x28 grey
-            images about 1.25x as fast as the NCHW loop; on 84x84x3 images 1.5x as fast first
-            order, and half as fast second order (``benchmarks/speed.py``, docs/benchmarks.md).
+        memory_format: layout of the task-by-task passes: ``"contiguous"`` (NCHW throughout),
+            ``"channels_last"`` (every 4-D weight passed NHWC, so convolutions, batch norm and
+            pooling run channels-last; with ``batching="vmap"`` the support passes run under
+            vmap, channels-first, and the query passes task by task, channels-last, see
+            :meth:`execution`), or ``"auto"`` (default): for a model with 4-D weights, each
+            batching is timed both ways on the first batch and the fastest of the four paths is
+            kept and logged (a channels-last one only if at least 5% faster than the
+            channels-first ones, see :meth:`choose_batching`). Same numbers to rounding. On a
+            2-core CPU the channels-last loop ran Conv4 MAML on 28x28 grey images about 1.25x as
+            fast as the NCHW loop; on 84x84x3 images 1.5x as fast first order, and half as fast
+            second order (``benchmarks/speed.py``, docs/benchmarks.md).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
         multi_step_loss_steps: MAML++'s multi-step loss (Antoniou, Edwards & Storkey, ICLR 2019):
             for this many outer steps the training loss is a weighted sum of the query losses
@@ -124,11 +126,6 @@ class MAML(MetaLearner):
             raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}.")
         if memory_format not in ("auto",) + MEMORY_FORMATS:
             raise ValueError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}.")
-        if memory_format == "channels_last" and batching == "vmap":
-            raise ValueError(
-                "memory_format='channels_last' applies to batching='loop' (vmap runs the tasks' convolutions as one "
-                "grouped convolution, channels-first): pass batching='loop' or 'auto', or memory_format='contiguous'."
-            )
         if multi_step_loss_steps < 0:
             raise ValueError(f"multi_step_loss_steps must be 0 (off) or more, got {multi_step_loss_steps}.")
         if first_order_steps < 0:
@@ -148,21 +145,22 @@ class MAML(MetaLearner):
         self.adapt_names = list(shapes)
         #: The batching in use: fixed by the constructor, or by the first batch under "auto".
         self.batching = None if batching == "auto" else batching
-        #: The loop's weight layout: fixed by the constructor, or by the first batch under "auto"
-        #: ("contiguous" at once for a model without 4-D weights, or when vmap is fixed).
+        #: The layout of the task-by-task passes: fixed by the constructor, or by the first batch
+        #: under "auto" ("contiguous" at once for a model without 4-D weights, or when vmap is
+        #: fixed with memory_format "auto").
         self.memory_format = None if memory_format == "auto" else memory_format
         #: Milliseconds of the timed training step on each candidate path, once "auto" has chosen
-        #: (``"vmap"``, ``"loop"``, ``"loop channels_last"``); empty if nothing was timed.
+        #: (``"vmap"``, ``"vmap channels_last"``, ``"loop"``, ``"loop channels_last"``); empty if
+        #: nothing was timed.
         self.batching_timings: Dict[str, float] = {}
-        convolutional = any(p.dim() == 4 for p in backbone.parameters())
-        if memory_format == "channels_last":
-            if not convolutional:
-                raise ValueError(
-                    f"memory_format='channels_last' lays out 4-D (convolution) weights, and {type(backbone).__name__} "
-                    "has none: it would only force the task-by-task loop. Use memory_format='auto' or 'contiguous'."
-                )
-            self.batching = "loop"
-        elif memory_format == "auto" and (batching == "vmap" or not convolutional):
+        #: Whether the backbone has 4-D (convolution) weights, for which the layout is a choice.
+        self.convolutional = any(p.dim() == 4 for p in backbone.parameters())
+        if memory_format == "channels_last" and not self.convolutional:
+            raise ValueError(
+                f"memory_format='channels_last' lays out 4-D (convolution) weights, and {type(backbone).__name__} "
+                "has none: it would change nothing. Use memory_format='auto' or 'contiguous'."
+            )
+        if memory_format == "auto" and (batching == "vmap" or not self.convolutional):
             self.memory_format = "contiguous"
         self.inner_lr = InnerLearningRate(
             shapes, inner_lr, inner_steps, per_step=per_step_lr, per_parameter=per_parameter_lr,
@@ -184,7 +182,7 @@ class MAML(MetaLearner):
         (4-D ones copied channels-last first when that layout is in use, so every step's
         parameters inherit it)."""
         start = self._parameter_split()[0]
-        if self.memory_format == "channels_last":
+        if self.execution() == ("loop", "channels_last"):
             start = {name: channels_last(p) for name, p in start.items()}
         return task_params(start, tasks, detach)
 
@@ -199,12 +197,20 @@ class MAML(MetaLearner):
             )
         return self._functionals[key]
 
-    def execution(self, batching: Optional[str] = None, memory_format: Optional[str] = None) -> Tuple[str, str]:
-        """(batching, memory format) of a forward: the ones given, else the ones chosen, else
-        vmap (the loop where channels-last is fixed) and contiguous."""
+    def execution(self, batching: Optional[str] = None, memory_format: Optional[str] = None,
+                  query: bool = False) -> Tuple[str, str]:
+        """(batching, memory format) of a forward, as :func:`~fewshot_lightning.inner.functional`
+        takes them: the ones given, else the ones chosen, else vmap and contiguous.
+
+        The chosen pair ``("vmap", "channels_last")`` runs the support passes (adaptation) with
+        vmap, channels-first, and the query passes (``query=True``) task by task, channels-last:
+        the tasks' small support sets batched into larger kernels, their larger query sets in the
+        layout where a CPU's batch norm and pooling are fastest."""
         batching = batching or self.batching or "vmap"
         if memory_format is None:
-            memory_format = (self.memory_format if batching == "loop" else None) or "contiguous"
+            memory_format = (self.memory_format if batching in ("loop", self.batching) else None) or "contiguous"
+        if batching == "vmap" and memory_format == "channels_last":
+            return ("loop", "channels_last") if query else ("vmap", "contiguous")
         return batching, memory_format
 
     def _parameter_split(self) -> Tuple[Params, Params]:
@@ -273,8 +279,9 @@ class MAML(MetaLearner):
         return params
 
     def predict(self, params: Params, x: Tensor, batching: Optional[str] = None) -> Tensor:
-        """Backbone outputs on ``x`` ``[B, M, ...]`` under per-task ``params``."""
-        return self.functional(batching)(params, x)
+        """Backbone outputs on ``x`` ``[B, M, ...]`` under per-task ``params`` (the query passes:
+        see :meth:`execution`)."""
+        return self.functional(*self.execution(batching, query=True))(params, x)
 
     # -- training and evaluation --------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -391,29 +398,33 @@ class MAML(MetaLearner):
 
     def choose_batching(self, batch: TaskBatch) -> str:
         """With ``batching="auto"`` (or ``memory_format="auto"``), decide once, on this batch, how
-        the tasks run: vmap, the loop, or the loop with channels-last weights (for models with
-        4-D weights).
+        the tasks run: vmap, the loop, and for models with 4-D weights also the loop with
+        channels-last weights and vmap for the support passes with the query passes in the
+        channels-last loop (``"vmap channels_last"``, see :meth:`execution`); a fixed
+        ``batching`` or ``memory_format`` keeps only the paths that agree with it.
 
         vmap must first run the model at all; then one full training step (adaptation, query
         loss, meta-gradient) is timed on each candidate path, twice, and the fastest (by its
-        better time) is kept for the rest of the run; the channels-last loop must beat the NCHW
-        loop by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing noise
-        decides, keeps the layout the module has. All paths give the same numbers to
+        better time) is kept for the rest of the run; a channels-last path must beat the
+        channels-first ones by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing
+        noise decides, keeps the layout the module has. All paths give the same numbers to
         rounding, so the choice only changes speed. The decision and every timing are logged.
         """
         if self.batching is not None and self.memory_format is not None:
             return self.batching
-        candidates: List[Tuple[str, str]] = []
-        if self.batching in (None, "vmap"):
-            candidates.append(("vmap", "contiguous"))
-        if self.batching in (None, "loop"):
-            formats = [self.memory_format] if self.memory_format is not None else list(MEMORY_FORMATS)
-            candidates += [("loop", memory_format) for memory_format in formats]
+        formats = [self.memory_format] if self.memory_format is not None else list(MEMORY_FORMATS)
+        candidates: List[Tuple[str, str]] = [
+            (batching, memory_format)
+            for batching in (BATCHING if self.batching is None else (self.batching,))
+            for memory_format in formats
+            if memory_format == "contiguous" or self.convolutional
+        ]
+        candidates.sort(key=lambda candidate: candidate[0] != "vmap")  # vmap's first, to try it
         timings: Dict[Tuple[str, str], List[float]] = {}
         with torch.inference_mode(False), torch.enable_grad():
             if batch.support_x.is_inference():
                 batch = TaskBatch(*(t.clone() for t in batch))
-            if candidates[0][0] == "vmap" and len(candidates) > 1:
+            if candidates[0][0] == "vmap" and any(batching == "loop" for batching, _ in candidates):
                 try:
                     self._timed_step(batch, *candidates[0])
                 except (RuntimeError, ValueError) as error:
@@ -422,7 +433,7 @@ class MAML(MetaLearner):
                         "one by one instead. Pass batching='loop' to skip this attempt.",
                         stacklevel=2,
                     )
-                    candidates = candidates[1:]
+                    candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
             if len(candidates) > 1:
                 timings = {candidate: [] for candidate in candidates}
                 for _ in range(2):
@@ -433,19 +444,19 @@ class MAML(MetaLearner):
             return self.batching
         best = {candidate: min(times) for candidate, times in timings.items()}
         judged = dict(best)
-        if ("loop", "contiguous") in judged and ("loop", "channels_last") in judged:
+        if any(memory_format == "contiguous" for _, memory_format in judged):
             # The copy of the weights into the other layout must pay for itself clearly: within
-            # the margin the two loops are a coin toss decided by timing noise.
-            judged[("loop", "channels_last")] /= 1 - CHANNELS_LAST_MARGIN
+            # the margin the two layouts are a coin toss decided by timing noise.
+            for candidate in judged:
+                if candidate[1] == "channels_last":
+                    judged[candidate] /= 1 - CHANNELS_LAST_MARGIN
         self.batching, self.memory_format = min(judged, key=judged.get)
         if self._trainer is not None and self.trainer.world_size > 1:
             # Every process runs the path process 0 timed: they step in lockstep anyway, and a
             # run should not depend on which process's timing came out ahead.
             self.batching, self.memory_format = self.trainer.strategy.broadcast(
                 (self.batching, self.memory_format), src=0)
-        label = {("vmap", "contiguous"): "vmap", ("loop", "contiguous"): "loop",
-                 ("loop", "channels_last"): "loop channels_last"}
-        self.batching_timings = {label[c]: 1000 * t for c, t in best.items()}
+        self.batching_timings = {path_name(*c): 1000 * t for c, t in best.items()}
         chosen = repr(self.batching) + (" with memory_format='channels_last'" if self.memory_format == "channels_last" else "")
         rank_zero_info(
             f"{type(self).__name__}: batching='auto' chose {chosen} (one training step of {batch.num_tasks} tasks: "
@@ -459,8 +470,8 @@ class MAML(MetaLearner):
         return self.batching
 
     def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous") -> float:
-        chosen = self.memory_format
-        self.memory_format = memory_format  # read by functional() through training_losses
+        chosen = self.batching, self.memory_format
+        self.batching, self.memory_format = batching, memory_format  # read by execution() through training_losses
         try:
             start = time.perf_counter()
             loss = self.training_losses(batch, batching)[0].mean()
@@ -468,7 +479,13 @@ class MAML(MetaLearner):
             torch.autograd.grad(loss, trainable, allow_unused=True)
             return time.perf_counter() - start
         finally:
-            self.memory_format = chosen
+            self.batching, self.memory_format = chosen
+
+
+def path_name(batching: str, memory_format: str) -> str:
+    """How logs and :attr:`MAML.batching_timings` name an execution path: ``"vmap"``,
+    ``"loop"``, ``"loop channels_last"`` or ``"vmap channels_last"``."""
+    return batching + (" channels_last" if memory_format == "channels_last" else "")
 
 
 class ANIL(MAML):
