@@ -429,3 +429,32 @@ def test_vmap_channels_last_adapts_under_vmap_and_runs_the_queries_channels_last
     assert scale > 1e-3
     for a, b in zip(grads, reference_grads):
         assert (a - b).norm() <= 1e-4 * scale
+
+
+def test_a_choice_made_on_the_sanity_check_is_made_again_on_the_first_training_batch(monkeypatch):
+    # fit's sanity check evaluates before any training batch: a choice timed on a validation
+    # episode (here 4 queries a class, where training has 1) holds for the sanity check only;
+    # at the start of training "auto" comes back and the first training batch decides, once.
+    from types import SimpleNamespace
+
+    timed_on = []
+    times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
+             ("loop", "channels_last"): 0.08}
+
+    def timed_step(self, batch, batching, memory_format="contiguous"):
+        timed_on.append(batch.query_x.shape[1])
+        return times[(batching, memory_format)]
+
+    monkeypatch.setattr(MAML, "_timed_step", timed_step)
+    model = MAML(Conv4(hidden=8), inner_lr=0.4)
+    model._trainer = SimpleNamespace(sanity_checking=True, world_size=1, loggers=[], global_step=0)
+    assert model.choose_batching(image_batch(queries=4)) == "vmap"
+    assert set(timed_on) == {20}  # 5 ways x 4 queries
+    model._trainer.sanity_checking = False
+    model.on_train_start()
+    assert (model.batching, model.memory_format) == (None, None)  # "auto" again
+    times[("loop", "channels_last")] = 0.01  # on training episodes another path is faster
+    assert model.choose_batching(image_batch(queries=1)) == "loop"
+    assert model.memory_format == "channels_last" and set(timed_on) == {20, 5}
+    model.on_train_start()  # a later start (a second fit) keeps a choice made in training
+    assert (model.batching, model.memory_format) == ("loop", "channels_last")

@@ -167,6 +167,10 @@ class MAML(MetaLearner):
             learnable=learn_inner_lr,
         )
         self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
+        #: (batching, memory format) as they were before a choice made on a validation batch of
+        #: fit's sanity check, put back at the start of training so that the choice is made
+        #: again on a training batch; ``None`` otherwise.
+        self._provisional_choice: Optional[Tuple[Optional[str], Optional[str]]] = None
         self._split: Optional[Tuple[Params, Params]] = None
         self._functionals: Dict[str, Forward] = {}
 
@@ -412,6 +416,7 @@ class MAML(MetaLearner):
         """
         if self.batching is not None and self.memory_format is not None:
             return self.batching
+        undecided = self.batching, self.memory_format
         formats = [self.memory_format] if self.memory_format is not None else list(MEMORY_FORMATS)
         candidates: List[Tuple[str, str]] = [
             (batching, memory_format)
@@ -458,9 +463,15 @@ class MAML(MetaLearner):
                 (self.batching, self.memory_format), src=0)
         self.batching_timings = {path_name(*c): 1000 * t for c, t in best.items()}
         chosen = repr(self.batching) + (" with memory_format='channels_last'" if self.memory_format == "channels_last" else "")
+        sanity_check = self._trainer is not None and bool(getattr(self.trainer, "sanity_checking", False))
+        if sanity_check:
+            # A validation episode (often more queries than a training one) decides only until
+            # training starts: on_train_start puts "auto" back for the first training batch.
+            self._provisional_choice = undecided
         rank_zero_info(
             f"{type(self).__name__}: batching='auto' chose {chosen} (one training step of {batch.num_tasks} tasks: "
-            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")."
+            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")"
+            + (" for the sanity check; training decides again on its first batch." if sanity_check else ".")
         )
         for logger in self.loggers:
             logger.log_metrics(
@@ -468,6 +479,12 @@ class MAML(MetaLearner):
                 step=self.global_step if self._trainer is not None else 0,
             )
         return self.batching
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._provisional_choice is not None:
+            self.batching, self.memory_format = self._provisional_choice
+            self._provisional_choice = None
 
     def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous") -> float:
         chosen = self.batching, self.memory_format
