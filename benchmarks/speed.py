@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_lightning.algorithms import MAML
+from fewshot_lightning.algorithms.maml import path_name
 from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import SinusoidTasks, TaskBatch
 from fewshot_lightning.models import MLP, Conv4
@@ -198,7 +199,7 @@ def auto_choice(case: Case, device: str) -> str:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-    path = model.batching + (" channels_last" if model.memory_format == "channels_last" else "")
+    path = path_name(model.batching, model.memory_format)
     timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in model.batching_timings.items())
     return f"{path}" + (f" (its timed step: {timings})" if timings else "")
 

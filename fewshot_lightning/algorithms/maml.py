@@ -423,8 +423,7 @@ class MAML(MetaLearner):
             for batching in (BATCHING if self.batching is None else (self.batching,))
             for memory_format in formats
             if memory_format == "contiguous" or self.convolutional
-        ]
-        candidates.sort(key=lambda candidate: candidate[0] != "vmap")  # vmap's first, to try it
+        ]  # vmap's first (BATCHING's order), to try it before timing
         timings: Dict[Tuple[str, str], List[float]] = {}
         with torch.inference_mode(False), torch.enable_grad():
             if batch.support_x.is_inference():
