@@ -431,15 +431,16 @@ def test_vmap_channels_last_adapts_under_vmap_and_runs_the_queries_channels_last
         assert (a - b).norm() <= 1e-4 * scale
 
 
-def test_a_choice_made_on_the_sanity_check_is_made_again_on_the_first_training_batch(monkeypatch):
-    # fit's sanity check evaluates before any training batch: a choice timed on a validation
-    # episode (here 4 queries a class, where training has 1) holds for the sanity check only;
-    # at the start of training "auto" comes back and the first training batch decides, once.
+def test_the_sanity_check_times_nothing_and_the_first_training_batch_decides(monkeypatch):
+    # fit's sanity check evaluates before any training batch, on validation episodes (here 4
+    # queries a class, where training has 1). Timing every path there cost as much again as the
+    # real choice; it runs the loop in the module's layout untimed, and at the start of training
+    # "auto" comes back and the first training batch decides, once.
     from types import SimpleNamespace
 
     timed_on = []
     times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
-             ("loop", "channels_last"): 0.08}
+             ("loop", "channels_last"): 0.01}
 
     def timed_step(self, batch, batching, memory_format="contiguous"):
         timed_on.append(batch.query_x.shape[1])
@@ -447,14 +448,35 @@ def test_a_choice_made_on_the_sanity_check_is_made_again_on_the_first_training_b
 
     monkeypatch.setattr(MAML, "_timed_step", timed_step)
     model = MAML(Conv4(hidden=8), inner_lr=0.4)
-    model._trainer = SimpleNamespace(sanity_checking=True, world_size=1, loggers=[], global_step=0)
-    assert model.choose_batching(image_batch(queries=4)) == "vmap"
-    assert set(timed_on) == {20}  # 5 ways x 4 queries
+    model._trainer = SimpleNamespace(sanity_checking=True, world_size=1, loggers=[], global_step=0,
+                                     precision_plugin=None)
+    batch = image_batch(queries=4)
+    assert model.choose_batching(batch) == "loop" and timed_on == []
+    assert model.execution() == ("loop", "contiguous") and model.batching_timings == {}
+    with torch.no_grad():  # the sanity check's evaluation runs on that path
+        outputs = model.evaluation_outputs(batch, "val")
+    assert outputs.shape == (2, 20, 5)
     model._trainer.sanity_checking = False
     model.on_train_start()
     assert (model.batching, model.memory_format) == (None, None)  # "auto" again
-    times[("loop", "channels_last")] = 0.01  # on training episodes another path is faster
     assert model.choose_batching(image_batch(queries=1)) == "loop"
-    assert model.memory_format == "channels_last" and set(timed_on) == {20, 5}
+    assert model.memory_format == "channels_last" and set(timed_on) == {5}  # timed on training episodes only
+    assert len(timed_on) == 2 * 4 + 1  # four paths twice, after one untimed vmap try
     model.on_train_start()  # a later start (a second fit) keeps a choice made in training
     assert (model.batching, model.memory_format) == ("loop", "channels_last")
+
+
+@pytest.mark.parametrize("fixed", [dict(batching="vmap"), dict(memory_format="channels_last"), dict(batching="loop")])
+def test_the_sanity_check_keeps_what_the_user_fixed(fixed):
+    from types import SimpleNamespace
+
+    model = MAML(Conv4(hidden=8), inner_lr=0.4, **fixed)
+    model._trainer = SimpleNamespace(sanity_checking=True, world_size=1, loggers=[], global_step=0,
+                                     precision_plugin=None)
+    model.choose_batching(image_batch(queries=4))
+    expected = {"batching": "loop", "memory_format": "contiguous", **fixed}
+    assert (model.batching, model.memory_format) == (expected["batching"], expected["memory_format"])
+    model._trainer.sanity_checking = False
+    model.on_train_start()
+    assert model.batching == fixed.get("batching") and model.memory_format == (
+        "contiguous" if fixed.get("batching") == "vmap" else fixed.get("memory_format"))

@@ -167,9 +167,9 @@ class MAML(MetaLearner):
             learnable=learn_inner_lr,
         )
         self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
-        #: (batching, memory format) as they were before a choice made on a validation batch of
-        #: fit's sanity check, put back at the start of training so that the choice is made
-        #: again on a training batch; ``None`` otherwise.
+        #: (batching, memory format) as they were before fit's sanity check ran on the untimed
+        #: loop, put back at the start of training so that the choice is made on a training
+        #: batch; ``None`` otherwise.
         self._provisional_choice: Optional[Tuple[Optional[str], Optional[str]]] = None
         self._split: Optional[Tuple[Params, Params]] = None
         self._functionals: Dict[str, Forward] = {}
@@ -413,10 +413,22 @@ class MAML(MetaLearner):
         channels-first ones by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing
         noise decides, keeps the layout the module has. All paths give the same numbers to
         rounding, so the choice only changes speed. The decision and every timing are logged.
+        Fit's sanity check (validation episodes before any training) times nothing: it runs the
+        loop in the module's layout, and training's first batch decides.
         """
         if self.batching is not None and self.memory_format is not None:
             return self.batching
         undecided = self.batching, self.memory_format
+        if self._trainer is not None and bool(getattr(self.trainer, "sanity_checking", False)):
+            # Fit's sanity check runs a validation episode or two before any training batch.
+            # Timing every path there cost as much again as the real choice (a minute at
+            # mini-ImageNet size) on episodes unlike training's (often more queries), only to be
+            # timed again on the first training batch. Run them untimed task by task in the
+            # module's layout, which every model can do; on_train_start puts "auto" back.
+            self._provisional_choice = undecided
+            self.batching = self.batching or "loop"
+            self.memory_format = self.memory_format or "contiguous"
+            return self.batching
         formats = [self.memory_format] if self.memory_format is not None else list(MEMORY_FORMATS)
         candidates: List[Tuple[str, str]] = [
             (batching, memory_format)
@@ -462,15 +474,9 @@ class MAML(MetaLearner):
                 (self.batching, self.memory_format), src=0)
         self.batching_timings = {path_name(*c): 1000 * t for c, t in best.items()}
         chosen = repr(self.batching) + (" with memory_format='channels_last'" if self.memory_format == "channels_last" else "")
-        sanity_check = self._trainer is not None and bool(getattr(self.trainer, "sanity_checking", False))
-        if sanity_check:
-            # A validation episode (often more queries than a training one) decides only until
-            # training starts: on_train_start puts "auto" back for the first training batch.
-            self._provisional_choice = undecided
         rank_zero_info(
             f"{type(self).__name__}: batching='auto' chose {chosen} (one training step of {batch.num_tasks} tasks: "
-            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")"
-            + (" for the sanity check; training decides again on its first batch." if sanity_check else ".")
+            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")."
         )
         for logger in self.loggers:
             logger.log_metrics(
