@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="kanji-config", choices=list(speed.CASES))
     parser.add_argument("--paths", nargs="+", default=["vmap", "torch.func.vmap", "loop"],
-                        choices=["vmap", "torch.func.vmap", "loop", "loop channels_last"])
+                        choices=["vmap", "torch.func.vmap", "loop", "loop channels_last", "vmap channels_last"])
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args()
     case = speed.CASES[args.case]
