@@ -316,9 +316,8 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, List[float]]:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from fewshot_lightning.algorithms.base import MetaLearner
-    from fewshot_lightning.cli import FewShotCLI, RunFolder
-    from fewshot_lightning.data import SinusoidDataModule, TaskDataModule
+    from fewshot_lightning.cli import build_cli
+    from fewshot_lightning.data import SinusoidDataModule
 
     skip = steps // 5
     config = str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml")
@@ -336,11 +335,10 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, List[float]]:
     def with_cli() -> float:
         clock = StepClock()
         with tempfile.TemporaryDirectory() as logs:
-            FewShotCLI(MetaLearner, TaskDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       auto_configure_optimizers=False, trainer_defaults={"callbacks": [RunFolder(), clock]},
-                       args=["fit", "--config", config, "--trainer.max_steps", str(steps),
-                             "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", logs,
-                             "--trainer.logger.init_args.save_dir", logs, "--data.init_args.train_tasks", str(25 * steps)])
+            build_cli(["fit", "--config", config, "--trainer.max_steps", str(steps),
+                       "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", logs,
+                       "--trainer.logger.init_args.save_dir", logs, "--data.init_args.train_tasks", str(25 * steps)],
+                      callbacks=[clock])
         return per_step(clock.stamps)
 
     def loop_alone() -> float:

@@ -31,7 +31,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -305,19 +305,26 @@ def _short_report(error: BaseException) -> str:
     )
 
 
+def build_cli(args: Optional[List[str]] = None, run_folder: Optional[RunFolder] = None,
+              callbacks: Sequence[Callback] = ()) -> FewShotCLI:
+    """The CLI exactly as ``fewshot-lightning`` builds and runs it on ``args`` (default: the
+    command line), with ``callbacks`` added to the trainer's (a benchmark's clock, say)."""
+    return FewShotCLI(
+        MetaLearner,
+        TaskDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": [run_folder or RunFolder(), *callbacks]},
+    )
+
+
 def main(args: Optional[List[str]] = None) -> None:
     _quiet_known_warnings()
     run_folder = RunFolder()
     try:
-        FewShotCLI(
-            MetaLearner,
-            TaskDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [run_folder]},
-        )
+        build_cli(args, run_folder)
     except Exception as error:
         run_folder.remove_if_unused()
         reported = _user_error(error)
