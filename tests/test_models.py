@@ -4,6 +4,8 @@ each task normalised with its own statistics, running averages moved by the mean
 per-task ones, and exactly ``nn.BatchNorm2d`` for one task."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -165,3 +167,20 @@ def test_a_block_told_to_keep_the_layout_runs_one_task_nchw_with_the_same_number
         block.one_task_channels_last = False
     torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
     assert layouts == [True] * 4
+
+
+def test_a_lone_task_switches_to_channels_last_on_the_cpu_only(monkeypatch):
+    # The switch was measured on a CPU only: on another device (here the meta device, which
+    # computes shapes and strides without data) a lone task's maps keep the layout given.
+    torch.manual_seed(0)
+    block = Conv4(in_channels=3, hidden=8, out_features=5, image_size=16).features[1]
+    layouts = []
+    convolve = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward",
+                        lambda self, inputs, weight, bias: (layouts.append(inputs.is_contiguous()), convolve(
+                            inputs, weight, bias, self.stride, self.padding, self.dilation, self.groups))[1])
+    x = torch.randn(6, 1, 8, 8, 8)  # [samples, tasks=1, C, H, W]
+    block(x)
+    meta_out = copy.deepcopy(block).to("meta")(x.to("meta"))
+    assert layouts == [False, True]  # the CPU's convolution sees channels-last maps, the meta one NCHW
+    assert meta_out.shape == (6, 1, 8, 4, 4)

@@ -100,7 +100,8 @@ class ConvBlock(nn.Sequential):
         self.stride = stride
         self.padding = padding
 
-    #: Run a single task's maps channels-last (see ``forward``). Faster on a CPU for a forward
+    #: Run a single task's maps channels-last on the CPU (see ``forward``; on other devices,
+    #: where it was not measured, a block keeps the layout given). Faster on a CPU for a forward
     #: and a first-order backward; through a second-order backward on 84x84 colour images the
     #: channels-last batch-norm double backward made a MAML step about twice as slow
     #: (docs/benchmarks.md, mini-ImageNet rows): set ``False`` on a block, or on the class, to
@@ -113,11 +114,13 @@ class ConvBlock(nn.Sequential):
         samples, tasks = x.shape[:2]
         conv, norm, relu = self[0], self[1], self[2]
         images = x.flatten(0, 1)
-        if tasks == 1 and self.one_task_channels_last and not _keeping_layout.get() and not is_batched(images):
+        if tasks == 1 and self.one_task_channels_last and images.device.type == "cpu" \
+                and not _keeping_layout.get() and not is_batched(images):
             # One task (a learner fed one task at a time, e.g. a meta-batch of 1): channels-last,
             # where a CPU's batch norm and max-pool run several times faster (vmap cannot take
             # this layout; several tasks need channels next to each other for their per-task
-            # statistics). MAML's loops choose their layout themselves (see keep_layout).
+            # statistics). MAML's loops choose their layout themselves (see keep_layout). Only
+            # on the CPU, where it was measured; other devices keep the layout given.
             images = images.contiguous(memory_format=torch.channels_last)
         out = norm(conv(images).unflatten(0, (samples, tasks)))
         if self.pool:
