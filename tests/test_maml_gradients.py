@@ -361,7 +361,7 @@ def test_auto_takes_channels_last_only_when_it_is_clearly_faster(monkeypatch, ch
     times = {("vmap", "contiguous"): 0.150, ("loop", "contiguous"): 0.100,
              ("loop", "channels_last"): channels_last_ms / 1000, ("vmap", "channels_last"): vmap_channels_last_ms / 1000}
 
-    def timed_step(self, batch, batching, memory_format="contiguous"):
+    def timed_step(self, batch, batching, memory_format="contiguous", evaluation=False):
         return times[(batching, memory_format)]
 
     monkeypatch.setattr(MAML, "_timed_step", timed_step)
@@ -380,7 +380,7 @@ def test_under_several_processes_every_process_takes_the_path_process_0_chose(mo
     times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
              ("loop", "channels_last"): 0.08}
 
-    def timed_step(self, batch, batching, memory_format="contiguous"):
+    def timed_step(self, batch, batching, memory_format="contiguous", evaluation=False):
         return times[(batching, memory_format)]
 
     monkeypatch.setattr(MAML, "_timed_step", timed_step)
@@ -442,7 +442,7 @@ def test_the_sanity_check_times_nothing_and_the_first_training_batch_decides(mon
     times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
              ("loop", "channels_last"): 0.01}
 
-    def timed_step(self, batch, batching, memory_format="contiguous"):
+    def timed_step(self, batch, batching, memory_format="contiguous", evaluation=False):
         timed_on.append(batch.query_x.shape[1])
         return times[(batching, memory_format)]
 
@@ -464,6 +464,58 @@ def test_the_sanity_check_times_nothing_and_the_first_training_batch_decides(mon
     assert len(timed_on) == 2 * 4 + 1  # four paths twice, after one untimed vmap try
     model.on_train_start()  # a later start (a second fit) keeps a choice made in training
     assert (model.batching, model.memory_format) == ("loop", "channels_last")
+
+
+def test_evaluation_before_training_times_evaluation_steps_and_training_decides_again(monkeypatch):
+    # validate/test/an adaptation curve with nothing chosen yet time the workload that runs
+    # there (adaptation without the outer graph), not a second-order training step; that choice
+    # holds until training starts, whose first batch decides, and gives way to a checkpoint's.
+    from types import SimpleNamespace
+
+    timed = []
+    eval_times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.02,
+                  ("loop", "channels_last"): 0.08}
+    train_times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.01, ("loop", "contiguous"): 0.10,
+                   ("loop", "channels_last"): 0.08}
+
+    def timed_step(self, batch, batching, memory_format="contiguous", evaluation=False):
+        timed.append(evaluation)
+        return (eval_times if evaluation else train_times)[(batching, memory_format)]
+
+    monkeypatch.setattr(MAML, "_timed_step", timed_step)
+    model = MAML(Conv4(hidden=8), inner_lr=0.4, test_inner_steps=2)
+    curve = model.adaptation_curve(image_batch(queries=2))
+    assert curve.shape == (3, 2, 10, 5) and timed == [True] * 9
+    assert model.execution() == ("loop", "contiguous")
+    model.on_train_start()
+    assert (model.batching, model.memory_format) == (None, None)
+    assert model.choose_batching(image_batch(queries=1)) == "vmap" and model.memory_format == "channels_last"
+    assert timed[9:] == [False] * 9
+    # A resumed fit after an evaluation-only choice keeps the interrupted run's choice.
+    resumed = MAML(Conv4(hidden=8), inner_lr=0.4)
+    with torch.no_grad():
+        resumed.evaluation_outputs(image_batch(queries=2), "val")
+    assert resumed.execution() == ("loop", "contiguous")
+    resumed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    resumed.on_load_checkpoint({"batching": "vmap", "memory_format": "contiguous", "state_dict": {}})
+    resumed.on_train_start()
+    assert (resumed.batching, resumed.memory_format) == ("vmap", "contiguous")
+
+
+def test_a_timed_evaluation_step_builds_no_graph_and_the_chosen_path_gives_the_loops_numbers():
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4, test_inner_steps=3)
+    batch = image_batch(queries=3)
+    reference = MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4, test_inner_steps=3, batching="loop",
+                     memory_format="contiguous")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = reference.evaluation_outputs(batch, "val")
+        outputs = model.evaluation_outputs(batch, "val")  # auto: times four paths, evaluation steps
+    assert set(model.batching_timings) == {"vmap", "vmap channels_last", "loop", "loop channels_last"}
+    assert all(p.grad is None for p in model.parameters())
+    assert not outputs.requires_grad
+    torch.testing.assert_close(outputs, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fixed", [dict(batching="vmap"), dict(memory_format="channels_last"), dict(batching="loop")])

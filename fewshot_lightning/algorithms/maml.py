@@ -167,9 +167,10 @@ class MAML(MetaLearner):
             learnable=learn_inner_lr,
         )
         self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
-        #: (batching, memory format) as they were before fit's sanity check ran on the untimed
-        #: loop, put back at the start of training so that the choice is made on a training
-        #: batch; ``None`` otherwise.
+        #: (batching, memory format) as they were before a choice that holds until training
+        #: starts (fit's sanity check on the untimed loop; a choice timed on evaluation), put
+        #: back at the start of training so that the choice is made on a training batch;
+        #: ``None`` otherwise.
         self._provisional_choice: Optional[Tuple[Optional[str], Optional[str]]] = None
         self._split: Optional[Tuple[Params, Params]] = None
         self._functionals: Dict[str, Forward] = {}
@@ -342,7 +343,7 @@ class MAML(MetaLearner):
         return losses @ weights.to(losses), outputs
 
     def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
-        self.choose_batching(batch)
+        self.choose_batching(batch, evaluation=True)
         if stage != "test":
             params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
             return self.predict(params, batch.query_x)
@@ -355,7 +356,7 @@ class MAML(MetaLearner):
 
     def adaptation_curve(self, batch: TaskBatch, steps: Optional[int] = None) -> Tensor:
         """Query outputs after 0, 1, ..., ``steps`` inner steps, ``[steps + 1, B, M, ...]``, no graph."""
-        self.choose_batching(batch)
+        self.choose_batching(batch, evaluation=True)
         steps = self.test_inner_steps if steps is None else steps
         trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
         return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
@@ -393,6 +394,9 @@ class MAML(MetaLearner):
         # A resumed run keeps the path the interrupted one timed and chose: vmap and the loop
         # agree only to rounding, and a fresh timing could pick the other.
         if self._trainer is not None and self.trainer.state.fn == "fit":
+            if self._provisional_choice is not None:  # chosen for evaluation only: training's to make
+                self.batching, self.memory_format = self._provisional_choice
+                self._provisional_choice = None
             if self.batching is None:
                 self.batching = checkpoint.get("batching")
             if self.memory_format is None:
@@ -400,7 +404,7 @@ class MAML(MetaLearner):
                 if self.memory_format is None and self.batching is not None:
                     self.memory_format = "contiguous"  # a checkpoint from before the layout was chosen
 
-    def choose_batching(self, batch: TaskBatch) -> str:
+    def choose_batching(self, batch: TaskBatch, evaluation: bool = False) -> str:
         """With ``batching="auto"`` (or ``memory_format="auto"``), decide once, on this batch, how
         the tasks run: vmap, the loop, and for models with 4-D weights also the loop with
         channels-last weights and vmap for the support passes with the query passes in the
@@ -415,6 +419,12 @@ class MAML(MetaLearner):
         rounding, so the choice only changes speed. The decision and every timing are logged.
         Fit's sanity check (validation episodes before any training) times nothing: it runs the
         loop in the module's layout, and training's first batch decides.
+
+        ``evaluation=True`` (evaluation calls it so: ``validate``, ``test``, an adaptation
+        curve, before any training) times an evaluation step instead, the workload that is
+        going to run (adaptation over ``test_inner_steps`` without the outer graph, the query
+        pass; no second-order backward, whose best path can differ), and the choice holds until
+        training starts, which decides again on its first batch.
         """
         if self.batching is not None and self.memory_format is not None:
             return self.batching
@@ -442,7 +452,7 @@ class MAML(MetaLearner):
                 batch = TaskBatch(*(t.clone() for t in batch))
             if candidates[0][0] == "vmap" and any(batching == "loop" for batching, _ in candidates):
                 try:
-                    self._timed_step(batch, *candidates[0])
+                    self._timed_step(batch, *candidates[0], evaluation=evaluation)
                 except (RuntimeError, ValueError) as error:
                     warnings.warn(
                         f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({error}); adapting tasks "
@@ -454,7 +464,7 @@ class MAML(MetaLearner):
                 timings = {candidate: [] for candidate in candidates}
                 for _ in range(2):
                     for candidate in candidates:
-                        timings[candidate].append(self._timed_step(batch, *candidate))
+                        timings[candidate].append(self._timed_step(batch, *candidate, evaluation=evaluation))
         if not timings:
             self.batching, self.memory_format = candidates[0]
             return self.batching
@@ -474,9 +484,13 @@ class MAML(MetaLearner):
                 (self.batching, self.memory_format), src=0)
         self.batching_timings = {path_name(*c): 1000 * t for c, t in best.items()}
         chosen = repr(self.batching) + (" with memory_format='channels_last'" if self.memory_format == "channels_last" else "")
+        if evaluation:
+            self._provisional_choice = undecided
+        step = "evaluation" if evaluation else "training"
         rank_zero_info(
-            f"{type(self).__name__}: batching='auto' chose {chosen} (one training step of {batch.num_tasks} tasks: "
-            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")."
+            f"{type(self).__name__}: batching='auto' chose {chosen} (one {step} step of {batch.num_tasks} tasks: "
+            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")"
+            + ("; training, if it comes, decides again on its first batch." if evaluation else ".")
         )
         for logger in self.loggers:
             logger.log_metrics(
@@ -491,11 +505,16 @@ class MAML(MetaLearner):
             self.batching, self.memory_format = self._provisional_choice
             self._provisional_choice = None
 
-    def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous") -> float:
+    def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous",
+                    evaluation: bool = False) -> float:
         chosen = self.batching, self.memory_format
         self.batching, self.memory_format = batching, memory_format  # read by execution() through training_losses
         try:
             start = time.perf_counter()
+            if evaluation:
+                with torch.no_grad():  # as _evaluate runs it: no outer graph
+                    self.evaluation_outputs(batch, "val")
+                return time.perf_counter() - start
             loss = self.training_losses(batch, batching)[0].mean()
             trainable = [p for p in self.parameters() if p.requires_grad]
             torch.autograd.grad(loss, trainable, allow_unused=True)
