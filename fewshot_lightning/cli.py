@@ -31,14 +31,16 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Literal, Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from . import allocator
 from .algorithms import MetaLearner
 from .callbacks import NonFiniteError, NonFiniteGuard, PredictionWriter
 from .data import TaskDataModule
@@ -87,6 +89,13 @@ class FewShotCLI(LightningCLI):
             help="test/validate/predict: score the model's initial, untrained weights (a baseline) instead "
             "of a checkpoint. Without it these subcommands need --ckpt_path.",
         )
+        parser.add_argument(
+            "--cpu_allocator", type=Literal["keep", "system"], default="keep",
+            help="runs on the CPU: 'keep' has glibc serve tensors from its heap and keep freed memory for "
+            "reuse instead of mapping each step's large activations afresh (faster steps on large images, "
+            "docs/benchmarks.md; the process holds its high-water mark of memory); 'system' leaves the C "
+            "allocator as it is. See fewshot_lightning.allocator.",
+        )
 
     def before_fit(self) -> None:
         self._prepare("fit")
@@ -104,6 +113,13 @@ class FewShotCLI(LightningCLI):
         config = self.config_init[subcommand]
         checkpoint = self._checkpoint(subcommand, config.get("ckpt_path"), bool(config.get("untrained")))
         config["ckpt_path"] = checkpoint
+        if config.get("cpu_allocator", "keep") == "keep" and self.trainer.strategy.root_device.type == "cpu":
+            first = not allocator.in_effect()
+            if allocator.keep_freed_memory() and first:
+                rank_zero_info(
+                    "CPU allocator: glibc serves tensors from its heap and keeps freed memory for reuse "
+                    "(--cpu_allocator system leaves it as it is; see fewshot_lightning.allocator)."
+                )
         if subcommand != "fit":
             # Outside fit the checkpoint callbacks save nothing, so the state they restore (and
             # Lightning's warning that the run's folder differs from theirs) is moot.

@@ -1,0 +1,116 @@
+"""What the C allocator costs a MAML step on the CPU: ``benchmarks/speed.py``'s cases, each
+contender alone in a fresh process, with glibc's default allocator (``system``) and with
+``fewshot_lightning.allocator.keep_freed_memory`` (``keep``: every block from the heap, freed
+memory kept for reuse; what ``fewshot-lightning`` does on the CPU unless ``--cpu_allocator
+system``). Processes take turns: every (contender, allocator) pair once per round.
+
+Reported per pair: median ms per meta-iteration (a warm-up iteration excluded), page faults and
+system (kernel) CPU seconds per iteration, and the peak RSS the iterations add (the kernel's
+peak mark reset just before the warm-up, as ``speed.py`` measures it). The same-process table of
+``speed.py`` gives both libraries the same allocator; this one also shows what each gets out of
+the box: learn2learn in a script of its own runs on glibc's defaults unless its user changes
+them, which they can (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``).
+
+    python benchmarks/cpu_allocator.py [--cases mini mini-fo kanji-config conv4-64-bn] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+#: Ours on the path ``auto`` took for the case in docs/benchmarks.md's table, and learn2learn on
+#: both of its modules (the ratios take the faster).
+CONTENDERS = {
+    "mini": ["ours, vmap", "learn2learn", "learn2learn, NCHW module"],
+    "mini-fo": ["ours, loop channels_last", "learn2learn", "learn2learn, NCHW module"],
+    "kanji-config": ["ours, vmap", "learn2learn", "learn2learn, NCHW module"],
+    "conv4-64-bn": ["ours, vmap channels_last", "learn2learn", "learn2learn, NCHW module"],
+    "conv4-32": ["ours, vmap channels_last", "learn2learn"],
+    "sinusoid": ["ours, vmap", "learn2learn"],
+}
+#: Timed iterations per process, by case (about 20 s of work each).
+ITERATIONS = {"mini": 3, "mini-fo": 8, "kanji-config": 16, "conv4-64-bn": 24, "conv4-32": 30, "sinusoid": 400}
+
+
+def child(case_name: str, contender: str, allocator: str, iterations: int) -> Dict[str, object]:
+    if allocator == "keep":
+        from fewshot_lightning.allocator import keep_freed_memory
+
+        assert keep_freed_memory(), "glibc only"
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import speed
+
+    torch.set_num_threads(2)
+    case = speed.CASES[case_name]
+    step = speed.contenders(case, "cpu", learn2learn_channels_last=True)[contender]
+    batches = [case.batch(i, "cpu") for i in range(iterations + 1)]
+    before = speed.rss_bytes()
+    speed.reset_peak_rss()
+    step(batches[0])  # warm-up (oneDNN's kernels, the allocator's first blocks): not timed
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    times: List[float] = []
+    for batch in batches[1:]:
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "ms": 1000 * statistics.median(times),
+        "faults": (after.ru_minflt - usage.ru_minflt) / iterations,
+        "system_s": (after.ru_stime - usage.ru_stime) / iterations,
+        "peak_rss_mib": (speed.peak_rss_bytes() - before) / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["mini", "mini-fo", "kanji-config", "conv4-64-bn"],
+                        choices=list(CONTENDERS))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", nargs=4, metavar=("CASE", "CONTENDER", "ALLOCATOR", "ITERATIONS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        case, contender, allocator, iterations = args.child
+        print(json.dumps(child(case, contender, allocator, int(iterations))))
+        return
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import speed
+
+    print(f"Machine: {speed.cpu_name()}; {os.cpu_count()} cores, 2 torch threads; 1-min load average "
+          f"{os.getloadavg()[0]:.1f} at start; {args.rounds} rounds, each pair in a fresh process per round")
+    print("| case | contender | allocator | ms / meta-iteration | page faults / iteration | system s / iteration "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for case in args.cases:
+        pairs = [(contender, allocator) for contender in CONTENDERS[case] for allocator in ("system", "keep")]
+        results: Dict[tuple, List[Dict[str, float]]] = {pair: [] for pair in pairs}
+        for _ in range(args.rounds):
+            for contender, allocator in pairs:
+                command = [sys.executable, os.path.abspath(__file__), "--child", case, contender, allocator,
+                           str(ITERATIONS[case])]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(done.stderr[-2000:])
+                results[(contender, allocator)].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for contender, allocator in pairs:
+            runs = results[(contender, allocator)]
+            median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            spread = "/".join(f"{run['ms']:.0f}" for run in runs)
+            print(f"| {case} | {contender} | {allocator} | {median['ms']:.1f} ({spread}) | {median['faults']:.0f} "
+                  f"| {median['system_s']:.2f} | {median['peak_rss_mib']:.0f} |", flush=True)
+    print(f"\n1-min load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
