@@ -293,11 +293,13 @@ def tensor_peaks(case_name: str, device: str) -> Dict[str, float]:
     return peaks
 
 
-def measure_memory(case_name: str, names: List[str], device: str, iterations: int) -> Dict[str, Optional[float]]:
+def measure_memory(case_name: str, names: List[str], device: str, iterations: int,
+                   cpu_allocator: str = "system") -> Dict[str, Optional[float]]:
     result = {}
     for name in names:
         command = [sys.executable, __file__, "--memory-probe", case_name, name, "--device", device,
-                   "--iterations", str(iterations), "--threads", str(torch.get_num_threads())]
+                   "--iterations", str(iterations), "--threads", str(torch.get_num_threads()),
+                   "--cpu-allocator", cpu_allocator]
         probe = subprocess.run(command, capture_output=True, text=True)
         result[name] = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else None
     return result
@@ -397,16 +399,25 @@ def main() -> None:
                         help="also time learn2learn on the module converted to channels-last (convolutional cases)")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="only the tensor-peak table (exact, no timing): see tensor_peaks")
+    parser.add_argument("--cpu-allocator", choices=["system", "keep"], default="system",
+                        help="keep: fewshot_lightning.allocator.keep_freed_memory for the whole process (both "
+                        "libraries), as the fewshot-lightning command does on the CPU; see cpu_allocator.py")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_allocator == "keep":
+        from fewshot_lightning.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            parser.error("--cpu-allocator keep needs glibc")
     if args.memory_probe:
         print(json.dumps(peak_memory(*args.memory_probe, args.device, min(args.iterations, 5))))
         return
 
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     print(f"Machine: {machine}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f} at start")
+          f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f} at start, CPU allocator "
+          f"{args.cpu_allocator}")
     if args.tensor_memory:
         print("| case | contender | tensor peak (MiB) | vs learn2learn |")
         print("|---|---|---:|---:|")
@@ -429,7 +440,8 @@ def main() -> None:
         if not args.no_auto:
             choices[name] = auto_choice(case, args.device)
         times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last)
-        memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations)
+        memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations,
+                                                          args.cpu_allocator)
         reference = reference_of(times)
         for contender, seconds in times.items():
             ratio = f"{reference / seconds:.2f}x" if reference else "n/a"

@@ -29,11 +29,14 @@ import sys
 from typing import Optional
 
 #: ``mallopt`` parameters (glibc's malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 #: Free memory at the heap's top is given back only beyond this (``mallopt`` takes a C int).
 TRIM_THRESHOLD = 2**31 - 1
+#: The largest block glibc lets its heap serve while ``mmap`` is allowed (``HEAP_MAX_SIZE / 2`` on
+#: 64-bit systems): larger ones are mapped afresh unless ``all_blocks``.
+MMAP_THRESHOLD = 32 * 2**20
 
-_applied: Optional[bool] = None
+_applied: Optional[str] = None
 
 
 def glibc() -> Optional[ctypes.CDLL]:
@@ -46,17 +49,28 @@ def glibc() -> Optional[ctypes.CDLL]:
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Serve CPU tensors from glibc's heap and keep freed memory for reuse (see the module's
-    docstring). Returns whether it is in effect: ``False`` where the C library is not glibc.
-    Calling it again does nothing more."""
+def keep_freed_memory(all_blocks: bool = False) -> bool:
+    """Keep freed memory in glibc's heap for reuse (see the module's docstring): blocks of up to
+    32 MiB served from the heap and never given back below 2 GiB of free heap; larger blocks
+    still mapped afresh, unless ``all_blocks``, which serves every block from the heap (faster
+    on large images, at more peak memory). Returns whether it is in effect: ``False`` where the
+    C library is not glibc. Calling it again with ``all_blocks=True`` extends it to every block;
+    nothing undoes it."""
     global _applied
-    if _applied is None:
-        libc = glibc()
-        _applied = bool(libc) and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    mode = "all_blocks" if all_blocks else "keep"
+    if _applied in (mode, "all_blocks"):
+        return True
+    libc = glibc()
+    if libc is None:
+        return False
+    done = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if done and all_blocks:
+        done = libc.mallopt(M_MMAP_MAX, 0) == 1
+    if done:
+        _applied = mode
+    return done
+
+
+def in_effect() -> Optional[str]:
+    """``"keep"`` or ``"all_blocks"`` once :func:`keep_freed_memory` is in effect, else ``None``."""
     return _applied
-
-
-def in_effect() -> bool:
-    """Whether :func:`keep_freed_memory` has been applied in this process."""
-    return bool(_applied)

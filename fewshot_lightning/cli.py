@@ -90,11 +90,11 @@ class FewShotCLI(LightningCLI):
             "of a checkpoint. Without it these subcommands need --ckpt_path.",
         )
         parser.add_argument(
-            "--cpu_allocator", type=Literal["keep", "system"], default="keep",
-            help="runs on the CPU: 'keep' has glibc serve tensors from its heap and keep freed memory for "
-            "reuse instead of mapping each step's large activations afresh (faster steps on large images, "
-            "docs/benchmarks.md; the process holds its high-water mark of memory); 'system' leaves the C "
-            "allocator as it is. See fewshot_lightning.allocator.",
+            "--cpu_allocator", type=Literal["keep", "keep_all", "system"], default="keep",
+            help="runs on the CPU: 'keep' has glibc keep freed memory for reuse (blocks up to 32 MiB from its "
+            "heap) instead of mapping each step's activations afresh; 'keep_all' serves every block from the "
+            "heap (faster on large images, more peak memory); 'system' leaves the C allocator as it is. See "
+            "fewshot_lightning.allocator and docs/benchmarks.md.",
         )
 
     def before_fit(self) -> None:
@@ -113,12 +113,14 @@ class FewShotCLI(LightningCLI):
         config = self.config_init[subcommand]
         checkpoint = self._checkpoint(subcommand, config.get("ckpt_path"), bool(config.get("untrained")))
         config["ckpt_path"] = checkpoint
-        if config.get("cpu_allocator", "keep") == "keep" and self.trainer.strategy.root_device.type == "cpu":
-            first = not allocator.in_effect()
-            if allocator.keep_freed_memory() and first:
+        wanted = config.get("cpu_allocator", "keep")
+        if wanted != "system" and self.trainer.strategy.root_device.type == "cpu":
+            before = allocator.in_effect()
+            if allocator.keep_freed_memory(all_blocks=wanted == "keep_all") and allocator.in_effect() != before:
                 rank_zero_info(
-                    "CPU allocator: glibc serves tensors from its heap and keeps freed memory for reuse "
-                    "(--cpu_allocator system leaves it as it is; see fewshot_lightning.allocator)."
+                    "CPU allocator: glibc keeps freed memory for reuse ("
+                    + ("every block from its heap" if wanted == "keep_all" else "blocks up to 32 MiB from its heap")
+                    + "; --cpu_allocator system leaves it as it is, see fewshot_lightning.allocator)."
                 )
         if subcommand != "fit":
             # Outside fit the checkpoint callbacks save nothing, so the state they restore (and
