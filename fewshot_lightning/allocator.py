@@ -1,20 +1,21 @@
 """How the process's C allocator hands out the memory of CPU tensors.
 
 PyTorch allocates a CPU tensor with the C library's ``malloc``. glibc serves a large block
-(above a threshold of at most 32 MiB, 128 KiB at first) with a fresh ``mmap`` and gives it back
-to the kernel when it is freed, and trims the heap's free top back too. A training step allocates
-and frees the same large activations every iteration, so every iteration the kernel maps them
-again, one page fault per 4 KiB page, and zeroes them: on the 2-core VM of
-``docs/benchmarks.md`` about 400,000 faults and 1.3 s of system time in a mini-ImageNet-size
-second-order MAML iteration, which then took 15 to 20% longer than with the memory kept.
+(above a threshold that starts at 128 KiB and moves up to at most 32 MiB) with a fresh ``mmap``
+and gives it back to the kernel when it is freed, and trims the heap's free top back too. A
+training step allocates and frees the same large activations every iteration, so every
+iteration the kernel maps them again, one page fault per 4 KiB page, and zeroes them: on the
+2-core VM of ``docs/benchmarks.md``, 413,350 faults and 1.6 s of system time in a
+mini-ImageNet-size second-order MAML iteration of 7.5 s (``benchmarks/cpu_allocator.py``).
 
-:func:`keep_freed_memory` makes glibc serve every block from its heap and keep what is freed
-for reuse (``mallopt``: ``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` 2 GiB), as PyTorch's CPU tuning
-guide gets by loading jemalloc or tcmalloc. The cost: the process keeps its high-water mark of
-memory rather than returning it between steps, and that mark can sit higher than with
-``mmap`` (fragmentation: 2% to 19% more peak RSS in ``benchmarks/cpu_allocator.py``); the
-tensors themselves are the same. The ``fewshot-lightning`` command does this for runs on the
-CPU unless ``--cpu_allocator system`` is given; a library user calls it, or not.
+:func:`keep_freed_memory` has glibc keep freed memory in its heap for reuse (``mallopt``:
+``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 2 GiB), and with ``all_blocks=True`` serve
+every block from the heap (``M_MMAP_MAX`` 0), much as PyTorch's CPU tuning guide gets by loading
+jemalloc or tcmalloc. Measured there: 9% to 17% faster MAML steps (``all_blocks``: about 20% on
+84x84 images), the peak RSS from 2% below to 7% above glibc's defaults (``all_blocks``: up to
+37% above, the heap fragmenting). The tensors themselves are the same. The
+``fewshot-lightning`` command applies it to runs on the CPU (``--cpu_allocator keep``, the
+default; ``keep_all``; ``system`` leaves glibc as it is); a library user calls it, or not.
 
 It changes the whole process (every library's allocations in it) and cannot be undone from
 Python; a block that glibc cannot take from the heap still comes from ``mmap``, so nothing fails
