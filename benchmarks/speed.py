@@ -305,7 +305,7 @@ def measure_memory(case_name: str, names: List[str], device: str, iterations: in
     return result
 
 
-def fit_overhead(steps: int, rounds: int) -> Dict[str, List[float]]:
+def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict[str, List[float]]:
     """Seconds per training step, one figure per round: ``fewshot-lightning fit --config
     configs/maml_sinusoid.yaml`` (the CLI exactly as ``main`` builds it, so every callback of
     the shipped config and of the CLI is in place: progress bar, TensorBoard logger, both
@@ -339,7 +339,9 @@ def fit_overhead(steps: int, rounds: int) -> Dict[str, List[float]]:
         with tempfile.TemporaryDirectory() as logs:
             build_cli(["fit", "--config", config, "--trainer.max_steps", str(steps),
                        "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", logs,
-                       "--trainer.logger.init_args.save_dir", logs, "--data.init_args.train_tasks", str(25 * steps)],
+                       "--trainer.logger.init_args.save_dir", logs, "--data.init_args.train_tasks", str(25 * steps),
+                       # the command's allocator setting is process-wide: the script's, for all three
+                       "--cpu_allocator", cpu_allocator],
                       callbacks=[clock])
         return per_step(clock.stamps)
 
@@ -453,7 +455,7 @@ def main() -> None:
         for name, choice in choices.items():
             print(f"- {name}: {choice}")
     if "fit" in args.cases:
-        overhead = fit_overhead(args.fit_steps, args.fit_rounds)
+        overhead = fit_overhead(args.fit_steps, args.fit_rounds, args.cpu_allocator)
         bare = overhead["bare loop"]
         print(f"\n`fit --config configs/maml_sinusoid.yaml` against a bare loop over the same training_step, "
               f"{args.fit_steps} steps (first {args.fit_steps // 5} excluded), {args.fit_rounds} rounds taking turns; "
