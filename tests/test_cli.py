@@ -123,6 +123,22 @@ def test_bad_argument_is_one_short_message(tmp_path, monkeypatch, cli):
         main(["fit", "--config", SINUSOID, "--model.init_args.inner_steps", "0"])
 
 
+def test_a_checkpoint_of_another_configuration_is_one_short_message(tmp_path, monkeypatch, cli):
+    # Scoring weights with a config they were not trained with (here a smaller backbone) fails
+    # in nn.Module with a bare "Error(s) in loading state_dict"; the user reads what and why.
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+    code, out = cli("validate", "--config", SINUSOID, "--ckpt_path", "last", "--trainer.limit_val_batches", "1",
+                    "--model.init_args.backbone.init_args.hidden", "[20, 20]")
+    assert code == 1
+    report = out[out.index("error:"):].splitlines()
+    assert report[0].startswith("error: MAML: these weights do not fit the model as configured")
+    assert "size mismatch for backbone" in report[0] and "torch.Size([20, 1])" in report[0]
+    assert report[1].startswith("(WeightsMismatchError at fewshot_lightning.algorithms.base:")
+    assert "Traceback" not in out
+
+
 def test_nonfinite_loss_stops_the_run_and_names_the_batch(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     # An inner step of 1e30 makes every adapted network, so every query loss, inf or NaN.

@@ -99,6 +99,11 @@ def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
+class WeightsMismatchError(ValueError, RuntimeError):
+    """Weights (a checkpoint's) that do not fit the model as configured. A ``RuntimeError`` as
+    ``nn.Module.load_state_dict``'s own error is, and a ``ValueError``: bad input."""
+
+
 class MetaLearner(L.LightningModule):
     """Shared base: one training step is one batch of tasks.
 
@@ -360,6 +365,17 @@ class MetaLearner(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self._resumed_rng_states = checkpoint.get("rng_states")
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        # Weights saved by another model or configuration (a checkpoint of another config, or a
+        # changed backbone size) fail in nn.Module with a message that does not say why.
+        try:
+            return super().load_state_dict(state_dict, *args, **kwargs)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            details = "; ".join(line.strip().rstrip(".") for line in str(error).splitlines()[1:3])[:600]
+            raise WeightsMismatchError(f"{type(self).__name__}: these weights do not fit the model as configured, they were saved by another model or configuration; load them with the config they were trained with (their run folder's config.yaml). {details}.") from error
 
     def on_train_start(self) -> None:
         # Restored here rather than at load: between the two, Lightning draws from the global
