@@ -35,6 +35,11 @@ Peak RSS also holds what the C allocator keeps of freed memory, so it varies fro
 
     python benchmarks/speed.py [--cases sinusoid conv4-64-bn ...] [--iterations 30] [--rounds 3] [--device cpu]
     python benchmarks/speed.py --tensor-memory [--cases ...]   # exact tensor peaks, no timing
+    python benchmarks/speed.py --cpu-allocator keep [...]      # both libraries with glibc keeping freed memory
+
+Both libraries run in this one process, so they share its C allocator: glibc's defaults unless
+``--cpu-allocator keep``, the ``fewshot-lightning`` command's default on the CPU
+(``benchmarks/cpu_allocator.py`` compares the settings, each contender in its own process).
 """
 from __future__ import annotations
 
