@@ -1,4 +1,7 @@
 """The functional inner loop (fewshot_lightning/inner.py) against independent computations."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,24 +335,13 @@ def test_modules_without_their_own_batched_forward_run_under_vmap_and_as_a_loop_
 
 
 def saved_bytes(output):
-    """Bytes the autograd graph behind ``output`` keeps for its backward, each storage once."""
-    seen, stack, visited = set(), [output.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                try:
-                    value = getattr(node, name)
-                except RuntimeError:
-                    continue
-                for t in value if isinstance(value, (list, tuple)) else [value]:
-                    if isinstance(t, torch.Tensor):
-                        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return sum(size for _, size in seen)
+    """Bytes the autograd graph behind ``output`` keeps for its backward, each storage once
+    (``benchmarks/saved_tensors.py``'s walk of the graph)."""
+    spec = importlib.util.spec_from_file_location(
+        "saved_tensors", Path(__file__).resolve().parents[1] / "benchmarks" / "saved_tensors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.saved_tensors(output)[0]
 
 
 def conv_sequential(hidden=16, ways=5):
