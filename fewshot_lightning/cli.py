@@ -16,7 +16,8 @@ What it adds to ``LightningCLI``, so that a run's number can be trusted:
 - A new run reserves its version folder atomically, so two runs started together get two;
   a run that fails before finishing a batch removes the folder it reserved.
 - Bad input reported by our code (a ``ValueError`` from a constructor, a missing file, a
-  non-finite loss, a checkpoint whose weights do not fit the configured model) is printed as a short message rather than a traceback, with exit code 1;
+  non-finite loss, a checkpoint whose weights do not fit the configured model) is printed as
+  a short message rather than a traceback, with exit code 1;
   ``FEWSHOT_LIGHTNING_TRACEBACK=1`` shows the whole traceback.
 - ``predict`` writes the query predictions of the test episodes to ``predictions.pt`` in
   the run's folder (see :class:`~fewshot_lightning.callbacks.PredictionWriter`).

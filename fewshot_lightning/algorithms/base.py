@@ -375,7 +375,12 @@ class MetaLearner(L.LightningModule):
             if "Error(s) in loading state_dict" not in str(error):
                 raise
             details = "; ".join(line.strip().rstrip(".") for line in str(error).splitlines()[1:3])[:600]
-            raise WeightsMismatchError(f"{type(self).__name__}: these weights do not fit the model as configured, they were saved by another model or configuration; load them with the config they were trained with (their run folder's config.yaml). {details}.") from error
+            message = (
+                f"{type(self).__name__}: these weights do not fit the model as configured, they were saved by "
+                "another model or configuration; load them with the config they were trained with (their run "
+                f"folder's config.yaml). {details}."
+            )
+            raise WeightsMismatchError(message) from error
 
     def on_train_start(self) -> None:
         # Restored here rather than at load: between the two, Lightning draws from the global
