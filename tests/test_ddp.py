@@ -148,12 +148,16 @@ def test_ddp_validation_logs_no_sync_dist_warning(parity_runs):
 
 
 def test_ddp_with_auto_batching_decides_once_for_every_process(tmp_path):
-    # batching="auto" times the paths on each process's first batch and then takes process 0's
-    # choice (a collective broadcast: a process skipping it would hang the run, hence the
-    # subprocess timeout). The run finishes, says once what it chose, and saves that choice.
+    # batching="auto" times the paths on each process's first training batch and first
+    # evaluation batch and takes process 0's choices (collective broadcasts: a process skipping
+    # one would hang the run, hence the subprocess timeout). The run finishes, says once what
+    # it chose for each, and saves both choices.
     args = [arg for arg in SHORT if arg not in ("--model.init_args.batching", "vmap")]
     output = run_cli("fit", *args, *DDP, "--trainer.max_steps", "2", cwd=tmp_path)
-    # Logged by process 0 only, once: the sanity check (if it ran) times nothing.
-    assert output.count("batching='auto' chose") == 1
+    # Logged by process 0 only, once for training and once for evaluation (the validation after
+    # step 2): the sanity check (if it ran) times nothing.
+    assert output.count("batching='auto' chose") == 2
+    assert output.count("for training (one training step") == 1 and output.count("for evaluation (one evaluation") == 1
     saved = last_checkpoint(tmp_path / "lightning_logs")
     assert saved["batching"] in ("vmap", "loop") and saved["memory_format"] == "contiguous"  # an MLP: no 4-D weights
+    assert saved["evaluation_path"] in (["vmap", "contiguous"], ["loop", "contiguous"])

@@ -1,6 +1,8 @@
 """The meta-gradient of MAML against independent computations."""
 import logging
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -431,45 +433,66 @@ def test_vmap_channels_last_adapts_under_vmap_and_runs_the_queries_channels_last
         assert (a - b).norm() <= 1e-4 * scale
 
 
-def test_the_sanity_check_times_nothing_and_the_first_training_batch_decides(monkeypatch):
+def _recording_paths(monkeypatch):
+    """The (batching, memory format) of every forward built from now on, in a list."""
+    ran_on = []
+    functional = MAML.functional
+    monkeypatch.setattr(MAML, "functional", lambda self, *args: ran_on.append(self.execution(*args))
+                        or functional(self, *args))
+    return ran_on
+
+
+def test_the_sanity_check_times_nothing_and_each_workload_decides_on_its_own_first_batch(monkeypatch):
     # fit's sanity check evaluates before any training batch, on validation episodes (here 4
     # queries a class, where training has 1). Timing every path there cost as much again as the
-    # real choice; it runs the loop in the module's layout untimed, and at the start of training
-    # "auto" comes back and the first training batch decides, once.
+    # real choice; it runs the loop channels-first untimed and stores nothing. The first training
+    # batch then times training steps and decides training's path; the first validation after
+    # it times evaluation steps and decides evaluation's, which here is another path.
     from types import SimpleNamespace
 
     timed_on = []
-    times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
-             ("loop", "channels_last"): 0.01}
+    train_times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
+                   ("loop", "channels_last"): 0.01}
+    eval_times = {("vmap", "contiguous"): 0.02, ("vmap", "channels_last"): 0.09, ("loop", "contiguous"): 0.10,
+                  ("loop", "channels_last"): 0.08}
 
     def timed_step(self, batch, batching, memory_format="contiguous", evaluation=False):
-        timed_on.append(batch.query_x.shape[1])
-        return times[(batching, memory_format)]
+        timed_on.append((batch.query_x.shape[1], evaluation))
+        return (eval_times if evaluation else train_times)[(batching, memory_format)]
 
     monkeypatch.setattr(MAML, "_timed_step", timed_step)
+    ran_on = _recording_paths(monkeypatch)
     model = MAML(Conv4(hidden=8), inner_lr=0.4)
     model._trainer = SimpleNamespace(sanity_checking=True, world_size=1, loggers=[], global_step=0,
                                      precision_plugin=None)
     batch = image_batch(queries=4)
-    assert model.choose_batching(batch) == "loop" and timed_on == []
-    assert model.execution() == ("loop", "contiguous") and model.batching_timings == {}
-    with torch.no_grad():  # the sanity check's evaluation runs on that path
+    with torch.no_grad():  # the sanity check's evaluation
         outputs = model.evaluation_outputs(batch, "val")
-    assert outputs.shape == (2, 20, 5)
+    assert outputs.shape == (2, 20, 5) and timed_on == []
+    assert set(ran_on) == {("loop", "contiguous")}
+    assert (model.batching, model.memory_format, model.evaluation_path) == (None, None, None)  # nothing chosen
     model._trainer.sanity_checking = False
-    model.on_train_start()
-    assert (model.batching, model.memory_format) == (None, None)  # "auto" again
-    assert model.choose_batching(image_batch(queries=1)) == "loop"
-    assert model.memory_format == "channels_last" and set(timed_on) == {5}  # timed on training episodes only
-    assert len(timed_on) == 2 * 4 + 1  # four paths twice, after one untimed vmap try
-    model.on_train_start()  # a later start (a second fit) keeps a choice made in training
-    assert (model.batching, model.memory_format) == ("loop", "channels_last")
+    assert model.choose_batching(image_batch(queries=1)) == "loop" and model.memory_format == "channels_last"
+    assert timed_on == [(5, False)] * (2 * 4 + 1)  # four paths twice, after one untimed vmap try
+    assert model.evaluation_path is None and model.evaluation_timings == {}
+    ran_on.clear()
+    with torch.no_grad():  # the first validation: evaluation's own choice, on evaluation steps
+        model.evaluation_outputs(batch, "val")
+    assert timed_on[9:] == [(20, True)] * 8  # vmap ran in training: no untimed try this time
+    assert model.evaluation_path == ("vmap", "contiguous") and set(ran_on) == {("vmap", "contiguous")}
+    assert model.evaluation_timings["vmap"] == 20.0 and model.batching_timings["loop channels_last"] == 10.0
+    assert (model.batching, model.memory_format) == ("loop", "channels_last")  # training's stays
+    with torch.no_grad():
+        model.evaluation_outputs(batch, "val")
+        model.adaptation_curve(batch)
+    assert len(timed_on) == 17  # decided once each
 
 
-def test_evaluation_before_training_times_evaluation_steps_and_training_decides_again(monkeypatch):
+def test_evaluation_before_training_times_evaluation_steps_and_training_decides_its_own(monkeypatch):
     # validate/test/an adaptation curve with nothing chosen yet time the workload that runs
-    # there (adaptation without the outer graph), not a second-order training step; that choice
-    # holds until training starts, whose first batch decides, and gives way to a checkpoint's.
+    # there (adaptation without the outer graph), not a second-order training step, and keep it
+    # for evaluation; training's first batch decides training's path; a resumed fit keeps both
+    # of the interrupted run's choices.
     from types import SimpleNamespace
 
     timed = []
@@ -486,20 +509,51 @@ def test_evaluation_before_training_times_evaluation_steps_and_training_decides_
     model = MAML(Conv4(hidden=8), inner_lr=0.4, test_inner_steps=2)
     curve = model.adaptation_curve(image_batch(queries=2))
     assert curve.shape == (3, 2, 10, 5) and timed == [True] * 9
-    assert model.execution() == ("loop", "contiguous")
-    model.on_train_start()
+    assert model.evaluation_path == ("loop", "contiguous")
     assert (model.batching, model.memory_format) == (None, None)
     assert model.choose_batching(image_batch(queries=1)) == "vmap" and model.memory_format == "channels_last"
-    assert timed[9:] == [False] * 9
-    # A resumed fit after an evaluation-only choice keeps the interrupted run's choice.
-    resumed = MAML(Conv4(hidden=8), inner_lr=0.4)
-    with torch.no_grad():
-        resumed.evaluation_outputs(image_batch(queries=2), "val")
-    assert resumed.execution() == ("loop", "contiguous")
+    assert timed[9:] == [False] * 8  # vmap ran in evaluation: not tried again untimed
+    assert model.evaluation_path == ("loop", "contiguous")
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["evaluation_path"] == ["loop", "contiguous"]
+    resumed = MAML(Conv4(hidden=8), inner_lr=0.4, test_inner_steps=2)
     resumed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
-    resumed.on_load_checkpoint({"batching": "vmap", "memory_format": "contiguous", "state_dict": {}})
-    resumed.on_train_start()
-    assert (resumed.batching, resumed.memory_format) == ("vmap", "contiguous")
+    resumed.on_load_checkpoint(checkpoint)
+    assert (resumed.batching, resumed.memory_format, resumed.evaluation_path) == (
+        "vmap", "channels_last", ("loop", "contiguous"))
+    # A path the new run's fixed settings rule out is not taken from the checkpoint.
+    fixed = MAML(Conv4(hidden=8), inner_lr=0.4, memory_format="channels_last")
+    fixed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    fixed.on_load_checkpoint(checkpoint)
+    assert fixed.evaluation_path is None
+    # test or validate on a checkpoint (another process, maybe another machine) times afresh.
+    evaluated = MAML(Conv4(hidden=8), inner_lr=0.4)
+    evaluated._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"))
+    evaluated.on_load_checkpoint(checkpoint)
+    assert (evaluated.batching, evaluated.evaluation_path) == (None, None)
+
+
+def test_a_model_that_fails_under_vmap_is_not_tried_under_it_again(monkeypatch):
+    # Training found vmap failing (warned once); evaluation's choice then times the loops only.
+    tried = []
+
+    def timed_step(self, batch, batching, memory_format="contiguous", evaluation=False):
+        tried.append((batching, evaluation))
+        if batching == "vmap":
+            raise RuntimeError("cannot vmap this")
+        return 0.01
+
+    monkeypatch.setattr(MAML, "_timed_step", timed_step)
+    model = MAML(Conv4(hidden=8), inner_lr=0.4)
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap"):
+        assert model.choose_batching(image_batch()) == "loop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model.evaluation_outputs(image_batch(), "val")
+    assert [batching for batching, evaluation in tried if evaluation] == ["loop"] * 4
+    assert model.evaluation_path[0] == "loop"
 
 
 def test_a_timed_evaluation_step_builds_no_graph_and_the_chosen_path_gives_the_loops_numbers():
@@ -512,23 +566,27 @@ def test_a_timed_evaluation_step_builds_no_graph_and_the_chosen_path_gives_the_l
     with torch.no_grad():
         expected = reference.evaluation_outputs(batch, "val")
         outputs = model.evaluation_outputs(batch, "val")  # auto: times four paths, evaluation steps
-    assert set(model.batching_timings) == {"vmap", "vmap channels_last", "loop", "loop channels_last"}
+    assert set(model.evaluation_timings) == {"vmap", "vmap channels_last", "loop", "loop channels_last"}
     assert all(p.grad is None for p in model.parameters())
     assert not outputs.requires_grad
     torch.testing.assert_close(outputs, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fixed", [dict(batching="vmap"), dict(memory_format="channels_last"), dict(batching="loop")])
-def test_the_sanity_check_keeps_what_the_user_fixed(fixed):
+def test_the_sanity_check_keeps_what_the_user_fixed(fixed, monkeypatch):
     from types import SimpleNamespace
 
     model = MAML(Conv4(hidden=8), inner_lr=0.4, **fixed)
     model._trainer = SimpleNamespace(sanity_checking=True, world_size=1, loggers=[], global_step=0,
                                      precision_plugin=None)
-    model.choose_batching(image_batch(queries=4))
+    ran_on = _recording_paths(monkeypatch)
+    with torch.no_grad():
+        model.evaluation_outputs(image_batch(queries=4), "val")
     expected = {"batching": "loop", "memory_format": "contiguous", **fixed}
-    assert (model.batching, model.memory_format) == (expected["batching"], expected["memory_format"])
-    model._trainer.sanity_checking = False
-    model.on_train_start()
-    assert model.batching == fixed.get("batching") and model.memory_format == (
-        "contiguous" if fixed.get("batching") == "vmap" else fixed.get("memory_format"))
+    path = (expected["batching"], expected["memory_format"])
+    # vmap with channels-last weights runs the support passes under vmap, the queries in the loop.
+    assert set(ran_on) == ({("vmap", "contiguous"), ("loop", "channels_last")} if path == ("vmap", "channels_last")
+                           else {path})
+    assert model.evaluation_path is None or None not in model.requested_path
+    assert (model.batching, model.memory_format) == model.requested_path == (
+        fixed.get("batching"), "contiguous" if fixed.get("batching") == "vmap" else fixed.get("memory_format"))

@@ -1,6 +1,7 @@
 """Optimization-based meta-learning: MAML, first-order MAML, ANIL, Meta-SGD and MAML++."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -57,7 +58,9 @@ class MAML(MetaLearner):
             speed), or ``"auto"``: on the first batch, try vmap (falling back to the loop with a
             warning if the model cannot run under it, e.g. batch norm updating running
             statistics), time one training step of each, keep the faster for the whole run and
-            log both timings.
+            log both timings. Evaluation (validation, test, prediction, adaptation curves)
+            adapts without the outer graph, a different workload: under ``"auto"`` it makes its
+            own choice, once, on its first batch (:meth:`choose_batching`).
         memory_format: layout of the task-by-task passes: ``"contiguous"`` (NCHW throughout),
             ``"channels_last"`` (every 4-D weight passed NHWC, so convolutions, batch norm and
             pooling run channels-last; with ``batching="vmap"`` the support passes run under
@@ -162,16 +165,28 @@ class MAML(MetaLearner):
             )
         if memory_format == "auto" and (batching == "vmap" or not self.convolutional):
             self.memory_format = "contiguous"
+        #: What the constructor fixed, (batching, memory format), ``None`` where "auto": both
+        #: choices (training's and evaluation's) are made among the paths that agree with it.
+        self.requested_path: Tuple[Optional[str], Optional[str]] = (self.batching, self.memory_format)
+        #: The path evaluation runs on, (batching, memory format): fixed with the constructor's
+        #: choices, otherwise chosen on the first evaluation batch outside fit's sanity check
+        #: (``None`` until then); see :meth:`choose_batching`.
+        self.evaluation_path: Optional[Tuple[str, str]] = (
+            (self.batching, self.memory_format) if None not in self.requested_path else None)
+        #: Milliseconds of the timed evaluation step on each candidate path, once chosen.
+        self.evaluation_timings: Dict[str, float] = {}
         self.inner_lr = InnerLearningRate(
             shapes, inner_lr, inner_steps, per_step=per_step_lr, per_parameter=per_parameter_lr,
             learnable=learn_inner_lr,
         )
         self.test_curve = MeanConfidenceInterval(size=test_inner_steps + 1)
-        #: (batching, memory format) as they were before a choice that holds until training
-        #: starts (fit's sanity check on the untimed loop; a choice timed on evaluation), put
-        #: back at the start of training so that the choice is made on a training batch;
-        #: ``None`` otherwise.
-        self._provisional_choice: Optional[Tuple[Optional[str], Optional[str]]] = None
+        #: The path of the passes running now, when it is not training's (evaluation, a timed
+        #: candidate): read by :meth:`execution`; ``None`` otherwise.
+        self._running_path: Optional[Tuple[str, str]] = None
+        #: Whether the backbone ran (``True``) or failed to run (``False``) under vmap when "auto"
+        #: tried it (``None``: not tried): a later choice neither tries it again nor times it
+        #: after a failure.
+        self._vmap_runs: Optional[bool] = None
         self._split: Optional[Tuple[Params, Params]] = None
         self._functionals: Dict[str, Forward] = {}
 
@@ -211,9 +226,10 @@ class MAML(MetaLearner):
         vmap, channels-first, and the query passes (``query=True``) task by task, channels-last:
         the tasks' small support sets batched into larger kernels, their larger query sets in the
         layout where a CPU's batch norm and pooling are fastest."""
-        batching = batching or self.batching or "vmap"
+        chosen_batching, chosen_format = self._running_path or (self.batching, self.memory_format)
+        batching = batching or chosen_batching or "vmap"
         if memory_format is None:
-            memory_format = (self.memory_format if batching in ("loop", self.batching) else None) or "contiguous"
+            memory_format = (chosen_format if batching in ("loop", chosen_batching) else None) or "contiguous"
         if batching == "vmap" and memory_format == "channels_last":
             return ("loop", "channels_last") if query else ("vmap", "contiguous")
         return batching, memory_format
@@ -343,23 +359,35 @@ class MAML(MetaLearner):
         return losses @ weights.to(losses), outputs
 
     def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
-        self.choose_batching(batch, evaluation=True)
-        if stage != "test":
-            params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
-            return self.predict(params, batch.query_x)
-        scores = []
-        for params in self.trajectory(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False):
-            outputs = self.predict(params, batch.query_x)
-            scores.append(self.scores(outputs, batch))
+        with self.running_on(self._evaluation_execution(batch)):
+            if stage != "test":
+                params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
+                return self.predict(params, batch.query_x)
+            scores = []
+            for params in self.trajectory(batch.support_x, batch.support_y, self.test_inner_steps,
+                                          differentiable=False):
+                outputs = self.predict(params, batch.query_x)
+                scores.append(self.scores(outputs, batch))
         self.test_curve.update(torch.stack(scores, dim=1))
         return outputs
 
     def adaptation_curve(self, batch: TaskBatch, steps: Optional[int] = None) -> Tensor:
         """Query outputs after 0, 1, ..., ``steps`` inner steps, ``[steps + 1, B, M, ...]``, no graph."""
-        self.choose_batching(batch, evaluation=True)
         steps = self.test_inner_steps if steps is None else steps
-        trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
-        return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
+        with self.running_on(self._evaluation_execution(batch)):
+            trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
+            return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
+
+    @contextlib.contextmanager
+    def running_on(self, path: Optional[Tuple[str, str]]) -> Iterator[None]:
+        """Run the passes inside on ``path`` (batching, memory format) instead of training's
+        (``None``: training's)."""
+        previous = self._running_path
+        self._running_path = path
+        try:
+            yield
+        finally:
+            self._running_path = previous
 
     def on_test_epoch_start(self) -> None:
         # test_inner_steps may have been changed since construction (a script evaluating with
@@ -388,21 +416,38 @@ class MAML(MetaLearner):
         super().on_save_checkpoint(checkpoint)
         checkpoint["batching"] = self.batching
         checkpoint["memory_format"] = self.memory_format
+        checkpoint["evaluation_path"] = list(self.evaluation_path) if self.evaluation_path is not None else None
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        # A resumed run keeps the path the interrupted one timed and chose: vmap and the loop
+        # A resumed run keeps the paths the interrupted one timed and chose: vmap and the loop
         # agree only to rounding, and a fresh timing could pick the other.
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            if self._provisional_choice is not None:  # chosen for evaluation only: training's to make
-                self.batching, self.memory_format = self._provisional_choice
-                self._provisional_choice = None
             if self.batching is None:
                 self.batching = checkpoint.get("batching")
             if self.memory_format is None:
                 self.memory_format = checkpoint.get("memory_format")
                 if self.memory_format is None and self.batching is not None:
                     self.memory_format = "contiguous"  # a checkpoint from before the layout was chosen
+            saved = checkpoint.get("evaluation_path")
+            if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)):
+                self.evaluation_path = (saved[0], saved[1])
+
+    def _agrees(self, path: Tuple[str, str]) -> bool:
+        """Whether ``path`` is one the constructor's fixed choices allow."""
+        return all(fixed is None or fixed == chosen for fixed, chosen in zip(self.requested_path, path))
+
+    def _candidates(self) -> List[Tuple[str, str]]:
+        """The paths the constructor's fixed choices allow, vmap's first (BATCHING's order), less
+        vmap once the backbone failed to run under it."""
+        batchings, formats = self.requested_path
+        return [
+            (batching, memory_format)
+            for batching in (BATCHING if batchings is None else (batchings,))
+            for memory_format in ([formats] if formats is not None else list(MEMORY_FORMATS))
+            if (memory_format == "contiguous" or self.convolutional)
+            and not (batching == "vmap" and self._vmap_runs is False)
+        ]
 
     def choose_batching(self, batch: TaskBatch, evaluation: bool = False) -> str:
         """With ``batching="auto"`` (or ``memory_format="auto"``), decide once, on this batch, how
@@ -417,48 +462,60 @@ class MAML(MetaLearner):
         channels-first ones by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing
         noise decides, keeps the layout the module has. All paths give the same numbers to
         rounding, so the choice only changes speed. The decision and every timing are logged.
-        Fit's sanity check (validation episodes before any training) times nothing: it runs the
-        loop in the module's layout, and training's first batch decides.
+        Returns the batching chosen.
 
-        ``evaluation=True`` (evaluation calls it so: ``validate``, ``test``, an adaptation
-        curve, before any training) times an evaluation step instead, the workload that is
-        going to run (adaptation over ``test_inner_steps`` without the outer graph, the query
-        pass; no second-order backward, whose best path can differ), and the choice holds until
-        training starts, which decides again on its first batch.
+        ``evaluation=True`` (evaluation calls it so: validation, test, prediction, an adaptation
+        curve) makes evaluation's own choice, :attr:`evaluation_path`, the same way on an
+        evaluation step (adaptation over ``test_inner_steps`` without the outer graph, the
+        query pass; no second-order backward, whose best path can differ), once, whether or not
+        training has chosen (training's own choice is made on its first batch). Fit's sanity
+        check (validation episodes before any training) times nothing: it runs the loop in the
+        fixed layout, or channels-first, and the first validation after training starts decides.
         """
+        if evaluation:
+            return self._evaluation_execution(batch)[0]
         if self.batching is not None and self.memory_format is not None:
             return self.batching
-        undecided = self.batching, self.memory_format
+        self.batching, self.memory_format, self.batching_timings = self._timed_choice(batch, evaluation=False)
+        return self.batching
+
+    def _evaluation_execution(self, batch: TaskBatch) -> Tuple[str, str]:
+        """The path evaluation runs ``batch`` on: :attr:`evaluation_path`, chosen now if not yet
+        (see :meth:`choose_batching`)."""
+        if self.evaluation_path is not None:
+            return self.evaluation_path
         if self._trainer is not None and bool(getattr(self.trainer, "sanity_checking", False)):
             # Fit's sanity check runs a validation episode or two before any training batch.
             # Timing every path there cost as much again as the real choice (a minute at
-            # mini-ImageNet size) on episodes unlike training's (often more queries), only to be
-            # timed again on the first training batch. Run them untimed task by task in the
-            # module's layout, which every model can do; on_train_start puts "auto" back.
-            self._provisional_choice = undecided
-            self.batching = self.batching or "loop"
-            self.memory_format = self.memory_format or "contiguous"
-            return self.batching
-        formats = [self.memory_format] if self.memory_format is not None else list(MEMORY_FORMATS)
-        candidates: List[Tuple[str, str]] = [
-            (batching, memory_format)
-            for batching in (BATCHING if self.batching is None else (self.batching,))
-            for memory_format in formats
-            if memory_format == "contiguous" or self.convolutional
-        ]  # vmap's first (BATCHING's order), to try it before timing
+            # mini-ImageNet size), for a check; run them untimed task by task in the fixed
+            # layout, which every model can do, and leave the choice to the first validation.
+            batchings, formats = self.requested_path
+            return batchings or "loop", formats or "contiguous"
+        batching, memory_format, self.evaluation_timings = self._timed_choice(batch, evaluation=True)
+        self.evaluation_path = (batching, memory_format)
+        return self.evaluation_path
+
+    def _timed_choice(self, batch: TaskBatch, evaluation: bool) -> Tuple[str, str, Dict[str, float]]:
+        """Time a step (training's, or with ``evaluation`` evaluation's) on every candidate path
+        and return the chosen (batching, memory format) and the timings in ms by path name
+        (empty when there was nothing to time); logs the decision."""
+        candidates = self._candidates()
         timings: Dict[Tuple[str, str], List[float]] = {}
         with torch.inference_mode(False), torch.enable_grad():
             if batch.support_x.is_inference():
                 batch = TaskBatch(*(t.clone() for t in batch))
-            if candidates[0][0] == "vmap" and any(batching == "loop" for batching, _ in candidates):
+            if candidates[0][0] == "vmap" and any(batching == "loop" for batching, _ in candidates) \
+                    and self._vmap_runs is None:
                 try:
                     self._timed_step(batch, *candidates[0], evaluation=evaluation)
+                    self._vmap_runs = True
                 except (RuntimeError, ValueError) as error:
                     warnings.warn(
                         f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({error}); adapting tasks "
                         "one by one instead. Pass batching='loop' to skip this attempt.",
-                        stacklevel=2,
+                        stacklevel=3,
                     )
+                    self._vmap_runs = False
                     candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
             if len(candidates) > 1:
                 timings = {candidate: [] for candidate in candidates}
@@ -466,8 +523,7 @@ class MAML(MetaLearner):
                     for candidate in candidates:
                         timings[candidate].append(self._timed_step(batch, *candidate, evaluation=evaluation))
         if not timings:
-            self.batching, self.memory_format = candidates[0]
-            return self.batching
+            return (*candidates[0], {})
         best = {candidate: min(times) for candidate, times in timings.items()}
         judged = dict(best)
         if any(memory_format == "contiguous" for _, memory_format in judged):
@@ -476,51 +532,39 @@ class MAML(MetaLearner):
             for candidate in judged:
                 if candidate[1] == "channels_last":
                     judged[candidate] /= 1 - CHANNELS_LAST_MARGIN
-        self.batching, self.memory_format = min(judged, key=judged.get)
+        batching, memory_format = min(judged, key=judged.get)
         if self._trainer is not None and self.trainer.world_size > 1:
             # Every process runs the path process 0 timed: they step in lockstep anyway, and a
             # run should not depend on which process's timing came out ahead.
-            self.batching, self.memory_format = self.trainer.strategy.broadcast(
-                (self.batching, self.memory_format), src=0)
-        self.batching_timings = {path_name(*c): 1000 * t for c, t in best.items()}
-        chosen = repr(self.batching) + (" with memory_format='channels_last'" if self.memory_format == "channels_last" else "")
-        if evaluation:
-            self._provisional_choice = undecided
+            batching, memory_format = self.trainer.strategy.broadcast((batching, memory_format), src=0)
+        milliseconds = {path_name(*c): 1000 * t for c, t in best.items()}
+        chosen = repr(batching) + (" with memory_format='channels_last'" if memory_format == "channels_last" else "")
         step = "evaluation" if evaluation else "training"
         rank_zero_info(
-            f"{type(self).__name__}: batching='auto' chose {chosen} (one {step} step of {batch.num_tasks} tasks: "
-            + ", ".join(f"{path} {ms:.1f} ms" for path, ms in self.batching_timings.items()) + ")"
-            + ("; training, if it comes, decides again on its first batch." if evaluation else ".")
+            f"{type(self).__name__}: batching='auto' chose {chosen} for {step} (one {step} step of "
+            f"{batch.num_tasks} tasks: " + ", ".join(f"{path} {ms:.1f} ms" for path, ms in milliseconds.items()) + ")."
         )
+        prefix = "batching/evaluation_" if evaluation else "batching/"
         for logger in self.loggers:
             logger.log_metrics(
-                {f"batching/{path.replace(' ', '_')}_ms": ms for path, ms in self.batching_timings.items()},
+                {f"{prefix}{path.replace(' ', '_')}_ms": ms for path, ms in milliseconds.items()},
                 step=self.global_step if self._trainer is not None else 0,
             )
-        return self.batching
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self._provisional_choice is not None:
-            self.batching, self.memory_format = self._provisional_choice
-            self._provisional_choice = None
+        return batching, memory_format, milliseconds
 
     def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous",
                     evaluation: bool = False) -> float:
-        chosen = self.batching, self.memory_format
-        self.batching, self.memory_format = batching, memory_format  # read by execution() through training_losses
-        try:
+        with self.running_on((batching, memory_format)):  # read by execution()
             start = time.perf_counter()
             if evaluation:
                 with torch.no_grad():  # as _evaluate runs it: no outer graph
-                    self.evaluation_outputs(batch, "val")
+                    adapted = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
+                    self.predict(adapted, batch.query_x)
                 return time.perf_counter() - start
             loss = self.training_losses(batch, batching)[0].mean()
             trainable = [p for p in self.parameters() if p.requires_grad]
             torch.autograd.grad(loss, trainable, allow_unused=True)
             return time.perf_counter() - start
-        finally:
-            self.batching, self.memory_format = chosen
 
 
 def path_name(batching: str, memory_format: str) -> str:
