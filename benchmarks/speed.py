@@ -316,8 +316,9 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
     the shipped config and of the CLI is in place: progress bar, TensorBoard logger, both
     checkpoint callbacks, the non-finite guard, the requeue and run-folder callbacks; no
     validation), ``Trainer.fit`` with no logger, checkpoint or progress bar (Lightning's loop
-    alone), and a bare loop over the same ``training_step`` and optimizer. Steady state: the
-    first ``steps // 5`` steps of each run are excluded. The three take turns round by round."""
+    alone), the same with manual optimization (``manual_backward`` and the optimizer's ``step``
+    inside ``training_step``), and a bare loop over the same ``training_step`` and optimizer. Steady state: the
+    first ``steps // 5`` steps of each run are excluded. The four take turns round by round."""
     import tempfile
 
     import lightning as L
@@ -360,6 +361,32 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
         trainer.fit(model, data)
         return per_step(clock.stamps)
 
+    class ManualMAML(MAML):
+        """The same step under Lightning's manual optimization: its optimizer wrapper, which
+        keeps the precision plugin and the optimizer hooks (``manual_backward``, ``step``)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            return loss
+
+    def manual() -> float:
+        L.seed_everything(0, verbose=False)
+        model = ManualMAML(MLP(), inner_lr=0.01, batching="vmap")
+        data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
+        clock = StepClock()
+        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
+        trainer.fit(model, data)
+        return per_step(clock.stamps)
+
     def bare() -> float:
         L.seed_everything(0, verbose=False)
         model = MAML(MLP(), inner_lr=0.01, batching="vmap")
@@ -375,10 +402,12 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
             optimizer.step()
         return per_step(stamps)
 
-    times: Dict[str, List[float]] = {"CLI, shipped config": [], "Trainer.fit, no callbacks": [], "bare loop": []}
+    times: Dict[str, List[float]] = {"CLI, shipped config": [], "Trainer.fit, no callbacks": [],
+                                     "Trainer.fit, no callbacks, manual optimization": [], "bare loop": []}
     for _ in range(rounds):
         times["CLI, shipped config"].append(with_cli())
         times["Trainer.fit, no callbacks"].append(loop_alone())
+        times["Trainer.fit, no callbacks, manual optimization"].append(manual())
         times["bare loop"].append(bare())
     return times
 
