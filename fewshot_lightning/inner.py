@@ -316,6 +316,7 @@ def trajectory(
     optimizer: Optional[InnerOptimizer] = None,
     minibatch: Optional[Callable[[int], Tensor]] = None,
     loss_scale: Optional[Union[float, Tensor]] = None,
+    per_step: Optional[Callable[[int], Params]] = None,
 ) -> Iterator[Params]:
     """Yield the per-task parameters before any step, after one, ..., after ``steps`` steps.
 
@@ -343,6 +344,11 @@ def trajectory(
             overflow gives infinite gradients, hence infinite adapted parameters and query loss:
             the outer ``GradScaler`` then skips the step and lowers its scale, which the caller
             passes here again.
+        per_step: ``per_step(k)`` gives tensors that the forward receives among the parameters
+            at step ``k`` and that are yielded with the parameters after ``k`` steps, instead
+            of being adapted (no inner gradient is taken for them): MAML++'s per-step batch
+            norm weights and biases. Per-task ``[B, ...]``, like ``params``; names not in
+            ``params``.
 
     Inner gradients are taken with autograd on even under ``torch.no_grad``; whether a graph
     to the outer parameters is kept is ``differentiable``'s business alone.
@@ -352,11 +358,21 @@ def trajectory(
     optimizer = GradientDescent() if optimizer is None else optimizer
     params = _ready(params, differentiable)
     state = optimizer.init(params)
-    yield _visible(params, differentiable)
+
+    def at(step: int, params: Params) -> Params:
+        if per_step is None:
+            return params
+        given = per_step(step)
+        clash = set(given) & set(params)
+        if clash:
+            raise ValueError(f"per_step gives {sorted(clash)}, which are adapted parameters: they cannot be both.")
+        return {**params, **given}
+
+    yield _visible(at(0, params), differentiable)
     for step in range(steps):
         x, y = (support_x, support_y) if minibatch is None else _subset(support_x, support_y, minibatch(step))
         with torch.enable_grad():
-            losses = loss_fn(forward(params, x), y)
+            losses = loss_fn(forward(at(step, params), x), y)
             if penalty is not None:
                 losses = losses + penalty(params)
             names = list(params)
@@ -368,7 +384,7 @@ def trajectory(
         if not differentiable:
             state = _detached(state)
         params = _ready(params, differentiable)
-        yield _visible(params, differentiable)
+        yield _visible(at(step + 1, params), differentiable)
 
 
 def adapt(

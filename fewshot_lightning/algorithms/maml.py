@@ -17,7 +17,7 @@ from ..inner import (
     split_parameters, task_params, trajectory,
 )
 from ..metrics import MeanConfidenceInterval
-from .base import MetaLearner, per_task_loss
+from .base import MetaLearner, WeightsMismatchError, per_task_loss
 
 
 #: How much faster than the channels-first paths a channels-last path must time to be chosen
@@ -606,9 +606,19 @@ class MAMLPlusPlus(MAML):
 
     Implemented here: the multi-step loss with annealed weights (``multi_step_loss_steps``),
     derivative-order annealing (``first_order_steps``), per-step learnable inner learning rates
-    for every parameter tensor (``per_step_lr``, ``learn_inner_lr``), and cosine annealing of
-    the outer learning rate through ``lr_scheduler`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
-    Not implemented: per-step batch-norm statistics and weights (the paper's BNRS/BNWB).
+    for every parameter tensor (``per_step_lr``, ``learn_inner_lr``), per-step batch-norm
+    weights and biases (the paper's BNWB, ``per_step_bn``), and cosine annealing of the outer
+    learning rate through ``lr_scheduler`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
+
+    Per-step batch norm: every batch-norm layer's weight and bias get ``inner_steps + 1``
+    meta-learned copies, held in :attr:`step_norms` as ``[inner_steps + 1, C]`` tensors; the
+    support pass of inner step ``k`` (counting from 0) and the query pass after ``k`` steps use
+    copy ``k``, and steps beyond ``inner_steps`` (``test_inner_steps`` larger) the last. They
+    are not adapted in the inner loop (no inner gradient, no inner rate), as in the authors'
+    code. Each copy starts as the backbone's own weight and bias, which are then no longer used
+    (``requires_grad`` off). The paper's per-step running statistics (BNRS) do not apply:
+    batch norm here normalises each task with its own batch statistics, in training and in
+    evaluation (as the authors' code does), and keeps no running averages.
 
     Args:
         backbone: any ``nn.Module``.
@@ -616,6 +626,8 @@ class MAMLPlusPlus(MAML):
         per_step_lr, learn_inner_lr: learnable per-step, per-layer inner rates (on).
         multi_step_loss_steps: outer steps of the multi-step loss; the authors' Omniglot
             configuration anneals it over 10 "epochs" of 500 steps.
+        per_step_bn: per-step batch-norm weights and biases; default (``None``) on when the
+            backbone has batch-norm layers with weights. ``True`` without any is an error.
         **kwargs: :class:`MAML`'s other arguments (``first_order_steps`` included).
 
     Example::
@@ -633,12 +645,86 @@ class MAMLPlusPlus(MAML):
         per_step_lr: bool = True,
         learn_inner_lr: bool = True,
         multi_step_loss_steps: int = 5000,
+        per_step_bn: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
+        norms = batch_norm_parameters(backbone)
+        if per_step_bn and not norms:
+            raise ValueError(
+                f"per_step_bn=True gives every batch-norm layer's weight and bias a copy per inner step, and "
+                f"{type(backbone).__name__} has no batch-norm layer with weights: drop per_step_bn (or set it to "
+                "false), or use a backbone with batch norm."
+            )
+        #: Names of the backbone's batch-norm weights and biases that take a copy per inner step
+        #: (empty with ``per_step_bn`` off). Set before MAML's constructor, which reads it
+        #: through :meth:`adapted_shapes`.
+        self.per_step_norms: Tuple[str, ...] = tuple(norms) if per_step_bn is not False else ()
         super().__init__(
             backbone, inner_steps=inner_steps, per_step_lr=per_step_lr, learn_inner_lr=learn_inner_lr,
             multi_step_loss_steps=multi_step_loss_steps, **kwargs,
         )
+        live = dict(self.backbone.named_parameters())
+        #: The per-step batch-norm weights and biases, ``[inner_steps + 1, C]`` each, under the
+        #: backbone parameter's name with ``.`` as ``__`` (as :class:`~fewshot_lightning.inner.InnerLearningRate`).
+        self.step_norms = nn.ParameterDict({
+            name.replace(".", "__"): nn.Parameter(live[name].detach().unsqueeze(0).repeat(
+                inner_steps + 1, *([1] * live[name].dim())))
+            for name in self.per_step_norms
+        })
+        for name in self.per_step_norms:
+            live[name].requires_grad_(False)  # replaced by the copies: unused, and no gradient expected
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        saved_tables = any(key.startswith("step_norms.") for key in state_dict)
+        if bool(self.per_step_norms) != saved_tables and kwargs.get("strict", args[0] if args else True):
+            # Weights from before per-step batch norm existed (2026-11-28), or trained with the
+            # other setting: say which setting loads them.
+            setting = "false" if saved_tables is False else "true"
+            raise WeightsMismatchError(
+                f"{type(self).__name__}: these weights were trained {'with' if saved_tables else 'without'} per-step "
+                f"batch-norm weights and biases, and the model is configured {'without' if saved_tables else 'with'} "
+                f"them: set per_step_bn: {setting} (CLI: --model.init_args.per_step_bn {setting}) to load them."
+            )
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+    def adapted_shapes(self, backbone: nn.Module, adapt: Optional[Sequence[str]]) -> Dict[str, torch.Size]:
+        # The per-step batch-norm tensors are set per step, not adapted.
+        shapes = super().adapted_shapes(backbone, adapt)
+        return {name: shape for name, shape in shapes.items() if name not in self.per_step_norms}
+
+    def _parameter_split(self) -> Tuple[Params, Params]:
+        if self._split is None:
+            adapted, fixed = split_parameters(self.backbone, self.adapt_names)
+            # The forward receives the per-step batch-norm tensors with the adapted ones, per task.
+            self._split = adapted, {n: p for n, p in fixed.items() if n not in self.per_step_norms}
+        return self._split
+
+    def step_norm_params(self, step: int, tasks: int) -> Params:
+        """The per-step batch-norm weights and biases of inner step ``step`` (the last copy beyond
+        ``inner_steps``), repeated for ``tasks`` tasks, ``[tasks, C]`` each."""
+        params = {}
+        for name in self.per_step_norms:
+            table = self.step_norms[name.replace(".", "__")]
+            row = table[min(step, table.shape[0] - 1)]
+            params[name] = row.unsqueeze(0).expand(tasks, *row.shape)
+        return params
+
+    def inner_options(self, support_x: Tensor, steps: int) -> Dict[str, Any]:
+        options = super().inner_options(support_x, steps)
+        if self.per_step_norms:
+            tasks = support_x.shape[0]
+            options["per_step"] = lambda step: self.step_norm_params(step, tasks)
+        return options
+
+
+def batch_norm_parameters(module: nn.Module) -> List[str]:
+    """Names of the weights and biases of ``module``'s batch-norm layers (any
+    ``nn.modules.batchnorm._BatchNorm``: ``BatchNorm1d/2d/3d``, ``TaskBatchNorm2d``), in order."""
+    names = []
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            names += [f"{prefix}.{name}" if prefix else name for name, _ in layer.named_parameters(recurse=False)]
+    return names
 
 
 #: MAML's arguments about differentiating through the inner loop, and their "off" values.
