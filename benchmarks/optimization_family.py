@@ -224,8 +224,9 @@ def kanji_run(name: str, args) -> Dict:
     vmap = {"batching": "vmap"}  # "auto" would time both paths on the first batch, inside the budget
     if name in ("MAML", "FOMAML"):  # benchmarks/kanji.py's MAML: Finn et al.'s 5-way step of 0.4
         model = MAML(conv4, inner_lr=0.4, inner_steps=1, test_inner_steps=3, first_order=name == "FOMAML", **vmap)
-    elif name == "MAMLPlusPlus":
-        model = MAMLPlusPlus(conv4, inner_lr=0.1, test_inner_steps=5, multi_step_loss_steps=500, **vmap)
+    elif name in ("MAMLPlusPlus", "MAMLPlusPlus-shared-bn"):  # the latter without per-step batch norm
+        model = MAMLPlusPlus(conv4, inner_lr=0.1, test_inner_steps=5, multi_step_loss_steps=500,
+                             per_step_bn=name == "MAMLPlusPlus", **vmap)
     elif name == "Reptile":
         model = Reptile(conv4, inner_lr=0.001, inner_steps=5, inner_batch_size=10, test_inner_steps=50,
                         test_inner_batch_size=5, optimizer=lambda params: torch.optim.SGD(params, lr=1.0), **vmap)
@@ -263,7 +264,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["memory", "sinusoid", "kanji"],
                         choices=["memory", "sinusoid", "kanji"])
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS,
-                        help="default: all five, and MAML++ in the sinusoid and kanji parts; named ones run alone")
+                        help="default: all five, and MAML++ in the sinusoid and kanji parts; named ones run alone "
+                        "(kanji part: also MAMLPlusPlus-shared-bn, MAML++ without per-step batch norm)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the memory part)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10], help="inner steps (memory part)")
     parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations per row (memory part)")
