@@ -45,6 +45,8 @@ def build(algorithm: str, ways: int, shots: int, root: str):
         embedding = Conv4(hidden=32, out_features=None, track_running_stats=True)  # 32 features at 28x28
         if algorithm == "MatchingNet":
             model = MatchingNet(embedding)
+        elif algorithm == "MatchingNet-scaled":  # the cosines scaled by a learned factor starting at 10
+            model = MatchingNet(embedding, scale=10.0, learn_scale=True)
         elif algorithm == "RelationNet":
             model = RelationNet(RelationEmbedding(hidden=32), relation_channels=32)
         elif algorithm == "AttentionLearner":
