@@ -351,9 +351,9 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
                       callbacks=[clock])
         return per_step(clock.stamps)
 
-    def loop_alone() -> float:
+    def loop_alone(learner: type = MAML) -> float:
         L.seed_everything(0, verbose=False)
-        model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+        model = learner(MLP(), inner_lr=0.01, batching="vmap")
         data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
         clock = StepClock()
         trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -377,16 +377,6 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
             optimizer.step()
             return loss
 
-    def manual() -> float:
-        L.seed_everything(0, verbose=False)
-        model = ManualMAML(MLP(), inner_lr=0.01, batching="vmap")
-        data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
-        clock = StepClock()
-        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
-        trainer.fit(model, data)
-        return per_step(clock.stamps)
-
     def bare() -> float:
         L.seed_everything(0, verbose=False)
         model = MAML(MLP(), inner_lr=0.01, batching="vmap")
@@ -407,7 +397,7 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
     for _ in range(rounds):
         times["CLI, shipped config"].append(with_cli())
         times["Trainer.fit, no callbacks"].append(loop_alone())
-        times["Trainer.fit, no callbacks, manual optimization"].append(manual())
+        times["Trainer.fit, no callbacks, manual optimization"].append(loop_alone(ManualMAML))
         times["bare loop"].append(bare())
     return times
 
