@@ -79,6 +79,14 @@ class MAML(MetaLearner):
             step; afterwards only the last step counts (as plain MAML). 0 (default) turns it off.
         first_order_steps: MAML++'s derivative-order annealing: the first this many outer steps
             are first order, the rest second order. 0 (default) turns it off.
+        transductive: at evaluation (validation, test, prediction, adaptation curves), pass
+            each task's queries together (``True``, default: with batch norm on batch
+            statistics, a query's output depends on the other queries of its task, the
+            *transductive* setting of MAML's and Reptile's papers), or each query in a batch
+            with the support set alone and keep its output (``False``: Reptile's
+            non-transductive setting; (S + 1) x Q images pass instead of Q, so the query passes
+            cost about S + 1 times more). Training is unaffected. Without batch norm on batch
+            statistics the two give the same outputs.
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
@@ -115,6 +123,7 @@ class MAML(MetaLearner):
         multi_step_loss_steps: int = 0,
         first_order_steps: int = 0,
         memory_format: str = "auto",
+        transductive: bool = True,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -141,6 +150,8 @@ class MAML(MetaLearner):
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.first_order = first_order
+        #: Whether evaluation passes a task's queries together (see the ``transductive`` argument).
+        self.transductive = transductive
         self.multi_step_loss_steps = multi_step_loss_steps
         self.first_order_steps = first_order_steps
         shapes = self.adapted_shapes(backbone, adapt)
@@ -362,11 +373,11 @@ class MAML(MetaLearner):
         with self.running_on(self._evaluation_execution(batch)):
             if stage != "test":
                 params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
-                return self.predict(params, batch.query_x)
+                return self.evaluation_predict(params, batch)
             scores = []
             for params in self.trajectory(batch.support_x, batch.support_y, self.test_inner_steps,
                                           differentiable=False):
-                outputs = self.predict(params, batch.query_x)
+                outputs = self.evaluation_predict(params, batch)
                 scores.append(self.scores(outputs, batch))
         self.test_curve.update(torch.stack(scores, dim=1))
         return outputs
@@ -376,7 +387,19 @@ class MAML(MetaLearner):
         steps = self.test_inner_steps if steps is None else steps
         with self.running_on(self._evaluation_execution(batch)):
             trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
-            return torch.stack([self.predict(params, batch.query_x) for params in trajectory])
+            return torch.stack([self.evaluation_predict(params, batch) for params in trajectory])
+
+    def evaluation_predict(self, params: Params, batch: TaskBatch) -> Tensor:
+        """Query outputs at evaluation under the adapted ``params``: :meth:`predict` on the
+        queries, or with ``transductive=False`` each query passed in a batch with the support
+        set alone (``[support, query_j]``), its output kept: ``[B, M, ...]`` either way."""
+        if self.transductive:
+            return self.predict(params, batch.query_x)
+        outputs = []
+        for j in range(batch.query_x.shape[1]):
+            alone = torch.cat([batch.support_x, batch.query_x[:, j:j + 1]], dim=1)
+            outputs.append(self.predict(params, alone)[:, -1])
+        return torch.stack(outputs, dim=1)
 
     @contextlib.contextmanager
     def running_on(self, path: Optional[Tuple[str, str]]) -> Iterator[None]:
@@ -559,7 +582,7 @@ class MAML(MetaLearner):
             if evaluation:
                 with torch.no_grad():  # as _evaluate runs it: no outer graph
                     adapted = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
-                    self.predict(adapted, batch.query_x)
+                    self.evaluation_predict(adapted, batch)
                 return time.perf_counter() - start
             loss = self.training_losses(batch, batching)[0].mean()
             trainable = [p for p in self.parameters() if p.requires_grad]

@@ -35,8 +35,8 @@ class Reptile(MAML):
 
     Batch norm: with our backbones (no running statistics) the queries of a task are
     normalised with the statistics of all of them together, which is the paper's
-    *transductive* setting. Its non-transductive setting, each query classified in a batch
-    with the support set alone, is not implemented.
+    *transductive* setting (default). Its non-transductive setting, each query classified in
+    a batch with the support set alone, is ``transductive=False`` (see :class:`MAML`).
 
     Differences from the reference implementation: every task starts a fresh inner Adam
     (the reference carries Adam's moments from task to task within training), so a task's
