@@ -527,11 +527,12 @@ def test_evaluation_before_training_times_evaluation_steps_and_training_decides_
     fixed._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
     fixed.on_load_checkpoint(checkpoint)
     assert fixed.evaluation_path is None
-    # test or validate on a checkpoint (another process, maybe another machine) times afresh.
+    # test or validate on a checkpoint never takes training's path (evaluation's: next test).
     evaluated = MAML(Conv4(hidden=8), inner_lr=0.4)
-    evaluated._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"))
+    evaluated._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"),
+                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
     evaluated.on_load_checkpoint(checkpoint)
-    assert (evaluated.batching, evaluated.evaluation_path) == (None, None)
+    assert evaluated.batching is None
 
 
 def test_a_model_that_fails_under_vmap_is_not_tried_under_it_again(monkeypatch):
@@ -590,3 +591,46 @@ def test_the_sanity_check_keeps_what_the_user_fixed(fixed, monkeypatch):
     assert model.evaluation_path is None or None not in model.requested_path
     assert (model.batching, model.memory_format) == model.requested_path == (
         fixed.get("batching"), "contiguous" if fixed.get("batching") == "vmap" else fixed.get("memory_format"))
+
+
+def test_evaluation_on_the_machine_that_timed_it_reuses_the_checkpoints_evaluation_path(monkeypatch):
+    # test/validate/predict from a checkpoint whose run timed evaluation on this machine (host,
+    # device, torch, threads) take its path without timing; from another machine they time afresh.
+    from types import SimpleNamespace
+
+    from fewshot_lightning.algorithms import maml
+
+    timed = []
+    monkeypatch.setattr(MAML, "_timed_step", lambda self, batch, batching, memory_format="contiguous",
+                        evaluation=False: timed.append(evaluation) or {"loop": 0.01, "vmap": 0.02}[batching])
+    trained = MAML(Conv4(hidden=8), inner_lr=0.4)
+    with torch.no_grad():
+        trained.evaluation_outputs(image_batch(), "val")
+    assert trained.evaluation_path == ("loop", "contiguous") and len(timed) == 9
+    checkpoint = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(checkpoint)
+    assert checkpoint["evaluation_path_timed_on"] == maml.timing_signature(torch.device("cpu"))
+
+    def tester():
+        model = MAML(Conv4(hidden=8), inner_lr=0.4)
+        model._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"),
+                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        return model
+
+    same = tester()
+    same.on_load_checkpoint(checkpoint)
+    assert same.evaluation_path == ("loop", "contiguous")
+    same._trainer = None
+    with torch.no_grad():
+        same.evaluation_outputs(image_batch(), "val")
+    assert len(timed) == 9  # nothing timed again
+    monkeypatch.setattr(maml.platform, "node", lambda: "another-host")
+    elsewhere = tester()
+    elsewhere.on_load_checkpoint(checkpoint)
+    assert elsewhere.evaluation_path is None  # timed afresh on its first evaluation batch
+    fixed = MAML(Conv4(hidden=8), inner_lr=0.4, memory_format="channels_last")
+    monkeypatch.setattr(maml.platform, "node", lambda: checkpoint["evaluation_path_timed_on"].split(" | ")[0])
+    fixed._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"),
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    fixed.on_load_checkpoint(checkpoint)
+    assert fixed.evaluation_path is None  # a path its fixed layout rules out is not taken

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -440,11 +441,22 @@ class MAML(MetaLearner):
         checkpoint["batching"] = self.batching
         checkpoint["memory_format"] = self.memory_format
         checkpoint["evaluation_path"] = list(self.evaluation_path) if self.evaluation_path is not None else None
+        if self.evaluation_timings:  # timed here: where, so that evaluation on the same machine reuses it
+            checkpoint["evaluation_path_timed_on"] = timing_signature(self.device)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         # A resumed run keeps the paths the interrupted one timed and chose: vmap and the loop
         # agree only to rounding, and a fresh timing could pick the other.
+        saved = checkpoint.get("evaluation_path")
+        if self._trainer is not None and self.trainer.state.fn != "fit" and self.evaluation_path is None \
+                and saved is not None and self._agrees(tuple(saved)) \
+                and checkpoint.get("evaluation_path_timed_on") == timing_signature(self.trainer.strategy.root_device):
+            # validate/test/predict on the machine that timed evaluation in training: no need to
+            # time it again (on another machine, or another device, it is timed afresh).
+            self.evaluation_path = (saved[0], saved[1])
+            rank_zero_info(f"{type(self).__name__}: evaluation runs on {path_name(*self.evaluation_path)!r}, as "
+                           "timed on this machine by the run that saved the checkpoint.")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             if self.batching is None:
                 self.batching = checkpoint.get("batching")
@@ -452,7 +464,6 @@ class MAML(MetaLearner):
                 self.memory_format = checkpoint.get("memory_format")
                 if self.memory_format is None and self.batching is not None:
                     self.memory_format = "contiguous"  # a checkpoint from before the layout was chosen
-            saved = checkpoint.get("evaluation_path")
             if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)):
                 self.evaluation_path = (saved[0], saved[1])
 
@@ -588,6 +599,22 @@ class MAML(MetaLearner):
             trainable = [p for p in self.parameters() if p.requires_grad]
             torch.autograd.grad(loss, trainable, allow_unused=True)
             return time.perf_counter() - start
+
+
+def timing_signature(device: torch.device) -> str:
+    """What a timed path choice holds for: this machine (host name), the device (its CUDA name,
+    or the CPU's model), torch's version and its intra-op threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as info:
+                name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def path_name(batching: str, memory_format: str) -> str:
