@@ -88,8 +88,10 @@ class MAML(MetaLearner):
             non-transductive setting; (S + 1) x Q images pass instead of Q, one pass per query,
             so the query passes cost S + 1 times more or worse: on a 2-core CPU, 32 Kanji tasks
             of 5-way 1-shot with 25 queries, 15 s a query pass against 1.5 to 3 s, and a test
-            batch makes one after every inner step). Training is unaffected. Without batch norm
-            on batch statistics the two give the same outputs.
+            batch makes one after every inner step; under ``batching="auto"`` evaluation's
+            choice times eight such evaluation steps: fix ``batching`` and ``memory_format`` to
+            skip them). Training is unaffected. Without batch norm on batch statistics the two
+            give the same outputs.
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
