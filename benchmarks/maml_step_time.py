@@ -10,7 +10,6 @@ outer backward and optimizer step. learn2learn's is the loop of its README and e
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -18,18 +17,13 @@ import torch.nn.functional as F
 
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.algorithms.maml import cpu_name as model_name
 from fewshot_lightning.data import SinusoidTasks
 from fewshot_lightning.models import MLP
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return model_name() or "unknown CPU"
 
 
 def time_loop(step, batches, warmup: int = 20) -> float:

@@ -377,8 +377,7 @@ class MAML(MetaLearner):
     def evaluation_outputs(self, batch: TaskBatch, stage: str) -> Tensor:
         with self.running_on(self._evaluation_execution(batch)):
             if stage != "test":
-                params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
-                return self.evaluation_predict(params, batch)
+                return self._adapted_query_outputs(batch)
             scores = []
             for params in self.trajectory(batch.support_x, batch.support_y, self.test_inner_steps,
                                           differentiable=False):
@@ -393,6 +392,12 @@ class MAML(MetaLearner):
         with self.running_on(self._evaluation_execution(batch)):
             trajectory = self.trajectory(batch.support_x, batch.support_y, steps, differentiable=False)
             return torch.stack([self.evaluation_predict(params, batch) for params in trajectory])
+
+    def _adapted_query_outputs(self, batch: TaskBatch) -> Tensor:
+        """Validation's workload: adaptation over ``test_inner_steps`` without the outer graph,
+        then the query outputs, on the path in use."""
+        params = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
+        return self.evaluation_predict(params, batch)
 
     def evaluation_predict(self, params: Params, batch: TaskBatch) -> Tensor:
         """Query outputs at evaluation under the adapted ``params``: :meth:`predict` on the
@@ -596,8 +601,7 @@ class MAML(MetaLearner):
             start = time.perf_counter()
             if evaluation:
                 with torch.no_grad():  # as _evaluate runs it: no outer graph
-                    adapted = self.adapt(batch.support_x, batch.support_y, self.test_inner_steps, differentiable=False)
-                    self.evaluation_predict(adapted, batch)
+                    self._adapted_query_outputs(batch)
                 return time.perf_counter() - start
             loss = self.training_losses(batch, batching)[0].mean()
             trainable = [p for p in self.parameters() if p.requires_grad]
@@ -605,19 +609,23 @@ class MAML(MetaLearner):
             return time.perf_counter() - start
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else ``platform.processor()`` (may be empty)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def timing_signature(device: torch.device) -> str:
     """What a timed path choice holds for: this machine (host name), the device (its CUDA name,
     or the CPU's model), torch's version and its intra-op threads."""
     device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as info:
-                name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
-        except OSError:
-            pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name() or platform.machine()
     return f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
