@@ -79,11 +79,35 @@ class RunFolder(Callback):
                 self.path.parent.rmdir()
 
 
+#: The trainer's options whose meaning changes between an int (batches) and a float (a fraction).
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _batch_limits_read_integers_first(parser: LightningArgumentParser) -> None:
+    """Read ``--trainer.limit_*_batches 1`` (or ``1`` in a config file) as one batch, not 100%.
+
+    ``Trainer`` takes an int as a number of batches and a float as a fraction of them, so ``1``
+    means one batch and ``1.0`` all of them. Its signature is ``Optional[Union[int, float]]``, but
+    ``typing`` caches unions as equal whatever their order, and the one Lightning's signature
+    gets in this environment reads ``Union[float, int, None]``: the CLI then tries ``float``
+    first and turns ``1`` into ``1.0``, so ``--trainer.limit_test_batches 1`` scored every test
+    batch (with Lightning's message that 100% will be used, and exit code 0). The four options
+    are given the order the signature writes, ``int | float | None`` (a ``types.UnionType``,
+    which keeps its order): ``1`` is one batch, ``1.0`` and ``0.5`` fractions, as in Python.
+    The type is an attribute of jsonargparse's action; if a later version has none, nothing is
+    changed (``tests/test_cli.py`` would then fail on the one-batch check).
+    """
+    for action in parser._actions:
+        if action.dest in {f"trainer.{name}" for name in BATCH_LIMITS} and hasattr(action, "_typehint"):
+            action._typehint = int | float | None
+
+
 class FewShotCLI(LightningCLI):
     """``LightningCLI`` with checkpoint look-up, a non-finite guard and run folders one can trust
     (see the module's docstring)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _batch_limits_read_integers_first(parser)
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_argument(
             "--untrained", type=bool, default=False,

@@ -139,6 +139,48 @@ def test_a_checkpoint_of_another_configuration_is_one_short_message(tmp_path, mo
     assert "Traceback" not in out
 
 
+def test_a_batch_limit_of_1_is_one_batch_and_1_0_all_of_them(tmp_path, monkeypatch, cli):
+    # Trainer reads an int as a number of batches and a float as a fraction. Lightning's CLI read
+    # "--trainer.limit_test_batches 1" as 1.0 (its union type tried float first): every test
+    # batch was scored, exit 0, where the user asked for one.
+    from lightning.pytorch.callbacks import Callback
+
+    from fewshot_lightning.cli import BATCH_LIMITS, build_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+
+    class Count(Callback):
+        batches = 0
+
+        def on_test_batch_end(self, *args) -> None:
+            self.batches += 1
+
+    def tested(limit):
+        count = Count()
+        last = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0" / "checkpoints" / "last.ckpt"
+        build_cli(["test", "--config", SINUSOID, "--ckpt_path", str(last), "--data.test_tasks", "100",
+                   "--trainer.limit_test_batches", limit], callbacks=[count])
+        return count.batches
+
+    every = tested("1.0")
+    assert every == 4  # 100 test tasks in batches of 25
+    assert tested("1") == 1
+    assert tested("3") == 3
+    assert tested("0.5") == 2
+
+    # The same in a config file, for all four options: 1 is an int, 1.0 a float.
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("trainer:\n" + "".join(f"  {name}: {1 if i % 2 else 1.0}\n" for i, name in enumerate(BATCH_LIMITS)))
+    parsed = FewShotCLI(MetaLearner, TaskDataModule, args=["--config", SINUSOID, "--config", str(limits),
+                                                           "--trainer.logger", "false"],
+                        run=False, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False)
+    for i, name in enumerate(BATCH_LIMITS):
+        value = getattr(parsed.trainer, name)
+        assert (type(value), value) == ((int, 1) if i % 2 else (float, 1.0)), name
+
+
 def test_nonfinite_loss_stops_the_run_and_names_the_batch(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     # An inner step of 1e30 makes every adapted network, so every query loss, inf or NaN.
