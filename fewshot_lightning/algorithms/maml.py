@@ -444,6 +444,55 @@ class MAML(MetaLearner):
             for step, value in enumerate(curve.tolist()):
                 logger.log_metrics({f"test/adaptation_curve_{name}": value}, step=step)
 
+    # -- checks before running -----------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._check_output_width(stage)
+
+    def class_scores(self) -> Optional[int]:
+        """How many class scores the backbone outputs per sample: its ``output_shape`` if that is
+        one number, else the ``out_features`` of a ``head`` that is an ``nn.Linear``; ``None`` if
+        neither says."""
+        shape = getattr(self.backbone, "output_shape", None)
+        if shape is not None:
+            return int(shape[0]) if len(shape) == 1 else None
+        head = getattr(self.backbone, "head", None)
+        return head.out_features if isinstance(head, nn.Linear) else None
+
+    def _check_output_width(self, stage: str) -> None:
+        """Classification episodes of N ways need N class scores: fewer, and a label has no output
+        (cross-entropy's "Target 5 is out of bounds" on the CPU, a device-side assert on a GPU);
+        more, and the extra scores, never a target, are trained down but can still win the argmax
+        at evaluation. The episodes the stage runs (at ``fit`` training and validation) are
+        compared with the backbone before anything runs: fewer is an error, more a warning, both
+        naming the options to change."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        shapes = getattr(datamodule, "episode_shape", None)
+        width = self.class_scores()
+        if not isinstance(shapes, dict) or getattr(datamodule, "regression", False) or width is None:
+            return
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(stage, ())
+        warned = set()
+        for split in splits:
+            ways = shapes[split][0]
+            described = datamodule.episode_arguments(split)[1][0]
+            fix = (f"build the backbone with out_features={ways} (--model.init_args.backbone.init_args.out_features "
+                   f"{ways}) or ask for {width}-way episodes")
+            episodes = {"train": "training", "val": "validation", "test": "test"}[split]
+            if width < ways:
+                raise ValueError(
+                    f"{type(self).__name__}'s backbone outputs {width} class scores, but the {episodes} episodes "
+                    f"are {ways}-way ({described}): labels {width} to {ways - 1} have no score. Either {fix}."
+                )
+            if width > ways and ways not in warned:
+                warned.add(ways)
+                warnings.warn(
+                    f"{type(self).__name__}'s backbone outputs {width} class scores for {ways}-way {episodes} "
+                    f"episodes ({described}): the other {width - ways} are never a target but can still be the "
+                    f"predicted class. The papers' setting has one per way: {fix}.",
+                    stacklevel=2,
+                )
+
     # -- batching -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
