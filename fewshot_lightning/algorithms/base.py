@@ -126,6 +126,9 @@ class MetaLearner(L.LightningModule):
 
     #: Whether evaluation needs autograd (gradient-based adaptation) even under ``inference_mode``.
     needs_grad_at_eval: bool = False
+    #: The kinds of task the learner solves: ``"classification"`` (integer labels) and/or
+    #: ``"regression"`` (float targets). A DataModule of another kind stops the run at setup.
+    task_kinds: Tuple[str, ...] = ("classification", "regression")
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``nn.Module.__setattr__``, with a shortcut for plain values (``str``, numbers, ``None``)
@@ -287,8 +290,25 @@ class MetaLearner(L.LightningModule):
         kind = getattr(datamodule, "regression", None)
         if kind is not None:
             self.regression = bool(kind)
+            self._check_kind_solved(type(datamodule).__name__)
         if stage == "fit" and self.trainer.strategy.root_device.type == "cpu":
             skip_failing_nvml_probe()
+
+    def _check_kind_solved(self, data: str) -> None:
+        """Refuse tasks of a kind the learner does not solve (a metric learner given regression
+        tasks failed deep in its backbone, a CNP given images in an indexing error)."""
+        kind = "regression" if self.regression else "classification"
+        if kind in self.task_kinds:
+            return
+        described = {"regression": "regression tasks (float targets)",
+                     "classification": "classification tasks (integer labels)"}
+        others = {"regression": "the MAML family (MAML, ANIL, Meta-SGD, MAML++, Reptile, iMAML, CAVIA) or CNP",
+                  "classification": "the MAML family, ProtoNet, MatchingNet, RelationNet or AttentionLearner"}
+        raise ValueError(
+            f"{type(self).__name__} solves {described[self.task_kinds[0]]}, but {data} makes {described[kind]}. "
+            f"Use a DataModule of {described[self.task_kinds[0]].split(' (')[0]}, or a learner for {kind}: "
+            f"{others[kind]}."
+        )
 
     def _check_task_kind(self, batch: TaskBatch) -> None:
         """Fix the score's name once, and refuse batches of the other kind of task."""

@@ -81,6 +81,8 @@ class AttentionLearner(MetaLearner):
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
+    task_kinds = ("classification",)
+
     def __init__(
         self,
         backbone: nn.Module,

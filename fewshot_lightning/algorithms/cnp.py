@@ -65,6 +65,8 @@ class CNP(MetaLearner):
         L.Trainer(max_steps=200, logger=False).fit(model, SinusoidDataModule(shots=10, meta_batch_size=16))
     """
 
+    task_kinds = ("regression",)
+
     def __init__(
         self,
         backbone: nn.Module,

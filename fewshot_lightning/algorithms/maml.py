@@ -477,7 +477,7 @@ class MAML(MetaLearner):
             ways = shapes[split][0]
             described = datamodule.episode_arguments(split)[1][0]
             fix = (f"build the backbone with out_features={ways} (--model.init_args.backbone.init_args.out_features "
-                   f"{ways}) or ask for {width}-way episodes")
+                   f"{ways})" + (f" or ask for {width}-way episodes" if width >= 2 else ""))
             episodes = {"train": "training", "val": "validation", "test": "test"}[split]
             if width < ways:
                 raise ValueError(

@@ -60,6 +60,8 @@ class ProtoNet(MetaLearner):
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
+    task_kinds = ("classification",)
+
     def __init__(
         self,
         backbone: nn.Module,

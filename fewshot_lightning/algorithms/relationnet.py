@@ -66,6 +66,8 @@ class RelationNet(MetaLearner):
         L.Trainer(max_steps=10, logger=False).fit(model, data)
     """
 
+    task_kinds = ("classification",)
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -1,0 +1,117 @@
+"""A learner and its DataModule must agree before anything runs. The kind of task: a learner
+given tasks it does not solve (ProtoNet on regression, CNP on images) stops at setup naming
+both, instead of failing deep in its backbone. The MAML family's class scores and the
+episodes' ways: fewer scores fail with a message naming both options (instead of
+cross-entropy's "Target 5 is out of bounds" mid-step, or a device-side assert on a GPU); more
+train, with a warning."""
+import warnings
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from fewshot_lightning.algorithms import CAVIA, CNP, MAML, AttentionLearner, MatchingNet, ProtoNet, RelationNet
+from fewshot_lightning.data import EpisodicDataModule, SinusoidDataModule
+from fewshot_lightning.models import MLP, Conv4, FiLMConv4, RelationEmbedding
+from test_episodes import identity_data
+
+
+class Steps(Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.batches += 1
+
+    def on_test_batch_start(self, *args) -> None:
+        self.batches += 1
+
+
+def run(out_features, stage="fit", **episodes):
+    data, labels = identity_data()
+    datamodule = EpisodicDataModule(data, labels, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
+                                    val_tasks=2, test_tasks=2, num_workers=0, **episodes)
+    model = MAML(MLP(in_features=2, hidden=[8], out_features=out_features), inner_lr=0.1, batching="loop")
+    steps = Steps()
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[steps])
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        try:
+            getattr(trainer, stage)(model, datamodule) if stage == "fit" else trainer.test(model, datamodule)
+        finally:
+            run.batches = steps.batches
+    return [str(w.message) for w in warned if "class scores" in str(w.message)]
+
+
+def test_fewer_scores_than_training_ways_stop_fit_before_a_step():
+    with pytest.raises(ValueError, match=r"MAML's backbone outputs 3 class scores, but the training episodes are "
+                                         r"5-way \(ways = 5\): labels 3 to 4 have no score\. Either build the "
+                                         r"backbone with out_features=5 .*or ask for 3-way episodes"):
+        run(3, ways=5)
+    assert run.batches == 0
+
+
+def test_test_ways_are_checked_at_fit_and_at_test():
+    # Validation and test episodes take test_ways: at fit (validation) and at test.
+    with pytest.raises(ValueError, match=r"the validation episodes are 5-way \(test_ways = 5\)"):
+        run(3, ways=3, test_ways=5)
+    assert run.batches == 0
+    with pytest.raises(ValueError, match=r"the test episodes are 5-way \(test_ways = 5\)"):
+        run(3, stage="test", ways=3, test_ways=5)
+    assert run.batches == 0
+
+
+def test_more_scores_than_ways_warn_once_and_train():
+    warned = run(5, ways=3)
+    assert run.batches == 1
+    assert len(warned) == 1  # training and validation episodes are both 3-way: one warning
+    assert "outputs 5 class scores for 3-way training episodes (ways = 3): the other 2 are never a target" in warned[0]
+    assert run(3, ways=3) == [] and run.batches == 1
+
+
+def test_class_scores_from_output_shape_or_head():
+    assert MAML(MLP(in_features=2, out_features=7), inner_lr=0.1).class_scores() == 7  # output_shape
+    # CAVIA's image network has no output_shape: its linear head says.
+    assert CAVIA(FiLMConv4(out_features=6, hidden=8), inner_lr=0.1).class_scores() == 6
+
+
+def fit_setup(model, datamodule):
+    steps = Steps()
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[steps])
+    try:
+        trainer.fit(model, datamodule)
+    finally:
+        fit_setup.batches = steps.batches
+
+
+@pytest.mark.parametrize("learner", ["ProtoNet", "MatchingNet", "RelationNet", "AttentionLearner"])
+def test_classifiers_refuse_regression_tasks(learner):
+    model = {
+        "ProtoNet": lambda: ProtoNet(Conv4(out_features=None, hidden=8, track_running_stats=True)),
+        "MatchingNet": lambda: MatchingNet(Conv4(out_features=None, hidden=8, track_running_stats=True)),
+        "RelationNet": lambda: RelationNet(RelationEmbedding(hidden=8, image_size=16), relation_channels=8, relation_hidden=4),
+        "AttentionLearner": lambda: AttentionLearner(Conv4(out_features=None, hidden=8, track_running_stats=True)),
+    }[learner]()
+    with pytest.raises(ValueError, match=rf"^{learner} solves classification tasks \(integer labels\), but "
+                                         r"SinusoidDataModule makes regression tasks \(float targets\)\. Use a "
+                                         r"DataModule of classification tasks, or a learner for regression: the MAML "
+                                         r"family .* or CNP\.$"):
+        fit_setup(model, SinusoidDataModule(meta_batch_size=2, train_tasks=2, val_tasks=2, num_workers=0))
+    assert fit_setup.batches == 0
+
+
+def test_cnp_refuses_classification_tasks_and_maml_solves_both():
+    data, labels = identity_data()
+    episodes = EpisodicDataModule(data, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
+                                  val_tasks=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"^CNP solves regression tasks \(float targets\), but EpisodicDataModule "
+                                         r"makes classification tasks \(integer labels\)\."):
+        fit_setup(CNP(MLP(in_features=2, hidden=[8], out_features=8)), episodes)
+    assert fit_setup.batches == 0
+    fit_setup(MAML(MLP(in_features=2, hidden=[8], out_features=3), inner_lr=0.1, batching="loop"), episodes)
+    assert fit_setup.batches == 1
+    fit_setup(MAML(MLP(), inner_lr=0.1, batching="loop"),
+              SinusoidDataModule(meta_batch_size=2, train_tasks=2, val_tasks=2, num_workers=0))
+    assert fit_setup.batches == 1
