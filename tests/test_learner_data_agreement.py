@@ -7,6 +7,7 @@ train, with a warning."""
 import warnings
 
 import lightning as L
+import torch
 import pytest
 from lightning.pytorch.callbacks import Callback
 
@@ -114,4 +115,36 @@ def test_cnp_refuses_classification_tasks_and_maml_solves_both():
     assert fit_setup.batches == 1
     fit_setup(MAML(MLP(), inner_lr=0.1, batching="loop"),
               SinusoidDataModule(meta_batch_size=2, train_tasks=2, val_tasks=2, num_workers=0))
+    assert fit_setup.batches == 1
+
+
+@pytest.mark.parametrize("learner, backbone, fix", [
+    ("MAML", lambda: Conv4(in_channels=1, hidden=8, image_size=84, out_features=3), "image_size 16"),
+    ("ProtoNet", lambda: Conv4(in_channels=3, hidden=8, image_size=16, out_features=None, track_running_stats=True),
+     "in_channels 1"),
+    ("CAVIA", lambda: FiLMConv4(in_channels=3, hidden=8, image_size=32, out_features=3), "in_channels 1 and "
+     "--model.init_args.backbone.init_args.image_size 16"),
+])
+def test_samples_of_another_shape_stop_at_the_first_batch_naming_the_arguments(learner, backbone, fix):
+    # 16x16 grey images; the backbone was built for other ones. Before, a Conv4 with a head
+    # failed in it ("mat1 and mat2 shapes cannot be multiplied"), the others in a convolution.
+    images, labels = torch.rand(120, 1, 16, 16), torch.arange(20).repeat_interleave(6)
+    datamodule = EpisodicDataModule(images, labels, ways=3, shots=1, queries=1, meta_batch_size=2,
+                                    train_tasks=2, val_tasks=2, split_fractions=(0.6, 0.2, 0.2), num_workers=0)
+    kwargs = {"inner_lr": 0.1} if learner != "ProtoNet" else {}
+    model = {"MAML": MAML, "ProtoNet": ProtoNet, "CAVIA": CAVIA}[learner](backbone(), **kwargs)
+    with pytest.raises(ValueError, match=rf"^{learner}'s backbone \w+ was built for samples of shape "
+                                         rf"\[.*\], but the batches hold samples of shape \[1, 16, 16\]: build it "
+                                         rf"with --model.init_args.backbone.init_args.{fix}, or"):
+        fit_setup(model, datamodule)
+    assert fit_setup.batches == 1  # the check runs at the first batch's start, before its step
+
+
+def test_strided_conv4_takes_any_image_size():
+    # Conv4(max_pool=False) ends in a spatial mean: only the channels are checked.
+    assert Conv4(in_channels=3, max_pool=False).input_shape == (3, None, None)
+    model = MAML(Conv4(in_channels=1, hidden=8, max_pool=False, out_features=3), inner_lr=0.1, batching="loop")
+    images, labels = torch.rand(120, 1, 20, 20), torch.arange(20).repeat_interleave(6)
+    fit_setup(model, EpisodicDataModule(images, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
+                                        val_tasks=2, split_fractions=(0.6, 0.2, 0.2), num_workers=0))
     assert fit_setup.batches == 1

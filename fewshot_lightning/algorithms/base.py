@@ -129,6 +129,8 @@ class MetaLearner(L.LightningModule):
     #: The kinds of task the learner solves: ``"classification"`` (integer labels) and/or
     #: ``"regression"`` (float targets). A DataModule of another kind stops the run at setup.
     task_kinds: Tuple[str, ...] = ("classification", "regression")
+    #: Whether the backbone takes the samples as they are (checked against its ``input_shape``).
+    backbone_reads_samples: bool = True
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``nn.Module.__setattr__``, with a shortcut for plain values (``str``, numbers, ``None``)
@@ -308,6 +310,43 @@ class MetaLearner(L.LightningModule):
             f"{type(self).__name__} solves {described[self.task_kinds[0]]}, but {data} makes {described[kind]}. "
             f"Use a DataModule of {described[self.task_kinds[0]].split(' (')[0]}, or a learner for {kind}: "
             f"{others[kind]}."
+        )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._check_input_shape(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_input_shape(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_input_shape(batch)
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_input_shape(batch)
+
+    def _check_input_shape(self, batch: Any) -> None:
+        """Refuse samples of another shape than the backbone was built for (its ``input_shape``,
+        if it has one): a Conv4 built for 84x84 colour images given 28x28 grey ones failed in
+        its head with "mat1 and mat2 shapes cannot be multiplied", or in its first convolution.
+        The error names the backbone's arguments to change and their values."""
+        expected = getattr(self.backbone, "input_shape", None)
+        if expected is None or not self.backbone_reads_samples or not isinstance(batch, TaskBatch):
+            return
+        got = tuple(batch.support_x.shape[2:])
+        if len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got)):
+            return
+        names = getattr(self.backbone, "input_arguments", None)
+        backbone = type(self.backbone).__name__
+        if names is not None and len(names) == len(expected) == len(got):
+            wrong = dict.fromkeys(f"{name} {value}" for name, e, value in zip(names, expected, got)
+                                  if e is not None and e != value)
+            fix = "build it with " + " and ".join(f"--model.init_args.backbone.init_args.{arg}" for arg in wrong)
+        else:
+            fix = "build it for these samples"
+        raise ValueError(
+            f"{type(self).__name__}'s backbone {backbone} was built for samples of shape "
+            f"{[e if e is not None else 'any' for e in expected]}, but the batches hold samples of shape "
+            f"{list(got)}: {fix}, or have the DataModule make samples of the shape it expects."
         )
 
     def _check_task_kind(self, batch: TaskBatch) -> None:

@@ -66,6 +66,7 @@ class CNP(MetaLearner):
     """
 
     task_kinds = ("regression",)
+    backbone_reads_samples = False  # it encodes [x, y] pairs
 
     def __init__(
         self,

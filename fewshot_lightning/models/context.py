@@ -42,6 +42,8 @@ class ContextMLP(nn.Module):
             width = size
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
+        self.input_shape = (in_features,)  # of x; the context is added inside
+        self.input_arguments = ("in_features",)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         context = _context(context, self.context_dim, x)
@@ -109,6 +111,8 @@ class FiLMConv4(nn.Module):
             for i in range(4)
         )
         self.head = nn.Linear(hidden * side * side, out_features)
+        self.input_shape = (in_channels, image_size, image_size)
+        self.input_arguments = ("in_channels", "image_size", "image_size")
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         context = _context(context, self.context_dim, x)

@@ -35,6 +35,9 @@ class Conv4(nn.Module):
     Attributes:
         feature_dim: size of the features before the head.
         output_shape: shape of one sample's output, ``(out_features,)`` or ``(feature_dim,)``.
+        input_shape: shape of one sample's input it was built for, ``(in_channels, image_size,
+            image_size)`` (``None`` for a size it does not depend on); ``input_arguments``
+            names the argument behind each entry. Learners check batches against it.
     """
 
     def __init__(
@@ -64,6 +67,10 @@ class Conv4(nn.Module):
         self.feature_dim = hidden if not max_pool else hidden * side * side
         self.head = nn.Linear(self.feature_dim, out_features) if out_features is not None else None
         self.output_shape: Tuple[int, ...] = (self.feature_dim if out_features is None else out_features,)
+        # Strided convolutions end in a spatial mean: any image size then gives these features.
+        self.input_shape: Tuple[Optional[int], ...] = (
+            (in_channels, image_size, image_size) if max_pool else (in_channels, None, None))
+        self.input_arguments: Tuple[str, ...] = ("in_channels", "image_size", "image_size")
 
     def forward(self, x: Tensor) -> Tensor:
         return per_task_call(self._sample_major, x, sample_dims=3)

@@ -17,6 +17,8 @@ class MLP(nn.Module):
 
     Attributes:
         output_shape: ``(out_features,)``, the shape of one sample's output.
+        input_shape: ``(in_features,)``, the shape of one sample's input (``input_arguments``
+            names the argument behind it).
     """
 
     def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
@@ -29,6 +31,8 @@ class MLP(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
         self.output_shape: Tuple[int, ...] = (out_features,)
+        self.input_shape: Tuple[int, ...] = (in_features,)
+        self.input_arguments: Tuple[str, ...] = ("in_features",)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -30,6 +30,8 @@ class RelationEmbedding(nn.Module):
 
     Attributes:
         output_shape: ``(hidden, side, side)`` of one image's map.
+        input_shape: ``(in_channels, image_size, image_size)``, the images it was built for
+            (``input_arguments`` names the argument behind each entry).
     """
 
     def __init__(
@@ -57,6 +59,8 @@ class RelationEmbedding(nn.Module):
                 f"use {4 if padding else 10} or more."
             )
         self.output_shape: Tuple[int, ...] = (hidden, side, side)
+        self.input_shape: Tuple[int, ...] = (in_channels, image_size, image_size)
+        self.input_arguments: Tuple[str, ...] = ("in_channels", "image_size", "image_size")
 
     def forward(self, x: Tensor) -> Tensor:
         return per_task_call(self.features, x, sample_dims=3)
