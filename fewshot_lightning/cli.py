@@ -11,6 +11,9 @@ What it adds to ``LightningCLI``, so that a run's number can be trusted:
   ``version_N`` folder of the logger that holds ``checkpoints/last.ckpt``), and a resumed
   ``fit`` goes on writing into that run's folder. ``test``, ``validate`` and ``predict``
   refuse to score weights no checkpoint gave unless ``--untrained true`` asks for it.
+- The config and the command line decide the model's arguments; a checkpoint's saved ones do
+  not replace them (a warning names those that differ), and a checkpoint saved by another
+  learner class is refused.
 - Every run trains under a :class:`~fewshot_lightning.callbacks.NonFiniteGuard`, configured
   as ``--nonfinite.policy raise|skip`` and ``--nonfinite.max_consecutive_skips``.
 - A new run reserves its version folder atomically, so two runs started together get two;
@@ -39,7 +42,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import allocator
 from .algorithms import MetaLearner
@@ -134,10 +137,47 @@ class FewShotCLI(LightningCLI):
     def before_predict(self) -> None:
         self._prepare("predict")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's CLI replaces the configured model's arguments with the hyperparameters
+        saved in ``--ckpt_path`` when that is a file (not for ``last`` or ``best``, resolved
+        later): ``test --ckpt_path run.ckpt --model.init_args.test_inner_steps 3`` evaluated with
+        the checkpoint's 10 steps, and a checkpoint of another learner silently swapped the
+        configured one. Here the config and the command line decide; :meth:`_compare_with`
+        refuses a checkpoint of another learner and names the arguments that differ."""
+
+    def _compare_with(self, checkpoint: str) -> None:
+        """Stop if ``checkpoint`` was saved by another learner class than the configured one;
+        warn, naming them, where its saved arguments differ from the configured ones."""
+        if checkpoint == "hpc" or "://" in checkpoint or not Path(checkpoint).is_file():
+            return
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        saved = dict(saved)
+        class_path = saved.pop("_class_path", None)
+        saved.pop("_instantiator", None)
+        model = self.model
+        if class_path is not None and class_path.rsplit(".", 1)[-1] != type(model).__name__:
+            raise ValueError(
+                f"--ckpt_path {checkpoint} was saved by {class_path}, but the config's model is "
+                f"{type(model).__module__}.{type(model).__qualname__}: pass the config of the run that "
+                "saved it (its config.yaml, in the run's folder) or a checkpoint of this learner."
+            )
+        configured = dict(getattr(model, "hparams", {}))
+        differ = [name for name, value in saved.items() if name in configured and configured[name] != value]
+        if differ:
+            rank_zero_warn(
+                f"--ckpt_path {Path(checkpoint).name} was saved with "
+                + ", ".join(f"{name}={saved[name]!r}" for name in differ)
+                + "; this run uses " + ", ".join(f"{name}={configured[name]!r}" for name in differ)
+                + ", as configured (the config and the command line decide; to run as it was trained, pass its "
+                "run's config.yaml)."
+            )
+
     def _prepare(self, subcommand: str) -> None:
         config = self.config_init[subcommand]
         checkpoint = self._checkpoint(subcommand, config.get("ckpt_path"), bool(config.get("untrained")))
         config["ckpt_path"] = checkpoint
+        if checkpoint is not None:
+            self._compare_with(checkpoint)
         wanted = config.get("cpu_allocator", "keep")
         if wanted != "system" and self.trainer.strategy.root_device.type == "cpu":
             before = allocator.in_effect()

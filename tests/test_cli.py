@@ -181,6 +181,34 @@ def test_a_batch_limit_of_1_is_one_batch_and_1_0_all_of_them(tmp_path, monkeypat
         assert (type(value), value) == ((int, 1) if i % 2 else (float, 1.0)), name
 
 
+def test_the_config_decides_not_the_checkpoints_saved_arguments(tmp_path, monkeypatch, cli):
+    # Lightning's CLI replaced the configured model arguments with those saved in a checkpoint
+    # given by path (not for "last"): a test asked for 3 inner steps ran the saved 10, and a
+    # checkpoint of another learner swapped the configured one, exit 0 both.
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+    path = str(Path("lightning_logs/maml_sinusoid/version_0/checkpoints/last.ckpt"))
+    for checkpoint in ("last", path):
+        code, out = cli("test", "--config", SINUSOID, "--ckpt_path", checkpoint, "--trainer.limit_test_batches", "1",
+                        "--model.init_args.test_inner_steps", "3")
+        assert code == 0, out[-3000:]
+        # The adaptation curve: after 0, 1, 2 and 3 steps, none after 4.
+        assert "test/mse_after_3_steps" in out and "test/mse_after_4_steps" not in out, checkpoint
+        assert ("--ckpt_path last.ckpt was saved with test_inner_steps=10; this run uses test_inner_steps=3, as "
+                "configured") in out, checkpoint
+    # No warning where they agree.
+    code, out = cli("test", "--config", SINUSOID, "--ckpt_path", path, "--trainer.limit_test_batches", "1")
+    assert code == 0 and "was saved with" not in out
+
+    # A checkpoint of another learner: one short error naming both.
+    reptile = str(ROOT / "configs" / "reptile_sinusoid.yaml")
+    code, out = cli("test", "--config", reptile, "--ckpt_path", path, "--trainer.limit_test_batches", "1")
+    assert code == 1
+    assert (f"error: --ckpt_path {path} was saved by fewshot_lightning.algorithms.MAML, but the config's model is "
+            "fewshot_lightning.algorithms.reptile.Reptile: pass the config of the run that saved it") in out
+
+
 def test_nonfinite_loss_stops_the_run_and_names_the_batch(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     # An inner step of 1e30 makes every adapted network, so every query loss, inf or NaN.
