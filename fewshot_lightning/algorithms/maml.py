@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import time
 import warnings
@@ -89,8 +90,8 @@ class MAML(MetaLearner):
             so the query passes cost S + 1 times more or worse: on a 2-core CPU, 32 Kanji tasks
             of 5-way 1-shot with 25 queries, 15 s a query pass against 1.5 to 3 s, and a test
             batch makes one after every inner step; under ``batching="auto"`` evaluation's
-            choice times eight such evaluation steps: fix ``batching`` and ``memory_format`` to
-            skip them). Training is unaffected. Without batch norm on batch statistics the two
+            choice times eight such evaluation steps in a run with more than eight evaluation
+            batches: fix ``batching`` and ``memory_format`` to skip them). Training is unaffected. Without batch norm on batch statistics the two
             give the same outputs.
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
@@ -107,6 +108,9 @@ class MAML(MetaLearner):
     """
 
     needs_grad_at_eval = True
+    #: With ``batching="auto"``, a run planning at most this many evaluation batches does not
+    #: time evaluation's paths (``None``: twice the candidate paths; 0 always times).
+    untimed_evaluation_batches: Optional[int] = None
     #: The inner loss is scaled like the outer one under 16-bit mixed precision, so a non-finite
     #: query loss there may be an inner overflow (see NonFiniteGuard).
     scales_inner_loss = True
@@ -191,6 +195,10 @@ class MAML(MetaLearner):
             (self.batching, self.memory_format) if None not in self.requested_path else None)
         #: Milliseconds of the timed evaluation step on each candidate path, once chosen.
         self.evaluation_timings: Dict[str, float] = {}
+        #: Evaluation's path when too few batches are planned to time it (see _untimed_evaluation_path).
+        self._untimed_path: Optional[Tuple[str, str]] = None
+        #: Outside fit, the training path a loaded checkpoint recorded (untimed evaluation's fallback).
+        self._saved_training_path: Optional[Tuple[str, str]] = None
         self.inner_lr = InnerLearningRate(
             shapes, inner_lr, inner_steps, per_step=per_step_lr, per_parameter=per_parameter_lr,
             learnable=learn_inner_lr,
@@ -515,6 +523,9 @@ class MAML(MetaLearner):
             self.evaluation_path = (saved[0], saved[1])
             rank_zero_info(f"{type(self).__name__}: evaluation runs on {path_name(*self.evaluation_path)!r}, as "
                            "timed on this machine by the run that saved the checkpoint.")
+        if self._trainer is not None and self.trainer.state.fn != "fit" and checkpoint.get("batching") is not None:
+            trained = (checkpoint["batching"], checkpoint.get("memory_format") or "contiguous")
+            self._saved_training_path = trained if self._agrees(trained) and trained in self._candidates() else None
         if self._trainer is not None and self.trainer.state.fn == "fit":
             if self.batching is None:
                 self.batching = checkpoint.get("batching")
@@ -563,6 +574,8 @@ class MAML(MetaLearner):
         training has chosen (training's own choice is made on its first batch). Fit's sanity
         check (validation episodes before any training) times nothing: it runs the loop in the
         fixed layout, or channels-first, and the first validation after training starts decides.
+        A run planning too few evaluation batches to repay the timing evaluates untimed on
+        training's path (see :meth:`_untimed_evaluation_path`).
         """
         if evaluation:
             return self._evaluation_execution(batch)[0]
@@ -583,9 +596,78 @@ class MAML(MetaLearner):
             # layout, which every model can do, and leave the choice to the first validation.
             batchings, formats = self.requested_path
             return batchings or "loop", formats or "contiguous"
+        untimed = self._untimed_evaluation_path()
+        if untimed is not None:
+            return untimed
         batching, memory_format, self.evaluation_timings = self._timed_choice(batch, evaluation=True)
         self.evaluation_path = (batching, memory_format)
         return self.evaluation_path
+
+    def planned_evaluation_batches(self) -> Optional[float]:
+        """How many evaluation batches the running stage will run in all (``None`` if unknown:
+        no trainer, or a fit with no end in steps or epochs): ``validate``, ``test`` and
+        ``predict`` their dataloaders' batches; ``fit`` its validation batches times the
+        validations until it ends, estimated from ``max_steps`` (or ``max_epochs``),
+        ``val_check_interval`` and ``check_val_every_n_epoch``."""
+        trainer = self._trainer
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        if trainer is None or fn is None:
+            return None
+        if trainer.testing:
+            counts = trainer.num_test_batches
+        elif trainer.predicting:
+            counts = trainer.num_predict_batches
+        elif trainer.validating and fn == "validate":
+            counts = trainer.num_val_batches
+        elif fn == "fit":
+            # Validations up to the end of training, estimated: every val_check_batch training
+            # batches of every check_val_every_n_epoch-th epoch (exact for step-counted runs).
+            every, per_epoch = trainer.val_check_batch, trainer.num_training_batches
+            steps = trainer.max_steps
+            if steps is None or steps < 0:
+                epochs = trainer.max_epochs
+                steps = epochs * per_epoch if epochs is not None and epochs > 0 else None
+            if steps is None or not math.isfinite(steps) or not isinstance(every, (int, float)) \
+                    or not math.isfinite(every) or every < 1:
+                return None
+            validations = max(1, int(steps // every) // (trainer.check_val_every_n_epoch or 1))
+            return float(sum(trainer.num_val_batches) * validations)
+        else:
+            return None
+        return float(sum(counts))
+
+    def _untimed_evaluation_path(self) -> Optional[Tuple[str, str]]:
+        """The path for a run with too few evaluation batches to repay timing: timing runs two
+        evaluation steps on each candidate path (eight on four paths), which the fastest path
+        can only win back over more batches than that (at most the fallback's time per batch
+        saved on each, and the paths differ by well under 2x). With at most
+        :attr:`untimed_evaluation_batches` planned (default: twice the candidates), evaluation
+        runs untimed on training's path if it has one (restored with a resumed fit's
+        checkpoint; outside fit, the path the checkpoint's training chose), else on the loop. Not stored as
+        :attr:`evaluation_path` (nothing was timed); logged once. Off under DDP, where every
+        process must take part in the same choice."""
+        candidates = self._candidates()
+        planned = self.planned_evaluation_batches()
+        limit = self.untimed_evaluation_batches
+        limit = 2 * len(candidates) if limit is None else limit
+        if len(candidates) < 2 or planned is None or planned > limit or self.trainer.world_size > 1:
+            return None
+        if self.batching is not None and self.memory_format is not None:
+            path, source = (self.batching, self.memory_format), "training's path"
+        elif self._saved_training_path is not None:
+            path, source = self._saved_training_path, "the checkpoint's training path"
+        else:
+            batchings, formats = self.requested_path
+            path, source = (batchings or "loop", formats or "contiguous"), "the loop" if batchings is None else "the fixed path"
+        if path != self._untimed_path:
+            self._untimed_path = path
+            rank_zero_info(
+                f"{type(self).__name__}: batching='auto' runs evaluation on {path_name(*path)!r} ({source}) "
+                f"untimed: this run evaluates {planned:.0f} batch{'es' if planned != 1 else ''}, too few to repay "
+                f"timing {len(candidates)} "
+                "paths twice."
+            )
+        return path
 
     def _timed_choice(self, batch: TaskBatch, evaluation: bool) -> Tuple[str, str, Dict[str, float]]:
         """Time a step (training's, or with ``evaluation`` evaluation's) on every candidate path
