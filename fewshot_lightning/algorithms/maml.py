@@ -91,7 +91,8 @@ class MAML(MetaLearner):
             of 5-way 1-shot with 25 queries, 15 s a query pass against 1.5 to 3 s, and a test
             batch makes one after every inner step; under ``batching="auto"`` evaluation's
             choice times eight such evaluation steps in a run with more than eight evaluation
-            batches: fix ``batching`` and ``memory_format`` to skip them). Training is unaffected. Without batch norm on batch statistics the two
+            batches: fix ``batching`` and ``memory_format`` to skip them). Training is
+            unaffected. Without batch norm on batch statistics the two
             give the same outputs.
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
@@ -640,12 +641,12 @@ class MAML(MetaLearner):
         """The path for a run with too few evaluation batches to repay timing: timing runs two
         evaluation steps on each candidate path (eight on four paths), which the fastest path
         can only win back over more batches than that (at most the fallback's time per batch
-        saved on each, and the paths differ by well under 2x). With at most
-        :attr:`untimed_evaluation_batches` planned (default: twice the candidates), evaluation
-        runs untimed on training's path if it has one (restored with a resumed fit's
-        checkpoint; outside fit, the path the checkpoint's training chose), else on the loop. Not stored as
-        :attr:`evaluation_path` (nothing was timed); logged once. Off under DDP, where every
-        process must take part in the same choice."""
+        saved on each, and the paths measured differ by under 2x: docs/benchmarks.md). With at
+        most :attr:`untimed_evaluation_batches` planned (default: twice the candidates),
+        evaluation runs untimed on training's path if it has one (restored with a resumed fit's
+        checkpoint; outside fit, the path the checkpoint's training chose), else on the loop.
+        Not stored as :attr:`evaluation_path` (nothing was timed); logged once. Off under DDP,
+        where every process must take part in the same choice."""
         candidates = self._candidates()
         planned = self.planned_evaluation_batches()
         limit = self.untimed_evaluation_batches
@@ -658,14 +659,14 @@ class MAML(MetaLearner):
             path, source = self._saved_training_path, "the checkpoint's training path"
         else:
             batchings, formats = self.requested_path
-            path, source = (batchings or "loop", formats or "contiguous"), "the loop" if batchings is None else "the fixed path"
+            path = (batchings or "loop", formats or "contiguous")
+            source = "the loop" if batchings is None else "the fixed path"
         if path != self._untimed_path:
             self._untimed_path = path
             rank_zero_info(
                 f"{type(self).__name__}: batching='auto' runs evaluation on {path_name(*path)!r} ({source}) "
                 f"untimed: this run evaluates {planned:.0f} batch{'es' if planned != 1 else ''}, too few to repay "
-                f"timing {len(candidates)} "
-                "paths twice."
+                f"timing {len(candidates)} paths twice."
             )
         return path
 
