@@ -162,7 +162,7 @@ class FewShotCLI(LightningCLI):
                 "saved it (its config.yaml, in the run's folder) or a checkpoint of this learner."
             )
         configured = dict(getattr(model, "hparams", {}))
-        differ = [name for name, value in saved.items() if name in configured and configured[name] != value]
+        differ = [name for name, value in saved.items() if name in configured and not _same(configured[name], value)]
         if differ:
             rank_zero_warn(
                 f"--ckpt_path {Path(checkpoint).name} was saved with "
@@ -355,6 +355,19 @@ def _quiet_known_warnings() -> None:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, a tuple and a list with equal items counting as the same (a checkpoint may
+    hold either for a sequence argument)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an == with no plain answer
+        return a is b
 
 
 def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
