@@ -150,8 +150,11 @@ class FewShotCLI(LightningCLI):
         warn, naming them, where its saved arguments differ from the configured ones."""
         if checkpoint == "hpc" or "://" in checkpoint or not Path(checkpoint).is_file():
             return
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-        saved = dict(saved)
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an old (non-zip) file, or objects weights_only refuses: Lightning's load reports it
+            return
+        saved = dict(saved.get("hyper_parameters") or {}) if isinstance(saved, dict) else {}
         class_path = saved.pop("_class_path", None)
         saved.pop("_instantiator", None)
         model = self.model

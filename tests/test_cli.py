@@ -212,6 +212,18 @@ def test_the_config_decides_not_the_checkpoints_saved_arguments(tmp_path, monkey
             "fewshot_lightning.algorithms.reptile.Reptile: pass the config of the run that saved it") in out
 
 
+def test_a_checkpoint_the_comparison_cannot_read_is_left_to_lightning(tmp_path):
+    # An old (non-zip) file cannot be memory-mapped: the comparison steps aside instead of
+    # failing with a traceback of its own (Lightning's load then reports what it finds).
+    old = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "elsewhere.Other"}}, old, _use_new_zipfile_serialization=False)
+
+    class Configured:
+        model = None  # never reached: nothing was read
+
+    assert FewShotCLI._compare_with(Configured(), str(old)) is None
+
+
 def test_nonfinite_loss_stops_the_run_and_names_the_batch(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     # An inner step of 1e30 makes every adapted network, so every query loss, inf or NaN.
