@@ -76,3 +76,28 @@ def test_a_callback_monitoring_a_training_metric_sees_every_step(tmp_path):
 def test_reptile_computes_its_query_pass_only_on_read_steps(tmp_path):
     calls, written, _ = fit(Reptile, tmp_path, "reptile")
     assert calls == [3, 7, 11] and len(written) == 3
+
+
+def test_a_test_of_fewer_episodes_than_the_test_set_says_so(tmp_path):
+    # 100 test tasks in batches of 25: one batch scores 25 of them, which is not the protocol's
+    # number however the results table looks; the whole set raises no such warning. The same
+    # model is tested twice: MAML's adaptation curve, reset in the first test's inference mode,
+    # failed the second test's update ("Inplace update to inference tensor") until it was reset
+    # outside it.
+    import warnings
+
+    model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+    data = SinusoidDataModule(meta_batch_size=25, test_tasks=100, num_workers=0)
+
+    def test(**limit):
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, **limit)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            trainer.test(model, data)
+        return [str(w.message) for w in warned if "test episodes" in str(w.message)]
+
+    assert test(limit_test_batches=1) == [
+        "This test scored 25 of the 100 test episodes (--trainer.limit_test_batches?): its test/mse and interval "
+        "are not the full protocol's, which the papers report."]
+    assert test() == []

@@ -394,7 +394,23 @@ class MetaLearner(L.LightningModule):
         self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
+        self._warn_if_partial_test()
         self._log_eval("test")
+
+    def _warn_if_partial_test(self) -> None:
+        """Say so when a test scored fewer episodes than the DataModule's test set (a
+        ``--trainer.limit_test_batches`` left in, say): its mean and interval are then not the
+        protocol's (600 episodes in the papers), however the results table looks."""
+        metrics = self.eval_metrics["test"]["score"]
+        planned = getattr(getattr(self._trainer, "datamodule", None), "num_tasks", {}).get("test")
+        if not metrics.update_called or not isinstance(planned, int):
+            return
+        scored = int(self.all_gather(metrics.count).sum())
+        if scored < planned:
+            rank_zero_warn(
+                f"This test scored {scored} of the {planned} test episodes (--trainer.limit_test_batches?): its "
+                f"test/{self.score_name} and interval are not the full protocol's, which the papers report."
+            )
 
     # -- trustworthy runs ---------------------------------------------------------------------
     def on_train_end(self) -> None:

@@ -443,7 +443,11 @@ class MAML(MetaLearner):
         if not self.test_curve.update_called:
             return
         curve, _ = self.test_curve.compute()
-        self.test_curve.reset()
+        # Its states are updated outside inference mode (evaluation_outputs adapts under
+        # autograd); reset in the test's inference mode they would become inference tensors, and
+        # the next test of the same model (trainer.test twice in a notebook) failed updating them.
+        with torch.inference_mode(False):
+            self.test_curve.reset()
         name = self.score_name
         for step, value in enumerate(curve.tolist()):
             # Already reduced over processes (see MetaLearner._log_eval for sync_dist).
