@@ -383,6 +383,17 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
         innermost = Path(frames[-1].filename).resolve() if frames else None
         if isinstance(error, MisconfigurationException):
             return error
+        found = re.match(r"SaveConfigCallback expected (.+) to NOT exist", str(error))
+        if isinstance(error, RuntimeError) and found:
+            # Lightning's refusal to overwrite the config an earlier run saved in the same folder
+            # (no logger, so no version folder of its own): right, but a traceback, and its fixes
+            # are Python arguments of LightningCLI.
+            where = Path(found.group(1))
+            return FileExistsError(
+                f"{where} holds the config an earlier run saved there (runs without a logger save theirs in "
+                f"the trainer's default_root_dir, {where.parent}); it is kept. Pass --trainer.default_root_dir "
+                "with another folder, or a logger (each run then gets its own version folder), or move that file."
+            ).with_traceback(error.__traceback__)
         deliberate = bool(frames) and frames[-1].line.startswith("raise ")  # not a library call failing in our code
         if isinstance(error, (ValueError, OSError, NonFiniteError)) and deliberate and innermost.is_relative_to(_PACKAGE):
             return error

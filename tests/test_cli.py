@@ -224,6 +224,25 @@ def test_a_checkpoint_the_comparison_cannot_read_is_left_to_lightning(tmp_path):
     assert FewShotCLI._compare_with(Configured(), str(old)) is None
 
 
+def test_a_second_run_without_a_logger_keeps_the_first_ones_config(tmp_path, monkeypatch, cli):
+    # Without a logger a run saves its config.yaml in default_root_dir; Lightning refuses to
+    # overwrite another run's, which printed a traceback whose fixes were LightningCLI's Python
+    # arguments. One short message, the file kept.
+    monkeypatch.chdir(tmp_path)
+    short = ["fit", "--config", SINUSOID, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+             "--trainer.logger", "false"]
+    code, out = cli(*short)
+    assert code == 0, out[-3000:]
+    saved = (tmp_path / "config.yaml").read_text()
+    code, out = cli(*short, "--model.init_args.inner_lr", "0.5")
+    assert code == 1
+    assert (f"error: {tmp_path / 'config.yaml'} holds the config an earlier run saved there (runs without a logger "
+            f"save theirs in the trainer's default_root_dir, {tmp_path}); it is kept. Pass --trainer.default_root_dir "
+            "with another folder") in out
+    assert "Traceback" not in out
+    assert (tmp_path / "config.yaml").read_text() == saved
+
+
 def test_nonfinite_loss_stops_the_run_and_names_the_batch(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     # An inner step of 1e30 makes every adapted network, so every query loss, inf or NaN.
