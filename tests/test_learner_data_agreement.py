@@ -28,20 +28,30 @@ class Steps(Callback):
         self.batches += 1
 
 
+def start(model, datamodule, stage="fit"):
+    """Run ``stage`` (one training step at most, no validation); ``start.batches``: the batches
+    that started, even when it raised."""
+    steps = Steps()
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[steps])
+    try:
+        getattr(trainer, stage)(model, datamodule)
+    finally:
+        start.batches = steps.batches
+
+
 def run(out_features, stage="fit", **episodes):
+    """MAML with ``out_features`` class scores on ``episodes``; returns the class-score warnings."""
     data, labels = identity_data()
     datamodule = EpisodicDataModule(data, labels, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
                                     val_tasks=2, test_tasks=2, num_workers=0, **episodes)
     model = MAML(MLP(in_features=2, hidden=[8], out_features=out_features), inner_lr=0.1, batching="loop")
-    steps = Steps()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[steps])
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         try:
-            getattr(trainer, stage)(model, datamodule) if stage == "fit" else trainer.test(model, datamodule)
+            start(model, datamodule, stage)
         finally:
-            run.batches = steps.batches
+            run.batches = start.batches
     return [str(w.message) for w in warned if "class scores" in str(w.message)]
 
 
@@ -77,16 +87,6 @@ def test_class_scores_from_output_shape_or_head():
     assert CAVIA(FiLMConv4(out_features=6, hidden=8), inner_lr=0.1).class_scores() == 6
 
 
-def fit_setup(model, datamodule):
-    steps = Steps()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[steps])
-    try:
-        trainer.fit(model, datamodule)
-    finally:
-        fit_setup.batches = steps.batches
-
-
 @pytest.mark.parametrize("learner", ["ProtoNet", "MatchingNet", "RelationNet", "AttentionLearner"])
 def test_classifiers_refuse_regression_tasks(learner):
     model = {
@@ -99,8 +99,8 @@ def test_classifiers_refuse_regression_tasks(learner):
                                          r"SinusoidDataModule makes regression tasks \(float targets\)\. Use a "
                                          r"DataModule of classification tasks, or a learner for regression: the MAML "
                                          r"family .* or CNP\.$"):
-        fit_setup(model, SinusoidDataModule(meta_batch_size=2, train_tasks=2, val_tasks=2, num_workers=0))
-    assert fit_setup.batches == 0
+        start(model, SinusoidDataModule(meta_batch_size=2, train_tasks=2, val_tasks=2, num_workers=0))
+    assert start.batches == 0
 
 
 def test_cnp_refuses_classification_tasks_and_maml_solves_both():
@@ -109,13 +109,13 @@ def test_cnp_refuses_classification_tasks_and_maml_solves_both():
                                   val_tasks=2, num_workers=0)
     with pytest.raises(ValueError, match=r"^CNP solves regression tasks \(float targets\), but EpisodicDataModule "
                                          r"makes classification tasks \(integer labels\)\."):
-        fit_setup(CNP(MLP(in_features=2, hidden=[8], out_features=8)), episodes)
-    assert fit_setup.batches == 0
-    fit_setup(MAML(MLP(in_features=2, hidden=[8], out_features=3), inner_lr=0.1, batching="loop"), episodes)
-    assert fit_setup.batches == 1
-    fit_setup(MAML(MLP(), inner_lr=0.1, batching="loop"),
+        start(CNP(MLP(in_features=2, hidden=[8], out_features=8)), episodes)
+    assert start.batches == 0
+    start(MAML(MLP(in_features=2, hidden=[8], out_features=3), inner_lr=0.1, batching="loop"), episodes)
+    assert start.batches == 1
+    start(MAML(MLP(), inner_lr=0.1, batching="loop"),
               SinusoidDataModule(meta_batch_size=2, train_tasks=2, val_tasks=2, num_workers=0))
-    assert fit_setup.batches == 1
+    assert start.batches == 1
 
 
 @pytest.mark.parametrize("learner, backbone, fix", [
@@ -136,8 +136,8 @@ def test_samples_of_another_shape_stop_at_the_first_batch_naming_the_arguments(l
     with pytest.raises(ValueError, match=rf"^{learner}'s backbone \w+ was built for samples of shape "
                                          rf"\[.*\], but the batches hold samples of shape \[1, 16, 16\]: build it "
                                          rf"with --model.init_args.backbone.init_args.{fix}, or"):
-        fit_setup(model, datamodule)
-    assert fit_setup.batches == 1  # the check runs at the first batch's start, before its step
+        start(model, datamodule)
+    assert start.batches == 1  # the check runs at the first batch's start, before its step
 
 
 def test_strided_conv4_takes_any_image_size():
@@ -145,6 +145,6 @@ def test_strided_conv4_takes_any_image_size():
     assert Conv4(in_channels=3, max_pool=False).input_shape == (3, None, None)
     model = MAML(Conv4(in_channels=1, hidden=8, max_pool=False, out_features=3), inner_lr=0.1, batching="loop")
     images, labels = torch.rand(120, 1, 20, 20), torch.arange(20).repeat_interleave(6)
-    fit_setup(model, EpisodicDataModule(images, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
+    start(model, EpisodicDataModule(images, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
                                         val_tasks=2, split_fractions=(0.6, 0.2, 0.2), num_workers=0))
-    assert fit_setup.batches == 1
+    assert start.batches == 1

@@ -92,8 +92,7 @@ class MAML(MetaLearner):
             batch makes one after every inner step; under ``batching="auto"`` evaluation's
             choice times eight such evaluation steps in a run with more than eight evaluation
             batches: fix ``batching`` and ``memory_format`` to skip them). Training is
-            unaffected. Without batch norm on batch statistics the two
-            give the same outputs.
+            unaffected. Without batch norm on batch statistics the two give the same outputs.
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
@@ -520,17 +519,18 @@ class MAML(MetaLearner):
         # A resumed run keeps the paths the interrupted one timed and chose: vmap and the loop
         # agree only to rounding, and a fresh timing could pick the other.
         saved = checkpoint.get("evaluation_path")
-        if self._trainer is not None and self.trainer.state.fn != "fit" and self.evaluation_path is None \
-                and saved is not None and self._agrees(tuple(saved)) \
-                and checkpoint.get("evaluation_path_timed_on") == timing_signature(self.trainer.strategy.root_device):
-            # validate/test/predict on the machine that timed evaluation in training: no need to
-            # time it again (on another machine, or another device, it is timed afresh).
-            self.evaluation_path = (saved[0], saved[1])
-            rank_zero_info(f"{type(self).__name__}: evaluation runs on {path_name(*self.evaluation_path)!r}, as "
-                           "timed on this machine by the run that saved the checkpoint.")
-        if self._trainer is not None and self.trainer.state.fn != "fit" and checkpoint.get("batching") is not None:
-            trained = (checkpoint["batching"], checkpoint.get("memory_format") or "contiguous")
-            self._saved_training_path = trained if self._agrees(trained) and trained in self._candidates() else None
+        if self._trainer is not None and self.trainer.state.fn != "fit":
+            timed_on = checkpoint.get("evaluation_path_timed_on")
+            if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)) \
+                    and timed_on == timing_signature(self.trainer.strategy.root_device):
+                # validate/test/predict on the machine that timed evaluation in training: no need
+                # to time it again (on another machine, or another device, it is timed afresh).
+                self.evaluation_path = (saved[0], saved[1])
+                rank_zero_info(f"{type(self).__name__}: evaluation runs on {path_name(*self.evaluation_path)!r}, "
+                               "as timed on this machine by the run that saved the checkpoint.")
+            if checkpoint.get("batching") is not None:
+                trained = (checkpoint["batching"], checkpoint.get("memory_format") or "contiguous")
+                self._saved_training_path = trained if self._agrees(trained) and trained in self._candidates() else None
         if self._trainer is not None and self.trainer.state.fn == "fit":
             if self.batching is None:
                 self.batching = checkpoint.get("batching")
@@ -599,14 +599,19 @@ class MAML(MetaLearner):
             # Timing every path there cost as much again as the real choice (a minute at
             # mini-ImageNet size), for a check; run them untimed task by task in the fixed
             # layout, which every model can do, and leave the choice to the first validation.
-            batchings, formats = self.requested_path
-            return batchings or "loop", formats or "contiguous"
+            return self._fixed_loop_path()
         untimed = self._untimed_evaluation_path()
         if untimed is not None:
             return untimed
         batching, memory_format, self.evaluation_timings = self._timed_choice(batch, evaluation=True)
         self.evaluation_path = (batching, memory_format)
         return self.evaluation_path
+
+    def _fixed_loop_path(self) -> Tuple[str, str]:
+        """The path evaluation takes untimed with nothing chosen: the batching and layout the
+        constructor fixed, else the task-by-task loop (which every model runs), channels-first."""
+        batchings, formats = self.requested_path
+        return batchings or "loop", formats or "contiguous"
 
     def planned_evaluation_batches(self) -> Optional[float]:
         """How many evaluation batches the running stage will run in all (``None`` if unknown:
@@ -662,9 +667,8 @@ class MAML(MetaLearner):
         elif self._saved_training_path is not None:
             path, source = self._saved_training_path, "the checkpoint's training path"
         else:
-            batchings, formats = self.requested_path
-            path = (batchings or "loop", formats or "contiguous")
-            source = "the loop" if batchings is None else "the fixed path"
+            path = self._fixed_loop_path()
+            source = "the loop" if self.requested_path[0] is None else "the fixed path"
         if path != self._untimed_path:
             self._untimed_path = path
             rank_zero_info(
