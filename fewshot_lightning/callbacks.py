@@ -79,10 +79,14 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     number: the largest absolute value of each (one ``foreach`` call for all, where checking
     each tensor took two operations apiece), which is finite exactly when all its elements are
     (NaN propagates through the maximum). Works on sparse gradients too."""
-    tensors = [t.detach() for t in tensors if t.numel()]
+    tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
-    return bool(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf).isfinite())
+    with torch.no_grad():
+        if tensors[0].layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1:
+            # what get_total_norm computes for one device and dtype, without its grouping (2/3 its cost)
+            return bool(torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite().all())
+        return bool(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf).isfinite())
 
 
 class NonFiniteGuard(Callback):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..callbacks import NonFiniteError
 from ..data.task import TaskBatch
+from ..hooks import hide_idle_hooks, restore_hooks
 from ..metrics import MeanConfidenceInterval
 
 
@@ -295,6 +296,13 @@ class MetaLearner(L.LightningModule):
             self._check_kind_solved(type(datamodule).__name__)
         if stage == "fit" and self.trainer.strategy.root_device.type == "cpu":
             skip_failing_nvml_probe()
+        # Lightning calls every per-batch hook of every callback at every step, empty or not: the
+        # empty ones are skipped for this run (``hooks``), until teardown (after an exception,
+        # which calls no module hook, until the callbacks' next run with a learner).
+        hide_idle_hooks(self.trainer.callbacks)
+
+    def teardown(self, stage: str) -> None:
+        restore_hooks(self.trainer.callbacks)
 
     def _check_kind_solved(self, data: str) -> None:
         """Refuse tasks of a kind the learner does not solve (a metric learner given regression
