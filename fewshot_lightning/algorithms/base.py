@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from typing import Any, Dict, Optional, Tuple
@@ -58,6 +59,40 @@ def skip_failing_nvml_probe() -> bool:
         return False
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     return True
+
+
+#: Optimizers whose ``fused`` implementation runs on the CPU and CUDA (torch 2.4 and later).
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def fused_if_unset(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` rebuilt with ``fused=True`` where that is its implementation choice left
+    open: one of :data:`FUSED_OPTIMIZERS` (the class itself), given neither ``fused`` nor
+    ``foreach`` in any group, nor ``differentiable``, with no state yet. The same update, one
+    kernel per parameter tensor instead of a dozen operations: ``torch.optim`` picks it by
+    itself on no device (``foreach`` on CUDA, a Python loop over each tensor on the CPU).
+    torch checks the parameters' devices and dtypes only at the first step, so one step of the
+    fused optimizer on a one-element tensor of each (device, dtype) the parameters have is tried
+    first: where this torch has no such kernel, ``optimizer`` is returned as built."""
+    if type(optimizer) not in FUSED_OPTIMIZERS or optimizer.state:
+        return optimizer
+    groups = optimizer.param_groups
+    if any(group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable")
+           for group in groups):
+        return optimizer
+    # the defaults the constructor takes (AdamW's ``decoupled_weight_decay`` it sets itself)
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    options = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+    options["fused"] = True
+    kinds = {(p.device, p.dtype) for group in groups for p in group["params"]}
+    try:
+        for device, dtype in kinds:
+            trial = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+            trial.grad = torch.zeros_like(trial)
+            type(optimizer)([trial], **options).step()
+        return type(optimizer)([{**group, "fused": True} for group in groups], **options)
+    except (RuntimeError, ValueError, TypeError):
+        return optimizer
 
 
 def rng_states(device: torch.device) -> Dict[str, Any]:
@@ -121,7 +156,12 @@ class MetaLearner(L.LightningModule):
     Args:
         backbone: the network (any ``nn.Module``).
         optimizer: the outer-loop optimizer, e.g. ``torch.optim.Adam`` (``lr=1e-3``) or, in
-            YAML, ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``.
+            YAML, ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``. Adam, AdamW and
+            SGD run their fused implementation (one kernel per parameter tensor: on a 2-core
+            CPU a third of the time of a step on Conv4's parameters, 6% of a sinusoid MAML
+            step) unless the optimizer is given ``fused`` or ``foreach``, the parameters'
+            device or torch version has no fused kernel (:func:`fused_if_unset`), or 16-bit
+            mixed precision's loss scaler is in use.
         lr_scheduler: optional outer learning-rate scheduler, stepped every training step.
     """
 
@@ -476,6 +516,10 @@ class MetaLearner(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
+        # Not under a 16-bit GradScaler: a fused optimizer takes the scaler's inf checks itself,
+        # which a step the non-finite guard skipped (gradients dropped) never records.
+        if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is None:
+            optimizer = fused_if_unset(optimizer)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
