@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewshot_lightning.data import EpisodeDataset, Learn2LearnTasks, SinusoidTasks, TaskDataset
-from fewshot_lightning.data.seeding import _splitmix64, task_uniforms
+from fewshot_lightning.data.seeding import _splitmix64, task_uniforms, tasks_uniforms
 
 
 def test_the_mixer_is_splitmix64():
@@ -33,6 +33,20 @@ def test_known_values():
     # 53-bit doubles: u * 2**53 is an exact integer (the learn2learn adapter's Python seed uses every bit).
     many = task_uniforms(1, 2, 3, 10_000) * 2**53
     assert np.array_equal(many, np.floor(many)) and 0 <= many.min() and many.max() < 2**53
+
+
+def test_many_tasks_at_once_are_the_same_numbers():
+    # The batched draw (one generator seeded again per task, rows written in place) that
+    # SinusoidTasks and EpisodeDataset use for a meta-batch: bit for bit each task's own draw,
+    # including the recorded known values above.
+    pairs = [(0, 0), (0, 1), (3, 12345), (0, 0), (2, 7)]
+    rows = tasks_uniforms(0, pairs, 5)
+    assert rows.shape == (5, 5) and rows.dtype == np.float64
+    for row, (epoch, task) in zip(rows, pairs):
+        assert np.array_equal(row, task_uniforms(0, epoch, task, 5))
+    assert rows[0, 0] == 0.1562047636084647 and rows[1, 0] == 0.8809505085179167
+    assert tasks_uniforms(7, [(3, 12345)], 3)[0].tolist() == [0.2597369516758421, 0.5106256041258239, 0.3386014881771079]
+    assert tasks_uniforms(0, [], 4).shape == (0, 4)
 
 
 def test_no_shared_state():

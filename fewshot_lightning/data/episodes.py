@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from .seeding import task_uniforms
+from .seeding import task_uniforms, tasks_uniforms
 from .task import TaskBatch, collate_tasks, to_unit_float
 
 Transform = Callable[[Tensor], Tensor]
@@ -54,6 +54,11 @@ class TaskDataset(Dataset):
         on ``(seed, epoch, task)`` (see :func:`~fewshot_lightning.data.seeding.task_uniforms`)."""
         epoch, task = divmod(int(index), self.num_tasks)
         return task_uniforms(self.seed, epoch, task, count)
+
+    def uniforms_of(self, indices: Sequence[int], count: int) -> np.ndarray:
+        """:meth:`uniforms` of several tasks at once, ``[len(indices), count]`` (the same numbers,
+        row by row; :func:`~fewshot_lightning.data.seeding.tasks_uniforms`)."""
+        return tasks_uniforms(self.seed, (divmod(int(index), self.num_tasks) for index in indices), count)
 
     def __getitem__(self, index: int) -> TaskBatch:
         """Task ``index`` as unbatched tensors ``(support_x, support_y, query_x, query_y)``."""
@@ -150,7 +155,7 @@ class EpisodeDataset(TaskDataset):
         # conversion) for all its tasks instead of one per task plus a stack.
         if not self._tensor_data or self.transform is not None:
             return collate_tasks([self[i] for i in indices])
-        drawn = [self._draw(self.uniforms(i, self.draws)) for i in indices]
+        drawn = [self._draw(uniforms) for uniforms in self.uniforms_of(indices, self.draws)]
         samples = self._gather(np.concatenate([indices for indices, _, _ in drawn]))
         samples = samples.view(len(drawn), -1, *samples.shape[1:])
         support = self.ways * self.shots

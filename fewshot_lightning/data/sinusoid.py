@@ -38,7 +38,7 @@ class SinusoidTasks(TaskDataset):
     def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
         """A whole meta-batch at once (the DataLoader calls this hook): one uniform draw per task,
         then the sinusoids of all tasks in one vectorised pass."""
-        uniform = np.stack([self.uniforms(index, 2 + self.shots + self.queries) for index in indices])
+        uniform = self.uniforms_of(indices, 2 + self.shots + self.queries)
         amplitude = scale(uniform[:, :1], self.amplitude)
         phase = scale(uniform[:, 1:2], self.phase)
         x = scale(uniform[:, 2:], self.x_range)
