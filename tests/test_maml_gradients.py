@@ -634,3 +634,38 @@ def test_evaluation_on_the_machine_that_timed_it_reuses_the_checkpoints_evaluati
                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))
     fixed.on_load_checkpoint(checkpoint)
     assert fixed.evaluation_path is None  # a path its fixed layout rules out is not taken
+
+
+def test_the_curve_every_k_steps_has_the_full_curves_points_and_skips_the_other_query_passes(tmp_path):
+    # test_curve_every=3 over 7 test steps: points after 0, 3, 6 and 7 steps, each the value the
+    # full curve has there (same weights, same test tasks), the score itself unchanged, and a
+    # query pass at those four steps only (eight with the full curve).
+    import lightning as L
+
+    from fewshot_lightning.algorithms import Reptile
+    from fewshot_lightning.data import SinusoidDataModule
+
+    def tested(every):
+        torch.manual_seed(0)
+        model = MAML(MLP(1, (8,), 1), inner_lr=0.01, test_inner_steps=7, test_curve_every=every)
+        passes = []
+        original = model.evaluation_predict
+        model.evaluation_predict = lambda params, batch: passes.append(1) or original(params, batch)
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        result = trainer.test(model, SinusoidDataModule(test_tasks=20, meta_batch_size=10), verbose=False)[0]
+        return result, len(passes)
+
+    full, full_passes = tested(1)
+    sparse, sparse_passes = tested(3)
+    last_only, last_passes = tested(0)
+    curve = lambda result: sorted(int(k.split("_")[2]) for k in result if k.startswith("test/mse_after_") and "ci95" not in k)
+    assert curve(full) == list(range(8)) and curve(sparse) == [0, 3, 6, 7] and curve(last_only) == [7]
+    for step in (0, 3, 6, 7):
+        assert sparse[f"test/mse_after_{step}_steps"] == pytest.approx(full[f"test/mse_after_{step}_steps"], rel=1e-6)
+    assert sparse["test/mse"] == pytest.approx(full["test/mse"], rel=1e-6) == last_only["test/mse"]
+    assert (full_passes, sparse_passes, last_passes) == (2 * 8, 2 * 4, 2 * 1)  # two test batches
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="test_curve_every must be a whole number of inner steps"):
+            MAML(MLP(), test_curve_every=bad)
+    assert Reptile(MLP(), test_inner_steps=50, test_curve_every=10).curve_steps() == [0, 10, 20, 30, 40, 50]
