@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer import call
 
+from fewshot_lightning.algorithms.maml import cpu_name
 from fewshot_lightning.callbacks import _all_finite
 from fewshot_lightning.cli import build_cli
 from fewshot_lightning.hooks import hide_idle_hooks, restore_hooks
@@ -55,16 +56,6 @@ class Capture(Callback):
         if "trainer" in self.state:
             self.state.update(outputs=outputs, batch=batch, batch_idx=batch_idx)
             raise Stop
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mean_us(function, repeats: int) -> float:
@@ -122,7 +113,7 @@ def main() -> None:
         times["guard check, ours"].append(mean_us(lambda: _all_finite(checked), args.repeats))
     restore_hooks(callbacks)
 
-    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{cpu_name() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{len(callbacks)} callbacks ({', '.join(type(c).__name__ for c in callbacks)}); "
           f"{hidden} empty per-batch hooks hidden; {args.rounds} rounds x {args.repeats} calls, turns taken\n")
     print("| what, per training step | us (median of rounds) | min to max |")

@@ -14,6 +14,8 @@ Run it alone.
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
 import warnings
@@ -22,6 +24,7 @@ import torch
 
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.algorithms.base import fused_if_unset, skip_failing_nvml_probe
+from fewshot_lightning.algorithms.maml import cpu_name
 from fewshot_lightning.data import SinusoidDataModule
 from fewshot_lightning.models import MLP, Conv4
 
@@ -55,7 +58,8 @@ def main() -> None:
     skip_failing_nvml_probe()  # as a CPU training run does: no NVML probe at every step
     torch.manual_seed(0)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds\n")
+    print(f"{cpu_name() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds\n")
     print("| parameters | optimizer | default (us / step) | fused (us / step) | default / fused |")
     print("|---|---|---:|---:|---:|")
     for label, net in (("MLP 1-40-40-1 (6 tensors)", MLP()), ("Conv4-64 (18 tensors)", Conv4(hidden=64))):

@@ -5,9 +5,9 @@ Lightning calls every per-batch hook (``on_train_batch_start``, ``on_before_back
 not, each call through a profiler context whose name formats the callback's ``state_key``:
 with the CLI's nine callbacks, 92 of their 108 per-batch hooks are inherited empty methods,
 about 100 us a training step on a 2-core CPU (``benchmarks/callback_dispatch.py``), 4% of a
-sinusoid MAML step. Lightning skips a hook that
-is not callable (``trainer/call.py``), so for the length of a run each such inherited, empty
-hook is shadowed on the callback by ``None``, and restored afterwards. A hook a class
+sinusoid MAML step. Lightning skips a hook that is not callable (``trainer/call.py``), so for
+the length of a run each such inherited, empty hook is shadowed on the callback by ``None``,
+and restored afterwards. A hook a class
 overrides, or one set on the instance, is never touched; an inherited hook whose body does
 anything is kept. The ``LightningModule``'s own hooks are left alone: Lightning reads their
 signatures (``dataloader_idx``) before evaluation.

@@ -159,9 +159,9 @@ class MetaLearner(L.LightningModule):
             YAML, ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``. Adam, AdamW and
             SGD run their fused implementation (one kernel per parameter tensor: on a 2-core
             CPU, Adam's step on Conv4's parameters in a quarter of the time, a sinusoid MAML
-            meta-iteration 7% to 15% faster) unless the optimizer is given ``fused`` or ``foreach``, the parameters'
-            device or torch version has no fused kernel (:func:`fused_if_unset`), or 16-bit
-            mixed precision's loss scaler is in use.
+            meta-iteration 7% to 15% faster) unless the optimizer is given ``fused`` or
+            ``foreach``, the parameters' device or torch version has no fused kernel
+            (:func:`fused_if_unset`), or 16-bit mixed precision's loss scaler is in use.
         lr_scheduler: optional outer learning-rate scheduler, stepped every training step.
     """
 

@@ -96,9 +96,9 @@ class MAML(MetaLearner):
         test_curve_every: the test's adaptation curve scores the queries after every this many
             inner steps (and after the last); each point is a query pass (75 images in 5-way
             15-query episodes, against 5 support images a step), so a long curve can cost more
-            than the adaptation: Reptile's Kanji test (50 steps, 25 queries) took 2.4 s a batch
-            with every point, 1.3 s with the last only, on a 2-core CPU. 0: the last only (no
-            curve). The test's score is the same whatever the setting.
+            than the adaptation: Reptile's Kanji test (50 steps, 25 queries) took 3.6 s a batch
+            with every point, 1.8 s with every fifth, on a 2-core CPU (docs/benchmarks.md). 0:
+            the last only (no curve). The test's score is the same whatever the setting.
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
