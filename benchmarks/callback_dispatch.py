@@ -1,4 +1,6 @@
-"""What Lightning's callback dispatch costs a training step, with and without the empty hooks.
+"""What Lightning's dispatch costs a training step: the callbacks' hooks, with and without the
+empty ones; the default profiler's context around every hook; the step's signature; the batch's
+transfer.
 
 ``fewshot-lightning fit --config configs/maml_sinusoid.yaml`` runs with ten callbacks (the
 config's five, the CLI's own, Lightning's model summary), and Lightning calls each of the six
@@ -9,7 +11,15 @@ third training batch, and times Lightning's own dispatch of the six hooks on the
 batch, outputs and optimizer (gradients in place), with every hook visible (Lightning as it
 comes) and with the empty ones hidden, taking turns round by round; then the non-finite
 guard's check of every gradient and the batch's task losses, ours (``callbacks._all_finite``)
-against ``torch.nn.utils.get_total_norm``, which it used before. Medians, microseconds a step.
+against ``torch.nn.utils.get_total_norm``, which it used before. Then three more things Lightning
+does at every training step, each as Lightning does it and as a learner's run now has it: the
+profiler contexts of one step (counted on the second batch of the same run; Lightning's default
+``PassThroughProfiler.profile`` against ``contextlib.nullcontext``, ``hooks.quiet_profiler``),
+``_build_kwargs``' reading of ``training_step``'s signature (``is_param_in_hook_signature``,
+with and without the ``__signature__`` that ``hooks.cache_step_signatures`` stores), and the
+batch's transfer to the CPU (``LightningModule.transfer_batch_to_device`` against
+``MetaLearner``'s, which returns a batch already in place as it is). Medians, microseconds a
+step.
 
     python benchmarks/callback_dispatch.py [--repeats 2000] [--rounds 7]
 
@@ -18,6 +28,7 @@ Run it alone: at a few microseconds a call, other work on the machine shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -27,13 +38,17 @@ import time
 from pathlib import Path
 
 import torch
+import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from fewshot_lightning.algorithms.maml import cpu_name
 from fewshot_lightning.callbacks import _all_finite
 from fewshot_lightning.cli import build_cli
 from fewshot_lightning.hooks import hide_idle_hooks, restore_hooks
+from fewshot_lightning.hooks import STEP_METHODS, cache_step_signatures, restore_profiler
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml")
 
@@ -47,6 +62,20 @@ class Capture(Callback):
 
     def __init__(self) -> None:
         self.state = {}
+        self.profile_calls = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # the profiler contexts Lightning enters from here to the next batch's start: one step
+        if batch_idx == 1:
+            quiet = trainer.profiler.profile
+
+            def counted(name):
+                self.profile_calls += 1
+                return quiet(name)
+
+            trainer.profiler.profile = counted
+        elif batch_idx == 2:
+            trainer.profiler.profile = contextlib.nullcontext
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 2:
@@ -86,6 +115,7 @@ def main() -> None:
     callbacks = [c for c in trainer.callbacks if c is not capture]
     trainer.callbacks = callbacks
     restore_hooks(callbacks)  # the run stopped in an exception: as Lightning left them
+    restore_profiler(trainer.profiler)  # the hooks' dispatch timed with Lightning's own profiler
     loss = state["outputs"]["loss"]
     hooks = [("on_train_batch_start", (state["batch"], state["batch_idx"])), ("on_before_backward", (loss,)),
              ("on_after_backward", ()), ("on_before_optimizer_step", (optimizer,)),
@@ -99,8 +129,32 @@ def main() -> None:
     checked = grads + [trainer.lightning_module.train_task_losses]
     assert len(grads) == 6 and _all_finite(checked)
 
+    module = trainer.lightning_module
+    batch, device = state["batch"], module.device
+    contexts = capture.profile_calls
+    lightning_profile = PassThroughProfiler().profile
+
+    def profile_contexts(profile) -> None:
+        for _ in range(contexts):
+            with profile("[Callback]name.hook"):
+                pass
+
+    step_functions = [getattr(type(module), name) for name in STEP_METHODS if hasattr(type(module), name)]
+
+    def signature_read() -> bool:
+        return is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
+
+    def forget_signatures() -> None:
+        for function in step_functions:
+            vars(function).pop("__signature__", None)
+
     times = {"all hooks (Lightning as it comes)": [], "empty hooks hidden": [],
-             "guard check, get_total_norm": [], "guard check, ours": []}
+             "guard check, get_total_norm": [], "guard check, ours": [],
+             f"{contexts} profiler contexts, PassThroughProfiler.profile": [],
+             f"{contexts} profiler contexts, contextlib.nullcontext": [],
+             "training_step's signature read (Lightning as it comes)": [],
+             "training_step's signature read, __signature__ stored": [],
+             "batch transfer, LightningModule's": [], "batch transfer, MetaLearner's": []}
     hidden = 0
     for _ in range(args.rounds):
         restore_hooks(callbacks)
@@ -111,6 +165,18 @@ def main() -> None:
             lambda: bool(torch.nn.utils.get_total_norm([t.detach() for t in checked], norm_type=math.inf).isfinite()),
             args.repeats))
         times["guard check, ours"].append(mean_us(lambda: _all_finite(checked), args.repeats))
+        times[f"{contexts} profiler contexts, PassThroughProfiler.profile"].append(
+            mean_us(lambda: profile_contexts(lightning_profile), args.repeats))
+        times[f"{contexts} profiler contexts, contextlib.nullcontext"].append(
+            mean_us(lambda: profile_contexts(contextlib.nullcontext), args.repeats))
+        forget_signatures()
+        times["training_step's signature read (Lightning as it comes)"].append(mean_us(signature_read, args.repeats))
+        cache_step_signatures(module)
+        times["training_step's signature read, __signature__ stored"].append(mean_us(signature_read, args.repeats))
+        times["batch transfer, LightningModule's"].append(mean_us(
+            lambda: L.LightningModule.transfer_batch_to_device(module, batch, device, 0), args.repeats))
+        times["batch transfer, MetaLearner's"].append(mean_us(
+            lambda: module.transfer_batch_to_device(batch, device, 0), args.repeats))
     restore_hooks(callbacks)
 
     print(f"{cpu_name() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -11,13 +11,27 @@ and restored afterwards. A hook a class
 overrides, or one set on the instance, is never touched; an inherited hook whose body does
 anything is kept. The ``LightningModule``'s own hooks are left alone: Lightning reads their
 signatures (``dataloader_idx``) before evaluation.
+
+Two more things Lightning does at every step, for nothing, are made cheap the same way, for the
+length of a run: the default profiler (``PassThroughProfiler``, which records nothing) enters a
+generator-based context manager around every hook it calls, some twenty-five a training step;
+its ``profile`` is shadowed on the instance by ``contextlib.nullcontext``, which yields the same
+action name (:func:`quiet_profiler`). And Lightning reads ``training_step``'s signature with
+``inspect.getfullargspec`` at every training step (``_build_kwargs``: does it take
+``batch_idx``?), the evaluation steps' at every evaluation batch; :func:`cache_step_signatures`
+stores each step function's signature on it as ``__signature__`` (PEP 362), where ``inspect``
+finds it instead of building it afresh: the same signature, read once.
 """
 from __future__ import annotations
 
+import contextlib
 import dis
+import inspect
+import types
 from typing import Any, Iterable
 
 import lightning as L
+from lightning.pytorch.profilers import PassThroughProfiler
 
 #: The hooks Lightning calls once or more every batch (per-run hooks cost nothing to keep).
 PER_BATCH_HOOKS = (
@@ -80,3 +94,47 @@ def restore_hooks(callbacks: Iterable[Any]) -> None:
         for name in held.pop(_MARK, ()):
             if name in held and held[name] is None:
                 del held[name]
+
+
+#: Where a profiler records that its ``profile`` was shadowed by :func:`quiet_profiler`.
+_PROFILER_MARK = "_fewshot_lightning_quiet"
+
+
+def quiet_profiler(profiler: Any) -> bool:
+    """Shadow the ``profile`` of Lightning's default profiler, which records nothing, by
+    ``contextlib.nullcontext`` (entering it yields the action's name, as ``profile`` does).
+    Any other profiler (``simple``, ``advanced``, ``pytorch``, a user's subclass, even of
+    ``PassThroughProfiler``) is left alone. Returns whether the profiler was shadowed."""
+    if type(profiler) is not PassThroughProfiler or "profile" in vars(profiler):
+        return bool(getattr(profiler, "__dict__", {}).get(_PROFILER_MARK))
+    profiler.profile = contextlib.nullcontext
+    profiler.__dict__[_PROFILER_MARK] = True
+    return True
+
+
+def restore_profiler(profiler: Any) -> None:
+    """Undo :func:`quiet_profiler`."""
+    held = getattr(profiler, "__dict__", {})
+    if held.pop(_PROFILER_MARK, False) and held.get("profile") is contextlib.nullcontext:
+        del held["profile"]
+
+
+#: The step methods whose signature Lightning reads at every batch.
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+def cache_step_signatures(module: Any) -> int:
+    """Store on each step function of ``module``'s class its signature as ``__signature__``,
+    which ``inspect`` returns as it is instead of building it (Lightning reads it at every batch).
+    Only plain Python functions, one decorator level unwrapped as Lightning does
+    (``utilities/signature_utils.py``), and only where no ``__signature__`` is set; the value is
+    ``inspect``'s own (``follow_wrapped=False``, as ``getfullargspec`` reads it), so what anyone
+    reads is unchanged. Returns how many were stored."""
+    count = 0
+    for name in STEP_METHODS:
+        function = getattr(type(module), name, None)
+        function = getattr(function, "__wrapped__", function)
+        if isinstance(function, types.FunctionType) and "__signature__" not in vars(function):
+            function.__signature__ = inspect.signature(function, follow_wrapped=False)
+            count += 1
+    return count

@@ -1,12 +1,28 @@
-"""Lightning calls a callback's per-batch hook only where it does something (fewshot_lightning.hooks)."""
+"""Lightning calls a callback's per-batch hook only where it does something; the default
+profiler's contexts, the step's signature and a batch already in place cost next to nothing
+(fewshot_lightning.hooks, MetaLearner.transfer_batch_to_device)."""
+import contextlib
+import functools
+import inspect
+
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.profilers import Profiler
+from lightning.pytorch.profilers import PassThroughProfiler, Profiler
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from fewshot_lightning.algorithms import MAML
-from fewshot_lightning.data import SinusoidDataModule
-from fewshot_lightning.hooks import PER_BATCH_HOOKS, does_nothing, hide_idle_hooks, restore_hooks
+from fewshot_lightning.data import SinusoidDataModule, TaskBatch
+from fewshot_lightning.hooks import (
+    PER_BATCH_HOOKS,
+    STEP_METHODS,
+    cache_step_signatures,
+    does_nothing,
+    hide_idle_hooks,
+    quiet_profiler,
+    restore_hooks,
+    restore_profiler,
+)
 from fewshot_lightning.models import MLP
 
 STEPS = 3
@@ -139,7 +155,8 @@ def test_hide_and_restore_by_hand():
 
 
 def test_training_is_unchanged(monkeypatch):
-    """The same steps give the same weights with the empty hooks hidden as with all called."""
+    """The same steps give the same weights with the empty hooks hidden, the profiler quiet and
+    the batch left in place as with Lightning as it comes."""
     import fewshot_lightning.algorithms.base as base
 
     def weights():
@@ -147,9 +164,120 @@ def test_training_is_unchanged(monkeypatch):
         return [p.detach().clone() for p in fit([Plain()], steps=4).lightning_module.parameters()]
 
     hidden = weights()
+    # Lightning as it comes: every hook called, its profiler's contexts, its signature reads, its transfer
     monkeypatch.setattr(base, "hide_idle_hooks", lambda callbacks: 0)
+    monkeypatch.setattr(base, "quiet_profiler", lambda profiler: False)
+    monkeypatch.setattr(base, "cache_step_signatures", lambda module: 0)
+    for name in STEP_METHODS:  # stored by the first run
+        vars(getattr(MAML, name)).pop("__signature__", None)
+    monkeypatch.setattr(base.MetaLearner, "transfer_batch_to_device", L.LightningModule.transfer_batch_to_device)
     called = weights()
     assert len(hidden) == 6 and all(torch.equal(a, b) for a, b in zip(hidden, called))
     L.seed_everything(0, verbose=False)
     start = list(MAML(MLP(), inner_lr=0.01, batching="vmap").parameters())
     assert any(not torch.equal(a, b) for a, b in zip(hidden, start))  # four steps did train
+
+
+class SeesProfiler(L.Callback):
+    """Records the trainer's profiler's ``profile`` at every training step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.profiler.profile)
+
+
+def test_the_default_profiler_is_quiet_during_the_run_only():
+    sees = SeesProfiler()
+    trainer = fit([sees])
+    assert type(trainer.profiler) is PassThroughProfiler
+    # during the run: a null context, which yields the action's name as Lightning's profile does
+    assert sees.seen == [contextlib.nullcontext] * STEPS
+    with contextlib.nullcontext("[Callback]x.on_train_batch_end") as name:
+        assert name == "[Callback]x.on_train_batch_end"
+    # after it: Lightning's own again
+    assert "profile" not in vars(trainer.profiler)
+    with trainer.profiler.profile("action") as name:
+        assert name == "action"
+    assert trainer.profiler.profile.__func__ is PassThroughProfiler.profile
+
+
+def test_other_profilers_are_left_alone():
+    class Mine(PassThroughProfiler):
+        pass
+
+    mine, names = Mine(), Names()
+    assert not quiet_profiler(mine) and not quiet_profiler(names)
+    assert "profile" not in vars(mine) and "profile" not in vars(names)
+    sees = SeesProfiler()
+    fit([sees], profiler=names)
+    # a profiler that records: every step's actions recorded, through its own profile
+    assert all(profile.__func__ is Profiler.profile for profile in sees.seen)
+    assert sum(name == "[Strategy]SingleDeviceStrategy.training_step" for name in names.names) == STEPS
+    # by hand: shadowed once, restored, and a restore with nothing to undo does nothing
+    default = PassThroughProfiler()
+    assert quiet_profiler(default) and quiet_profiler(default) and default.profile is contextlib.nullcontext
+    restore_profiler(default)
+    restore_profiler(default)
+    assert "profile" not in vars(default)
+
+
+def test_step_signatures_are_stored_as_inspect_builds_them():
+    def decorated(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            return function(*args, **kwargs)
+        return wrapper
+
+    class Steps:
+        def training_step(self, batch, batch_idx):
+            pass
+
+        @decorated
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            pass
+
+        def test_step(self, batch):
+            pass
+
+        def predict_step(self, *args):
+            pass
+
+    given = inspect.signature(lambda self, x: None)
+    Steps.predict_step.__signature__ = given  # set by its owner: kept
+    steps = Steps()
+    expected = {name: inspect.getfullargspec(getattr(steps, name)) for name in ("training_step", "validation_step", "test_step")}
+    reads = {name: is_param_in_hook_signature(getattr(steps, name), "batch_idx", min_args=2) for name in expected}
+    assert reads == {"training_step": True, "validation_step": True, "test_step": False}
+    assert cache_step_signatures(steps) == 3 and cache_step_signatures(steps) == 0
+    assert "__signature__" in vars(Steps.training_step) and "__signature__" in vars(Steps.test_step)
+    assert "__signature__" in vars(Steps.validation_step.__wrapped__)  # where Lightning reads it
+    assert Steps.predict_step.__signature__ is given
+    for name, spec in expected.items():
+        assert inspect.getfullargspec(getattr(steps, name)) == spec
+        assert is_param_in_hook_signature(getattr(steps, name), "batch_idx", min_args=2) == reads[name]
+    # and inspect now returns the stored object instead of building one
+    assert inspect.signature(Steps.training_step) is vars(Steps.training_step)["__signature__"]
+
+
+def test_a_batch_already_on_the_device_is_not_walked(monkeypatch):
+    model = MAML(MLP(), inner_lr=0.01)
+    batch = TaskBatch(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), torch.zeros(2, 4, 1), torch.zeros(2, 4, 1))
+    lightning_calls = []
+    lightning_transfer = L.LightningModule.transfer_batch_to_device
+
+    def recorded(self, batch, device, dataloader_idx):
+        lightning_calls.append(type(batch))
+        return lightning_transfer(self, batch, device, dataloader_idx)
+
+    monkeypatch.setattr(L.LightningModule, "transfer_batch_to_device", recorded)
+    assert model.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    assert lightning_calls == []
+    # anything else goes to Lightning's: another container, another device, a non-tensor part
+    as_tuple = model.transfer_batch_to_device(tuple(batch), torch.device("cpu"), 0)
+    assert type(as_tuple) is tuple and all(a is b for a, b in zip(as_tuple, batch))
+    elsewhere = batch._replace(query_y=torch.zeros(2, 4, 1, device="meta"))
+    moved = model.transfer_batch_to_device(elsewhere, torch.device("meta"), 0)
+    assert type(moved) is TaskBatch and all(part.device.type == "meta" for part in moved)
+    assert lightning_calls == [tuple, TaskBatch]

@@ -226,6 +226,16 @@ def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else():
             tensors[index].view(-1)[-1] = bad
             assert not _all_finite(tensors), (index, bad)
             assert not all(bool(t.isfinite().all()) for t in tensors)  # the slow check agrees
+    # one dtype and device: the one-foreach path (the float16 tensor above sends all to the other)
+    same = [t for t in clean() if t.dtype == torch.float32]
+    assert _all_finite(same)
+    for index in range(len(same)):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for position in (0, -1):
+                tensors = [t.clone() for t in same]
+                if tensors[index].numel():
+                    tensors[index].view(-1)[position] = bad
+                    assert not _all_finite(tensors), (index, bad, position)
 
 
 def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named():

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..callbacks import NonFiniteError
 from ..data.task import TaskBatch
-from ..hooks import hide_idle_hooks, restore_hooks
+from ..hooks import cache_step_signatures, hide_idle_hooks, quiet_profiler, restore_hooks, restore_profiler
 from ..metrics import MeanConfidenceInterval
 
 
@@ -340,9 +340,26 @@ class MetaLearner(L.LightningModule):
         # empty ones are skipped for this run (``hooks``), until teardown (after an exception,
         # which calls no module hook, until the callbacks' next run with a learner).
         hide_idle_hooks(self.trainer.callbacks)
+        # And the default profiler's context around every hook, which records nothing, and the
+        # step's signature, which Lightning reads at every batch, cost next to nothing.
+        quiet_profiler(self.trainer.profiler)
+        cache_step_signatures(self)
 
     def teardown(self, stage: str) -> None:
         restore_hooks(self.trainer.callbacks)
+        restore_profiler(self.trainer.profiler)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A :class:`TaskBatch` whose tensors are all on ``device`` already (training on the
+        CPU) is returned as it is, which is what Lightning's transfer returns, less its walk of
+        the batch at every step; anything else goes to Lightning's."""
+        if type(batch) is TaskBatch:
+            for part in batch:
+                if type(part) is not Tensor or part.device != device:
+                    break
+            else:
+                return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _check_kind_solved(self, data: str) -> None:
         """Refuse tasks of a kind the learner does not solve (a metric learner given regression
