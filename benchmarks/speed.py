@@ -483,10 +483,13 @@ def main() -> None:
         bare = overhead["bare loop"]
         print(f"\n`fit --config configs/maml_sinusoid.yaml` against a bare loop over the same training_step, "
               f"{args.fit_steps} steps (first {args.fit_steps // 5} excluded), {args.fit_rounds} rounds taking turns; "
-              "ms/step, median (min to max), and overhead as the ratio of medians (and of the fastest rounds):")
+              "ms/step, median (min to max), and overhead as the ratio of medians (and of the fastest rounds; "
+              "and the median of each round's own ratio, which a machine whose speed drifts between rounds "
+              "disturbs least):")
         for name, values in overhead.items():
             ratio = "" if name == "bare loop" else (
-                f": {statistics.median(values) / statistics.median(bare):.2f}x ({min(values) / min(bare):.2f}x)")
+                f": {statistics.median(values) / statistics.median(bare):.2f}x ({min(values) / min(bare):.2f}x; "
+                f"round by round {statistics.median(v / b for v, b in zip(values, bare)):.2f}x)")
             print(f"- {name}: {1000 * statistics.median(values):.2f} ms ({1000 * min(values):.2f} to "
                   f"{1000 * max(values):.2f}){ratio}")
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.1f}")
