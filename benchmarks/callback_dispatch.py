@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
@@ -47,8 +47,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from fewshot_lightning.algorithms.maml import cpu_name
 from fewshot_lightning.callbacks import _all_finite
 from fewshot_lightning.cli import build_cli
-from fewshot_lightning.hooks import hide_idle_hooks, restore_hooks
-from fewshot_lightning.hooks import STEP_METHODS, cache_step_signatures, restore_profiler
+from fewshot_lightning.hooks import STEP_METHODS, cache_step_signatures, hide_idle_hooks, restore_hooks, restore_profiler
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml")
 

@@ -179,13 +179,16 @@ def test_training_is_unchanged(monkeypatch):
 
 
 class SeesProfiler(L.Callback):
-    """Records the trainer's profiler's ``profile`` at every training step."""
+    """Records the trainer's profiler's ``profile`` at every training step, and what entering it
+    yields."""
 
     def __init__(self):
-        self.seen = []
+        self.seen, self.yielded = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen.append(trainer.profiler.profile)
+        with trainer.profiler.profile(f"action {batch_idx}") as name:
+            self.yielded.append(name)
 
 
 def test_the_default_profiler_is_quiet_during_the_run_only():
@@ -194,8 +197,7 @@ def test_the_default_profiler_is_quiet_during_the_run_only():
     assert type(trainer.profiler) is PassThroughProfiler
     # during the run: a null context, which yields the action's name as Lightning's profile does
     assert sees.seen == [contextlib.nullcontext] * STEPS
-    with contextlib.nullcontext("[Callback]x.on_train_batch_end") as name:
-        assert name == "[Callback]x.on_train_batch_end"
+    assert sees.yielded == [f"action {index}" for index in range(STEPS)]
     # after it: Lightning's own again
     assert "profile" not in vars(trainer.profiler)
     with trainer.profiler.profile("action") as name:
@@ -214,6 +216,7 @@ def test_other_profilers_are_left_alone():
     fit([sees], profiler=names)
     # a profiler that records: every step's actions recorded, through its own profile
     assert all(profile.__func__ is Profiler.profile for profile in sees.seen)
+    assert sees.yielded == [f"action {index}" for index in range(STEPS)]
     assert sum(name == "[Strategy]SingleDeviceStrategy.training_step" for name in names.names) == STEPS
     # by hand: shadowed once, restored, and a restore with nothing to undo does nothing
     default = PassThroughProfiler()

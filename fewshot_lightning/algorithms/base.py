@@ -353,12 +353,8 @@ class MetaLearner(L.LightningModule):
         """A :class:`TaskBatch` whose tensors are all on ``device`` already (training on the
         CPU) is returned as it is, which is what Lightning's transfer returns, less its walk of
         the batch at every step; anything else goes to Lightning's."""
-        if type(batch) is TaskBatch:
-            for part in batch:
-                if type(part) is not Tensor or part.device != device:
-                    break
-            else:
-                return batch
+        if type(batch) is TaskBatch and all(type(part) is Tensor and part.device == device for part in batch):
+            return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _check_kind_solved(self, data: str) -> None:
