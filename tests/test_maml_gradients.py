@@ -669,3 +669,89 @@ def test_the_curve_every_k_steps_has_the_full_curves_points_and_skips_the_other_
         with pytest.raises(ValueError, match="test_curve_every must be a whole number of inner steps"):
             MAML(MLP(), test_curve_every=bad)
     assert Reptile(MLP(), test_inner_steps=50, test_curve_every=10).curve_steps() == [0, 10, 20, 30, 40, 50]
+
+
+def _counting_convolutions(monkeypatch):
+    """The number of convolution calls from now on (Conv4's batched forward and its blocks both
+    call ``torch.nn.functional.conv2d``), in a one-element list."""
+    calls = [0]
+    conv2d = F.conv2d
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", [("vmap", "contiguous"), ("loop", "contiguous"), ("loop", "channels_last"),
+                                  ("vmap", "channels_last")])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_passes_the_support_set_through_the_features_once_with_the_same_numbers(monkeypatch, path, first_order):
+    # ANIL adapts the head alone, so the support passes up to the head are the same at every
+    # inner step: they run once per adaptation. Three inner steps on two tasks of a Conv4: the
+    # loss and the meta-gradient of every parameter, body included (second order reaches it
+    # through the inner gradients), are those of the pass at every step, to rounding; the
+    # convolutions called drop from (3 support + 1 query passes) to (1 + 1), 4 layers each, times
+    # the tasks where the path runs them one by one.
+    batching, memory_format = path
+    batch = image_batch()
+    per_pass = 1 if batching == "vmap" and memory_format == "contiguous" else batch.num_tasks
+    query_pass = batch.num_tasks if memory_format == "channels_last" else per_pass
+    support_pass = 1 if batching == "vmap" else batch.num_tasks
+    results = {}
+    for once in (True, False):
+        torch.manual_seed(0)
+        model = ANIL(Conv4(hidden=8, out_features=5), inner_lr=0.4, inner_steps=3, first_order=first_order,
+                     batching=batching, memory_format=memory_format)
+        model.head_features_once = once
+        calls = _counting_convolutions(monkeypatch)
+        results[once] = our_meta_gradient(model, batch)
+        assert calls[0] == 4 * ((1 if once else 3) * support_pass + query_pass), (once, calls[0])
+        monkeypatch.undo()
+    (loss, grads), (reference_loss, reference_grads) = results[True], results[False]
+    assert torch.allclose(loss, reference_loss, rtol=1e-6)
+    scale = torch.cat([g.flatten() for g in reference_grads]).norm()
+    assert scale > 1e-3
+    body = torch.cat([g.flatten() for g in reference_grads[:-2]]).norm()
+    assert body > 1e-3  # the features' parameters get a meta-gradient: the comparison covers them
+    for a, b in zip(grads, reference_grads):
+        assert (a - b).norm() <= 1e-5 * scale
+
+
+def test_anil_evaluation_adapts_to_the_same_head_with_the_features_once():
+    # Evaluation (no outer graph) takes the same shortcut and lands on the same head weights.
+    batch = image_batch()
+    adapted = {}
+    for once in (True, False):
+        torch.manual_seed(0)
+        model = ANIL(Conv4(hidden=8, out_features=5), inner_lr=0.4, inner_steps=4, batching="vmap")
+        model.head_features_once = once
+        adapted[once] = model.adapt(batch.support_x, batch.support_y, differentiable=False)
+    assert set(adapted[True]) == {"head.weight", "head.bias"}
+    for name, value in adapted[True].items():
+        assert value.shape[0] == batch.num_tasks and not value.requires_grad
+        assert torch.allclose(value, adapted[False][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: MAML(Conv4(hidden=8, out_features=5), inner_lr=0.4, inner_steps=3), id="MAML: every layer"),
+    pytest.param(lambda: ANIL(Conv4(hidden=8, out_features=5), adapt=["head.weight"], inner_lr=0.4, inner_steps=3),
+                 id="ANIL: part of the head"),
+    pytest.param(lambda: ANIL(Conv4(hidden=8, out_features=5, track_running_stats=True), inner_lr=0.4,
+                              inner_steps=3), id="ANIL: running statistics"),
+    pytest.param(lambda: MetaSGD(Conv4(hidden=8, out_features=5), inner_lr=0.4, inner_steps=3), id="Meta-SGD"),
+])
+def test_the_features_run_at_every_step_where_the_shortcut_does_not_hold(monkeypatch, make):
+    # Adapting more than the head changes the features at every step; adapting part of it, or a
+    # backbone with running statistics (every pass updates them), keeps the pass at every step.
+    torch.manual_seed(0)
+    model = make()
+    model.batching, model.memory_format = "loop", "contiguous"
+    batch = image_batch()
+    calls = _counting_convolutions(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.adapt(batch.support_x, batch.support_y)
+    assert calls[0] == 4 * 3 * batch.num_tasks

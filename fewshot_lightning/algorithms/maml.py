@@ -6,7 +6,7 @@ import math
 import platform
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -304,12 +304,48 @@ class MAML(MetaLearner):
         ``first_order`` defaults to :meth:`uses_first_order` at the current outer step.
         """
         first_order = self.uses_first_order() if first_order is None else first_order
+        options = self.inner_options(support_x, steps)
+        forward, inputs = self.functional(batching), support_x
+        if steps > 0 and self._adapts_head_only(options):
+            # The support passes up to the head are the same at every inner step: once.
+            with self.backbone.without_head():
+                inputs = forward({}, support_x)
+            if first_order or not differentiable:
+                inputs = inputs.detach()  # no inner gradient is differentiated through them
+            forward = self._head_functional()
         return trajectory(
-            self.functional(batching), self.initial_params(support_x.shape[0], detach=not differentiable),
-            support_x, support_y, per_task_loss, steps, self.inner_lr,
+            forward, self.initial_params(support_x.shape[0], detach=not differentiable),
+            inputs, support_y, per_task_loss, steps, self.inner_lr,
             second_order=not first_order, differentiable=differentiable, loss_scale=self.inner_loss_scale(),
-            **self.inner_options(support_x, steps),
+            **options,
         )
+
+    #: Whether a learner that adapts exactly the backbone's ``head`` (ANIL's default) passes each
+    #: task's support set through the rest once per adaptation, not once per inner step, where
+    #: the backbone offers ``without_head()`` (:class:`~fewshot_lightning.models.Conv4`) and holds
+    #: no buffers (running statistics that every pass would update), unless inner steps take
+    #: minibatches of the support set or per-step weights (MAML++). Same numbers to rounding.
+    head_features_once: bool = True
+
+    def _adapts_head_only(self, options: Mapping[str, Any]) -> bool:
+        # Per-step weights change the passes up to the head; minibatches change their batch statistics.
+        if not self.head_features_once or options.get("per_step") is not None or options.get("minibatch") is not None:
+            return False
+        backbone = self.backbone
+        head = getattr(backbone, "head", None)
+        if head is None or not hasattr(backbone, "without_head") or next(backbone.buffers(), None) is not None:
+            return False
+        return set(self.adapt_names) == {f"head.{name}" for name, _ in head.named_parameters()}
+
+    def _head_functional(self) -> Forward:
+        """The head alone as ``forward(params, features)`` over tasks, ``params`` named as in
+        the backbone (``head.weight``)."""
+        if "head" not in self._functionals:
+            head_forward = functional(self.backbone.head, batching="vmap")
+            skip = len("head.")
+            self._functionals["head"] = lambda params, x: head_forward(
+                {name[skip:]: value for name, value in params.items()}, x)
+        return self._functionals["head"]
 
     def inner_loss_scale(self) -> Optional[float]:
         """Under 16-bit mixed precision, the ``GradScaler``'s current scale: the inner loss is
@@ -804,7 +840,9 @@ class ANIL(MAML):
     the head.
 
     Arguments as :class:`MAML`; ``adapt`` defaults to ``["head."]`` (our backbones name their
-    last layer ``head``).
+    last layer ``head``). With a :class:`~fewshot_lightning.models.Conv4` a task's support set
+    goes through the layers below the head once per adaptation, not once per inner step (see
+    :attr:`MAML.head_features_once`; same numbers).
     """
 
     def __init__(self, backbone: nn.Module, adapt: Optional[Sequence[str]] = ("head.",), **kwargs) -> None:

@@ -1,7 +1,8 @@
 """The four-block convolutional backbone of Matching Networks, MAML and ProtoNets."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Set, Tuple
+import contextlib
+from typing import Dict, Iterator, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,22 @@ class Conv4(nn.Module):
     def _sample_major(self, x: Tensor) -> Tensor:
         maps = self.features(x)
         out = maps.flatten(2) if self.max_pool else maps.mean((-2, -1))
-        return out if self.head is None else self.head(out)
+        return out if self.head is None or self._headless else self.head(out)
+
+    #: True inside :meth:`without_head`.
+    _headless: bool = False
+
+    @contextlib.contextmanager
+    def without_head(self) -> Iterator[None]:
+        """Within it, :meth:`forward` and :meth:`forward_tasks` return the head's input (the
+        features, ``[..., feature_dim]``), as if the module had no head. Learners that adapt
+        the head alone (ANIL) compute a task's support features once through it instead of at
+        every inner step."""
+        before, self._headless = self._headless, True
+        try:
+            yield
+        finally:
+            self._headless = before
 
     #: On the CPU, :meth:`forward_tasks` runs the tasks in groups whose first feature map
     #: (the largest activation) holds at most this many bytes (at least one task a group);
@@ -162,7 +178,7 @@ class Conv4(nn.Module):
             hidden = torch.relu(hidden)
         maps = hidden.view(samples, tasks, -1, *hidden.shape[2:])
         out = (maps.flatten(2) if self.max_pool else maps.mean((-2, -1))).transpose(0, 1)
-        if self.head is None:
+        if self.head is None or self._headless:
             return out
         if is_shared("head.weight") and is_shared("head.bias"):
             return F.linear(out, params["head.weight"], params["head.bias"])
