@@ -10,7 +10,7 @@ each task's own statistics as ours does (its examples pass a task's support and 
 together). Conv4-64 (batch norm on batch statistics), 28x28 grey images, 5-way 1-shot 15-query,
 meta-batch 16, five inner steps of 0.4, second order; a meta-iteration is the adaptation of every
 task, the query loss and the outer backward. The contenders take turns; the first round's first
-iterations are not timed.
+iterations are not timed. Last, the path ``batching="auto"`` picks on its own timing.
 
     python benchmarks/anil_features.py [--iterations 4] [--rounds 3] [--steps 5] [--threads 2]
 """
@@ -93,7 +93,7 @@ def main() -> None:
     print(f"Machine: {cpu_name()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f} at start")
     contenders: Dict[str, Callable[[TaskBatch], None]] = {}
-    for batching, memory_format in (("vmap", "contiguous"), ("loop", "channels_last")):
+    for batching, memory_format in (("vmap", "contiguous"), ("vmap", "channels_last"), ("loop", "channels_last")):
         path = batching + (" channels_last" if memory_format == "channels_last" else "")
         contenders[f"ours, {path}, features once"] = ours(args.steps, True, batching, memory_format)
         contenders[f"ours, {path}, features every step"] = ours(args.steps, False, batching, memory_format)
@@ -118,6 +118,12 @@ def main() -> None:
     for name, values in times.items():
         ms = statistics.median(values) * 1e3
         print(f"| {name} | {ms:.1f} | {reference * 1e3 / ms:.2f}x |")
+    # What batching="auto" picks for this model on its own timing of one training step.
+    torch.manual_seed(0)
+    model = ANIL(Conv4(hidden=64, out_features=WAYS), inner_lr=LR, inner_steps=args.steps)
+    model.choose_batching(batches[0])
+    timings = ", ".join(f"{path} {ms:.1f} ms" for path, ms in model.batching_timings.items())
+    print(f"\nbatching='auto' picks {model.batching}, {model.memory_format} ({timings}).")
 
 
 if __name__ == "__main__":
