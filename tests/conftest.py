@@ -16,6 +16,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _lightning_logs_reach_caplog(caplog):
+    """What Lightning's loggers log reaches ``caplog`` in every test. Lightning stops its loggers
+    propagating to the root logger (where caplog listens) when the root had no handler at
+    import, so a test that reads ``caplog.text`` saw Lightning's and ``rank_zero_info``'s lines
+    only if an earlier test had changed that: it passed in the full suite and failed alone."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    added = [logger for logger in loggers if caplog.handler not in logger.handlers]
+    for logger in added:
+        logger.addHandler(caplog.handler)
+    yield
+    for logger in added:
+        logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture
 def cli(capfd, caplog, monkeypatch):
     """``cli(*args)`` runs ``fewshot-lightning *args`` in this process and returns its exit code
