@@ -38,10 +38,7 @@ def cli(capfd, caplog, monkeypatch):
     the last two)."""
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(sys, "argv", ["fewshot-lightning"])  # not pytest's arguments
-    # Lightning's loggers do not propagate to the root logger when it had no handler at import.
-    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    for logger in lightning_loggers:
-        logger.addHandler(caplog.handler)
+    # Lightning's loggers reach caplog through _lightning_logs_reach_caplog (autouse).
 
     def run(*args):
         caplog.clear()
@@ -57,5 +54,3 @@ def cli(capfd, caplog, monkeypatch):
         return code, printed.out + printed.err + caplog.text + warned
 
     yield run
-    for logger in lightning_loggers:
-        logger.removeHandler(caplog.handler)
