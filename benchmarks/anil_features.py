@@ -1,5 +1,5 @@
-"""ANIL on Conv4: the support set through the features once per adaptation, against once per
-inner step, and against learn2learn's ANIL, same model and tasks.
+"""ANIL on Conv4 (or the sinusoid MLP): the support set through the features once per adaptation,
+against once per inner step, and against learn2learn's ANIL, same model and tasks.
 
 ANIL (Raghu et al., ICLR 2020) adapts the head alone, so a task's support features do not change
 between inner steps. ``MAML.head_features_once`` (on by default) computes them once; with it off,
@@ -12,7 +12,10 @@ meta-batch 16, five inner steps of 0.4, second order; a meta-iteration is the ad
 task, the query loss and the outer backward. The contenders take turns; the first round's first
 iterations are not timed. Last, the path ``batching="auto"`` picks on its own timing.
 
-    python benchmarks/anil_features.py [--iterations 4] [--rounds 3] [--steps 5] [--threads 2]
+``--model mlp``: the sinusoid regressor instead (MLP 1-40-40-1, 10 shots and 10 queries a task,
+meta-batch 25, inner steps of 0.01, mean squared error), on the vmap and loop paths.
+
+    python benchmarks/anil_features.py [--model conv4|mlp] [--iterations 4] [--rounds 3] [--steps 5] [--threads 2]
 """
 from __future__ import annotations
 
@@ -28,25 +31,35 @@ import torch.nn.functional as F
 from fewshot_lightning.algorithms import ANIL
 from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import TaskBatch
-from fewshot_lightning.models import Conv4
+from fewshot_lightning.models import MLP, Conv4
 
 from maml_step_time import cpu_name
 
 TASKS, WAYS, SHOTS, QUERIES, LR = 16, 5, 1, 15, 0.4
+#: --model mlp: tasks, shots, queries and inner learning rate of MAML's sinusoid experiments.
+MLP_TASKS, MLP_SHOTS, MLP_QUERIES, MLP_LR = 25, 10, 10, 0.01
 
 
-def make_batch(seed: int) -> TaskBatch:
+def make_batch(seed: int, model: str = "conv4") -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
+    if model == "mlp":
+        x = torch.rand(MLP_TASKS, MLP_SHOTS + MLP_QUERIES, 1, generator=g) * 10 - 5
+        y = torch.sin(x + torch.rand(MLP_TASKS, 1, 1, generator=g) * 3.14) * (torch.rand(MLP_TASKS, 1, 1, generator=g) * 4.9 + 0.1)
+        return TaskBatch(x[:, :MLP_SHOTS], y[:, :MLP_SHOTS], x[:, MLP_SHOTS:], y[:, MLP_SHOTS:])
     labels = torch.arange(WAYS)
     return TaskBatch(torch.rand(TASKS, WAYS * SHOTS, 1, 28, 28, generator=g), labels.repeat_interleave(SHOTS).repeat(TASKS, 1),
                      torch.rand(TASKS, WAYS * QUERIES, 1, 28, 28, generator=g),
                      labels.repeat_interleave(QUERIES).repeat(TASKS, 1))
 
 
-def ours(steps: int, once: bool, batching: str, memory_format: str) -> Callable[[TaskBatch], None]:
+def network(model: str) -> torch.nn.Module:
+    return MLP(1, (40, 40), 1) if model == "mlp" else Conv4(hidden=64, out_features=WAYS)
+
+
+def ours(steps: int, once: bool, batching: str, memory_format: str, model_name: str = "conv4") -> Callable[[TaskBatch], None]:
     torch.manual_seed(0)
-    model = ANIL(Conv4(hidden=64, out_features=WAYS), inner_lr=LR, inner_steps=steps, batching=batching,
-                 memory_format=memory_format)
+    model = ANIL(network(model_name), inner_lr=MLP_LR if model_name == "mlp" else LR, inner_steps=steps,
+                 batching=batching, memory_format=memory_format)
     model.head_features_once = once
 
     def step(batch: TaskBatch) -> None:
@@ -56,26 +69,27 @@ def ours(steps: int, once: bool, batching: str, memory_format: str) -> Callable[
     return step
 
 
-def learn2learn(steps: int) -> Callable[[TaskBatch], None]:
+def learn2learn(steps: int, model_name: str = "conv4") -> Callable[[TaskBatch], None]:
     import learn2learn as l2l
 
     torch.manual_seed(0)
-    network = Conv4(hidden=64, out_features=WAYS)
-    head = l2l.algorithms.MAML(network.head, lr=LR, first_order=False)
+    net = network(model_name)
+    head = l2l.algorithms.MAML(net.head, lr=MLP_LR if model_name == "mlp" else LR, first_order=False)
+    loss = F.mse_loss if model_name == "mlp" else F.cross_entropy
 
     def features(x: torch.Tensor) -> torch.Tensor:
-        with network.without_head():  # Conv4 as built, on one task's images, up to its head
-            return network(x)
+        with net.without_head():  # the network as built, on one task's inputs, up to its head
+            return net(x)
 
     def step(batch: TaskBatch) -> None:
-        network.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)
         total = 0.0
         for t in range(batch.num_tasks):
             learner = head.clone()
             support, query = features(batch.support_x[t]), features(batch.query_x[t])
             for _ in range(steps):
-                learner.adapt(F.cross_entropy(learner(support), batch.support_y[t]))
-            total = total + F.cross_entropy(learner(query), batch.query_y[t])
+                learner.adapt(loss(learner(support), batch.support_y[t]))
+            total = total + loss(learner(query), batch.query_y[t])
         (total / batch.num_tasks).backward()
 
     return step
@@ -83,6 +97,7 @@ def learn2learn(steps: int) -> Callable[[TaskBatch], None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["conv4", "mlp"], default="conv4")
     parser.add_argument("--iterations", type=int, default=4, help="meta-iterations per contender per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="iterations of the first round not timed")
@@ -93,15 +108,17 @@ def main() -> None:
     print(f"Machine: {cpu_name()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f} at start")
     contenders: Dict[str, Callable[[TaskBatch], None]] = {}
-    for batching, memory_format in (("vmap", "contiguous"), ("vmap", "channels_last"), ("loop", "channels_last")):
+    paths = ((("vmap", "contiguous"), ("loop", "contiguous")) if args.model == "mlp" else
+             (("vmap", "contiguous"), ("vmap", "channels_last"), ("loop", "channels_last")))
+    for batching, memory_format in paths:
         path = batching + (" channels_last" if memory_format == "channels_last" else "")
-        contenders[f"ours, {path}, features once"] = ours(args.steps, True, batching, memory_format)
-        contenders[f"ours, {path}, features every step"] = ours(args.steps, False, batching, memory_format)
+        contenders[f"ours, {path}, features once"] = ours(args.steps, True, batching, memory_format, args.model)
+        contenders[f"ours, {path}, features every step"] = ours(args.steps, False, batching, memory_format, args.model)
     try:
-        contenders["learn2learn (features once per task)"] = learn2learn(args.steps)
+        contenders["learn2learn (features once per task)"] = learn2learn(args.steps, args.model)
     except ImportError:
         print("learn2learn is not installed: its row is left out.")
-    batches = [make_batch(i) for i in range(args.iterations)]
+    batches = [make_batch(i, args.model) for i in range(args.iterations)]
     times: Dict[str, List[float]] = {name: [] for name in contenders}
     for round_ in range(args.rounds):
         for name, step in contenders.items():
@@ -111,7 +128,9 @@ def main() -> None:
                 if round_ > 0 or i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     reference = statistics.median(times.get("learn2learn (features once per task)", [float("nan")]))
-    print(f"\nANIL, Conv4-64, 28x28, {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {TASKS}, {args.steps} inner steps, "
+    case = (f"MLP 1-40-40-1, sinusoid, {MLP_SHOTS} shots {MLP_QUERIES} queries, meta-batch {MLP_TASKS}" if args.model == "mlp"
+            else f"Conv4-64, 28x28, {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {TASKS}")
+    print(f"\nANIL, {case}, {args.steps} inner steps, "
           f"second order; median of {args.rounds} rounds x {args.iterations} meta-iterations, taking turns.\n")
     print("| contender | ms / meta-iteration | vs learn2learn |")
     print("|---|---:|---:|")
@@ -120,7 +139,7 @@ def main() -> None:
         print(f"| {name} | {ms:.1f} | {reference * 1e3 / ms:.2f}x |")
     # What batching="auto" picks for this model on its own timing of one training step.
     torch.manual_seed(0)
-    model = ANIL(Conv4(hidden=64, out_features=WAYS), inner_lr=LR, inner_steps=args.steps)
+    model = ANIL(network(args.model), inner_lr=MLP_LR if args.model == "mlp" else LR, inner_steps=args.steps)
     model.choose_batching(batches[0])
     timings = ", ".join(f"{path} {ms:.1f} ms" for path, ms in model.batching_timings.items())
     print(f"\nbatching='auto' picks {model.batching}, {model.memory_format} ({timings}).")

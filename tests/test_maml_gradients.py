@@ -720,6 +720,100 @@ def test_anil_passes_the_support_set_through_the_features_once_with_the_same_num
         assert (a - b).norm() <= 1e-5 * scale
 
 
+def explicit_anil_meta_gradient(backbone, batch, lr, steps, first_order):
+    """ANIL by hand: per task, the support features once, ``steps`` explicit gradient steps on
+    the head alone (``create_graph`` unless first order), the mean query loss; its gradient with
+    respect to every weight, the features' included."""
+    w1, b1, w2, b2, w3, b3 = weights = [p for _, p in backbone.named_parameters()]
+    features = lambda x: torch.relu(torch.relu(x @ w1.T + b1) @ w2.T + b2)
+    total = 0
+    for t in range(batch.num_tasks):
+        support = features(batch.support_x[t])
+        if first_order:
+            support = support.detach()
+        head = [w3, b3]
+        for _ in range(steps):
+            loss = F.mse_loss(support @ head[0].T + head[1], batch.support_y[t])
+            grads = torch.autograd.grad(loss, head, create_graph=not first_order)
+            head = [w - lr * g for w, g in zip(head, grads)]
+        total = total + F.mse_loss(features(batch.query_x[t]) @ head[0].T + head[1], batch.query_y[t])
+    meta_loss = total / batch.num_tasks
+    return meta_loss, torch.autograd.grad(meta_loss, weights)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_on_an_mlp_passes_the_support_set_through_the_features_once(batching, first_order):
+    # The MLP offers without_head() too (DetachableHead): ANIL on it takes the shortcut. Three
+    # inner steps on three sinusoid-like tasks: the loss and the meta-gradient of every weight
+    # are an explicit hand-written ANIL's (features once per task, head steps with
+    # create_graph), and the ReLUs run (1 support + 1 query pass) x 2 layers per batched pass,
+    # where the pass at every step runs them (3 + 1) x 2 times; per task on the loop.
+    batch = regression_batch(tasks=3)
+    per_pass = 2 * (1 if batching == "vmap" else batch.num_tasks)
+    for once in (True, False):
+        torch.manual_seed(0)
+        backbone = MLP(1, (8, 8), 1)
+        model = ANIL(backbone, inner_lr=0.3, inner_steps=3, first_order=first_order, batching=batching)
+        model.head_features_once = once
+        calls = [0]
+        handles = [layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+                   for layer in backbone.features if isinstance(layer, nn.ReLU)]
+        loss, grads = our_meta_gradient(model, batch)
+        for handle in handles:
+            handle.remove()
+        assert calls[0] == per_pass * ((1 if once else 3) + 1), (once, calls[0])
+        reference_loss, reference_grads = explicit_anil_meta_gradient(backbone, batch, 0.3, 3, first_order)
+        assert torch.allclose(loss, reference_loss, rtol=1e-6)
+        scale = torch.cat([g.flatten() for g in reference_grads]).norm()
+        body = torch.cat([g.flatten() for g in reference_grads[:-2]]).norm()
+        assert scale > 1e-3 and body > 1e-3  # the features' weights get a meta-gradient: compared too
+        for a, b in zip(grads, reference_grads):
+            assert (a - b).norm() <= 1e-5 * scale
+
+
+def test_anil_features_once_with_a_head_that_is_no_linear_layer():
+    # A head other than one nn.Linear runs under torch.func.vmap on the features (the batched
+    # product covers nn.Linear alone): the same loss and meta-gradient as the pass at every step.
+    batch = regression_batch(tasks=3)
+    results = {}
+    for once in (True, False):
+        torch.manual_seed(0)
+        backbone = MLP(1, (8, 8), 1)
+        backbone.head = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+        model = ANIL(backbone, inner_lr=0.3, inner_steps=3, batching="loop")
+        model.head_features_once = once
+        assert model._adapts_head_only({}) == once and len(model.adapt_names) == 4
+        results[once] = our_meta_gradient(model, batch)
+    (loss, grads), (reference_loss, reference_grads) = results[True], results[False]
+    assert torch.allclose(loss, reference_loss, rtol=1e-6)
+    scale = torch.cat([g.flatten() for g in reference_grads]).norm()
+    assert scale > 1e-3
+    for a, b in zip(grads, reference_grads):
+        assert (a - b).norm() <= 1e-5 * scale
+
+
+def test_without_head_returns_the_heads_input_and_restores_the_head():
+    # forward and forward_tasks of both backbones give the features inside the context (the head's
+    # input: the head applied to them is the usual output), and the head again after it, also
+    # after an exception inside.
+    torch.manual_seed(0)
+    mlp, conv = MLP(1, (8, 6), 2), Conv4(hidden=8, out_features=5)
+    x_mlp, x_conv = torch.randn(3, 4, 1), torch.randn(3, 4, 1, 28, 28)
+    for backbone, x in ((mlp, x_mlp), (conv, x_conv)):
+        params = dict(backbone.named_parameters())
+        full, full_tasks = backbone(x), backbone.forward_tasks(params, x)
+        with backbone.without_head():
+            features, features_tasks = backbone(x), backbone.forward_tasks(params, x)
+        assert features.shape == (3, 4, backbone.head.in_features) == features_tasks.shape
+        assert torch.allclose(backbone.head(features), full, atol=1e-5)
+        assert torch.allclose(features_tasks, features, atol=1e-5)
+        with pytest.raises(RuntimeError, match="inside"):
+            with backbone.without_head():
+                raise RuntimeError("inside")
+        assert torch.equal(backbone(x), full) and torch.allclose(backbone.forward_tasks(params, x), full_tasks)
+
+
 def test_anil_evaluation_adapts_to_the_same_head_with_the_features_once():
     # Evaluation (no outer graph) takes the same shortcut and lands on the same head weights.
     batch = image_batch()

@@ -322,7 +322,8 @@ class MAML(MetaLearner):
 
     #: Whether a learner that adapts exactly the backbone's ``head`` (ANIL's default) passes each
     #: task's support set through the rest once per adaptation, not once per inner step, where
-    #: the backbone offers ``without_head()`` (:class:`~fewshot_lightning.models.Conv4`) and holds
+    #: the backbone offers ``without_head()`` (:class:`~fewshot_lightning.models.Conv4` and
+    #: :class:`~fewshot_lightning.models.MLP`, from :class:`~fewshot_lightning.models.blocks.DetachableHead`) and holds
     #: no buffers (running statistics that every pass would update), unless inner steps take
     #: minibatches of the support set or per-step weights (MAML++). Same numbers to rounding.
     head_features_once: bool = True
@@ -341,10 +342,21 @@ class MAML(MetaLearner):
         """The head alone as ``forward(params, features)`` over tasks, ``params`` named as in
         the backbone (``head.weight``)."""
         if "head" not in self._functionals:
-            head_forward = functional(self.backbone.head, batching="vmap")
-            skip = len("head.")
-            self._functionals["head"] = lambda params, x: head_forward(
-                {name[skip:]: value for name, value in params.items()}, x)
+            head = self.backbone.head
+            if type(head) is nn.Linear:
+                # Every task's head in one batched product (vmap of a linear layer is several ops).
+                def linear(params: Params, x: Tensor) -> Tensor:
+                    weight = params["head.weight"].transpose(-1, -2)
+                    if "head.bias" not in params:
+                        return torch.bmm(x, weight)
+                    return torch.baddbmm(params["head.bias"].unsqueeze(-2), x, weight)
+
+                self._functionals["head"] = linear
+            else:
+                head_forward = functional(head, batching="vmap")
+                skip = len("head.")
+                self._functionals["head"] = lambda params, x: head_forward(
+                    {name[skip:]: value for name, value in params.items()}, x)
         return self._functionals["head"]
 
     def inner_loss_scale(self) -> Optional[float]:
@@ -840,8 +852,9 @@ class ANIL(MAML):
     the head.
 
     Arguments as :class:`MAML`; ``adapt`` defaults to ``["head."]`` (our backbones name their
-    last layer ``head``). With a :class:`~fewshot_lightning.models.Conv4` a task's support set
-    goes through the layers below the head once per adaptation, not once per inner step (see
+    last layer ``head``). With a :class:`~fewshot_lightning.models.Conv4` or
+    :class:`~fewshot_lightning.models.MLP` a task's support set goes through the layers below
+    the head once per adaptation, not once per inner step (see
     :attr:`MAML.head_features_once`; same numbers).
     """
 

@@ -151,6 +151,27 @@ def keep_layout() -> Iterator[None]:
         _keeping_layout.reset(token)
 
 
+class DetachableHead:
+    """Mixin for a backbone whose last layer is ``head``: within :meth:`without_head` its
+    forwards return the head's input (the features), as if it had no head. The backbone's
+    forwards check ``self._headless``."""
+
+    #: True inside :meth:`without_head`.
+    _headless: bool = False
+
+    @contextmanager
+    def without_head(self) -> Iterator[None]:
+        """Within it, ``forward`` and ``forward_tasks`` return the head's input (the features,
+        ``[..., features]``), as if the module had no head. Learners that adapt the head alone
+        (ANIL) compute a task's support features once through it instead of at every inner step
+        (:attr:`~fewshot_lightning.algorithms.MAML.head_features_once`)."""
+        before, self._headless = self._headless, True
+        try:
+            yield
+        finally:
+            self._headless = before
+
+
 def is_batched(x: Tensor) -> bool:
     """Whether ``x`` is being batched by ``torch.func.vmap`` (which has no public test for it)."""
     return bool(torch._C._functorch.is_batchedtensor(x))

@@ -1,17 +1,16 @@
 """The four-block convolutional backbone of Matching Networks, MAML and ProtoNets."""
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, Optional, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConvBlock, per_task_call
+from .blocks import ConvBlock, DetachableHead, per_task_call
 
 
-class Conv4(nn.Module):
+class Conv4(DetachableHead, nn.Module):
     """Four blocks of 3x3 conv, batch norm, ReLU and 2x2 max-pool, then an optional linear ``head``.
 
     Vinyals et al. (2016), Finn et al. (2017), Snell et al. (2017). ``hidden=64`` for Omniglot,
@@ -80,21 +79,6 @@ class Conv4(nn.Module):
         maps = self.features(x)
         out = maps.flatten(2) if self.max_pool else maps.mean((-2, -1))
         return out if self.head is None or self._headless else self.head(out)
-
-    #: True inside :meth:`without_head`.
-    _headless: bool = False
-
-    @contextlib.contextmanager
-    def without_head(self) -> Iterator[None]:
-        """Within it, :meth:`forward` and :meth:`forward_tasks` return the head's input (the
-        features, ``[..., feature_dim]``), as if the module had no head. Learners that adapt
-        the head alone (ANIL) compute a task's support features once through it instead of at
-        every inner step."""
-        before, self._headless = self._headless, True
-        try:
-            yield
-        finally:
-            self._headless = before
 
     #: On the CPU, :meth:`forward_tasks` runs the tasks in groups whose first feature map
     #: (the largest activation) holds at most this many bytes (at least one task a group);

@@ -6,8 +6,10 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .blocks import DetachableHead
 
-class MLP(nn.Module):
+
+class MLP(DetachableHead, nn.Module):
     """``in_features -> hidden... -> out_features`` with ReLU between layers.
 
     The last layer is ``head``. Defaults give the sinusoid regressor of Finn et al.,
@@ -35,7 +37,8 @@ class MLP(nn.Module):
         self.input_arguments: Tuple[str, ...] = ("in_features",)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        features = self.features(x)
+        return features if self._headless else self.head(features)
 
     def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         """The outputs of every task under its own parameters, in one batched matrix product
@@ -48,7 +51,9 @@ class MLP(nn.Module):
         MAML step's time; :func:`~fewshot_lightning.inner.functional` uses it.
         """
         hidden = x
-        layers = [(f"features.{i}", layer) for i, layer in enumerate(self.features)] + [("head", self.head)]
+        layers = [(f"features.{i}", layer) for i, layer in enumerate(self.features)]
+        if not self._headless:
+            layers.append(("head", self.head))
         for name, layer in layers:
             if isinstance(layer, nn.Linear):
                 weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
