@@ -793,6 +793,25 @@ def test_anil_features_once_with_a_head_that_is_no_linear_layer():
         assert (a - b).norm() <= 1e-5 * scale
 
 
+def test_an_mlp_whose_layer_was_replaced_by_one_with_parameters_says_so_under_vmap():
+    # MLP.forward_tasks batches nn.Linear layers itself; a layer swapped for another module with
+    # parameters would run with the module's own weights for every task: a clear error instead,
+    # which names the layer and the way out (batching="loop" runs it, and gives gradients).
+    torch.manual_seed(0)
+    backbone = MLP(1, (8, 8), 1)
+    backbone.head = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+    batch = regression_batch(tasks=2)
+    with pytest.raises(ValueError, match="'head' is a Sequential with parameters.*batching='loop'"):
+        MAML(backbone, inner_lr=0.1, batching="vmap")(batch)
+    loss, grads = our_meta_gradient(MAML(backbone, inner_lr=0.1, batching="loop"), batch)
+    assert torch.isfinite(loss) and len(grads) == 8 and all(g.abs().sum() > 0 for g in grads)
+    # batching="auto" takes that error as vmap's failure: it warns with it and adapts on the loop.
+    model = MAML(backbone, inner_lr=0.1)
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap.*'head' is a Sequential"):
+        model.choose_batching(batch)
+    assert model.batching == "loop"
+
+
 def test_without_head_returns_the_heads_input_and_restores_the_head():
     # forward and forward_tasks of both backbones give the features inside the context (the head's
     # input: the head applied to them is the usual output), and the head again after it, also

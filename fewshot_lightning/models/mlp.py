@@ -62,6 +62,11 @@ class MLP(DetachableHead, nn.Module):
                 if bias.dim() == 1:
                     bias = bias.expand(x.shape[0], *bias.shape)
                 hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2))
+            elif next(layer.parameters(), None) is not None:
+                raise ValueError(
+                    f"MLP.forward_tasks runs nn.Linear layers and parameter-free ones (activations), but {name!r} is a "
+                    f"{type(layer).__name__} with parameters of its own: give the learner batching='loop', or a backbone "
+                    f"of your own without forward_tasks (torch.func.vmap then batches its forward).")
             else:
                 hidden = layer(hidden)
         return hidden
