@@ -793,10 +793,11 @@ def test_anil_features_once_with_a_head_that_is_no_linear_layer():
         assert (a - b).norm() <= 1e-5 * scale
 
 
-def test_an_mlp_whose_layer_was_replaced_by_one_with_parameters_says_so_under_vmap():
+def test_a_backbone_whose_layer_was_replaced_by_one_with_parameters_says_so_under_vmap():
     # MLP.forward_tasks batches nn.Linear layers itself; a layer swapped for another module with
     # parameters would run with the module's own weights for every task: a clear error instead,
-    # which names the layer and the way out (batching="loop" runs it, and gives gradients).
+    # which names the layer and the way out (batching="loop" runs it, and gives gradients). Conv4's
+    # forward_tasks, which batches a linear head, says the same of another head.
     torch.manual_seed(0)
     backbone = MLP(1, (8, 8), 1)
     backbone.head = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
@@ -809,6 +810,12 @@ def test_an_mlp_whose_layer_was_replaced_by_one_with_parameters_says_so_under_vm
     model = MAML(backbone, inner_lr=0.1)
     with pytest.warns(UserWarning, match="cannot run under torch.func.vmap.*'head' is a Sequential"):
         model.choose_batching(batch)
+    assert model.batching == "loop"
+    conv = Conv4(hidden=8, out_features=5)
+    conv.head = nn.Sequential(nn.Linear(conv.feature_dim, 4), nn.Tanh(), nn.Linear(4, 5))
+    model = MAML(conv, inner_lr=0.1)
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap.*'head' is a Sequential"):
+        model.choose_batching(image_batch())
     assert model.batching == "loop"
 
 

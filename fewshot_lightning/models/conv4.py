@@ -108,6 +108,11 @@ class Conv4(DetachableHead, nn.Module):
         """
         if x.dim() != 5:
             raise ValueError(f"Conv4.forward_tasks expects x of shape [tasks, samples, C, H, W], got {list(x.shape)}.")
+        if not (self.head is None or self._headless or type(self.head) is nn.Linear):
+            raise ValueError(
+                f"Conv4.forward_tasks runs a head that is one nn.Linear, but 'head' is a {type(self.head).__name__}: give "
+                f"the learner batching='loop', or a backbone of your own without forward_tasks (torch.func.vmap then "
+                f"batches its forward).")
         tasks, chunk = x.shape[0], self._tasks_per_chunk(x)
         # A parameter is per task where it has one dimension more than the module's own.
         per_task = {name for name, own in self.named_parameters() if name in params and params[name].dim() > own.dim()}
