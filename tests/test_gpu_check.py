@@ -2,7 +2,11 @@
 precision) trained with finite losses, 16-mixed shown falling back to bf16-mixed, and the
 learn2learn comparison when learn2learn is installed."""
 import importlib.util
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +40,23 @@ def test_smoke_run_trains_every_algorithm_and_precision_and_prints_markdown(monk
     learn2learn_ms, ours_ms, speed_up = re.search(
         r"^\| ([0-9.]+) \| ([0-9.]+) \(vmap\) \| \d+ \| ([0-9.]+)x \|$", out, re.M).groups()
     assert float(speed_up) == pytest.approx(float(learn2learn_ms) / float(ours_ms), abs=0.06)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_the_gpu_session_script_runs_its_three_steps_and_writes_their_tables(tmp_path):
+    # benchmarks/gpu_session/run.sh is what a session lent a GPU runs in one call; SMOKE=1 runs
+    # the same three steps on the CPU, so a broken step or path shows here, not in the few
+    # minutes of GPU time a session gets. Each table lands in $OUT.
+    if importlib.util.find_spec("learn2learn") is None:
+        pytest.skip("learn2learn is not installed: the script checks that it imports")
+    env = {**os.environ, "SMOKE": "1", "CASES": "sinusoid", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session" / "run.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    speed, memory, check = ((out / name).read_text() for name in ("speed_cuda.md", "memory_cuda.md", "gpu_check.md"))
+    assert re.search(r"^\| sinusoid \| ours, vmap \| [0-9.]+ \| \d+ \| [0-9.]+x \| n/a \|$", speed, re.M)
+    assert re.search(r"^\| sinusoid \| learn2learn \| [0-9.]+ \| \d+ \| 1\.00x \| n/a \|$", speed, re.M)
+    assert re.search(r"^\| sinusoid \| learn2learn \| [0-9.]+ \| 1\.000x \|$", memory, re.M)
+    assert "USDT:" not in memory  # the profiler's chatter is filtered out of the tables
+    assert len(re.findall(r"^\| (MAML \(vmap\)|ProtoNet) \|", check, re.M)) == 6
