@@ -13,7 +13,14 @@ the box: learn2learn in a script of its own runs on glibc's defaults unless its 
 them, which they can (``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``, and
 ``MALLOC_MMAP_MAX_=0`` for ``keep_all``).
 
+``--allocators`` also takes two kinds of setting that are no remedy but show why (the heap holes
+of docs/benchmarks.md): ``threshold_N`` serves blocks above N MiB with a fresh ``mmap`` (glibc's
+threshold fixed there, freed heap memory kept as with ``keep``), and ``keep_trim`` is ``keep``
+with ``malloc_trim(0)`` after every iteration (free heap pages given back to the kernel between
+steps).
+
     python benchmarks/cpu_allocator.py [--cases mini mini-fo kanji-config conv4-64-bn] [--rounds 2]
+        [--allocators system keep keep_all threshold_4 keep_trim]
 """
 from __future__ import annotations
 
@@ -42,11 +49,33 @@ CONTENDERS = {
 ITERATIONS = {"mini": 3, "mini-fo": 8, "kanji-config": 16, "conv4-64-bn": 24, "conv4-32": 30, "sinusoid": 400}
 
 
-def child(case_name: str, contender: str, allocator: str, iterations: int) -> Dict[str, object]:
-    if allocator != "system":
-        from fewshot_lightning.allocator import keep_freed_memory
+def allocator_setting(name: str) -> str:
+    """``name`` if it names a setting (for argparse), else an error."""
+    if name in ALLOCATORS or name == "keep_trim":
+        return name
+    if name.startswith("threshold_"):
+        try:
+            if float(name[len("threshold_"):]) > 0:
+                return name
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{name!r}: expected one of {ALLOCATORS}, keep_trim or threshold_<MiB>")
 
-        assert keep_freed_memory(all_blocks=allocator == "keep_all"), "glibc only"
+
+def child(case_name: str, contender: str, allocator: str, iterations: int) -> Dict[str, object]:
+    from fewshot_lightning import allocator as allocators
+
+    after_step = None
+    if allocator.startswith("threshold_"):
+        libc = allocators.glibc()
+        assert libc is not None, "glibc only"
+        threshold = int(float(allocator[len("threshold_"):]) * 2**20)
+        assert libc.mallopt(allocators.M_MMAP_THRESHOLD, threshold) == 1
+        assert libc.mallopt(allocators.M_TRIM_THRESHOLD, allocators.TRIM_THRESHOLD) == 1
+    elif allocator != "system":
+        assert allocators.keep_freed_memory(all_blocks=allocator == "keep_all"), "glibc only"
+        if allocator == "keep_trim":
+            after_step = allocators.glibc().malloc_trim
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,11 +88,15 @@ def child(case_name: str, contender: str, allocator: str, iterations: int) -> Di
     before = speed.rss_bytes()
     speed.reset_peak_rss()
     step(batches[0])  # warm-up (oneDNN's kernels, the allocator's first blocks): not timed
+    if after_step is not None:
+        after_step(0)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     times: List[float] = []
     for batch in batches[1:]:
         start = time.perf_counter()
         step(batch)
+        if after_step is not None:
+            after_step(0)
         times.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
@@ -79,6 +112,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["mini", "mini-fo", "kanji-config", "conv4-64-bn"],
                         choices=list(CONTENDERS))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--allocators", nargs="+", type=allocator_setting, default=list(ALLOCATORS),
+                        help="settings: system, keep, keep_all, keep_trim, threshold_<MiB>")
     parser.add_argument("--child", nargs=4, metavar=("CASE", "CONTENDER", "ALLOCATOR", "ITERATIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,7 +131,7 @@ def main() -> None:
           "| peak RSS (MiB) |")
     print("|---|---|---|---:|---:|---:|---:|")
     for case in args.cases:
-        pairs = [(contender, allocator) for contender in CONTENDERS[case] for allocator in ALLOCATORS]
+        pairs = [(contender, allocator) for contender in CONTENDERS[case] for allocator in args.allocators]
         results: Dict[tuple, List[Dict[str, float]]] = {pair: [] for pair in pairs}
         for _ in range(args.rounds):
             for contender, allocator in pairs:
