@@ -83,3 +83,28 @@ def test_the_cli_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, monk
     assert code == 0 and calls == [False, True] and out.count("(every block from its heap") == 1
     code, out = cli("fit", *short, "--cpu_allocator", "jemalloc")
     assert code != 0 and "cpu_allocator" in out
+
+
+@pytest.mark.skipif(allocator.glibc() is None, reason="glibc only")
+def test_the_allocator_benchmark_takes_a_threshold_or_trimming_and_says_what_it_takes():
+    # benchmarks/cpu_allocator.py's --allocators: threshold_<MiB> (glibc's mmap threshold fixed
+    # there) and keep_trim run a contender in a child process and report its figures; a name that
+    # is neither is refused with the settings it takes.
+    import argparse
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_allocator.py"
+    spec = importlib.util.spec_from_file_location("cpu_allocator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.allocator_setting("threshold_0.5") == "threshold_0.5"
+    for bad in ("threshold_", "threshold_-1", "jemalloc"):
+        with pytest.raises(argparse.ArgumentTypeError, match="keep_trim or threshold_<MiB>"):
+            module.allocator_setting(bad)
+    for setting in ("threshold_0.5", "keep_trim"):
+        done = subprocess.run([sys.executable, str(path), "--child", "sinusoid", "ours, vmap", setting, "3"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        assert set(figures) == {"ms", "faults", "system_s", "peak_rss_mib"} and figures["ms"] > 0, figures
