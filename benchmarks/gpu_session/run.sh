@@ -28,8 +28,8 @@ else
     timing="--iterations 8 --rounds 3 --warmup 2"; check="--steps 150"
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 fi
-"$PYTHON" - <<'PY' || exit 1
-import torch, lightning, learn2learn, fewshot_lightning
+"$PYTHON" - <<'PY' || { echo "missing packages: run benchmarks/gpu_session/wheels.sh on the development machine and carry .whl" >&2; exit 1; }
+import torch, lightning, learn2learn, jsonargparse, fewshot_lightning
 print(f"torch {torch.__version__}, lightning {lightning.__version__}, learn2learn {learn2learn.__version__}, "
       f"CUDA {torch.cuda.is_available() and torch.cuda.get_device_name()}")
 PY
