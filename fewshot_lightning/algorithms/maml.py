@@ -227,6 +227,7 @@ class MAML(MetaLearner):
         self._vmap_runs: Optional[bool] = None
         self._split: Optional[Tuple[Params, Params]] = None
         self._functionals: Dict[str, Forward] = {}
+        self._head_alone: Optional[bool] = None  # see _adapts_head_only
 
     # -- the building blocks ------------------------------------------------------------------
     def adapted_shapes(self, backbone: nn.Module, adapt: Optional[Sequence[str]]) -> Dict[str, torch.Size]:
@@ -282,11 +283,11 @@ class MAML(MetaLearner):
     def __getstate__(self) -> Dict[str, Any]:
         # A copy (deepcopy, pickling for spawned processes) looks its own parameters up again:
         # the cached forwards hold this instance's.
-        return {**self.__dict__, "_split": None, "_functionals": {}}
+        return {**self.__dict__, "_split": None, "_functionals": {}, "_head_alone": None}
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting the module may replace parameter tensors: look them up again.
-        self._split, self._functionals = None, {}
+        self._split, self._functionals, self._head_alone = None, {}, None
         return super()._apply(fn, *args, **kwargs)
 
     def trajectory(
@@ -332,11 +333,15 @@ class MAML(MetaLearner):
         # Per-step weights change the passes up to the head; minibatches change their batch statistics.
         if not self.head_features_once or options.get("per_step") is not None or options.get("minibatch") is not None:
             return False
-        backbone = self.backbone
-        head = getattr(backbone, "head", None)
-        if head is None or not hasattr(backbone, "without_head") or next(backbone.buffers(), None) is not None:
-            return False
-        return set(self.adapt_names) == {f"head.{name}" for name, _ in head.named_parameters()}
+        if self._head_alone is None:
+            # What the backbone and the adapted names allow, looked up once (a walk of the
+            # module tree, tens of microseconds: a sinusoid MAML step is short enough to show it).
+            backbone = self.backbone
+            head = getattr(backbone, "head", None)
+            self._head_alone = (
+                head is not None and hasattr(backbone, "without_head") and next(backbone.buffers(), None) is None
+                and set(self.adapt_names) == {f"head.{name}" for name, _ in head.named_parameters()})
+        return self._head_alone
 
     def _head_functional(self) -> Forward:
         """The head alone as ``forward(params, features)`` over tasks, ``params`` named as in

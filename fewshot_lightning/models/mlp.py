@@ -62,7 +62,8 @@ class MLP(DetachableHead, nn.Module):
                 if bias.dim() == 1:
                     bias = bias.expand(x.shape[0], *bias.shape)
                 hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2))
-            elif next(layer.parameters(), None) is not None:
+            elif (layer._parameters or layer._modules) and next(layer.parameters(), None) is not None:
+                # (the first test keeps this free for the activations, met at every call)
                 raise ValueError(
                     f"MLP.forward_tasks runs nn.Linear layers and parameter-free ones (activations), but {name!r} is a "
                     f"{type(layer).__name__} with parameters of its own: give the learner batching='loop', or a backbone "
