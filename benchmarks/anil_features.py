@@ -56,9 +56,13 @@ def network(model: str) -> torch.nn.Module:
     return MLP(1, (40, 40), 1) if model == "mlp" else Conv4(hidden=64, out_features=WAYS)
 
 
+def inner_lr(model: str) -> float:
+    return MLP_LR if model == "mlp" else LR
+
+
 def ours(steps: int, once: bool, batching: str, memory_format: str, model_name: str = "conv4") -> Callable[[TaskBatch], None]:
     torch.manual_seed(0)
-    model = ANIL(network(model_name), inner_lr=MLP_LR if model_name == "mlp" else LR, inner_steps=steps,
+    model = ANIL(network(model_name), inner_lr=inner_lr(model_name), inner_steps=steps,
                  batching=batching, memory_format=memory_format)
     model.head_features_once = once
 
@@ -74,7 +78,7 @@ def learn2learn(steps: int, model_name: str = "conv4") -> Callable[[TaskBatch], 
 
     torch.manual_seed(0)
     net = network(model_name)
-    head = l2l.algorithms.MAML(net.head, lr=MLP_LR if model_name == "mlp" else LR, first_order=False)
+    head = l2l.algorithms.MAML(net.head, lr=inner_lr(model_name), first_order=False)
     loss = F.mse_loss if model_name == "mlp" else F.cross_entropy
 
     def features(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +143,7 @@ def main() -> None:
         print(f"| {name} | {ms:.1f} | {reference * 1e3 / ms:.2f}x |")
     # What batching="auto" picks for this model on its own timing of one training step.
     torch.manual_seed(0)
-    model = ANIL(network(args.model), inner_lr=MLP_LR if args.model == "mlp" else LR, inner_steps=args.steps)
+    model = ANIL(network(args.model), inner_lr=inner_lr(args.model), inner_steps=args.steps)
     model.choose_batching(batches[0])
     timings = ", ".join(f"{path} {ms:.1f} ms" for path, ms in model.batching_timings.items())
     print(f"\nbatching='auto' picks {model.batching}, {model.memory_format} ({timings}).")

@@ -14,16 +14,15 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-if [ "${SMOKE:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing .whl/ failed" >&2; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${SMOKE:-0}" = 1 ]; then
     device=cpu; cases=${CASES:-"sinusoid conv4-32"}; timing="--iterations 1 --rounds 1 --warmup 0"; check="--smoke"
 else
+    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || { echo "installing .whl/ failed" >&2; exit 1; }
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
     device=cuda; cases=${CASES:-"sinusoid sinusoid-fo conv4-32 conv4-64-bn kanji-config mini mini-fo"}
     timing="--iterations 8 --rounds 3 --warmup 2"; check="--steps 150"
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
