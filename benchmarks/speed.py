@@ -402,6 +402,120 @@ def fit_overhead(steps: int, rounds: int, cpu_allocator: str = "system") -> Dict
     return times
 
 
+def fit_overhead_interleaved(steps: int, block: int) -> Dict[str, object]:
+    """The same comparison, immune to a machine whose speed drifts from minute to minute: in one
+    ``fit`` (the CLI's, then Lightning's loop alone), after every ``block`` training steps a
+    callback runs ``block`` steps of the bare loop (its own learner, optimizer and tasks), so
+    each block of the run's steps is paired with the bare block timed right after it; reported
+    are the median and quartiles of the blocks' ratios (the first pair, warm-up, excluded). And,
+    in one run of Lightning's loop alone, Lightning's own optimization step and the lean one
+    (``fewshot_lightning.optimization_step``) take every other step: the median difference of
+    neighbouring steps is what the lean step saves."""
+    import tempfile
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
+
+    from fewshot_lightning.cli import build_cli
+    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.optimization_step import LeanAutomaticOptimization
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml")
+
+    class BareBlocks(Callback):
+        def __init__(self) -> None:
+            torch.manual_seed(1)
+            self.model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+            self.optimizer = self.model.configure_optimizers()
+            data = SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0)
+            data.setup("fit")
+            self.batches = iter(data.train_dataloader())
+            self.fit_marks: List[Optional[float]] = []
+            self.bare: List[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.fit_marks.append(time.perf_counter())
+            if batch_idx and batch_idx % block == 0:
+                start = time.perf_counter()
+                for index in range(block):
+                    loss = self.model.training_step(next(self.batches), index)
+                    self.optimizer.zero_grad()
+                    loss.backward()
+                    self.optimizer.step()
+                self.bare.append((time.perf_counter() - start) / block)
+                self.fit_marks += [None, time.perf_counter()]
+
+        def ratios(self) -> List[float]:
+            fit, current = [], []
+            for mark in self.fit_marks:
+                if mark is None:
+                    fit.append((current[-1] - current[0]) / (len(current) - 1))
+                    current = []
+                else:
+                    current.append(mark)
+            pairs = list(zip(fit, self.bare))[1:]
+            return [a / b for a, b in pairs]
+
+    def quartiles(values: List[float]) -> List[float]:
+        q = statistics.quantiles(values, n=4)
+        return [q[0], statistics.median(values), q[2]]
+
+    result: Dict[str, object] = {}
+    blocks = BareBlocks()
+    with tempfile.TemporaryDirectory() as logs:
+        build_cli(["fit", "--config", config, "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+                   "--trainer.default_root_dir", logs, "--trainer.logger.init_args.save_dir", logs,
+                   "--data.init_args.train_tasks", str(25 * steps)], callbacks=[blocks])
+    result["CLI, shipped config"] = quartiles(blocks.ratios())
+
+    class Alternating(LeanAutomaticOptimization):
+        def run(self, optimizer, batch_idx, kwargs):
+            if batch_idx % 2:
+                return _AutomaticOptimization.run(self, optimizer, batch_idx, kwargs)
+            return super().run(optimizer, batch_idx, kwargs)
+
+    class Steps(BareBlocks):
+        def __init__(self, alternate: bool) -> None:
+            super().__init__()
+            self.alternate, self.stamps = alternate, []
+
+        def on_fit_start(self, trainer, module) -> None:
+            loop = trainer.fit_loop.epoch_loop.automatic_optimization
+            if self.alternate and type(loop) is LeanAutomaticOptimization:
+                loop.__class__ = Alternating
+
+        def on_fit_end(self, trainer, module) -> None:
+            loop = trainer.fit_loop.epoch_loop.automatic_optimization
+            if type(loop) is Alternating:
+                loop.__class__ = LeanAutomaticOptimization
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.stamps.append((batch_idx, time.perf_counter()))
+            if not self.alternate:
+                super().on_train_batch_start(trainer, module, batch, batch_idx)
+
+    def alone(callback: Callback) -> None:
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
+                    SinusoidDataModule(meta_batch_size=25, train_tasks=25 * steps, num_workers=0))
+
+    blocks = Steps(alternate=False)
+    alone(blocks)
+    result["Trainer.fit, no callbacks"] = quartiles(blocks.ratios())
+    steps_taken = Steps(alternate=True)
+    alone(steps_taken)
+    stamps = steps_taken.stamps[steps // 5:]
+    durations = [(index, later - earlier) for (index, earlier), (_, later) in zip(stamps, stamps[1:])]
+    lean = [d for index, d in durations if index % 2 == 0]
+    lightnings = [d for index, d in durations if index % 2 == 1]
+    result["lean step"] = (statistics.median(lean), statistics.median(lightnings),
+                           statistics.median(b - a for a, b in zip(lean, lightnings)))
+    return result
+
+
 def reference_of(values: Dict[str, float]) -> Optional[float]:
     """The learn2learn figure ratios are taken against: the lowest (fastest, or least memory) of
     its contenders, so that no layout choice of ours handicaps it."""
@@ -417,6 +531,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="iterations of the first round not timed")
     parser.add_argument("--fit-steps", type=int, default=1000)
     parser.add_argument("--fit-rounds", type=int, default=5, help="rounds of the fit case (its runs take turns)")
+    parser.add_argument("--fit-block", type=int, default=50,
+                        help="the fit case's interleaved measurement: steps per block (0: not run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true")
@@ -492,6 +608,18 @@ def main() -> None:
                 f"round by round {statistics.median(v / b for v, b in zip(values, bare)):.2f}x)")
             print(f"- {name}: {1000 * statistics.median(values):.2f} ms ({1000 * min(values):.2f} to "
                   f"{1000 * max(values):.2f}){ratio}")
+        if args.fit_block:
+            interleaved = fit_overhead_interleaved(args.fit_steps, args.fit_block)
+            print(f"\nThe same, interleaved in one run ({args.fit_steps} steps): after every {args.fit_block} steps of `fit`, "
+                  f"{args.fit_block} steps of the bare loop; `fit`'s time a step over the bare loop's, block by block "
+                  "(median, and first to third quartile):")
+            for name in ("CLI, shipped config", "Trainer.fit, no callbacks"):
+                low, middle, high = interleaved[name]
+                print(f"- {name}: {middle:.3f}x ({low:.3f}x to {high:.3f}x)")
+            lean, lightnings, saved = interleaved["lean step"]
+            print(f"- Lightning's loop alone, its own optimization step and the lean one taking every other step: "
+                  f"lean {1000 * lean:.2f} ms, Lightning's {1000 * lightnings:.2f} ms a step (medians); "
+                  f"neighbouring steps differ by {1e6 * saved:.0f} us (median)")
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -1,0 +1,269 @@
+"""The lean automatic optimization step (fewshot_lightning.optimization_step) gives what
+Lightning's own step gives: the same hooks in the same order with the same ``_current_fx_name``,
+the same gradients at ``on_before_optimizer_step``, the same weights, optimizer state and loop
+state after a run, bit for bit (the same operations on the same tensors on the CPU); and it steps
+aside, to Lightning's step, wherever a layer it leaves out is needed. (Every learner takes it by
+default: tests/test_resume.py's exact resumes through the CLI run on it.)"""
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
+
+from fewshot_lightning.algorithms import MAML
+from fewshot_lightning.callbacks import NonFiniteGuard
+from fewshot_lightning.data import SinusoidDataModule
+from fewshot_lightning.models import MLP
+from fewshot_lightning.optimization_step import LeanAutomaticOptimization, lean_step_possible
+
+STEPS = 5
+
+
+class Recorder(L.Callback):
+    """Records every optimization hook with the module's ``_current_fx_name`` inside it, the
+    gradients' norm before each optimizer step, and which step class ran."""
+
+    def __init__(self):
+        self.events, self.grad_norms, self.step_classes, self.reasons = [], [], [], []
+
+    def _record(self, name, pl_module, *extra):
+        self.events.append((name, pl_module._current_fx_name) + extra)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._record("on_train_batch_start", pl_module, batch_idx)
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        self._record("on_before_zero_grad", pl_module, type(optimizer).__name__)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._record("on_before_backward", pl_module, repr(loss.detach().item()))
+
+    def on_after_backward(self, trainer, pl_module):
+        self._record("on_after_backward", pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._record("on_before_optimizer_step", pl_module, type(optimizer).__name__)
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.grad_norms.append(repr(torch.stack([g.norm() for g in grads]).norm().item()) if grads else None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._record("on_train_batch_end", pl_module, batch_idx, sorted(outputs))
+        loop = trainer.fit_loop.epoch_loop.automatic_optimization
+        self.step_classes.append(type(loop).__name__)
+        self.reasons.append(lean_step_possible(trainer, trainer.optimizers[0]))
+
+
+def run(lean=True, model_class=MAML, callbacks=(), steps=STEPS, **trainer_kwargs):
+    L.seed_everything(0, verbose=False)
+    model = model_class(MLP(), inner_lr=0.01, batching="vmap")
+    model.lean_optimization_step = lean
+    recorder = Recorder()
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[recorder, *callbacks], **trainer_kwargs)
+    trainer.fit(model, SinusoidDataModule(meta_batch_size=4, train_tasks=4 * steps, num_workers=0))
+    return model, trainer, recorder
+
+
+def same(a, b):
+    """Equal, tensors bit for bit, through lists (LBFGS keeps its history in lists)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_same_run(a, b):
+    (model_a, trainer_a, rec_a), (model_b, trainer_b, rec_b) = a, b
+    assert rec_a.events == rec_b.events
+    assert rec_a.grad_norms == rec_b.grad_norms
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(p, q), name
+    state_a, state_b = trainer_a.optimizers[0].state_dict(), trainer_b.optimizers[0].state_dict()
+    assert state_a["param_groups"] == state_b["param_groups"]
+    for key, value in state_a["state"].items():
+        for name, held in value.items():
+            assert same(held, state_b["state"][key][name]), (key, name)
+    assert trainer_a.fit_loop.state_dict() == trainer_b.fit_loop.state_dict()
+    assert trainer_a.global_step == trainer_b.global_step
+
+
+def test_lean_step_matches_lightnings_step():
+    lean, stock = run(lean=True), run(lean=False)
+    # The lean step ran at every step of the first run, Lightning's at every step of the second.
+    assert lean[2].step_classes == ["LeanAutomaticOptimization"] * STEPS and lean[2].reasons == [None] * STEPS
+    assert stock[2].reasons == ["the module does not ask for it (lean_optimization_step)"] * STEPS
+    assert_same_run(lean, stock)
+    assert lean[1].global_step == STEPS
+    # The hooks in Lightning's order, each seeing its own name as _current_fx_name (self.log checks it).
+    first_step = [event[:2] for event in lean[2].events[:6]]
+    assert first_step == [("on_train_batch_start", "on_train_batch_start"), ("on_before_zero_grad", "on_before_zero_grad"),
+                          ("on_before_backward", "on_before_backward"), ("on_after_backward", "on_after_backward"),
+                          ("on_before_optimizer_step", "on_before_optimizer_step"),
+                          ("on_train_batch_end", "on_train_batch_end")]
+    assert lean[2].events[5][3] == ["loss"]  # the step's output, as Lightning passes it on
+    # The loop is Lightning's own again after the run.
+    assert type(lean[1].fit_loop.epoch_loop.automatic_optimization) is _AutomaticOptimization
+
+
+def test_gradient_clipping_is_applied_as_lightning_applies_it():
+    clipped_lean, clipped_stock = run(True, gradient_clip_val=0.05), run(False, gradient_clip_val=0.05)
+    assert clipped_lean[2].reasons == [None] * STEPS
+    assert_same_run(clipped_lean, clipped_stock)
+    # The clipping did something: the weights differ from an unclipped run's.
+    unclipped = run(True)
+    assert not all(torch.equal(p, q) for p, q in zip(clipped_lean[0].parameters(), unclipped[0].parameters()))
+
+
+class HookedMAML(MAML):
+    """Overrides the module hooks the lean step calls only where overridden, and logs in one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def on_before_zero_grad(self, optimizer):
+        self.calls.append(("on_before_zero_grad", self._current_fx_name))
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        self.calls.append(("optimizer_zero_grad", self._current_fx_name, batch_idx))
+        optimizer.zero_grad()
+
+    def on_before_optimizer_step(self, optimizer):
+        self.calls.append(("on_before_optimizer_step", self._current_fx_name))
+        self.log("grad_steps", float(len(self.calls)))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.calls.append(("configure_gradient_clipping", self._current_fx_name))
+        torch.nn.utils.clip_grad_value_(self.parameters(), 0.01)
+
+
+def test_module_hooks_a_learner_overrides_are_called():
+    lean, stock = run(True, HookedMAML), run(False, HookedMAML)
+    assert lean[2].reasons == [None] * STEPS
+    assert lean[0].calls == stock[0].calls
+    assert lean[0].calls[:4] == [("on_before_zero_grad", "on_before_zero_grad"), ("optimizer_zero_grad", "optimizer_zero_grad", 0),
+                                 ("on_before_optimizer_step", "on_before_optimizer_step"),
+                                 ("configure_gradient_clipping", "configure_gradient_clipping")]
+    assert len(lean[0].calls) == 4 * STEPS
+    assert_same_run(lean, stock)
+
+
+class WarmupMAML(MAML):
+    """A learning-rate warm-up in ``optimizer_step``, the Lightning idiom: needs Lightning's step."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (self.trainer.global_step + 1) / 3)
+        optimizer.step(closure=optimizer_closure)
+
+
+class SkipsMAML(MAML):
+    """Skips every other step by returning ``None``, as Lightning allows on one device."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx % 2 else loss
+
+
+@pytest.mark.parametrize("case", ["accumulate", "profiler", "optimizer_step", "lbfgs"])
+def test_steps_aside_where_lightnings_layers_are_needed(case):
+    kwargs, model_class = {}, MAML
+    if case == "accumulate":
+        kwargs = {"accumulate_grad_batches": 2}
+        reason = "gradient accumulation"
+    elif case == "profiler":
+        kwargs = {"profiler": "simple"}
+        reason = "a profiler that records every hook"
+    elif case == "optimizer_step":
+        model_class, reason = WarmupMAML, "the module overrides optimizer_step"
+    else:
+        reason = "the optimizer LBFGS may call the closure itself"
+
+        class LBFGSMAML(MAML):
+            def configure_optimizers(self):
+                return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=2)
+
+        model_class = LBFGSMAML
+    lean, stock = run(True, model_class, **kwargs), run(False, model_class, **kwargs)
+    assert lean[2].reasons and set(lean[2].reasons) == {reason}
+    assert_same_run(lean, stock)
+
+
+def test_an_accumulation_schedule_that_starts_during_the_run():
+    """Lightning's GradientAccumulationScheduler sets accumulate_grad_batches at an epoch's start:
+    the lean step takes the first epoch's steps, Lightning's the accumulating ones."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    def scheduled(lean):
+        L.seed_everything(0, verbose=False)
+        model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+        model.lean_optimization_step = lean
+        recorder = Recorder()
+        trainer = L.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[recorder, GradientAccumulationScheduler({1: 2})])
+        trainer.fit(model, SinusoidDataModule(meta_batch_size=4, train_tasks=16, num_workers=0))
+        return model, trainer, recorder
+
+    lean, stock = scheduled(True), scheduled(False)
+    assert lean[2].reasons == [None] * 4 + ["gradient accumulation"] * 4
+    assert lean[1].global_step == 4 + 2
+    assert_same_run(lean, stock)
+
+
+def test_an_optimizer_pre_hook_runs_where_lightning_runs_it():
+    """Lightning's step runs an optimizer's step pre-hooks before the training step (the
+    optimizer calls the closure): a run with one takes Lightning's step, hooks in its order."""
+
+    class PreHooked(MAML):
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.order.append("pre-hook"))
+            return optimizer
+
+        def training_step(self, batch, batch_idx):
+            self.order.append("training_step")
+            return super().training_step(batch, batch_idx)
+
+    runs = []
+    for lean in (True, False):
+        PreHooked.order = []
+        runs.append(run(lean, PreHooked))
+        assert PreHooked.order[:4] == ["pre-hook", "training_step"] * 2
+    assert_same_run(*runs)
+
+
+def test_a_skipped_training_step_is_skipped_as_lightning_skips_it():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lean = run(True, SkipsMAML)
+    assert any("`training_step` returned `None`" in str(w.message) for w in caught)
+    stock = run(False, SkipsMAML)
+    assert lean[2].reasons == [None] * STEPS
+    assert_same_run(lean, stock)
+    # Steps 1 and 3 ran no backward: three backward passes in five steps.
+    assert sum(event[0] == "on_after_backward" for event in lean[2].events) == 3
+
+
+def test_the_non_finite_guard_skips_as_before():
+    class NaNAtTwo(MAML):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if batch_idx == 2 else loss
+
+    with pytest.warns(UserWarning, match="Skipped the step"):
+        lean = run(True, NaNAtTwo, callbacks=[NonFiniteGuard(policy="skip")])
+    with pytest.warns(UserWarning, match="Skipped the step"):
+        stock = run(False, NaNAtTwo, callbacks=[NonFiniteGuard(policy="skip")])
+    assert all(torch.isfinite(p).all() for p in lean[0].parameters())
+    assert_same_run(lean, stock)
+
+
+def test_install_is_by_class_and_undone():
+    model, trainer, _ = run(True, steps=1)
+    loop = trainer.fit_loop.epoch_loop.automatic_optimization
+    assert type(loop) is _AutomaticOptimization and "_plan" not in vars(loop)
+    assert issubclass(LeanAutomaticOptimization, _AutomaticOptimization)
