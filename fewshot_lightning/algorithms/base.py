@@ -19,7 +19,7 @@ from ..callbacks import NonFiniteError
 from ..data.task import TaskBatch
 from ..hooks import cache_step_signatures, hide_idle_hooks, quiet_profiler, restore_hooks, restore_profiler
 from ..metrics import MeanConfidenceInterval
-from ..optimization_step import restore_step, use_lean_step
+from ..lean_loop import restore_loop, use_lean_loop
 
 
 def is_regression(targets: Tensor) -> bool:
@@ -173,10 +173,10 @@ class MetaLearner(L.LightningModule):
     task_kinds: Tuple[str, ...] = ("classification", "regression")
     #: Whether the backbone takes the samples as they are (checked against its ``input_shape``).
     backbone_reads_samples: bool = True
-    #: Whether ``fit`` takes each automatic optimization step without Lightning's closure and
-    #: optimizer layers where nothing needs them (:mod:`fewshot_lightning.optimization_step`: same
-    #: hooks, same order, same result; Lightning's own step wherever it cannot be the same).
-    lean_optimization_step: bool = True
+    #: Whether ``fit`` runs each training batch and automatic optimization step without
+    #: Lightning's layers around them where nothing needs them (:mod:`fewshot_lightning.lean_loop`:
+    #: same hooks, same order, same result; Lightning's own wherever it cannot be the same).
+    lean_loop: bool = True
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``nn.Module.__setattr__``, with a shortcut for plain values (``str``, numbers, ``None``)
@@ -349,14 +349,14 @@ class MetaLearner(L.LightningModule):
         # step's signature, which Lightning reads at every batch, cost next to nothing.
         quiet_profiler(self.trainer.profiler)
         cache_step_signatures(self)
-        # And the optimization step itself, without Lightning's closure and optimizer layers.
+        # And the training batch and optimization step, without Lightning's layers around them.
         if stage == "fit":
-            use_lean_step(self.trainer)
+            use_lean_loop(self.trainer)
 
     def teardown(self, stage: str) -> None:
         restore_hooks(self.trainer.callbacks)
         restore_profiler(self.trainer.profiler)
-        restore_step(self.trainer)
+        restore_loop(self.trainer)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """A :class:`TaskBatch` whose tensors are all on ``device`` already (training on the

@@ -1,21 +1,23 @@
-"""The lean automatic optimization step (fewshot_lightning.optimization_step) gives what
-Lightning's own step gives: the same hooks in the same order with the same ``_current_fx_name``,
-the same gradients at ``on_before_optimizer_step``, the same weights, optimizer state and loop
-state after a run, bit for bit (the same operations on the same tensors on the CPU); and it steps
-aside, to Lightning's step, wherever a layer it leaves out is needed. (Every learner takes it by
+"""The lean training batch and optimization step (fewshot_lightning.lean_loop) give what
+Lightning's own give: the same hooks in the same order with the same ``_current_fx_name``, the
+same gradients at ``on_before_optimizer_step``, the same weights, optimizer state, loop state and
+logged metrics after a run, bit for bit (the same operations on the same tensors on the CPU); and
+they step aside, to Lightning's, wherever a layer they leave out is needed. (Every learner takes it by
 default: tests/test_resume.py's exact resumes through the CLI run on it.)"""
 import warnings
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.callbacks import NonFiniteGuard
 from fewshot_lightning.data import SinusoidDataModule
 from fewshot_lightning.models import MLP
-from fewshot_lightning.optimization_step import LeanAutomaticOptimization, lean_step_possible
+from fewshot_lightning.lean_loop import LeanAutomaticOptimization, LeanTrainingEpochLoop, lean_batch_possible, lean_step_possible
 
 STEPS = 5
 
@@ -25,7 +27,7 @@ class Recorder(L.Callback):
     gradients' norm before each optimizer step, and which step class ran."""
 
     def __init__(self):
-        self.events, self.grad_norms, self.step_classes, self.reasons = [], [], [], []
+        self.events, self.grad_norms, self.step_classes, self.reasons, self.batch_reasons = [], [], [], [], []
 
     def _record(self, name, pl_module, *extra):
         self.events.append((name, pl_module._current_fx_name) + extra)
@@ -49,20 +51,26 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._record("on_train_batch_end", pl_module, batch_idx, sorted(outputs))
-        loop = trainer.fit_loop.epoch_loop.automatic_optimization
-        self.step_classes.append(type(loop).__name__)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        self.step_classes.append((type(epoch_loop).__name__, type(epoch_loop.automatic_optimization).__name__))
         self.reasons.append(lean_step_possible(trainer, trainer.optimizers[0]))
+        self.batch_reasons.append(lean_batch_possible(trainer, trainer.fit_loop._data_fetcher))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._record("on_validation_batch_start", pl_module, batch_idx)
 
 
-def run(lean=True, model_class=MAML, callbacks=(), steps=STEPS, **trainer_kwargs):
+def run(lean=True, model_class=MAML, callbacks=(), steps=STEPS, data_class=SinusoidDataModule, model_kwargs=None,
+        **trainer_kwargs):
     L.seed_everything(0, verbose=False)
-    model = model_class(MLP(), inner_lr=0.01, batching="vmap")
-    model.lean_optimization_step = lean
+    model = model_class(MLP(), inner_lr=0.01, batching="vmap", **(model_kwargs or {}))
+    model.lean_loop = lean
     recorder = Recorder()
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[recorder, *callbacks], **trainer_kwargs)
-    trainer.fit(model, SinusoidDataModule(meta_batch_size=4, train_tasks=4 * steps, num_workers=0))
+    settings = dict(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    settings.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[recorder, *callbacks], **settings)
+    trainer.fit(model, data_class(meta_batch_size=4, train_tasks=4 * steps, val_tasks=8, num_workers=0))
     return model, trainer, recorder
 
 
@@ -88,13 +96,17 @@ def assert_same_run(a, b):
             assert same(held, state_b["state"][key][name]), (key, name)
     assert trainer_a.fit_loop.state_dict() == trainer_b.fit_loop.state_dict()
     assert trainer_a.global_step == trainer_b.global_step
+    for metrics in ("logged_metrics", "callback_metrics", "progress_bar_metrics"):
+        a, b = getattr(trainer_a, metrics), getattr(trainer_b, metrics)
+        assert sorted(a) == sorted(b) and all(same(a[key], b[key]) for key in a), metrics
 
 
 def test_lean_step_matches_lightnings_step():
     lean, stock = run(lean=True), run(lean=False)
     # The lean step ran at every step of the first run, Lightning's at every step of the second.
-    assert lean[2].step_classes == ["LeanAutomaticOptimization"] * STEPS and lean[2].reasons == [None] * STEPS
-    assert stock[2].reasons == ["the module does not ask for it (lean_optimization_step)"] * STEPS
+    assert lean[2].step_classes == [("LeanTrainingEpochLoop", "LeanAutomaticOptimization")] * STEPS
+    assert lean[2].reasons == lean[2].batch_reasons == [None] * STEPS
+    assert stock[2].reasons == ["the module does not ask for it (lean_loop)"] * STEPS
     assert_same_run(lean, stock)
     assert lean[1].global_step == STEPS
     # The hooks in Lightning's order, each seeing its own name as _current_fx_name (self.log checks it).
@@ -104,8 +116,9 @@ def test_lean_step_matches_lightnings_step():
                           ("on_before_optimizer_step", "on_before_optimizer_step"),
                           ("on_train_batch_end", "on_train_batch_end")]
     assert lean[2].events[5][3] == ["loss"]  # the step's output, as Lightning passes it on
-    # The loop is Lightning's own again after the run.
+    # The loops are Lightning's own again after the run.
     assert type(lean[1].fit_loop.epoch_loop.automatic_optimization) is _AutomaticOptimization
+    assert type(lean[1].fit_loop.epoch_loop) is _TrainingEpochLoop
 
 
 def test_gradient_clipping_is_applied_as_lightning_applies_it():
@@ -200,7 +213,7 @@ def test_an_accumulation_schedule_that_starts_during_the_run():
     def scheduled(lean):
         L.seed_everything(0, verbose=False)
         model = MAML(MLP(), inner_lr=0.01, batching="vmap")
-        model.lean_optimization_step = lean
+        model.lean_loop = lean
         recorder = Recorder()
         trainer = L.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False,
@@ -264,6 +277,71 @@ def test_the_non_finite_guard_skips_as_before():
 
 def test_install_is_by_class_and_undone():
     model, trainer, _ = run(True, steps=1)
-    loop = trainer.fit_loop.epoch_loop.automatic_optimization
-    assert type(loop) is _AutomaticOptimization and "_plan" not in vars(loop)
+    for loop in (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.automatic_optimization):
+        assert type(loop) in (_TrainingEpochLoop, _AutomaticOptimization) and "_plan" not in vars(loop)
     assert issubclass(LeanAutomaticOptimization, _AutomaticOptimization)
+    assert issubclass(LeanTrainingEpochLoop, _TrainingEpochLoop)
+
+
+class TransferData(SinusoidDataModule):
+    """A datamodule that serves ``on_after_batch_transfer``, as Lightning lets it."""
+
+    calls = []
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.calls.append(("datamodule on_after_batch_transfer", dataloader_idx))
+        return batch._replace(support_y=batch.support_y * 0.5)
+
+
+class TransferMAML(MAML):
+    """A learner with its own ``on_before_batch_transfer``, logging in it and at the batch's end."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        TransferData.calls.append(("module on_before_batch_transfer", self._current_fx_name))
+        return batch
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        TransferData.calls.append(("module on_train_batch_end", self._current_fx_name, batch_idx))
+        self.log("support_mean", batch.support_y.mean())
+
+
+def test_batches_with_transfer_hooks_validation_schedule_and_logging_match(tmp_path):
+    """The batch-transfer hooks on the objects Lightning picks (the datamodule's
+    on_after_batch_transfer, the module's on_before_batch_transfer), validation every two steps,
+    a step learning-rate schedule and a logger writing every step: the same as Lightning's loop."""
+    runs = []
+    for lean in (True, False):
+        TransferData.calls = []
+        runs.append(run(lean, TransferMAML, data_class=TransferData, steps=6, limit_val_batches=2, val_check_interval=2,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path, name=str(lean), version=0),
+                        model_kwargs={"lr_scheduler": lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)}))
+        calls = TransferData.calls
+    lean, stock = runs
+    assert lean[2].batch_reasons == [None] * 6 and lean[2].reasons == [None] * 6
+    assert_same_run(lean, stock)
+    # Each training and validation batch went through both transfer hooks; the module's batch end logged.
+    assert calls.count(("module on_before_batch_transfer", "on_before_batch_transfer")) == 6 + 3 * 2
+    assert calls.count(("datamodule on_after_batch_transfer", 0)) == 6 + 3 * 2
+    assert ("module on_train_batch_end", "on_train_batch_end", 5) in calls
+    assert sum(event[0] == "on_validation_batch_start" for event in lean[2].events) == 3 * 2
+    assert lean[0].lr_schedulers().state_dict() == stock[0].lr_schedulers().state_dict()
+    assert lean[0].lr_schedulers().get_last_lr() == [pytest.approx(1e-3 * 0.5 ** 3)]
+    written = [(tmp_path / name / "version_0" / "metrics.csv").read_text() for name in ("True", "False")]
+    assert written[0] == written[1] and "support_mean" in written[0] and written[0].count("\n") > 6
+
+
+class StopsEpochMAML(MAML):
+    """Ends each epoch at its third batch by returning -1 from ``on_train_batch_start``."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        return -1 if batch_idx == 2 else None
+
+
+def test_an_epoch_ended_by_on_train_batch_start_ends_as_in_lightning():
+    lean = run(True, StopsEpochMAML, steps=4, max_epochs=2)
+    stock = run(False, StopsEpochMAML, steps=4, max_epochs=2)
+    assert_same_run(lean, stock)
+    assert lean[1].global_step == 2 * 2  # two steps an epoch, two epochs
+    assert lean[2].batch_reasons == [None] * 4
