@@ -238,6 +238,25 @@ def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else():
                     assert not _all_finite(tensors), (index, bad, position)
 
 
+def test_the_guard_check_leaves_the_tensors_as_they_were():
+    # The one-kernel path (mixed precision's unscale kernel, factor 1) stores every value back
+    # bit for bit, leaves a tensor of an autograd graph untouched (it checks a copy), and its
+    # flag, raised by a non-finite element, is lowered again for the next check.
+    from fewshot_lightning.callbacks import _all_finite
+
+    grads = [torch.randn(40, 1), torch.tensor([1e-45, -0.0, 3e38, -3e38]), torch.randn(40)]  # a denormal, -0
+    losses = (torch.randn(5, requires_grad=True) * 2)
+    before = [g.clone() for g in grads] + [losses.detach().clone()]
+    versions = losses._version
+    assert _all_finite(grads + [losses])
+    assert all(torch.equal(a, b) and a.view(torch.int32).equal(b.view(torch.int32)) for a, b in zip(grads + [losses.detach()], before))
+    assert losses._version == versions
+    grads[1][1] = float("nan")
+    assert not _all_finite(grads + [losses])
+    grads[1][1] = 0.0
+    assert _all_finite(grads + [losses]) and _all_finite(grads)
+
+
 def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named():
     # nn.Embedding(sparse=True) gives a sparse gradient, which isfinite() cannot take: the guard
     # checks it anyway and, when it holds a NaN, names the parameter.
