@@ -10,8 +10,9 @@ overridden or not. ``MetaLearner.setup`` hides the inherited empty ones for the 
 third training batch, and times Lightning's own dispatch of the six hooks on the real trainer,
 batch, outputs and optimizer (gradients in place), with every hook visible (Lightning as it
 comes) and with the empty ones hidden, taking turns round by round; then the non-finite
-guard's check of every gradient and the batch's task losses, ours (``callbacks._all_finite``)
-against ``torch.nn.utils.get_total_norm``, which it used before. Then three more things Lightning
+guard's check of every gradient and the batch's task losses, ours (``callbacks._all_finite``: the
+loss scaler's unscale kernel, factor 1) against the largest absolute value of each tensor, which
+it used until 2026-11-28, and ``torch.nn.utils.get_total_norm``, which it used before that. Then three more things Lightning
 does at every training step, each as Lightning does it and as a learner's run now has it: the
 profiler contexts of one step (counted on the second batch of the same run; Lightning's default
 ``PassThroughProfiler.profile`` against ``contextlib.nullcontext``, ``hooks.quiet_profiler``),
@@ -45,7 +46,7 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from fewshot_lightning.algorithms.maml import cpu_name
-from fewshot_lightning.callbacks import _all_finite
+from fewshot_lightning.callbacks import _all_finite, _largest_magnitude_finite
 from fewshot_lightning.cli import build_cli
 from fewshot_lightning.hooks import STEP_METHODS, cache_step_signatures, hide_idle_hooks, restore_hooks, restore_profiler
 
@@ -148,7 +149,8 @@ def main() -> None:
             vars(function).pop("__signature__", None)
 
     times = {"all hooks (Lightning as it comes)": [], "empty hooks hidden": [],
-             "guard check, get_total_norm": [], "guard check, ours": [],
+             "guard check, get_total_norm": [], "guard check, largest absolute value of each (ours until 2026-11-28)": [],
+             "guard check, ours": [],
              f"{contexts} profiler contexts, PassThroughProfiler.profile": [],
              f"{contexts} profiler contexts, contextlib.nullcontext": [],
              "training_step's signature read (Lightning as it comes)": [],
@@ -163,6 +165,8 @@ def main() -> None:
         times["guard check, get_total_norm"].append(mean_us(
             lambda: bool(torch.nn.utils.get_total_norm([t.detach() for t in checked], norm_type=math.inf).isfinite()),
             args.repeats))
+        times["guard check, largest absolute value of each (ours until 2026-11-28)"].append(
+            mean_us(lambda: _largest_magnitude_finite(checked), args.repeats))
         times["guard check, ours"].append(mean_us(lambda: _all_finite(checked), args.repeats))
         times[f"{contexts} profiler contexts, PassThroughProfiler.profile"].append(
             mean_us(lambda: profile_contexts(lightning_profile), args.repeats))

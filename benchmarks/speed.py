@@ -540,7 +540,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="iterations of the first round not timed")
     parser.add_argument("--fit-steps", type=int, default=1000)
-    parser.add_argument("--fit-rounds", type=int, default=5, help="rounds of the fit case (its runs take turns)")
+    parser.add_argument("--fit-rounds", type=int, default=5, help="rounds of the fit case (its runs take turns; 0: not run)")
     parser.add_argument("--fit-block", type=int, default=50,
                         help="the fit case's interleaved measurement: steps per block (0: not run)")
     parser.add_argument("--device", default="cpu")
@@ -605,13 +605,14 @@ def main() -> None:
         for name, choice in choices.items():
             print(f"- {name}: {choice}")
     if "fit" in args.cases:
-        overhead = fit_overhead(args.fit_steps, args.fit_rounds, args.cpu_allocator)
-        bare = overhead["bare loop"]
-        print(f"\n`fit --config configs/maml_sinusoid.yaml` against a bare loop over the same training_step, "
-              f"{args.fit_steps} steps (first {args.fit_steps // 5} excluded), {args.fit_rounds} rounds taking turns; "
-              "ms/step, median (min to max), and overhead as the ratio of medians (and of the fastest rounds; "
-              "and the median of each round's own ratio, which a machine whose speed drifts between rounds "
-              "disturbs least):")
+        overhead = fit_overhead(args.fit_steps, args.fit_rounds, args.cpu_allocator) if args.fit_rounds else {}
+        bare = overhead.get("bare loop")
+        if overhead:
+            print(f"\n`fit --config configs/maml_sinusoid.yaml` against a bare loop over the same training_step, "
+                  f"{args.fit_steps} steps (first {args.fit_steps // 5} excluded), {args.fit_rounds} rounds taking turns; "
+                  "ms/step, median (min to max), and overhead as the ratio of medians (and of the fastest rounds; "
+                  "and the median of each round's own ratio, which a machine whose speed drifts between rounds "
+                  "disturbs least):")
         for name, values in overhead.items():
             ratio = "" if name == "bare loop" else (
                 f": {statistics.median(values) / statistics.median(bare):.2f}x ({min(values) / min(bare):.2f}x; "

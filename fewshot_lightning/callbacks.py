@@ -111,6 +111,13 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
                         return True
                     found.zero_()
                     return False
+        return _largest_magnitude_finite(tensors)
+
+
+def _largest_magnitude_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """:func:`_all_finite` by the largest absolute value of each tensor (non-empty tensors)."""
+    with torch.no_grad():
+        if tensors[0].layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1:
             # what get_total_norm computes for one device and dtype, without its grouping; the
             # largest of the tensors' largest values is NaN if any is (max propagates NaN)
             return math.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf)).max().item())
