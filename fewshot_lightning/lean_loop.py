@@ -206,14 +206,15 @@ if _AutomaticOptimization is not None:
         """Lightning's automatic optimization, taking the step itself where nothing needs
         Lightning's layers around it (see the module's docstring)."""
 
-        _plan: Optional[_StepPlan] = None
+        _plan: Optional[tuple] = None  # (what it was decided for, the plan or None)
 
         def run(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> Dict[str, Any]:
             trainer = self.trainer
             module = trainer.lightning_module
-            plan = self._plan
-            if plan is None or plan.optimizer is not optimizer or plan.module is not module:
-                plan = self._plan = _StepPlan(optimizer, module) if lean_step_possible(trainer, optimizer) is None else None
+            key, plan = self._plan or (None, None)
+            if key != (id(module), id(optimizer)):  # decided once a run, a "no" too
+                plan = _StepPlan(optimizer, module) if lean_step_possible(trainer, optimizer) is None else None
+                self._plan = ((id(module), id(optimizer)), plan)
             if (plan is None or self._skip_backward or trainer.accumulate_grad_batches != 1
                     or optimizer._optimizer_step_pre_hooks or _global_optimizer_pre_hooks):
                 return super().run(optimizer, batch_idx, kwargs)
@@ -265,14 +266,15 @@ if _AutomaticOptimization is not None:
         """Lightning's training epoch loop, running a batch itself where nothing needs
         Lightning's layers around it (see the module's docstring)."""
 
-        _plan: Optional[_BatchPlan] = None
+        _plan: Optional[tuple] = None
 
         def advance(self, data_fetcher: Any) -> None:
             trainer = self.trainer
             module = trainer.lightning_module
-            plan = self._plan
-            if plan is None or plan.module is not module or plan.fetcher is not data_fetcher:
-                plan = self._plan = _BatchPlan(trainer, data_fetcher) if lean_batch_possible(trainer, data_fetcher) is None else None
+            key, plan = self._plan or (None, None)
+            if key != (id(module), id(data_fetcher)):  # decided once a run, a "no" too
+                plan = _BatchPlan(trainer, data_fetcher) if lean_batch_possible(trainer, data_fetcher) is None else None
+                self._plan = ((id(module), id(data_fetcher)), plan)
             if plan is None or self.restarting or not module.automatic_optimization:
                 return super().advance(data_fetcher)
 
