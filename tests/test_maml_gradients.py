@@ -840,6 +840,31 @@ def test_without_head_returns_the_heads_input_and_restores_the_head():
         assert torch.equal(backbone(x), full) and torch.allclose(backbone.forward_tasks(params, x), full_tasks)
 
 
+def test_a_backbone_that_runs_its_head_inside_without_head_is_stopped():
+    # A user backbone that inherits DetachableHead but ignores _headless would hand ANIL the
+    # head's output as features; with the head's in and out widths equal no shape betrays it.
+    # The head's call inside the context raises, naming the backbone and the fix.
+    from fewshot_lightning.models.blocks import DetachableHead
+
+    class Careless(DetachableHead, nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(1, 5), nn.Linear(5, 5)
+            self.output_shape = (5,)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model = ANIL(Careless(), inner_lr=0.4, inner_steps=2, batching="vmap")
+    batch = TaskBatch(torch.randn(2, 5, 1), torch.randint(0, 5, (2, 5)), torch.randn(2, 5, 1), torch.randint(0, 5, (2, 5)))
+    with pytest.raises(RuntimeError, match=r"Careless called its head inside without_head\(\).*self\._headless"):
+        model.training_step(batch, 0)
+    # The check is gone after the context: the module runs as before, and without the shortcut ANIL trains.
+    assert not model.backbone.head._forward_pre_hooks
+    model.head_features_once = False
+    assert torch.isfinite(model.training_step(batch, 0))
+
+
 def test_anil_evaluation_adapts_to_the_same_head_with_the_features_once():
     # Evaluation (no outer graph) takes the same shortcut and lands on the same head weights.
     batch = image_batch()

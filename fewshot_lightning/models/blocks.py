@@ -154,7 +154,10 @@ def keep_layout() -> Iterator[None]:
 class DetachableHead:
     """Mixin for a backbone whose last layer is ``head``: within :meth:`without_head` its
     forwards return the head's input (the features), as if it had no head. The backbone's
-    forwards check ``self._headless``."""
+    forwards check ``self._headless``; one that calls its ``head`` module there anyway (a user
+    backbone that inherits the mixin and forgets the check) is stopped with an error naming it,
+    not left to hand the head's output on as the features (shapes alone catch that only where
+    the head changes the width)."""
 
     #: True inside :meth:`without_head`.
     _headless: bool = False
@@ -165,11 +168,21 @@ class DetachableHead:
         ``[..., features]``), as if the module had no head. Learners that adapt the head alone
         (ANIL) compute a task's support features once through it instead of at every inner step
         (:attr:`~fewshot_lightning.algorithms.MAML.head_features_once`)."""
+        head = getattr(self, "head", None)
+        guard = head.register_forward_pre_hook(self._head_called_headless) if isinstance(head, nn.Module) else None
         before, self._headless = self._headless, True
         try:
             yield
         finally:
             self._headless = before
+            if guard is not None:
+                guard.remove()
+
+    def _head_called_headless(self, module: nn.Module, args: tuple) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__} called its head inside without_head(), whose forwards must return the head's "
+            "input (the features): return them when self._headless is set, as models.MLP and models.Conv4 do; "
+            "or set head_features_once = False on the learner to run the whole backbone at every inner step.")
 
 
 def is_batched(x: Tensor) -> bool:
