@@ -29,7 +29,10 @@ weights, the optimizer's state, the loop's state in a checkpoint, the logged met
 (``tests/test_lean_loop.py``).
 
 They take a batch or a step only where nothing relies on the layers left out; anywhere else
-Lightning's own runs. Checked at every batch, as it may change during a run: a loop restarting
+Lightning's own runs. First, Lightning's code must be one the lean loop was checked against
+(:data:`VERIFIED_LIGHTNING`: a hash of the source of every Lightning function whose work it
+does or whose behaviour it relies on); any other version runs its own loop. Checked at every
+batch, as it may change during a run: a loop restarting
 from a checkpoint (its first batch), gradient accumulation, ``_skip_backward`` (stochastic
 weight averaging), optimizer step pre-hooks (Lightning's step runs them before the training
 step, as the optimizer calls the closure). Checked once a run:
@@ -52,6 +55,8 @@ loops' state, restored from a checkpoint or saved in one, stays the same objects
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections import OrderedDict
 from typing import Any, Dict, Optional
 
@@ -74,6 +79,45 @@ except ImportError:  # pragma: no cover - depends on the installed Lightning
 #: The batch-transfer hooks, in the order Lightning calls them.
 TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
+#: Fingerprints (:func:`lightning_fingerprint`) of the Lightning code whose behaviour the lean loop
+#: reproduces, each checked by tests/test_lean_loop.py; with any other, Lightning's loop runs.
+VERIFIED_LIGHTNING = {"afec131d7418a0ad": "lightning 2.6.6"}
+
+_FINGERPRINT: list = []
+
+
+def _reproduced_code() -> list:
+    """Lightning's functions whose work the lean loop does itself, or whose behaviour it relies on."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.trainer import call
+
+    steps = _AutomaticOptimization
+    return [
+        _TrainingEpochLoop.advance, _TrainingEpochLoop._build_kwargs, steps.run, steps._make_closure,
+        steps._make_zero_grad_fn, steps._make_backward_fn, steps._optimizer_step, steps._on_before_zero_grad,
+        steps._optimizer_zero_grad, steps._training_step, Closure.closure, Precision.optimizer_step,
+        Precision._wrap_closure, Precision._after_closure, Strategy.optimizer_step, Strategy.batch_to_device,
+        L.LightningModule._apply_batch_transfer_handler, L.LightningModule._on_before_batch_transfer,
+        L.LightningModule._call_batch_hook, L.LightningModule.optimizer_step, L.LightningModule.optimizer_zero_grad,
+        LightningOptimizer.step, call._call_callback_hooks, call._call_lightning_module_hook,
+        call._call_strategy_hook, call._call_lightning_datamodule_hook,
+    ]
+
+
+def lightning_fingerprint() -> Optional[str]:
+    """A hash of the source of the Lightning functions the lean loop reproduces (``None`` where
+    it cannot be read): a Lightning whose loop code differs in any way from a verified one, even a
+    comment, runs its own loop, as the lean loop would not know what changed."""
+    if not _FINGERPRINT:
+        try:
+            digest = hashlib.sha256()
+            for function in _reproduced_code():
+                digest.update(inspect.getsource(function).encode())
+            _FINGERPRINT.append(digest.hexdigest()[:16])
+        except (OSError, TypeError, AttributeError, ImportError):
+            _FINGERPRINT.append(None)
+    return _FINGERPRINT[0]
+
 
 def _lightnings(obj: Any, name: str, base: type) -> bool:
     """``obj``'s class takes ``name`` from ``base`` unchanged, and the instance does not shadow it."""
@@ -93,6 +137,8 @@ def _run_wide_reason(trainer: Any) -> Optional[str]:
         return "this Lightning's loop classes are not where they were"
     if not getattr(module, "lean_loop", False):
         return "the module does not ask for it (lean_loop)"
+    if lightning_fingerprint() not in VERIFIED_LIGHTNING:
+        return f"Lightning {L.__version__}'s loop code is not one the lean loop was checked against"
     if not getattr(trainer.profiler, "__dict__", {}).get("_fewshot_lightning_quiet"):
         return "a profiler that records every hook"
     if trainer.world_size > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):

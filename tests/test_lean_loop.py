@@ -17,7 +17,14 @@ from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.callbacks import NonFiniteGuard
 from fewshot_lightning.data import SinusoidDataModule
 from fewshot_lightning.models import MLP
-from fewshot_lightning.lean_loop import LeanAutomaticOptimization, LeanTrainingEpochLoop, lean_batch_possible, lean_step_possible
+from fewshot_lightning.lean_loop import (
+    VERIFIED_LIGHTNING,
+    LeanAutomaticOptimization,
+    LeanTrainingEpochLoop,
+    lean_batch_possible,
+    lean_step_possible,
+    lightning_fingerprint,
+)
 
 STEPS = 5
 
@@ -272,6 +279,23 @@ def test_the_non_finite_guard_skips_as_before():
     with pytest.warns(UserWarning, match="Skipped the step"):
         stock = run(False, NaNAtTwo, callbacks=[NonFiniteGuard(policy="skip")])
     assert all(torch.isfinite(p).all() for p in lean[0].parameters())
+    assert_same_run(lean, stock)
+
+
+def test_this_lightning_is_one_the_lean_loop_was_checked_against():
+    # If this fails, Lightning's loop code differs from every verified one: the lean loop is off
+    # (Lightning's own runs, correct but slower) and this file's equivalence tests fail. Read
+    # what changed in the functions of lean_loop._reproduced_code(), mend the lean loop where it
+    # must follow, run this file against it, and add the new fingerprint to VERIFIED_LIGHTNING.
+    fingerprint = lightning_fingerprint()
+    assert fingerprint in VERIFIED_LIGHTNING, (L.__version__, fingerprint)
+
+
+def test_a_lightning_it_was_not_checked_against_runs_its_own_loop(monkeypatch):
+    monkeypatch.setattr("fewshot_lightning.lean_loop.VERIFIED_LIGHTNING", {})
+    lean, stock = run(True), run(False)
+    reason = f"Lightning {L.__version__}'s loop code is not one the lean loop was checked against"
+    assert lean[2].reasons == lean[2].batch_reasons == [reason] * STEPS
     assert_same_run(lean, stock)
 
 
