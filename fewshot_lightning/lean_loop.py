@@ -81,7 +81,7 @@ TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_af
 
 #: Fingerprints (:func:`lightning_fingerprint`) of the Lightning code whose behaviour the lean loop
 #: reproduces, each checked by tests/test_lean_loop.py; with any other, Lightning's loop runs.
-VERIFIED_LIGHTNING = {"afec131d7418a0ad": "lightning 2.6.6"}
+VERIFIED_LIGHTNING = {"afec131d7418a0ad": "lightning 2.6.6", "388f1baccebc8029": "lightning 2.5.6"}
 
 _FINGERPRINT: list = []
 
