@@ -33,6 +33,7 @@ import re
 import shutil
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Sequence
@@ -102,6 +103,13 @@ def _batch_limits_read_integers_first(parser: LightningArgumentParser) -> None:
     """
     for action in parser._actions:
         if action.dest in {f"trainer.{name}" for name in BATCH_LIMITS} and hasattr(action, "_typehint"):
+            action._typehint = int | float | None
+        # ``val_check_interval`` (an int: every so many batches; a float: a fraction of the epoch) has
+        # the same union in Lightning 2.5 (2.6 writes int first, with more types after): there
+        # ``--trainer.val_check_interval 2`` became 2.0, which Lightning refuses with
+        # ``check_val_every_n_epoch null``, and ``1`` a whole epoch instead of every batch.
+        elif (action.dest == "trainer.val_check_interval" and hasattr(action, "_typehint")
+              and set(typing.get_args(action._typehint)) == {int, float, type(None)}):
             action._typehint = int | float | None
 
 

@@ -181,6 +181,18 @@ def test_a_batch_limit_of_1_is_one_batch_and_1_0_all_of_them(tmp_path, monkeypat
         assert (type(value), value) == ((int, 1) if i % 2 else (float, 1.0)), name
 
 
+@pytest.mark.parametrize("given, expected", [("2", (int, 2)), ("1", (int, 1)), ("0.25", (float, 0.25))])
+def test_val_check_interval_reads_an_integer_as_batches(given, expected):
+    # Lightning 2.5's Trainer types val_check_interval Union[float, int, None]: its CLI read "2" as
+    # 2.0, which Trainer refuses with check_val_every_n_epoch null, and "1" as a whole epoch.
+    # (Lightning 2.6 writes int first: there this checks that the order is kept.)
+    parsed = FewShotCLI(MetaLearner, TaskDataModule, args=["--config", SINUSOID, "--trainer.logger", "false",
+                                                           "--trainer.val_check_interval", given],
+                        run=False, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False)
+    value = parsed.trainer.val_check_interval
+    assert (type(value), value) == expected
+
+
 def test_the_config_decides_not_the_checkpoints_saved_arguments(tmp_path, monkeypatch, cli):
     # Lightning's CLI replaced the configured model arguments with those saved in a checkpoint
     # given by path (not for "last"): a test asked for 3 inner steps ran the saved 10, and a
