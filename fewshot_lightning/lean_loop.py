@@ -333,7 +333,14 @@ if _AutomaticOptimization is not None:
             device = trainer.strategy.root_device
             for owner, on_module, name in plan.transfer:
                 args = (batch, device, 0) if name == "transfer_batch_to_device" else (batch, 0)
-                batch = _module_hook(module, name, *args) if on_module else getattr(owner, name)(*args)
+                if on_module:
+                    batch = _module_hook(module, name, *args)
+                else:  # the datamodule's: the last two run inside the strategy's batch_to_device hook
+                    previous = module._current_fx_name
+                    if name != "on_before_batch_transfer":
+                        module._current_fx_name = "batch_to_device"
+                    batch = getattr(owner, name)(*args)
+                    module._current_fx_name = previous
 
             self.batch_progress.increment_ready()
             trainer._logger_connector.on_batch_start(batch)

@@ -313,7 +313,7 @@ class TransferData(SinusoidDataModule):
     calls = []
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        self.calls.append(("datamodule on_after_batch_transfer", dataloader_idx))
+        self.calls.append(("datamodule on_after_batch_transfer", dataloader_idx, self.trainer.lightning_module._current_fx_name))
         return batch._replace(support_y=batch.support_y * 0.5)
 
 
@@ -333,20 +333,23 @@ def test_batches_with_transfer_hooks_validation_schedule_and_logging_match(tmp_p
     """The batch-transfer hooks on the objects Lightning picks (the datamodule's
     on_after_batch_transfer, the module's on_before_batch_transfer), validation every two steps,
     a step learning-rate schedule and a logger writing every step: the same as Lightning's loop."""
-    runs = []
+    runs, calls_of = [], []
     for lean in (True, False):
         TransferData.calls = []
         runs.append(run(lean, TransferMAML, data_class=TransferData, steps=6, limit_val_batches=2, val_check_interval=2,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
                         logger=CSVLogger(tmp_path, name=str(lean), version=0),
                         model_kwargs={"lr_scheduler": lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)}))
-        calls = TransferData.calls
+        calls_of.append(TransferData.calls)
     lean, stock = runs
+    calls = calls_of[0]
+    assert calls == calls_of[1]  # the same hooks, with the same _current_fx_name inside
     assert lean[2].batch_reasons == [None] * 6 and lean[2].reasons == [None] * 6
     assert_same_run(lean, stock)
     # Each training and validation batch went through both transfer hooks; the module's batch end logged.
     assert calls.count(("module on_before_batch_transfer", "on_before_batch_transfer")) == 6 + 3 * 2
-    assert calls.count(("datamodule on_after_batch_transfer", 0)) == 6 + 3 * 2
+    # training and validation batches, inside the strategy's batch_to_device hook both
+    assert calls.count(("datamodule on_after_batch_transfer", 0, "batch_to_device")) == 6 + 3 * 2
     assert ("module on_train_batch_end", "on_train_batch_end", 5) in calls
     assert sum(event[0] == "on_validation_batch_start" for event in lean[2].events) == 3 * 2
     assert lean[0].lr_schedulers().state_dict() == stock[0].lr_schedulers().state_dict()
