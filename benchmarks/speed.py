@@ -24,7 +24,9 @@ Cases (ways-shots-queries, meta-batch B, inner steps):
 - ``mini``: mini-ImageNet size, ``Conv4(hidden=32)`` on 84x84x3, 5w5s15q, B=4, 5 steps;
 - ``mini-fo``: the same, first order;
 - ``fit``: ``fewshot-lightning fit --config configs/maml_sinusoid.yaml`` (every callback of the
-  shipped config and of the CLI) against a bare loop over the same ``training_step``;
+  shipped config and of the CLI) against a bare loop over the same ``training_step``: whole runs
+  taking turns, and (``--fit-block``) bare-loop blocks interleaved inside one run, plus Lightning's
+  batch and step against the lean ones on alternate batches;
 - ``sampling``: see ``benchmarks/sampling_throughput.py`` (run separately).
 
 Peak memory: each (case, contender) also runs alone in a fresh subprocess, and the peak
