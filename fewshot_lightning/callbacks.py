@@ -93,9 +93,10 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
+    first = tensors[0]
+    uniform = first.layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1
     with torch.no_grad():
-        first = tensors[0]
-        if first.layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1:
+        if uniform:
             if _AMP_CHECK[0] and first.is_floating_point():
                 flags = _CHECK_FLAGS.get(first.device)
                 if flags is None:  # the kernel's flag (raised, never lowered, by it) and factor 1
@@ -111,13 +112,16 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
                         return True
                     found.zero_()
                     return False
-        return _largest_magnitude_finite(tensors)
+    return _largest_magnitude_finite(tensors, uniform)
 
 
-def _largest_magnitude_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """:func:`_all_finite` by the largest absolute value of each tensor (non-empty tensors)."""
+def _largest_magnitude_finite(tensors: Sequence[torch.Tensor], uniform: Optional[bool] = None) -> bool:
+    """:func:`_all_finite` by the largest absolute value of each tensor (non-empty tensors);
+    ``uniform``: whether all are dense of one device and dtype, where the caller knows it."""
+    if uniform is None:
+        uniform = tensors[0].layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1
     with torch.no_grad():
-        if tensors[0].layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1:
+        if uniform:
             # what get_total_norm computes for one device and dtype, without its grouping; the
             # largest of the tensors' largest values is NaN if any is (max propagates NaN)
             return math.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf)).max().item())

@@ -202,13 +202,19 @@ def _callbacks(trainer: Any, module: Any, name: str, *args: Any) -> None:
     module._current_fx_name = previous
 
 
-def _module_hook(module: Any, name: str, *args: Any) -> Any:
-    """Lightning's ``_call_lightning_module_hook`` less its profiler context."""
+def _named(module: Any, name: str, function: Any, *args: Any) -> Any:
+    """``function(*args)`` with the module's ``_current_fx_name`` set to ``name`` meanwhile, as
+    Lightning's ``_call_*`` helpers set it (``self.log`` checks it)."""
     previous = module._current_fx_name
     module._current_fx_name = name
-    output = getattr(module, name)(*args)
+    output = function(*args)
     module._current_fx_name = previous
     return output
+
+
+def _module_hook(module: Any, name: str, *args: Any) -> Any:
+    """Lightning's ``_call_lightning_module_hook`` less its profiler context."""
+    return _named(module, name, getattr(module, name), *args)
 
 
 class _StepPlan:
@@ -269,10 +275,7 @@ if _AutomaticOptimization is not None:
             strategy = trainer.strategy
             progress.step.increment_ready()
             with torch.enable_grad():  # as Lightning's closure
-                previous = module._current_fx_name
-                module._current_fx_name = "training_step"
-                output = strategy.training_step(*kwargs.values())
-                module._current_fx_name = previous
+                output = _named(module, "training_step", strategy.training_step, *kwargs.values())
                 strategy.post_training_step()
                 result = ClosureResult.from_training_step_output(output, trainer.accumulate_grad_batches)
                 if result.closure_loss is None:
@@ -290,10 +293,7 @@ if _AutomaticOptimization is not None:
                 progress.zero_grad.increment_completed()
 
                 if result.closure_loss is not None:
-                    previous = module._current_fx_name
-                    module._current_fx_name = "backward"
-                    strategy.backward(result.closure_loss, optimizer)
-                    module._current_fx_name = previous
+                    _named(module, "backward", strategy.backward, result.closure_loss, optimizer)
 
                 # the precision plugin's ``_after_closure``
                 _callbacks(trainer, module, "on_before_optimizer_step", optimizer)
@@ -335,12 +335,10 @@ if _AutomaticOptimization is not None:
                 args = (batch, device, 0) if name == "transfer_batch_to_device" else (batch, 0)
                 if on_module:
                     batch = _module_hook(module, name, *args)
-                else:  # the datamodule's: the last two run inside the strategy's batch_to_device hook
-                    previous = module._current_fx_name
-                    if name != "on_before_batch_transfer":
-                        module._current_fx_name = "batch_to_device"
-                    batch = getattr(owner, name)(*args)
-                    module._current_fx_name = previous
+                elif name == "on_before_batch_transfer":
+                    batch = owner.on_before_batch_transfer(*args)
+                else:  # the datamodule's last two run inside the strategy's batch_to_device hook
+                    batch = _named(module, "batch_to_device", getattr(owner, name), *args)
 
             self.batch_progress.increment_ready()
             trainer._logger_connector.on_batch_start(batch)
@@ -353,10 +351,7 @@ if _AutomaticOptimization is not None:
                 _callbacks(trainer, module, "on_train_batch_start", batch, batch_idx)
                 response = _module_hook(module, "on_train_batch_start", batch, batch_idx) if plan.module_start else None
                 if plan.strategy_start:
-                    previous = module._current_fx_name
-                    module._current_fx_name = "on_train_batch_start"
-                    trainer.strategy.on_train_batch_start(batch, batch_idx)
-                    module._current_fx_name = previous
+                    _named(module, "on_train_batch_start", trainer.strategy.on_train_batch_start, batch, batch_idx)
                 skip_rest_of_epoch = response == -1
                 if skip_rest_of_epoch:
                     self.batch_progress.increment_by(0, is_last_batch=True)
