@@ -55,8 +55,11 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._final_step(trainer) and not self._should_skip_saving_checkpoint(trainer):
+        step = trainer.global_step
+        # ModelCheckpoint's saves every N steps (between them it does nothing, as documented)
+        if step % self._every_n_train_steps == 0 or self._train_time_interval is not None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._final_step(trainer, step) and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -67,8 +70,9 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @staticmethod
-    def _final_step(trainer: L.Trainer) -> bool:
-        if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+    def _final_step(trainer: L.Trainer, step: Optional[int] = None) -> bool:
+        step = trainer.global_step if step is None else step
+        if trainer.should_stop or 0 <= trainer.max_steps <= step:
             return True
         last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
         return last_epoch and trainer.fit_loop.epoch_loop.batch_idx + 1 >= trainer.num_training_batches

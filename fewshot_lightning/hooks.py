@@ -7,7 +7,8 @@ with the CLI's nine callbacks, 92 of their 108 per-batch hooks are inherited emp
 about 100 us a training step on a 2-core CPU (``benchmarks/callback_dispatch.py``), 4% of a
 sinusoid MAML step. Lightning skips a hook that is not callable (``trainer/call.py``), so for
 the length of a run each such inherited, empty hook is shadowed on the callback by ``None``,
-and restored afterwards. A hook a class
+and restored afterwards; so is the ``on_train_batch_end`` of a ``ModelCheckpoint`` that saves
+neither every N training steps nor every interval of time, which then does nothing. A hook a class
 overrides, or one set on the instance, is never touched; an inherited hook whose body does
 anything is kept. The ``LightningModule``'s own hooks are left alone: Lightning reads their
 signatures (``dataloader_idx``) before evaluation.
@@ -31,6 +32,7 @@ import types
 from typing import Any, Iterable
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.profilers import PassThroughProfiler
 
 #: The hooks Lightning calls once or more every batch (per-run hooks cost nothing to keep).
@@ -67,7 +69,19 @@ def _idle(callback: Any, name: str) -> bool:
     if name in vars(callback):  # set on the instance: the owner's choice
         return False
     inherited = getattr(type(callback), name, None)
+    if name == "on_train_batch_end" and inherited is ModelCheckpoint.on_train_batch_end:
+        return _saves_only_at_epoch_or_validation_end(callback)
     return inherited is not None and inherited is getattr(L.Callback, name, None) and does_nothing(inherited)
+
+
+def _saves_only_at_epoch_or_validation_end(checkpoint: ModelCheckpoint) -> bool:
+    """A ``ModelCheckpoint`` with neither ``every_n_train_steps`` nor ``train_time_interval``
+    (the CLI's ``ModelCheckpoint(monitor=...)`` for the best model): its ``on_train_batch_end``,
+    which saves every N training steps or every interval of time, returns at every batch without
+    doing anything ("we skip saving during training", its documentation says; so its code does in
+    Lightning 2.5 and 2.6), after some twenty attribute reads."""
+    steps = getattr(checkpoint, "_every_n_train_steps", None)
+    return isinstance(steps, int) and steps < 1 and getattr(checkpoint, "_train_time_interval", 0) is None
 
 
 def hide_idle_hooks(callbacks: Iterable[Any]) -> int:

@@ -21,8 +21,10 @@ for it at the run's first batch; callback hooks as Lightning calls them, less th
 context (Lightning's default profiler records nothing); a module or strategy hook only where its
 class overrides the empty one of Lightning's base class; the training step (in the strategy's
 and precision plugin's context), ``on_before_zero_grad``, the module's ``optimizer_zero_grad``
-(or ``optimizer.zero_grad()`` where that hook is Lightning's), the strategy's ``backward``
-(with ``on_before_backward`` / ``on_after_backward`` and the module's ``backward``),
+(or ``optimizer.zero_grad()`` where that hook is Lightning's), the backward pass
+(``on_before_backward``, the module's ``backward``, ``on_after_backward``: called here where the
+strategy's ``backward`` and the precision plugin's three steps of it are the base ones, through
+the strategy otherwise, e.g. under mixed precision, whose plugin scales the loss there),
 ``on_before_optimizer_step``, gradient clipping where it is set or its hook overridden, then
 ``optimizer.step()``. The result is Lightning's, bit for bit: the hooks and what they see, the
 weights, the optimizer's state, the loop's state in a checkpoint, the logged metrics
@@ -81,7 +83,7 @@ TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_af
 
 #: Fingerprints (:func:`lightning_fingerprint`) of the Lightning code whose behaviour the lean loop
 #: reproduces, each checked by tests/test_lean_loop.py; with any other, Lightning's loop runs.
-VERIFIED_LIGHTNING = {"afec131d7418a0ad": "lightning 2.6.6", "388f1baccebc8029": "lightning 2.5.6"}
+VERIFIED_LIGHTNING = {"866f167648ee572a": "lightning 2.6.6", "1b3a59947b928639": "lightning 2.5.6"}
 
 _FINGERPRINT: list = []
 
@@ -96,7 +98,10 @@ def _reproduced_code() -> list:
         _TrainingEpochLoop.advance, _TrainingEpochLoop._build_kwargs, steps.run, steps._make_closure,
         steps._make_zero_grad_fn, steps._make_backward_fn, steps._optimizer_step, steps._on_before_zero_grad,
         steps._optimizer_zero_grad, steps._training_step, Closure.closure, Precision.optimizer_step,
-        Precision._wrap_closure, Precision._after_closure, Strategy.optimizer_step, Strategy.batch_to_device,
+        Precision._wrap_closure, Precision._after_closure, Precision.pre_backward, Precision.backward,
+        Precision.post_backward, Strategy.optimizer_step, Strategy.batch_to_device, Strategy.backward,
+        Strategy.pre_backward, Strategy.post_backward, ClosureResult.from_training_step_output,
+        ClosureResult.__post_init__, ClosureResult._clone_loss, L.LightningModule.backward,
         L.LightningModule._apply_batch_transfer_handler, L.LightningModule._on_before_batch_transfer,
         L.LightningModule._call_batch_hook, L.LightningModule.optimizer_step, L.LightningModule.optimizer_zero_grad,
         LightningOptimizer.step, call._call_callback_hooks, call._call_lightning_module_hook,
@@ -217,10 +222,24 @@ def _module_hook(module: Any, name: str, *args: Any) -> Any:
     return _named(module, name, getattr(module, name), *args)
 
 
+def _backward(trainer: Any, module: Any, plan: "_StepPlan", loss: torch.Tensor) -> None:
+    """The base strategy's ``backward`` with the base precision plugin's: ``on_before_backward``,
+    the module's ``backward``, ``on_after_backward`` (the hooks less their profiler context, the
+    module's only where overridden)."""
+    _callbacks(trainer, module, "on_before_backward", loss)
+    if plan.before_backward:
+        _module_hook(module, "on_before_backward", loss)
+    module.backward(loss)
+    _callbacks(trainer, module, "on_after_backward")
+    if plan.after_backward:
+        _module_hook(module, "on_after_backward")
+
+
 class _StepPlan:
     """What a run's optimization steps may skip, decided at its first step."""
 
-    __slots__ = ("optimizer", "module", "zero_grad_hook", "before_zero_grad", "before_optimizer_step", "clip_hook")
+    __slots__ = ("optimizer", "module", "zero_grad_hook", "before_zero_grad", "before_optimizer_step", "clip_hook",
+                 "plain_backward", "before_backward", "after_backward")
 
     def __init__(self, optimizer: torch.optim.Optimizer, module: Any) -> None:
         self.optimizer = optimizer
@@ -229,6 +248,14 @@ class _StepPlan:
         self.before_zero_grad = not _empty_hook(module, "on_before_zero_grad")
         self.before_optimizer_step = not _empty_hook(module, "on_before_optimizer_step")
         self.clip_hook = not _lightnings(module, "configure_gradient_clipping", L.LightningModule)
+        # the strategy's ``backward`` and the precision plugin's three steps of it are the base
+        # ones: the hooks and the module's ``backward`` are called here, without their layers
+        strategy, precision = module.trainer.strategy, module.trainer.precision_plugin
+        self.plain_backward = (all(_lightnings(strategy, name, Strategy) for name in ("backward", "pre_backward", "post_backward"))
+                               and all(_lightnings(precision, name, Precision)
+                                       for name in ("pre_backward", "backward", "post_backward")))
+        self.before_backward = not _empty_hook(module, "on_before_backward")
+        self.after_backward = not _empty_hook(module, "on_after_backward")
 
 
 class _BatchPlan:
@@ -277,7 +304,10 @@ if _AutomaticOptimization is not None:
             with torch.enable_grad():  # as Lightning's closure
                 output = _named(module, "training_step", strategy.training_step, *kwargs.values())
                 strategy.post_training_step()
-                result = ClosureResult.from_training_step_output(output, trainer.accumulate_grad_batches)
+                if isinstance(output, torch.Tensor):  # what ``from_training_step_output`` makes of it, less its
+                    result = ClosureResult(output)     # division by the accumulation, here 1 (exact either way)
+                else:
+                    result = ClosureResult.from_training_step_output(output, trainer.accumulate_grad_batches)
                 if result.closure_loss is None:
                     Closure.warning_cache.warn("`training_step` returned `None`. If this was on purpose, ignore this warning...")
 
@@ -293,7 +323,10 @@ if _AutomaticOptimization is not None:
                 progress.zero_grad.increment_completed()
 
                 if result.closure_loss is not None:
-                    _named(module, "backward", strategy.backward, result.closure_loss, optimizer)
+                    if plan.plain_backward:
+                        _named(module, "backward", _backward, trainer, module, plan, result.closure_loss)
+                    else:
+                        _named(module, "backward", strategy.backward, result.closure_loss, optimizer)
 
                 # the precision plugin's ``_after_closure``
                 _callbacks(trainer, module, "on_before_optimizer_step", optimizer)

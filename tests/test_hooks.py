@@ -284,3 +284,40 @@ def test_a_batch_already_on_the_device_is_not_walked(monkeypatch):
     moved = model.transfer_batch_to_device(elsewhere, torch.device("meta"), 0)
     assert type(moved) is TaskBatch and all(part.device.type == "meta" for part in moved)
     assert lightning_calls == [tuple, TaskBatch]
+
+
+def test_a_model_checkpoint_that_saves_nothing_between_validations_is_not_called_per_batch(tmp_path):
+    """``ModelCheckpoint(monitor=...)`` with neither ``every_n_train_steps`` nor
+    ``train_time_interval`` saves nothing at a training batch's end: that hook is hidden for the
+    run; with either set it is kept, and it saves (every 2 steps: at steps 2 and 4)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fewshot_lightning.callbacks import LastCheckpoint
+
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/mse")
+    every = ModelCheckpoint(dirpath=tmp_path / "every", every_n_train_steps=2, save_top_k=-1)
+    timed = ModelCheckpoint(dirpath=tmp_path / "timed", train_time_interval=timedelta(hours=1))
+    last = LastCheckpoint(every_n_train_steps=2, dirpath=tmp_path / "last")
+    assert hide_idle_hooks([best, every, timed, last]) == 12 + 11 + 11 + 11  # all twelve on best
+    assert best.on_train_batch_end is None
+    assert callable(every.on_train_batch_end) and callable(timed.on_train_batch_end) and callable(last.on_train_batch_end)
+    restore_hooks([best, every, timed, last])
+    assert callable(best.on_train_batch_end)
+
+    class Seen(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.hidden = best.on_train_batch_end is None
+
+    seen = Seen()
+    model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+    data = SinusoidDataModule(meta_batch_size=2, train_tasks=10, val_tasks=4, num_workers=0)
+    trainer = L.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[best, every, last, seen], default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    assert seen.hidden and callable(best.on_train_batch_end)
+    assert sorted(p.name for p in (tmp_path / "every").iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    assert [p.name for p in (tmp_path / "last").iterdir()] == ["last.ckpt"]
+    assert torch.load(tmp_path / "last" / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert not (tmp_path / "best").exists()  # no validation ran: nothing to monitor, nothing saved

@@ -151,6 +151,17 @@ class HookedMAML(MAML):
         self.calls.append(("optimizer_zero_grad", self._current_fx_name, batch_idx))
         optimizer.zero_grad()
 
+    def on_before_backward(self, loss):
+        self.calls.append(("on_before_backward", self._current_fx_name, repr(loss.item())))
+
+    def backward(self, loss, *args, **kwargs):
+        self.calls.append(("backward", self._current_fx_name))
+        (2 * loss).backward(*args, **kwargs)  # a different gradient than Lightning's default backward
+
+    def on_after_backward(self):
+        self.calls.append(("on_after_backward", self._current_fx_name))
+        self.log("after_backward", float(len(self.calls)))
+
     def on_before_optimizer_step(self, optimizer):
         self.calls.append(("on_before_optimizer_step", self._current_fx_name))
         self.log("grad_steps", float(len(self.calls)))
@@ -164,11 +175,29 @@ def test_module_hooks_a_learner_overrides_are_called():
     lean, stock = run(True, HookedMAML), run(False, HookedMAML)
     assert lean[2].reasons == [None] * STEPS
     assert lean[0].calls == stock[0].calls
-    assert lean[0].calls[:4] == [("on_before_zero_grad", "on_before_zero_grad"), ("optimizer_zero_grad", "optimizer_zero_grad", 0),
-                                 ("on_before_optimizer_step", "on_before_optimizer_step"),
-                                 ("configure_gradient_clipping", "configure_gradient_clipping")]
-    assert len(lean[0].calls) == 4 * STEPS
+    assert [call[:2] for call in lean[0].calls[:7]] == [
+        ("on_before_zero_grad", "on_before_zero_grad"), ("optimizer_zero_grad", "optimizer_zero_grad"),
+        ("on_before_backward", "on_before_backward"), ("backward", "backward"), ("on_after_backward", "on_after_backward"),
+        ("on_before_optimizer_step", "on_before_optimizer_step"), ("configure_gradient_clipping", "configure_gradient_clipping")]
+    assert len(lean[0].calls) == 7 * STEPS
     assert_same_run(lean, stock)
+    # The module's own backward ran (it doubles the loss): the gradients differ from MAML's.
+    plain = run(True)
+    assert lean[2].grad_norms != plain[2].grad_norms
+
+
+class DoublingPrecision(L.pytorch.plugins.precision.Precision):
+    """A precision plugin with its own ``pre_backward`` (scales the loss, as mixed precision's does)."""
+
+    def pre_backward(self, tensor, module):
+        return super().pre_backward(2 * tensor, module)
+
+
+def test_a_precision_plugin_with_its_own_backward_steps_run_as_lightning_runs_them():
+    lean, stock = run(True, plugins=[DoublingPrecision()]), run(False, plugins=[DoublingPrecision()])
+    assert lean[2].reasons == [None] * STEPS  # the step is lean, its backward Lightning's
+    assert_same_run(lean, stock)
+    assert lean[2].grad_norms != run(True)[2].grad_norms  # the plugin's scaling took effect
 
 
 class WarmupMAML(MAML):

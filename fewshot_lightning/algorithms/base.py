@@ -135,6 +135,9 @@ def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
 #: Value types ``MetaLearner.__setattr__`` stores without ``nn.Module``'s checks.
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
+#: Where a trainer keeps, for a run, who reads the training metrics (``training_metrics_read``).
+_READERS = "_fewshot_lightning_metrics_readers"
+
 
 class WeightsMismatchError(ValueError, RuntimeError):
     """Weights (a checkpoint's) that do not fit the model as configured. A ``RuntimeError`` as
@@ -247,23 +250,39 @@ class MetaLearner(L.LightningModule):
         ``refresh_rate`` batches and at an epoch's last), or a callback or learning-rate scheduler
         that monitors a ``train/`` metric (then every step). On the other steps the ``self.log``
         calls are skipped: under ``Trainer.fit`` they cost about 0.6 ms a step, a sixth of a
-        sinusoid MAML step (docs/benchmarks.md). Without a trainer: ``True``."""
+        sinusoid MAML step (docs/benchmarks.md). Without a trainer: ``True``. Who reads is
+        looked up once a run (its callbacks and schedulers at its first step), as every trainer
+        attribute read inside a step costs some microseconds, not the fraction of one it takes
+        in a loop of its own (the caches hold the step's kernels by then). A training step does
+        not run in the sanity check, which is validation."""
         trainer = self._trainer
-        if trainer is None or trainer.sanity_checking or trainer.fast_dev_run or trainer.should_stop:
+        if trainer is None:
             return True
-        every = trainer.log_every_n_steps
-        if every and (trainer.global_step + 1) % every == 0:
+        readers = trainer.__dict__.get(_READERS)  # kept on the trainer: a module copied or pickled
+        if readers is None or readers[0] is not self:  # (SWA's deepcopy) must not carry the trainer
+            readers = self._find_metrics_readers(trainer)
+            trainer.__dict__[_READERS] = readers
+        _, monitored, epoch_loop, every, bar, rate = readers
+        if monitored or trainer.should_stop:
             return True
-        bar = trainer.progress_bar_callback
+        if every and (epoch_loop.global_step + 1) % every == 0:
+            return True
         if bar is not None and getattr(bar, "is_enabled", True):
-            rate = getattr(bar, "refresh_rate", 1)
             if not isinstance(rate, int) or rate <= 1 or (batch_idx + 1) % rate == 0:
                 return True
             if batch_idx + 1 == trainer.num_training_batches:
                 return True
+        return False
+
+    def _find_metrics_readers(self, trainer: Any) -> tuple:
+        """``(self, monitored, the epoch loop, log_every_n_steps, the progress bar, its refresh
+        rate)`` for :meth:`training_metrics_read`; ``monitored`` where a callback or scheduler
+        monitors a ``train/`` metric, or under ``fast_dev_run``."""
         monitors = [getattr(callback, "monitor", None) for callback in trainer.callbacks]
         monitors += [config.monitor for config in trainer.lr_scheduler_configs]
-        return any(isinstance(name, str) and name.startswith("train/") for name in monitors)
+        monitored = bool(trainer.fast_dev_run) or any(isinstance(name, str) and name.startswith("train/") for name in monitors)
+        bar = trainer.progress_bar_callback
+        return self, monitored, trainer.fit_loop.epoch_loop, trainer.log_every_n_steps, bar, getattr(bar, "refresh_rate", 1)
 
     def training_losses(self, batch: TaskBatch) -> Tuple[Tensor, Optional[Tensor]]:
         """The training loss of each task, ``[B]`` (the step minimises their mean), and the query
@@ -354,6 +373,7 @@ class MetaLearner(L.LightningModule):
             use_lean_loop(self.trainer)
 
     def teardown(self, stage: str) -> None:
+        self.trainer.__dict__.pop(_READERS, None)
         restore_hooks(self.trainer.callbacks)
         restore_profiler(self.trainer.profiler)
         restore_loop(self.trainer)

@@ -408,8 +408,10 @@ class MAML(MetaLearner):
 
     def uses_first_order(self, step: Optional[int] = None) -> bool:
         """Whether outer step ``step`` (default: the trainer's ``global_step``) is first order."""
+        if self.first_order or self.first_order_steps <= 0:  # no step count needed (it costs a few us a step)
+            return bool(self.first_order)
         step = self.global_step if step is None else step
-        return self.first_order or step < self.first_order_steps
+        return step < self.first_order_steps
 
     def step_loss_weights(self, step: Optional[int] = None) -> Optional[Tensor]:
         """MAML++'s weights of the query losses after inner steps 1..``inner_steps`` at outer step
@@ -419,8 +421,10 @@ class MAML(MetaLearner):
         ``(1 - p) / inner_steps`` and the last ``(1 - p) / inner_steps + p``: uniform at first,
         moving linearly to the last step alone, the weights summing to one throughout.
         """
+        if self.inner_steps == 1 or self.multi_step_loss_steps <= 0:
+            return None
         step = self.global_step if step is None else step
-        if step >= self.multi_step_loss_steps or self.inner_steps == 1:
+        if step >= self.multi_step_loss_steps:
             return None
         progress = step / self.multi_step_loss_steps
         weights = torch.full((self.inner_steps,), (1 - progress) / self.inner_steps)
