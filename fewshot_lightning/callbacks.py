@@ -83,6 +83,12 @@ _AMP_CHECK = [hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")]
 _CHECK_FLAGS: dict = {}
 
 
+def _batch_idx(trainer: L.Trainer) -> int:
+    """The training batch being stepped on (the epoch loop's count of batches begun, less one):
+    read where a message needs it, not stored by a hook at every batch."""
+    return trainer.fit_loop.epoch_loop.batch_idx
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite, in a few operations whatever their
     number. Dense tensors of one device and dtype (every gradient of a usual model) go through
@@ -173,14 +179,10 @@ class NonFiniteGuard(Callback):
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped = 0
         self.consecutive = 0
-        self._batch_idx = 0
         self._steps_at_start = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._steps_at_start = trainer.global_step
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch_idx = batch_idx
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -227,7 +229,7 @@ class NonFiniteGuard(Callback):
             )
 
     def _describe(self, trainer: L.Trainer, pl_module: L.LightningModule, params: List[torch.Tensor], task_losses: Optional[torch.Tensor]) -> str:
-        where = f"global_step {trainer.global_step} (epoch {trainer.current_epoch}, batch_idx {self._batch_idx})"
+        where = f"global_step {trainer.global_step} (epoch {trainer.current_epoch}, batch_idx {_batch_idx(trainer)})"
         if trainer.world_size > 1:
             where += f" on process {trainer.global_rank} of {trainer.world_size}"
         if task_losses is not None and not bool(task_losses.isfinite().all()):
@@ -257,7 +259,7 @@ class NonFiniteGuard(Callback):
         batch_indices = getattr(getattr(loader, "sampler", None), "batch_indices", None)
         if batch_indices is None:
             return None
-        indices = batch_indices(self._batch_idx, batch_size)
+        indices = batch_indices(_batch_idx(trainer), batch_size)
         return [indices[i] for i in positions]
 
     def state_dict(self) -> Dict[str, int]:

@@ -196,15 +196,52 @@ def lean_batch_possible(trainer: Any, data_fetcher: Any = None) -> Optional[str]
     return None
 
 
-def _callbacks(trainer: Any, module: Any, name: str, *args: Any) -> None:
-    """Lightning's ``_call_callback_hooks`` less its profiler context (the quiet profiler's)."""
+#: The callback hooks the lean batch and step call.
+_LEAN_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+               "on_before_optimizer_step", "on_train_batch_end")
+
+
+def _hook_lists(trainer: Any) -> Dict[str, tuple]:
+    """For each of :data:`_LEAN_HOOKS`, the callbacks' bound hooks Lightning would call, in its
+    order (the callable ones: not those :func:`hooks.hide_idle_hooks` hid for the run), and under
+    ``"callbacks"`` the list they were read from."""
+    lists: Dict[str, tuple] = {"callbacks": (trainer.callbacks, len(trainer.callbacks))}
+    for name in _LEAN_HOOKS:
+        lists[name] = tuple(hook for hook in (getattr(callback, name) for callback in trainer.callbacks) if callable(hook))
+    return lists
+
+
+def _callbacks(trainer: Any, module: Any, name: str, *args: Any, hooks: Optional[Dict[str, tuple]] = None) -> None:
+    """Lightning's ``_call_callback_hooks`` less its profiler context (the quiet profiler's):
+    the callbacks' ``name`` hooks, from ``hooks`` (:func:`_hook_lists`, read at the run's first
+    batch or step, and again wherever the list is another or of another length) where given; a
+    callback appended to the list meanwhile is called too, as Lightning's loop over the list
+    would (one removed, or a hook set on a callback during the run, is not seen)."""
     previous = module._current_fx_name
     module._current_fx_name = name
-    for callback in trainer.callbacks:
-        hook = getattr(callback, name)
-        if callable(hook):
+    if hooks is None:
+        for callback in trainer.callbacks:
+            hook = getattr(callback, name)
+            if callable(hook):
+                hook(trainer, module, *args)
+    else:
+        for hook in hooks[name]:
             hook(trainer, module, *args)
+        callbacks, count = hooks["callbacks"]
+        if len(callbacks) != count:  # appended to since it was read: Lightning's loop over the list sees them
+            for callback in callbacks[count:]:
+                hook = getattr(callback, name)
+                if callable(hook):
+                    hook(trainer, module, *args)
     module._current_fx_name = previous
+
+
+def _current_hooks(plan: Any, trainer: Any) -> Dict[str, tuple]:
+    """``plan.hooks``, read again where the trainer's callbacks list changed since."""
+    callbacks, count = plan.hooks["callbacks"]
+    if callbacks is not trainer.callbacks or count != len(callbacks):
+        plan.hooks = _hook_lists(trainer)
+    return plan.hooks
 
 
 def _named(module: Any, name: str, function: Any, *args: Any) -> Any:
@@ -222,15 +259,15 @@ def _module_hook(module: Any, name: str, *args: Any) -> Any:
     return _named(module, name, getattr(module, name), *args)
 
 
-def _backward(trainer: Any, module: Any, plan: "_StepPlan", loss: torch.Tensor) -> None:
+def _backward(trainer: Any, module: Any, plan: "_StepPlan", loss: torch.Tensor, hooks: Dict[str, tuple]) -> None:
     """The base strategy's ``backward`` with the base precision plugin's: ``on_before_backward``,
     the module's ``backward``, ``on_after_backward`` (the hooks less their profiler context, the
     module's only where overridden)."""
-    _callbacks(trainer, module, "on_before_backward", loss)
+    _callbacks(trainer, module, "on_before_backward", loss, hooks=hooks)
     if plan.before_backward:
         _module_hook(module, "on_before_backward", loss)
     module.backward(loss)
-    _callbacks(trainer, module, "on_after_backward")
+    _callbacks(trainer, module, "on_after_backward", hooks=hooks)
     if plan.after_backward:
         _module_hook(module, "on_after_backward")
 
@@ -239,7 +276,7 @@ class _StepPlan:
     """What a run's optimization steps may skip, decided at its first step."""
 
     __slots__ = ("optimizer", "module", "zero_grad_hook", "before_zero_grad", "before_optimizer_step", "clip_hook",
-                 "plain_backward", "before_backward", "after_backward")
+                 "plain_backward", "before_backward", "after_backward", "hooks")
 
     def __init__(self, optimizer: torch.optim.Optimizer, module: Any) -> None:
         self.optimizer = optimizer
@@ -256,6 +293,7 @@ class _StepPlan:
                                        for name in ("pre_backward", "backward", "post_backward")))
         self.before_backward = not _empty_hook(module, "on_before_backward")
         self.after_backward = not _empty_hook(module, "on_after_backward")
+        self.hooks = _hook_lists(module.trainer)
 
 
 class _BatchPlan:
@@ -263,7 +301,7 @@ class _BatchPlan:
     batch-transfer hook (Lightning's choice, with its warnings), which hooks do anything, and
     whether the training step takes ``batch_idx``."""
 
-    __slots__ = ("module", "fetcher", "transfer", "module_start", "module_end", "strategy_start", "takes_batch_idx")
+    __slots__ = ("module", "fetcher", "transfer", "module_start", "module_end", "strategy_start", "takes_batch_idx", "hooks")
 
     def __init__(self, trainer: Any, data_fetcher: Any) -> None:
         module = self.module = trainer.lightning_module
@@ -277,6 +315,7 @@ class _BatchPlan:
         self.module_end = not _empty_hook(module, "on_train_batch_end")
         self.strategy_start = not _empty_hook(trainer.strategy, "on_train_batch_start")
         self.takes_batch_idx = is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
+        self.hooks = _hook_lists(trainer)
 
 
 if _AutomaticOptimization is not None:
@@ -300,6 +339,7 @@ if _AutomaticOptimization is not None:
 
             progress = self.optim_progress.optimizer
             strategy = trainer.strategy
+            hooks = _current_hooks(plan, trainer)
             progress.step.increment_ready()
             with torch.enable_grad():  # as Lightning's closure
                 output = _named(module, "training_step", strategy.training_step, *kwargs.values())
@@ -312,7 +352,7 @@ if _AutomaticOptimization is not None:
                     Closure.warning_cache.warn("`training_step` returned `None`. If this was on purpose, ignore this warning...")
 
                 progress.zero_grad.increment_ready()
-                _callbacks(trainer, module, "on_before_zero_grad", optimizer)
+                _callbacks(trainer, module, "on_before_zero_grad", optimizer, hooks=hooks)
                 if plan.before_zero_grad:
                     _module_hook(module, "on_before_zero_grad", optimizer)
                 progress.zero_grad.increment_started()
@@ -324,12 +364,12 @@ if _AutomaticOptimization is not None:
 
                 if result.closure_loss is not None:
                     if plan.plain_backward:
-                        _named(module, "backward", _backward, trainer, module, plan, result.closure_loss)
+                        _named(module, "backward", _backward, trainer, module, plan, result.closure_loss, hooks)
                     else:
                         _named(module, "backward", strategy.backward, result.closure_loss, optimizer)
 
                 # the precision plugin's ``_after_closure``
-                _callbacks(trainer, module, "on_before_optimizer_step", optimizer)
+                _callbacks(trainer, module, "on_before_optimizer_step", optimizer, hooks=hooks)
                 if plan.before_optimizer_step:
                     _module_hook(module, "on_before_optimizer_step", optimizer)
                 if plan.clip_hook or trainer.gradient_clip_val:
@@ -358,6 +398,7 @@ if _AutomaticOptimization is not None:
                 return super().advance(data_fetcher)
 
             self.val_loop.restarting = False
+            hooks = _current_hooks(plan, trainer)
             batch, _, __ = next(data_fetcher)
             batch_idx = self.batch_idx + 1
             self.batch_progress.is_last_batch = data_fetcher.done
@@ -381,7 +422,7 @@ if _AutomaticOptimization is not None:
             if batch is None:
                 self._warning_cache.warn("train_dataloader yielded None. If this was on purpose, ignore this warning...")
             else:
-                _callbacks(trainer, module, "on_train_batch_start", batch, batch_idx)
+                _callbacks(trainer, module, "on_train_batch_start", batch, batch_idx, hooks=hooks)
                 response = _module_hook(module, "on_train_batch_start", batch, batch_idx) if plan.module_start else None
                 if plan.strategy_start:
                     _named(module, "on_train_batch_start", trainer.strategy.on_train_batch_start, batch, batch_idx)
@@ -400,7 +441,7 @@ if _AutomaticOptimization is not None:
             if skip_rest_of_epoch:
                 raise StopIteration
 
-            _callbacks(trainer, module, "on_train_batch_end", output, batch, batch_idx)
+            _callbacks(trainer, module, "on_train_batch_end", output, batch, batch_idx, hooks=hooks)
             if plan.module_end:
                 _module_hook(module, "on_train_batch_end", output, batch, batch_idx)
             trainer._logger_connector.on_batch_end()

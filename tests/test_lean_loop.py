@@ -401,3 +401,27 @@ def test_an_epoch_ended_by_on_train_batch_start_ends_as_in_lightning():
     assert_same_run(lean, stock)
     assert lean[1].global_step == 2 * 2  # two steps an epoch, two epochs
     assert lean[2].batch_reasons == [None] * 4
+
+
+class AddsACallback(L.Callback):
+    """Appends a recording callback to the trainer's list at the end of batch 1."""
+
+    def __init__(self):
+        self.added = Recorder()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            trainer.callbacks.append(self.added)
+
+
+def test_a_callback_added_during_the_run_is_called_as_lightning_calls_it():
+    """The lean loop reads the callbacks' hooks once a run, and again where the list changed."""
+    lean_adder, stock_adder = AddsACallback(), AddsACallback()
+    lean, stock = run(True, callbacks=[lean_adder]), run(False, callbacks=[stock_adder])
+    assert lean[2].reasons == [None] * STEPS
+    assert_same_run(lean, stock)
+    assert lean_adder.added.events == stock_adder.added.events
+    # Lightning's loop over the list reaches it in the very hook that appended it (batch 1's
+    # on_train_batch_end), then at every hook of batches 2 to 4: six a batch
+    assert lean_adder.added.events[0][:3] == ("on_train_batch_end", "on_train_batch_end", 1)
+    assert len(lean_adder.added.events) == 1 + 3 * 6

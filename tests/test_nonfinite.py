@@ -2,6 +2,7 @@
 import copy
 import math
 import re
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -43,7 +44,7 @@ class StepRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         poisoned = any(bool(torch.isnan(t).any()) for t in (batch.support_x, batch.query_x))
         before = (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()))
-        self.steps.append({"poisoned": poisoned, "before": before})
+        self.steps.append({"poisoned": poisoned, "before": before, "batch_idx": batch_idx})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps[-1]["after"] = (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()))
@@ -76,6 +77,9 @@ def test_skipped_steps_leave_weights_and_optimizer_state_untouched():
     # One warning per skipped step, naming it, and a count at the end.
     skipped = [m for m in messages if re.match(r"Non-finite training loss at global_step \d+ \(epoch 0, batch_idx \d+\): .* Skipped the step", m)]
     assert len(skipped) == len(poisoned)
+    # each names its own batch (read off the loop when the message is written)
+    named = [int(re.search(r"batch_idx (\d+)\)", m).group(1)) for m in skipped]
+    assert named == [step["batch_idx"] for step in poisoned]
     assert f"{len(poisoned)} training steps in all were skipped for non-finite losses or gradients (20 steps in this run)" in " ".join(messages)
     for step in poisoned:  # not a bit of the weights or of Adam's moments and step count moved
         assert same(step["before"], step["after"])
@@ -276,7 +280,8 @@ def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named():
 
     class FakeTrainer:
         global_step, current_epoch, world_size = 7, 0, 1
+        fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=3))
 
     guard = NonFiniteGuard()
     message = guard._describe(FakeTrainer(), Learner(), [table.weight], None)
-    assert "Non-finite gradient at" in message and "table.weight" in message
+    assert "Non-finite gradient at global_step 7 (epoch 0, batch_idx 3)" in message and "table.weight" in message
