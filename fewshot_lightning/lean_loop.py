@@ -211,28 +211,23 @@ def _hook_lists(trainer: Any) -> Dict[str, tuple]:
     return lists
 
 
-def _callbacks(trainer: Any, module: Any, name: str, *args: Any, hooks: Optional[Dict[str, tuple]] = None) -> None:
+def _callbacks(trainer: Any, module: Any, hooks: Dict[str, tuple], name: str, *args: Any) -> None:
     """Lightning's ``_call_callback_hooks`` less its profiler context (the quiet profiler's):
-    the callbacks' ``name`` hooks, from ``hooks`` (:func:`_hook_lists`, read at the run's first
-    batch or step, and again wherever the list is another or of another length) where given; a
-    callback appended to the list meanwhile is called too, as Lightning's loop over the list
-    would (one removed, or a hook set on a callback during the run, is not seen)."""
+    the callbacks' ``name`` hooks from ``hooks`` (:func:`_hook_lists`, read at the run's first
+    batch or step, and again wherever the list is another or of another length); a callback
+    appended to the list meanwhile is called too, as Lightning's loop over the list would (one
+    removed during a step is still called in that step; a hook set on a callback during the run
+    is not seen)."""
     previous = module._current_fx_name
     module._current_fx_name = name
-    if hooks is None:
-        for callback in trainer.callbacks:
+    for hook in hooks[name]:
+        hook(trainer, module, *args)
+    callbacks, count = hooks["callbacks"]
+    if len(callbacks) != count:  # appended to since it was read: Lightning's loop over the list sees them
+        for callback in callbacks[count:]:
             hook = getattr(callback, name)
             if callable(hook):
                 hook(trainer, module, *args)
-    else:
-        for hook in hooks[name]:
-            hook(trainer, module, *args)
-        callbacks, count = hooks["callbacks"]
-        if len(callbacks) != count:  # appended to since it was read: Lightning's loop over the list sees them
-            for callback in callbacks[count:]:
-                hook = getattr(callback, name)
-                if callable(hook):
-                    hook(trainer, module, *args)
     module._current_fx_name = previous
 
 
@@ -263,11 +258,11 @@ def _backward(trainer: Any, module: Any, plan: "_StepPlan", loss: torch.Tensor, 
     """The base strategy's ``backward`` with the base precision plugin's: ``on_before_backward``,
     the module's ``backward``, ``on_after_backward`` (the hooks less their profiler context, the
     module's only where overridden)."""
-    _callbacks(trainer, module, "on_before_backward", loss, hooks=hooks)
+    _callbacks(trainer, module, hooks, "on_before_backward", loss)
     if plan.before_backward:
         _module_hook(module, "on_before_backward", loss)
     module.backward(loss)
-    _callbacks(trainer, module, "on_after_backward", hooks=hooks)
+    _callbacks(trainer, module, hooks, "on_after_backward")
     if plan.after_backward:
         _module_hook(module, "on_after_backward")
 
@@ -352,7 +347,7 @@ if _AutomaticOptimization is not None:
                     Closure.warning_cache.warn("`training_step` returned `None`. If this was on purpose, ignore this warning...")
 
                 progress.zero_grad.increment_ready()
-                _callbacks(trainer, module, "on_before_zero_grad", optimizer, hooks=hooks)
+                _callbacks(trainer, module, hooks, "on_before_zero_grad", optimizer)
                 if plan.before_zero_grad:
                     _module_hook(module, "on_before_zero_grad", optimizer)
                 progress.zero_grad.increment_started()
@@ -369,7 +364,7 @@ if _AutomaticOptimization is not None:
                         _named(module, "backward", strategy.backward, result.closure_loss, optimizer)
 
                 # the precision plugin's ``_after_closure``
-                _callbacks(trainer, module, "on_before_optimizer_step", optimizer, hooks=hooks)
+                _callbacks(trainer, module, hooks, "on_before_optimizer_step", optimizer)
                 if plan.before_optimizer_step:
                     _module_hook(module, "on_before_optimizer_step", optimizer)
                 if plan.clip_hook or trainer.gradient_clip_val:
@@ -422,7 +417,7 @@ if _AutomaticOptimization is not None:
             if batch is None:
                 self._warning_cache.warn("train_dataloader yielded None. If this was on purpose, ignore this warning...")
             else:
-                _callbacks(trainer, module, "on_train_batch_start", batch, batch_idx, hooks=hooks)
+                _callbacks(trainer, module, hooks, "on_train_batch_start", batch, batch_idx)
                 response = _module_hook(module, "on_train_batch_start", batch, batch_idx) if plan.module_start else None
                 if plan.strategy_start:
                     _named(module, "on_train_batch_start", trainer.strategy.on_train_batch_start, batch, batch_idx)
@@ -441,7 +436,7 @@ if _AutomaticOptimization is not None:
             if skip_rest_of_epoch:
                 raise StopIteration
 
-            _callbacks(trainer, module, "on_train_batch_end", output, batch, batch_idx, hooks=hooks)
+            _callbacks(trainer, module, hooks, "on_train_batch_end", output, batch, batch_idx)
             if plan.module_end:
                 _module_hook(module, "on_train_batch_end", output, batch, batch_idx)
             trainer._logger_connector.on_batch_end()
