@@ -267,28 +267,38 @@ def _backward(trainer: Any, module: Any, plan: "_StepPlan", loss: torch.Tensor, 
         _module_hook(module, "on_after_backward")
 
 
+def _decided(loop: Any, possible: Any, plan_class: type, trainer: Any, subject: Any) -> Any:
+    """``loop``'s plan (``plan_class(trainer, subject)``) where ``possible(trainer, subject)``
+    says yes, else ``None``: decided once for the run's module and ``subject`` (its optimizer, its
+    data fetcher), a "no" too, and kept on the loop as ``(what it was decided for, the plan)``."""
+    key = (id(trainer.lightning_module), id(subject))
+    held = loop._plan
+    if held is None or held[0] != key:
+        held = loop._plan = (key, plan_class(trainer, subject) if possible(trainer, subject) is None else None)
+    return held[1]
+
+
 class _StepPlan:
     """What a run's optimization steps may skip, decided at its first step."""
 
-    __slots__ = ("optimizer", "module", "zero_grad_hook", "before_zero_grad", "before_optimizer_step", "clip_hook",
+    __slots__ = ("zero_grad_hook", "before_zero_grad", "before_optimizer_step", "clip_hook",
                  "plain_backward", "before_backward", "after_backward", "hooks")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, module: Any) -> None:
-        self.optimizer = optimizer
-        self.module = module
+    def __init__(self, trainer: Any, optimizer: torch.optim.Optimizer) -> None:
+        module = trainer.lightning_module
         self.zero_grad_hook = not _lightnings(module, "optimizer_zero_grad", L.LightningModule)
         self.before_zero_grad = not _empty_hook(module, "on_before_zero_grad")
         self.before_optimizer_step = not _empty_hook(module, "on_before_optimizer_step")
         self.clip_hook = not _lightnings(module, "configure_gradient_clipping", L.LightningModule)
         # the strategy's ``backward`` and the precision plugin's three steps of it are the base
         # ones: the hooks and the module's ``backward`` are called here, without their layers
-        strategy, precision = module.trainer.strategy, module.trainer.precision_plugin
+        strategy, precision = trainer.strategy, trainer.precision_plugin
         self.plain_backward = (all(_lightnings(strategy, name, Strategy) for name in ("backward", "pre_backward", "post_backward"))
                                and all(_lightnings(precision, name, Precision)
                                        for name in ("pre_backward", "backward", "post_backward")))
         self.before_backward = not _empty_hook(module, "on_before_backward")
         self.after_backward = not _empty_hook(module, "on_after_backward")
-        self.hooks = _hook_lists(module.trainer)
+        self.hooks = _hook_lists(trainer)
 
 
 class _BatchPlan:
@@ -296,11 +306,10 @@ class _BatchPlan:
     batch-transfer hook (Lightning's choice, with its warnings), which hooks do anything, and
     whether the training step takes ``batch_idx``."""
 
-    __slots__ = ("module", "fetcher", "transfer", "module_start", "module_end", "strategy_start", "takes_batch_idx", "hooks")
+    __slots__ = ("transfer", "module_start", "module_end", "strategy_start", "takes_batch_idx", "hooks")
 
     def __init__(self, trainer: Any, data_fetcher: Any) -> None:
-        module = self.module = trainer.lightning_module
-        self.fetcher = data_fetcher
+        module = trainer.lightning_module
         selector = trainer._data_connector._datahook_selector
         self.transfer = []
         for name in TRANSFER_HOOKS:
@@ -324,10 +333,7 @@ if _AutomaticOptimization is not None:
         def run(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> Dict[str, Any]:
             trainer = self.trainer
             module = trainer.lightning_module
-            key, plan = self._plan or (None, None)
-            if key != (id(module), id(optimizer)):  # decided once a run, a "no" too
-                plan = _StepPlan(optimizer, module) if lean_step_possible(trainer, optimizer) is None else None
-                self._plan = ((id(module), id(optimizer)), plan)
+            plan = _decided(self, lean_step_possible, _StepPlan, trainer, optimizer)
             if (plan is None or self._skip_backward or trainer.accumulate_grad_batches != 1
                     or optimizer._optimizer_step_pre_hooks or _global_optimizer_pre_hooks):
                 return super().run(optimizer, batch_idx, kwargs)
@@ -385,10 +391,7 @@ if _AutomaticOptimization is not None:
         def advance(self, data_fetcher: Any) -> None:
             trainer = self.trainer
             module = trainer.lightning_module
-            key, plan = self._plan or (None, None)
-            if key != (id(module), id(data_fetcher)):  # decided once a run, a "no" too
-                plan = _BatchPlan(trainer, data_fetcher) if lean_batch_possible(trainer, data_fetcher) is None else None
-                self._plan = ((id(module), id(data_fetcher)), plan)
+            plan = _decided(self, lean_batch_possible, _BatchPlan, trainer, data_fetcher)
             if plan is None or self.restarting or not module.automatic_optimization:
                 return super().advance(data_fetcher)
 
