@@ -91,45 +91,43 @@ def _batch_idx(trainer: L.Trainer) -> int:
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite, in a few operations whatever their
-    number. Dense tensors of one device and dtype (every gradient of a usual model) go through
-    the kernel mixed precision's loss scaler checks gradients with
-    (``torch._amp_foreach_non_finite_check_and_unscale_``): one pass over all of them, which
+    number: the kernel mixed precision's loss scaler checks gradients with
+    (``torch._amp_foreach_non_finite_check_and_unscale_``), one pass over all of them, which
     raises a flag at a non-finite element and, with an unscale factor of 1, stores each value
-    back as it was (a tensor that is part of an autograd graph is checked on a copy); on a
-    2-core CPU 10 us for the sinusoid MLP's gradients where the largest absolute value of each
-    (``torch._foreach_norm``, then their maximum) took 59. Anything else (sparse gradients, mixed
-    dtypes or devices, a torch without the kernel for the device): the largest absolute value of
-    each, which is finite exactly when all its elements are (NaN propagates through the maximum)."""
-    tensors = [t for t in tensors if t.numel()]
+    back as it was (a tensor that is part of an autograd graph is checked on a copy). It takes
+    floating-point tensors of any size, layout of strides and mix of dtypes, and on a GPU routes
+    a mix to a slower path itself; on a 2-core CPU 10 us for the sinusoid MLP's gradients where
+    the largest absolute value of each (``torch._foreach_norm``, then their maximum) took 59.
+    Where it refuses the tensors (sparse gradients, several devices, a device without the
+    kernel), from then on in the process: the largest absolute value of each, which is finite
+    exactly when all its elements are (NaN propagates through the maximum)."""
     if not tensors:
         return True
-    first = tensors[0]
-    uniform = first.layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1
-    with torch.no_grad():
-        if uniform:
-            if _AMP_CHECK[0] and first.is_floating_point():
-                flags = _CHECK_FLAGS.get(first.device)
-                if flags is None:  # the kernel's flag (raised, never lowered, by it) and factor 1
-                    flags = _CHECK_FLAGS[first.device] = (torch.zeros(1, device=first.device), torch.ones(1, device=first.device))
-                found, one = flags
-                checked = [t.detach().clone() if t.requires_grad else t for t in tensors]
-                try:
-                    torch._amp_foreach_non_finite_check_and_unscale_(checked, found, one)
-                except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype here
-                    _AMP_CHECK[0] = False
-                else:
-                    if found.item() == 0:
-                        return True
-                    found.zero_()
-                    return False
-    return _largest_magnitude_finite(tensors, uniform)
+    if _AMP_CHECK[0]:
+        first = tensors[0]
+        flags = _CHECK_FLAGS.get(first.device)
+        if flags is None:  # the kernel's flag (raised, never lowered, by it) and factor 1
+            flags = _CHECK_FLAGS[first.device] = (torch.zeros(1, device=first.device), torch.ones(1, device=first.device))
+        found, one = flags
+        with torch.no_grad():
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    [t.detach().clone() if t.requires_grad else t for t in tensors], found, one)
+            except (RuntimeError, NotImplementedError):  # no kernel for these tensors or this device
+                _AMP_CHECK[0] = False
+                found.zero_()
+            else:
+                if found.item() == 0:
+                    return True
+                found.zero_()
+                return False
+    tensors = [t for t in tensors if t.numel()]
+    return not tensors or _largest_magnitude_finite(tensors)
 
 
-def _largest_magnitude_finite(tensors: Sequence[torch.Tensor], uniform: Optional[bool] = None) -> bool:
-    """:func:`_all_finite` by the largest absolute value of each tensor (non-empty tensors);
-    ``uniform``: whether all are dense of one device and dtype, where the caller knows it."""
-    if uniform is None:
-        uniform = tensors[0].layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1
+def _largest_magnitude_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """:func:`_all_finite` by the largest absolute value of each tensor (non-empty tensors)."""
+    uniform = tensors[0].layout is torch.strided and len({(t.layout, t.device, t.dtype) for t in tensors}) == 1
     with torch.no_grad():
         if uniform:
             # what get_total_norm computes for one device and dtype, without its grouping; the
@@ -185,13 +183,15 @@ class NonFiniteGuard(Callback):
         self._steps_at_start = trainer.global_step
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         task_losses = getattr(pl_module, "train_task_losses", None)
-        finite = _all_finite([p.grad for p in params] + ([] if task_losses is None else [task_losses]))
+        checked = [grad for group in optimizer.param_groups for p in group["params"] if (grad := p.grad) is not None]
+        if task_losses is not None:
+            checked.append(task_losses)
         # One decision for all processes: a process that stepped alone would leave the others' weights.
-        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+        if trainer.strategy.reduce_boolean_decision(_all_finite(checked), all=True):
             self.consecutive = 0
             return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self.skipped += 1
         self.consecutive += 1
         message = self._describe(trainer, pl_module, params, task_losses)

@@ -425,3 +425,78 @@ def test_a_callback_added_during_the_run_is_called_as_lightning_calls_it():
     # on_train_batch_end), then at every hook of batches 2 to 4: six a batch
     assert lean_adder.added.events[0][:3] == ("on_train_batch_end", "on_train_batch_end", 1)
     assert len(lean_adder.added.events) == 1 + 3 * 6
+
+
+class LogsSometimesMAML(MAML):
+    """Logs ``loss`` at every third training step (to the progress bar too) and in validation
+    under the same name, and ``every`` at every step: what the logger connector writes at a
+    batch's end changes at some steps and not at others, and validation overwrites an entry."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx % 3 == 0:
+            self.log("loss", loss, on_step=True, prog_bar=True)
+        if batch_idx == 4:
+            self.log("late", loss * 2, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("loss", torch.tensor(123.0))
+
+
+class ConnectorDicts(L.Callback):
+    """The logger connector's three dicts as they stand at each training batch's start and each
+    validation batch's start (read directly: the trainer's properties would refresh them)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _snapshot(self, trainer, where):
+        connector = trainer._logger_connector
+        self.seen.append((where, [sorted((key, value.item() if torch.is_tensor(value) else value) for key, value in d.items())
+                                  for d in (connector._progress_bar_metrics, connector._callback_metrics,
+                                            connector._logged_metrics)]))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._snapshot(trainer, ("train", batch_idx))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._snapshot(trainer, ("val", trainer.global_step))
+
+    def on_train_end(self, trainer, pl_module):
+        self._snapshot(trainer, "end")
+
+
+def test_the_logged_metrics_after_each_batch_are_lightnings_though_rebuilt_only_where_they_changed(monkeypatch):
+    # The lean batch skips the logger connector's on_batch_end where it would write what its
+    # dicts hold already; after every batch they are what Lightning's loop leaves, also where
+    # validation wrote the same name in between and where a new metric appears mid-epoch.
+    from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
+    calls = []
+    original = _LoggerConnector.on_batch_end
+    monkeypatch.setattr(_LoggerConnector, "on_batch_end", lambda self: calls.append(self.trainer.global_step) or original(self))
+    snapshots = []
+    for lean in (True, False):
+        calls.clear()
+        dicts = ConnectorDicts()
+        runs = run(lean, LogsSometimesMAML, callbacks=[dicts], steps=9, limit_val_batches=1, val_check_interval=2,
+                   check_val_every_n_epoch=None, num_sanity_val_steps=0)
+        snapshots.append(dicts.seen)
+        if lean:
+            lean_run, lean_calls = runs, list(calls)
+        else:
+            stock_run, stock_calls = runs, list(calls)
+    assert snapshots[0] == snapshots[1]
+    assert_same_run(lean_run, stock_run)
+    # What they held: the callback metrics' "loss" from validation (123) right after it ran, and
+    # the training step's cached value again after the next batch, which logged nothing (written
+    # back by that batch's end: the case where skipping it would have left 123); "late" from batch 4 on.
+    callback_loss = {place: dict(dicts[1]).get("loss") for place, dicts in snapshots[1] if place != "end"}
+    assert callback_loss[("train", 2)] == callback_loss[("train", 6)] == 123.0
+    assert callback_loss[("train", 3)] == callback_loss[("train", 1)] != 123.0
+    assert "late" not in dict(dict(snapshots[1])[("train", 4)][1]) and "late" in dict(dict(snapshots[1])[("train", 5)][1])
+    # Lightning's loop rebuilt them at all nine training batches (and at validation's); the lean one
+    # skipped some training batches' rebuilds (those where nothing was logged and nothing overwrote).
+    assert len(stock_calls) > len(lean_calls) > 0, (stock_calls, lean_calls)

@@ -213,11 +213,16 @@ def test_imaml_divergence_names_its_line_search_which_prevents_it():
     assert trainer.global_step == 5 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else():
-    # The guard's one-pass check (the largest absolute value of each tensor) against an
-    # element-by-element isfinite: one bad element anywhere among many tensors is found, and
-    # finite values as large as float32 allows (whose sum would overflow) are not mistaken.
+@pytest.mark.parametrize("kernel", [True, False], ids=["amp-kernel", "largest-magnitude"])
+def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else(kernel, monkeypatch):
+    # The guard's one-pass check against an element-by-element isfinite, by either of its two
+    # ways (the AMP kernel, which takes a mix of dtypes; the largest absolute value of each tensor,
+    # where the kernel refused tensors before): one bad element anywhere among many tensors is
+    # found, and finite values as large as float32 allows (whose sum would overflow) are not mistaken.
+    from fewshot_lightning import callbacks
     from fewshot_lightning.callbacks import _all_finite
+
+    monkeypatch.setattr(callbacks, "_AMP_CHECK", [kernel])
 
     def clean():
         return [torch.randn(64, 32, 3, 3), torch.randn(5), torch.zeros(0), torch.randn(7, dtype=torch.float16),
@@ -230,7 +235,9 @@ def test_the_guard_check_finds_any_single_non_finite_element_and_nothing_else():
             tensors[index].view(-1)[-1] = bad
             assert not _all_finite(tensors), (index, bad)
             assert not all(bool(t.isfinite().all()) for t in tensors)  # the slow check agrees
-    # one dtype and device: the one-foreach path (the float16 tensor above sends all to the other)
+    assert callbacks._AMP_CHECK == [kernel]  # the kernel took the mix of dtypes
+    # one dtype and device (without the kernel: the one-foreach path; the float16 tensor above
+    # sends all to the other)
     same = [t for t in clean() if t.dtype == torch.float32]
     assert _all_finite(same)
     for index in range(len(same)):
@@ -261,14 +268,18 @@ def test_the_guard_check_leaves_the_tensors_as_they_were():
     assert _all_finite(grads + [losses]) and _all_finite(grads)
 
 
-def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named():
+def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named(monkeypatch):
     # nn.Embedding(sparse=True) gives a sparse gradient, which isfinite() cannot take: the guard
     # checks it anyway and, when it holds a NaN, names the parameter.
     from fewshot_lightning.callbacks import _all_finite
 
+    from fewshot_lightning import callbacks
+
+    monkeypatch.setattr(callbacks, "_AMP_CHECK", [True])
     table = nn.Embedding(10, 3, sparse=True)
     table(torch.tensor([1, 2])).sum().backward()
     assert table.weight.grad.layout == torch.sparse_coo and _all_finite([table.weight.grad])
+    assert callbacks._AMP_CHECK == [False]  # the kernel refused it: the other way from then on
     table.weight.grad = torch.sparse_coo_tensor(torch.tensor([[4]]), torch.tensor([[1.0, float("nan"), 2.0]]), (10, 3),
                                                     check_invariants=True)
     assert not _all_finite([table.weight.grad])
