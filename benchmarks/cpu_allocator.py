@@ -17,10 +17,12 @@ them, which they can (``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2
 of docs/benchmarks.md): ``threshold_N`` serves blocks above N MiB with a fresh ``mmap`` (glibc's
 threshold fixed there, freed heap memory kept as with ``keep``), and ``keep_trim`` is ``keep``
 with ``malloc_trim(0)`` after every iteration (free heap pages given back to the kernel between
-steps).
+steps). And another allocator: ``tbbmalloc``, oneTBB's scalable allocator put in glibc's place
+with ``LD_PRELOAD`` (its ``libtbbmalloc_proxy``, from the ``tbb`` package on PyPI: ``pip install
+tbb``; not a dependency of fewshot-lightning).
 
     python benchmarks/cpu_allocator.py [--cases mini mini-fo kanji-config conv4-64-bn] [--rounds 2]
-        [--allocators system keep keep_all threshold_4 keep_trim]
+        [--allocators system keep keep_all threshold_4 keep_trim tbbmalloc]
 """
 from __future__ import annotations
 
@@ -49,9 +51,28 @@ CONTENDERS = {
 ITERATIONS = {"mini": 3, "mini-fo": 8, "kanji-config": 16, "conv4-64-bn": 24, "conv4-32": 30, "sinusoid": 400}
 
 
+#: The proxy library that replaces malloc and free with oneTBB's (``LD_PRELOAD``), and the
+#: allocator library it loads.
+TBB_PROXY, TBB_MALLOC = "libtbbmalloc_proxy.so.2", "libtbbmalloc.so.2"
+
+
+def tbbmalloc_preload() -> str:
+    """``LD_PRELOAD`` for oneTBB's malloc from the installed ``tbb`` package (both libraries by
+    path: the package's folder is not on the loader's path), else an error that says how to get it."""
+    from importlib import metadata
+
+    try:
+        files = {file.name: file for file in metadata.distribution("tbb").files or []}
+    except metadata.PackageNotFoundError:
+        files = {}
+    if TBB_PROXY not in files or TBB_MALLOC not in files:
+        raise RuntimeError(f"tbbmalloc: {TBB_PROXY} not found; it comes with oneTBB's package: pip install tbb")
+    return ":".join(str(files[name].locate()) for name in (TBB_MALLOC, TBB_PROXY))
+
+
 def allocator_setting(name: str) -> str:
     """``name`` if it names a setting (for argparse), else an error."""
-    if name in ALLOCATORS or name == "keep_trim":
+    if name in ALLOCATORS or name in ("keep_trim", "tbbmalloc"):
         return name
     if name.startswith("threshold_"):
         try:
@@ -59,7 +80,7 @@ def allocator_setting(name: str) -> str:
                 return name
         except ValueError:
             pass
-    raise argparse.ArgumentTypeError(f"{name!r}: expected one of {ALLOCATORS}, keep_trim or threshold_<MiB>")
+    raise argparse.ArgumentTypeError(f"{name!r}: expected one of {ALLOCATORS}, keep_trim, tbbmalloc or threshold_<MiB>")
 
 
 def child(case_name: str, contender: str, allocator: str, iterations: int) -> Dict[str, object]:
@@ -72,6 +93,9 @@ def child(case_name: str, contender: str, allocator: str, iterations: int) -> Di
         threshold = int(float(allocator[len("threshold_"):]) * 2**20)
         assert libc.mallopt(allocators.M_MMAP_THRESHOLD, threshold) == 1
         assert libc.mallopt(allocators.M_TRIM_THRESHOLD, allocators.TRIM_THRESHOLD) == 1
+    elif allocator == "tbbmalloc":  # put in place by the parent; make sure it is
+        with open("/proc/self/maps") as maps:
+            assert TBB_PROXY in maps.read(), f"{TBB_PROXY} is not loaded (LD_PRELOAD)"
     elif allocator != "system":
         assert allocators.keep_freed_memory(all_blocks=allocator == "keep_all"), "glibc only"
         if allocator == "keep_trim":
@@ -117,6 +141,12 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, metavar=("CASE", "CONTENDER", "ALLOCATOR", "ITERATIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    environments = {allocator: dict(os.environ) for allocator in args.allocators}
+    if "tbbmalloc" in args.allocators and not args.child:
+        try:
+            environments["tbbmalloc"]["LD_PRELOAD"] = tbbmalloc_preload()
+        except RuntimeError as error:
+            parser.error(str(error))
     if args.child:
         case, contender, allocator, iterations = args.child
         print(json.dumps(child(case, contender, allocator, int(iterations))))
@@ -137,7 +167,7 @@ def main() -> None:
             for contender, allocator in pairs:
                 command = [sys.executable, os.path.abspath(__file__), "--child", case, contender, allocator,
                            str(ITERATIONS[case])]
-                done = subprocess.run(command, capture_output=True, text=True)
+                done = subprocess.run(command, capture_output=True, text=True, env=environments[allocator])
                 if done.returncode != 0:
                     raise RuntimeError(done.stderr[-2000:])
                 results[(contender, allocator)].append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -3,6 +3,7 @@ reuse the memory of the previous ones (no page faults); with large blocks mapped
 defaults do at times) each large activation is mapped afresh, one fault per 4 KiB page. Run in child processes: the setting is
 process-wide."""
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,10 +94,11 @@ def test_the_cli_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, monk
 
 
 @pytest.mark.skipif(allocator.glibc() is None, reason="glibc only")
-def test_the_allocator_benchmark_takes_a_threshold_or_trimming_and_says_what_it_takes():
+def test_the_allocator_benchmark_takes_a_threshold_or_trimming_and_says_what_it_takes(monkeypatch):
     # benchmarks/cpu_allocator.py's --allocators: threshold_<MiB> (glibc's mmap threshold fixed
-    # there) and keep_trim run a contender in a child process and report its figures; a name that
-    # is neither is refused with the settings it takes.
+    # there), keep_trim and (with oneTBB's package installed) tbbmalloc run a contender in a child
+    # process and report its figures; a name that is none of them is refused with the settings
+    # it takes, and tbbmalloc without the package with how to get it.
     import argparse
     import importlib.util
     import json
@@ -107,11 +109,29 @@ def test_the_allocator_benchmark_takes_a_threshold_or_trimming_and_says_what_it_
     spec.loader.exec_module(module)
     assert module.allocator_setting("threshold_0.5") == "threshold_0.5"
     for bad in ("threshold_", "threshold_-1", "jemalloc"):
-        with pytest.raises(argparse.ArgumentTypeError, match="keep_trim or threshold_<MiB>"):
+        with pytest.raises(argparse.ArgumentTypeError, match="keep_trim, tbbmalloc or threshold_<MiB>"):
             module.allocator_setting(bad)
-    for setting in ("threshold_0.5", "keep_trim"):
+    settings = {"threshold_0.5": None, "keep_trim": None}
+    try:
+        settings["tbbmalloc"] = module.tbbmalloc_preload()
+    except RuntimeError as error:
+        assert str(error).endswith("pip install tbb"), error
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(metadata, "distribution", missing)
+        with pytest.raises(RuntimeError, match="libtbbmalloc_proxy.so.2 not found.*pip install tbb"):
+            module.tbbmalloc_preload()
+    unloaded = subprocess.run([sys.executable, str(path), "--child", "sinusoid", "ours, vmap", "tbbmalloc", "3"],
+                              capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert unloaded.returncode != 0 and "libtbbmalloc_proxy.so.2 is not loaded (LD_PRELOAD)" in unloaded.stderr
+    for setting, preload in settings.items():
+        environment = dict(os.environ, **({"LD_PRELOAD": preload} if preload else {}))
         done = subprocess.run([sys.executable, str(path), "--child", "sinusoid", "ours, vmap", setting, "3"],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, env=environment)
         assert done.returncode == 0, done.stderr[-2000:]
         figures = json.loads(done.stdout.strip().splitlines()[-1])
         assert set(figures) == {"ms", "faults", "system_s", "peak_rss_mib"} and figures["ms"] > 0, figures
