@@ -141,16 +141,16 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, metavar=("CASE", "CONTENDER", "ALLOCATOR", "ITERATIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
-    environments = {allocator: dict(os.environ) for allocator in args.allocators}
-    if "tbbmalloc" in args.allocators and not args.child:
-        try:
-            environments["tbbmalloc"]["LD_PRELOAD"] = tbbmalloc_preload()
-        except RuntimeError as error:
-            parser.error(str(error))
     if args.child:
         case, contender, allocator, iterations = args.child
         print(json.dumps(child(case, contender, allocator, int(iterations))))
         return
+    environments = {allocator: dict(os.environ) for allocator in args.allocators}  # the children's
+    if "tbbmalloc" in args.allocators:
+        try:
+            environments["tbbmalloc"]["LD_PRELOAD"] = tbbmalloc_preload()
+        except RuntimeError as error:
+            parser.error(str(error))
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import speed
