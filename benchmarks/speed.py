@@ -3,15 +3,21 @@
 One command, one table. Every case runs one full meta-iteration per timed call (inner
 adaptation of every task, query loss, outer backward, Adam step); contenders take turns
 round by round on the same pre-built batches, warm-up iterations are excluded for each,
-and the median is reported with tasks/s. learn2learn's contender is the loop of its README
-and examples (``maml.clone()``, ``learner.adapt(loss)`` per task, summed query losses); on a
-model built of our ``ConvBlock`` it also runs on a copy that keeps the maps NCHW
+and the median is reported with tasks/s. learn2learn runs its own loop (``maml.clone()``,
+``learner.adapt(loss)`` per task) two ways: the query losses summed before one backward pass
+(``learn2learn``: its README's loop), and a backward pass per task as soon as its loss is
+computed (``learn2learn, backward per task``: its examples' loop, ``maml_miniimagenet.py`` and
+the others, which holds one task's graph at a time, so far less memory); on a model built of
+our ``ConvBlock`` both also run on a copy that keeps the maps NCHW
 (``one_task_channels_last=False``), and every "vs learn2learn" ratio is taken against the
-faster (or, for memory, the smaller) of its contenders.
+fastest (or, for memory, the smallest) of its contenders.
 Ours runs on each of its execution paths (``vmap``, ``loop``, and for convolutional models
 ``loop channels_last`` and ``vmap channels_last``: support passes under vmap, query passes in
-the channels-last loop); below the table, the path ``batching="auto"`` picks on each case, with
-the timings it picked by, says which of them a user of the defaults gets.
+the channels-last loop; ``--paths`` picks some), and with ``--tasks-per-backward N`` also with
+the meta-gradient accumulated N tasks at a time (``MAML(tasks_per_backward=N)``, the same
+memory saving as learn2learn's per-task backward at N=1); below the table, the path
+``batching="auto"`` picks on each case, with the timings it picked by, says which of them a
+user of the defaults gets.
 
 Cases (ways-shots-queries, meta-batch B, inner steps):
 
@@ -125,15 +131,21 @@ CASES: Dict[str, Case] = {
 }
 
 
-def ours(case: Case, network: nn.Module, path: str) -> Callable[[TaskBatch], None]:
+GROUPED = "tasks_per_backward="
+
+
+def ours(case: Case, network: nn.Module, path: str, tasks_per_backward: Optional[int] = None) -> Callable[[TaskBatch], None]:
     batching, _, memory_format = path.partition(" ")
     model = MAML(copy.deepcopy(network), inner_lr=case.inner_lr, inner_steps=case.steps,
-                 first_order=case.first_order, batching=batching,
-                 memory_format=memory_format or "contiguous").to(next(network.parameters()).device)
+                 first_order=case.first_order, batching=batching, memory_format=memory_format or "contiguous",
+                 tasks_per_backward=tasks_per_backward).to(next(network.parameters()).device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: TaskBatch) -> None:
-        loss = per_task_loss(model(batch), batch.query_y).mean()
+        if tasks_per_backward is None:
+            loss = per_task_loss(model(batch), batch.query_y).mean()
+        else:  # the training step's grouped backward (MetaLearner.grouped_loss)
+            loss = model.grouped_loss(batch, tasks_per_backward)[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -162,12 +174,44 @@ def learn2learn(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
     return step
 
 
-def contenders(case: Case, device: str, learn2learn_channels_last: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
+def learn2learn_per_task(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
+    """learn2learn as its examples (``examples/vision/maml_miniimagenet.py`` and the others) run
+    it: ``backward()`` on each task's query loss as soon as it is computed, the gradients
+    accumulating in ``.grad`` (and divided by the number of tasks), so one task's graph is held
+    at a time."""
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(copy.deepcopy(network), lr=case.inner_lr, first_order=case.first_order)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    loss_fn = F.mse_loss if case.batch(0, "cpu").support_y.is_floating_point() else F.cross_entropy
+
+    def step(batch: TaskBatch) -> None:
+        optimizer.zero_grad()
+        for t in range(batch.num_tasks):
+            learner = maml.clone()
+            for _ in range(case.steps):
+                learner.adapt(loss_fn(learner(batch.support_x[t]), batch.support_y[t]))
+            (loss_fn(learner(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
+        optimizer.step()
+
+    return step
+
+
+def contenders(case: Case, device: str, learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
+               groups: List[int] = ()) -> Dict[str, Callable[[TaskBatch], None]]:
+    """Every contender of ``case`` by name: ours on each of ``paths`` (default: the case's), and
+    with ``tasks_per_backward`` set to each of ``groups`` on the same paths
+    (``"ours, <path>, tasks_per_backward=<N>"``); learn2learn summing the tasks' query losses
+    before one backward pass (its README's loop) and with a backward pass per task (its
+    examples'), each also on the NCHW module for a model of our ``ConvBlock``."""
     torch.manual_seed(0)
     network = case.build().to(device)
-    runs = {f"ours, {path}": ours(case, network, path) for path in case.paths}
+    runs = {f"ours, {path}": ours(case, network, path) for path in (paths or case.paths)}
+    runs.update({f"ours, {path}, {GROUPED}{group}": ours(case, network, path, group)
+                 for path in (paths or case.paths) for group in groups})
     try:
         runs["learn2learn"] = learn2learn(case, network)
+        runs["learn2learn, backward per task"] = learn2learn_per_task(case, network)
         if any(isinstance(module, ConvBlock) for module in network.modules()):
             # Our ConvBlock runs a lone task's maps channels-last, and learn2learn adapts one task
             # at a time, so it inherits that choice; on a module that keeps NCHW it can be faster
@@ -177,6 +221,7 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False)
                 if isinstance(block, ConvBlock):
                     block.one_task_channels_last = False
             runs["learn2learn, NCHW module"] = learn2learn(case, nchw)
+            runs["learn2learn, NCHW module, backward per task"] = learn2learn_per_task(case, nchw)
         if learn2learn_channels_last and "loop channels_last" in case.paths:
             # What a learn2learn user can do for the same layout: convert the module.
             runs["learn2learn, module channels_last"] = learn2learn(
@@ -217,9 +262,10 @@ def synchronize(device: str) -> None:
 
 
 def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int,
-              learn2learn_channels_last: bool = False) -> Dict[str, float]:
+              learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
+              groups: List[int] = ()) -> Dict[str, float]:
     """Median seconds per meta-iteration of each contender; contenders alternate every round."""
-    runs = contenders(case, device, learn2learn_channels_last)
+    runs = contenders(case, device, learn2learn_channels_last, paths, groups)
     batches = [case.batch(i, device) for i in range(iterations)]
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for round_index in range(rounds):
@@ -244,7 +290,7 @@ def peak_memory(case_name: str, contender: str, device: str, iterations: int) ->
     CPU from just before its first iteration (so one-off allocations, such as oneDNN's cached
     kernels, count, for every contender alike) to the end; on a GPU after a warm-up iteration."""
     case = CASES[case_name]
-    step = contenders(case, device, learn2learn_channels_last=True)[contender]
+    step = contender_by_name(case, contender, device)
     batches = [case.batch(i, device) for i in range(iterations)]
     if device.startswith("cuda"):
         step(batches[0])  # allocator warm-up, not counted
@@ -283,7 +329,15 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def tensor_peaks(case_name: str, device: str) -> Dict[str, float]:
+def contender_by_name(case: Case, name: str, device: str) -> Callable[[TaskBatch], None]:
+    """The contender ``contenders`` names ``name`` (a grouped one of ours built alone)."""
+    if GROUPED in name:
+        _, path, group = name.split(", ")
+        return contenders(case, device, True, [path], [int(group[len(GROUPED):])])[name]
+    return contenders(case, device, learn2learn_channels_last=True)[name]
+
+
+def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None, groups: List[int] = ()) -> Dict[str, float]:
     """MiB held at the peak by the tensors one meta-iteration allocates, per contender (after a
     warm-up iteration; ``optimization_family.peak_bytes``: the allocator's own events on the CPU,
     ``max_memory_allocated`` on a GPU). Exact and repeatable, unlike peak RSS, which also holds
@@ -291,7 +345,7 @@ def tensor_peaks(case_name: str, device: str) -> Dict[str, float]:
     from optimization_family import peak_bytes
 
     case = CASES[case_name]
-    runs = contenders(case, device)
+    runs = contenders(case, device, paths=paths, groups=groups)
     batches = [case.batch(i, device) for i in range(2)]
     peaks = {}
     for name, step in runs.items():
@@ -529,6 +583,17 @@ def reference_of(values: Dict[str, float]) -> Optional[float]:
     return min(theirs) if theirs else None
 
 
+def case_paths(case_name: str, paths: Optional[List[str]]) -> Optional[List[str]]:
+    """Those of ``paths`` the case has (``None``: all of its paths)."""
+    if not paths:
+        return None
+    chosen = [path for path in CASES[case_name].paths if path in paths]
+    if not chosen:
+        raise SystemExit(f"--paths {' '.join(paths)}: the case {case_name} has none of them (its paths: "
+                         f"{', '.join(CASES[case_name].paths)}).")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES) + ["fit"], choices=list(CASES) + ["fit"])
@@ -550,6 +615,11 @@ def main() -> None:
     parser.add_argument("--cpu-allocator", choices=["system", "keep"], default="system",
                         help="keep: fewshot_lightning.allocator.keep_freed_memory for the whole process (both "
                         "libraries), as the fewshot-lightning command does on the CPU; see cpu_allocator.py")
+    parser.add_argument("--paths", nargs="+", choices=CONV_PATHS,
+                        help="only these of our execution paths (those a case has; default: all of each case's)")
+    parser.add_argument("--tasks-per-backward", nargs="+", type=int, default=[], metavar="N",
+                        help="also run ours on each path with tasks_per_backward=N (the meta-gradient accumulated "
+                        "N tasks at a time: MetaLearner.grouped_loss)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -570,7 +640,7 @@ def main() -> None:
         print("| case | contender | tensor peak (MiB) | vs learn2learn |")
         print("|---|---|---:|---:|")
         for name in (case for case in args.cases if case != "fit"):
-            peaks = tensor_peaks(name, args.device)
+            peaks = tensor_peaks(name, args.device, case_paths(name, args.paths), args.tasks_per_backward)
             reference = reference_of(peaks)
             for contender, mib in peaks.items():
                 ratio = f"{mib / reference:.3f}x" if reference else "n/a"
@@ -587,7 +657,8 @@ def main() -> None:
         case = CASES[name]
         if not args.no_auto:
             choices[name] = auto_choice(case, args.device)
-        times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last)
+        times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last,
+                          case_paths(name, args.paths), args.tasks_per_backward)
         memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations,
                                                           args.cpu_allocator)
         reference = reference_of(times)

@@ -71,6 +71,10 @@ PARITY_CASES = {
        # training step like MAML, so MAML's case covers how DDP averages them (each case costs
        # two CLI runs: add ("iMAML", "imaml"), ("CAVIA", "cavia") to check them directly).
        for name, config in [("MAML", "maml"), ("Reptile", "reptile")]},
+    # The meta-gradient accumulated a task at a time, handed over in one backward pass, which
+    # DDP's hooks average as any other.
+    "MAML, tasks_per_backward 1": ["--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), "--model.init_args.batching",
+                                   "vmap", "--data.init_args.val_tasks", "20", "--model.init_args.tasks_per_backward", "1"],
     # A batch-norm-free embedding: with Conv4, the metric learners share batch-norm statistics
     # across the tasks of a meta-batch (see the task-independence test below), so B tasks on
     # one process and B/W on each of W cannot agree.

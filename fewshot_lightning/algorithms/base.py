@@ -144,6 +144,24 @@ class WeightsMismatchError(ValueError, RuntimeError):
     ``nn.Module.load_state_dict``'s own error is, and a ``ValueError``: bad input."""
 
 
+class _AccumulatedGradient(torch.autograd.Function):
+    """A loss whose gradient is known already: the forward pass returns ``value``, the backward
+    pass hands each of ``params`` its gradient in ``grads`` times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, grads: list, *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple:
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("The grouped training step's loss was differentiated twice: its gradient is handed "
+                               "over once, in its one backward pass.")
+        return (None, None, *(grad * grad_output for grad in grads))
+
+
 class MetaLearner(L.LightningModule):
     """Shared base: one training step is one batch of tasks.
 
@@ -180,6 +198,9 @@ class MetaLearner(L.LightningModule):
     #: Lightning's layers around them where nothing needs them (:mod:`fewshot_lightning.lean_loop`:
     #: same hooks, same order, same result; Lightning's own wherever it cannot be the same).
     lean_loop: bool = True
+    #: The backward pass in groups of this many tasks (see :meth:`grouped_loss`);
+    #: ``None``: the whole batch at once. Learners that offer it take it as an argument.
+    tasks_per_backward: Optional[int] = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``nn.Module.__setattr__``, with a shortcut for plain values (``str``, numbers, ``None``)
@@ -237,12 +258,63 @@ class MetaLearner(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        losses, outputs = self.training_losses(batch)
+        group = self.tasks_per_backward
+        if group is not None and group < batch.num_tasks and torch.is_grad_enabled() \
+                and any(p.requires_grad for p in self.parameters()):
+            loss, losses, outputs = self.grouped_loss(batch, group)
+        else:
+            losses, outputs = self.training_losses(batch)
+            loss = losses.mean()
         self.train_task_losses = losses.detach()
-        loss = losses.mean()
         if self.training_metrics_read(batch_idx):
             self.log_training(loss, outputs, batch)
         return loss
+
+    def grouped_loss(self, batch: TaskBatch, group: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The training loss with the meta-gradient accumulated over groups of ``group`` tasks
+        (``tasks_per_backward``): each group's losses are differentiated
+        (``torch.autograd.grad``) as soon as they are computed, so that one group's graph (its
+        activations and, for second-order MAML, its inner steps' graphs) is held at a time, not
+        the whole batch's, as learn2learn's examples do with a ``backward()`` per task. The
+        tasks are independent (each its own adaptation and, with batch norm, its own
+        statistics), so the gradient is the whole batch's, up to the order of float additions.
+
+        Returns ``(loss, losses, outputs)``: the batch's mean loss, as a tensor whose backward
+        pass hands every trainable parameter the accumulated gradient times the incoming
+        gradient, so that what Lightning does to a loss applies as to any (under DDP the
+        gradients are averaged across processes in that backward pass; 16-bit mixed
+        precision's loss scale and gradient accumulation multiply them); and, detached, each
+        task's loss and the query outputs, as :meth:`training_losses` gives them. Under 16-bit
+        mixed precision each group's loss is also scaled by the ``GradScaler``'s scale for its
+        own backward pass (so that fp16 gradients do not flush to zero) and its gradient
+        unscaled after (an overflow shows as a non-finite gradient, which the scaler skips, as
+        it would the whole batch's)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        total: Optional[Tensor] = None
+        grads: list = [None] * len(params)
+        task_losses, task_outputs = [], []
+        for start in range(0, batch.num_tasks, group):
+            part = TaskBatch(*(t[start:start + group] for t in batch))
+            losses, outputs = self.training_losses(part)
+            part_loss = losses.sum() / batch.num_tasks
+            part_grads = torch.autograd.grad(part_loss if scale is None else part_loss * scale, params,
+                                             allow_unused=True)
+            for index, grad in enumerate(part_grads):
+                if grad is None:
+                    continue
+                if scale is not None:
+                    grad = grad / scale
+                grads[index] = grad if grads[index] is None else grads[index] + grad
+            total = part_loss.detach() if total is None else total + part_loss.detach()
+            task_losses.append(losses.detach())
+            task_outputs.append(None if outputs is None else outputs.detach())
+            del losses, outputs, part_loss, part_grads  # this group's graph goes before the next is built
+        outputs = None if any(out is None for out in task_outputs) else torch.cat(task_outputs)
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        loss = _AccumulatedGradient.apply(total, [g for _, g in used], *(p for p, _ in used))
+        return loss, torch.cat(task_losses), outputs
 
     def training_metrics_read(self, batch_idx: int) -> bool:
         """Whether anything reads this step's training metrics: the loggers (Lightning writes

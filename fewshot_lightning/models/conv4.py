@@ -118,10 +118,15 @@ class Conv4(DetachableHead, nn.Module):
         per_task = {name for name, own in self.named_parameters() if name in params and params[name].dim() > own.dim()}
         if chunk >= tasks:
             return self._forward_tasks(params, per_task, x)
+        # Each per-task parameter is split into the groups by one split, not sliced once a group: a
+        # slice's backward makes a zero tensor of all tasks' size and the groups' gradients are
+        # added into it one by one (three such tensors and adds per weight and group through a
+        # second-order step), where the split's backward concatenates them once.
+        groups = {name: value.split(chunk) for name, value in params.items() if name in per_task}
         return torch.cat([
-            self._forward_tasks({name: value[start:start + chunk] if name in per_task else value
-                                 for name, value in params.items()}, per_task, x[start:start + chunk])
-            for start in range(0, tasks, chunk)
+            self._forward_tasks({name: groups[name][index] if name in per_task else value
+                                 for name, value in params.items()}, per_task, part)
+            for index, part in enumerate(x.split(chunk))
         ])
 
     def _tasks_per_chunk(self, x: Tensor) -> int:
