@@ -153,17 +153,18 @@ class TinyLossMAML(MAML):
         return 1e-7 * super().query_losses(outputs, batch)
 
 
-def fit_weights(tasks_per_backward, precision_plugin=None, steps=4, learner=MAML, sgd_lr=None):
+def fit_weights(tasks_per_backward, precision_plugin=None, steps=4, learner=MAML, sgd_lr=None, accumulate=1):
     L.seed_everything(0)
     options = {} if sgd_lr is None else {"optimizer": lambda params: torch.optim.SGD(params, lr=sgd_lr)}
     model = learner(MLP(1, (16, 16), 1), inner_lr=0.01, batching="loop", tasks_per_backward=tasks_per_backward,
                     **options)
     plugins = [precision_plugin] if precision_plugin is not None else []
     guard = NonFiniteGuard()
-    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[guard], plugins=plugins)
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[guard], plugins=plugins,
+                            accumulate_grad_batches=accumulate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, SinusoidDataModule(meta_batch_size=6, train_tasks=6 * steps, num_workers=0))
+        trainer.fit(model, SinusoidDataModule(meta_batch_size=6, train_tasks=6 * steps * accumulate, num_workers=0))
     assert trainer.global_step == steps
     return {name: value.clone() for name, value in model.state_dict().items()}, guard
 
@@ -183,6 +184,17 @@ def test_fit_in_groups_takes_the_whole_batch_steps():
     for name, value in whole.items():
         torch.testing.assert_close(grouped[name], value, rtol=1e-5, atol=1e-6, msg=name)
     # four Adam steps of 1e-3: the agreement is not that of runs that never stepped
+    assert largest_move(whole, initial_weights()) > 1e-3
+
+
+def test_fit_in_groups_with_gradient_accumulation():
+    # accumulate_grad_batches=2 divides each batch's loss by 2 and sums two batches' gradients
+    # before a step: the handed-over gradient is multiplied the same way. Plain SGD, under which
+    # a gradient off by a constant factor shows (Adam would normalise it away).
+    whole, _ = fit_weights(None, accumulate=2, sgd_lr=0.1)
+    grouped, _ = fit_weights(4, accumulate=2, sgd_lr=0.1)
+    for name, value in whole.items():
+        torch.testing.assert_close(grouped[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert largest_move(whole, initial_weights()) > 1e-3
 
 
