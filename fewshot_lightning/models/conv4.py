@@ -119,9 +119,10 @@ class Conv4(DetachableHead, nn.Module):
         if chunk >= tasks:
             return self._forward_tasks(params, per_task, x)
         # Each per-task parameter is split into the groups by one split, not sliced once a group: a
-        # slice's backward makes a zero tensor of all tasks' size and the groups' gradients are
-        # added into it one by one (three such tensors and adds per weight and group through a
-        # second-order step), where the split's backward concatenates them once.
+        # slice's backward makes a zero tensor of all tasks' size, and the groups' gradients are
+        # then added up (a zero tensor and an addition per weight and group in every backward
+        # pass, the inner one of second-order MAML included), where the split's backward
+        # concatenates them once.
         groups = {name: value.split(chunk) for name, value in params.items() if name in per_task}
         return torch.cat([
             self._forward_tasks({name: groups[name][index] if name in per_task else value
