@@ -153,7 +153,12 @@ def ours(case: Case, network: nn.Module, path: str, tasks_per_backward: Optional
     return step
 
 
-def learn2learn(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
+def learn2learn(case: Case, network: nn.Module, per_task: bool = False) -> Callable[[TaskBatch], None]:
+    """learn2learn's loop (``maml.clone()``, ``learner.adapt(loss)`` per task): the tasks' query
+    losses summed before one ``backward()``, as in its README; with ``per_task``, as its
+    examples (``examples/vision/maml_miniimagenet.py`` and the others) run it: ``backward()`` on
+    each task's query loss as soon as it is computed, the gradients accumulating in ``.grad``
+    (divided by the number of tasks), so one task's graph is held at a time."""
     import learn2learn as l2l
 
     maml = l2l.algorithms.MAML(copy.deepcopy(network), lr=case.inner_lr, first_order=case.first_order)
@@ -167,31 +172,13 @@ def learn2learn(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
             learner = maml.clone()
             for _ in range(case.steps):
                 learner.adapt(loss_fn(learner(batch.support_x[t]), batch.support_y[t]))
-            total = total + loss_fn(learner(batch.query_x[t]), batch.query_y[t])
-        (total / batch.num_tasks).backward()
-        optimizer.step()
-
-    return step
-
-
-def learn2learn_per_task(case: Case, network: nn.Module) -> Callable[[TaskBatch], None]:
-    """learn2learn as its examples (``examples/vision/maml_miniimagenet.py`` and the others) run
-    it: ``backward()`` on each task's query loss as soon as it is computed, the gradients
-    accumulating in ``.grad`` (and divided by the number of tasks), so one task's graph is held
-    at a time."""
-    import learn2learn as l2l
-
-    maml = l2l.algorithms.MAML(copy.deepcopy(network), lr=case.inner_lr, first_order=case.first_order)
-    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    loss_fn = F.mse_loss if case.batch(0, "cpu").support_y.is_floating_point() else F.cross_entropy
-
-    def step(batch: TaskBatch) -> None:
-        optimizer.zero_grad()
-        for t in range(batch.num_tasks):
-            learner = maml.clone()
-            for _ in range(case.steps):
-                learner.adapt(loss_fn(learner(batch.support_x[t]), batch.support_y[t]))
-            (loss_fn(learner(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
+            loss = loss_fn(learner(batch.query_x[t]), batch.query_y[t])
+            if per_task:
+                (loss / batch.num_tasks).backward()
+            else:
+                total = total + loss
+        if not per_task:
+            (total / batch.num_tasks).backward()
         optimizer.step()
 
     return step
@@ -211,7 +198,7 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
                  for path in (paths or case.paths) for group in groups})
     try:
         runs["learn2learn"] = learn2learn(case, network)
-        runs["learn2learn, backward per task"] = learn2learn_per_task(case, network)
+        runs["learn2learn, backward per task"] = learn2learn(case, network, per_task=True)
         if any(isinstance(module, ConvBlock) for module in network.modules()):
             # Our ConvBlock runs a lone task's maps channels-last, and learn2learn adapts one task
             # at a time, so it inherits that choice; on a module that keeps NCHW it can be faster
@@ -221,7 +208,7 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
                 if isinstance(block, ConvBlock):
                     block.one_task_channels_last = False
             runs["learn2learn, NCHW module"] = learn2learn(case, nchw)
-            runs["learn2learn, NCHW module, backward per task"] = learn2learn_per_task(case, nchw)
+            runs["learn2learn, NCHW module, backward per task"] = learn2learn(case, nchw, per_task=True)
         if learn2learn_channels_last and "loop channels_last" in case.paths:
             # What a learn2learn user can do for the same layout: convert the module.
             runs["learn2learn, module channels_last"] = learn2learn(
