@@ -115,11 +115,12 @@ def functional(
     shared = dict(fixed or {})
     shared.update(dict(module.named_buffers()) if buffers is None else buffers)
     keywords = frozenset(keyword_params)
+    tied = tied_names(module)
 
     def call(common: Params, params: Params, x: Tensor) -> Tensor:
         weights = {name: value for name, value in params.items() if name not in keywords}
         kwargs = {name: params[name] for name in keywords}
-        return functional_call(module, {**common, **weights}, (x,), kwargs, strict=False)
+        return call_with(module, {**common, **weights}, (x,), kwargs, tied)
 
     def one_task(params: Params, x: Tensor) -> Tensor:
         return call(shared, params, x)
@@ -169,6 +170,47 @@ def functional(
         ])
 
     return looped_channels_last
+
+
+def tied_names(module: nn.Module) -> Dict[str, Tuple[str, ...]]:
+    """The parameters and buffers of ``module`` held by more than one of its layers (weights
+    tied across layers, as ``self.decoder.weight = self.encoder.weight``): each of their names
+    -> one name per layer holding it, for :func:`call_with`. Empty for most networks. A
+    submodule registered under two names (``self.again = self.block``) is one layer holding
+    its tensors, not a tie: its tensors are not listed."""
+    holders: Dict[int, Dict[Tuple[int, str], str]] = {}
+    names: Dict[int, list] = {}
+    for prefix, layer in module.named_modules(remove_duplicate=False):
+        for table in (layer._parameters, layer._buffers):
+            for attribute, tensor in table.items():
+                if tensor is None:
+                    continue
+                name = f"{prefix}.{attribute}" if prefix else attribute
+                holders.setdefault(id(tensor), {}).setdefault((id(layer), attribute), name)
+                names.setdefault(id(tensor), []).append(name)
+    return {name: tuple(held.values()) for key, held in holders.items() if len(held) > 1 for name in names[key]}
+
+
+def call_with(module: nn.Module, tensors: Mapping[str, Optional[Tensor]], args: tuple,
+              kwargs: Optional[Dict[str, object]] = None,
+              tied: Optional[Mapping[str, Tuple[str, ...]]] = None) -> object:
+    """``module(*args, **kwargs)`` with some of its parameters and buffers replaced by
+    ``tensors`` for the call (:func:`torch.func.functional_call`, ``strict=False``); a tensor
+    given under one name of a tied weight replaces it in every layer holding it (``tied``: from
+    :func:`tied_names`).
+
+    The ties are expanded here and the call made with ``tie_weights=False``: torch's own
+    expansion (``tie_weights=True``, its default) lists a submodule registered under two names
+    twice, swaps its tensors in twice and, restoring, puts the first swap's tensor back in place
+    of the parameter: after the call the module holds one task's adapted tensor instead of its
+    parameter, which the optimizer no longer reaches and a checkpoint saves
+    (pytorch/pytorch#164759, open in torch 2.14)."""
+    if tied:
+        tensors = dict(tensors)
+        for name in [name for name in tensors if name in tied]:
+            for alias in tied[name]:
+                tensors.setdefault(alias, tensors[name])
+    return functional_call(module, tensors, args, kwargs, tie_weights=False, strict=False)
 
 
 #: Element-wise activation modules: their backward keeps their input or output.

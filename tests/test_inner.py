@@ -471,3 +471,122 @@ def test_conv4_task_groups_take_any_positive_budget_and_refuse_others():
         model.cpu_chunk_bytes = bad
         with pytest.raises(ValueError, match="cpu_chunk_bytes must be a positive number of bytes, or None"):
             model._tasks_per_chunk(x)
+
+
+# -- networks that hold a layer twice, or one weight in two layers ----------------------------
+
+class Reused(nn.Module):
+    """One hidden layer applied twice, registered under two names (``again`` is ``hidden``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(1, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.again = self.hidden
+        self.last = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.again(torch.tanh(self.hidden(torch.tanh(self.first(x)))))))
+
+    @staticmethod
+    def by_hand(weights, x):
+        w1, b1, w2, b2, w3, b3 = weights
+        h = torch.tanh(x @ w1.T + b1)
+        h = torch.tanh(torch.tanh(h @ w2.T + b2) @ w2.T + b2)
+        return h @ w3.T + b3
+
+
+class Tied(nn.Module):
+    """Two layers with their own biases and one weight (``second.weight = first.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = nn.Linear(1, 8)
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 8)
+        self.second.weight = self.first.weight
+        self.outputs = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.outputs(torch.tanh(self.second(torch.tanh(self.first(torch.tanh(self.inputs(x)))))))
+
+    @staticmethod
+    def by_hand(weights, x):
+        w0, b0, w, b1, b2, w3, b3 = weights  # named_parameters: second.weight is first.weight
+        h = torch.tanh(x @ w0.T + b0)
+        h = torch.tanh(torch.tanh(h @ w.T + b1) @ w.T + b2)
+        return h @ w3.T + b3
+
+
+def meta_gradient_by_hand(network, batch, lr, steps):
+    """Second-order MAML per task with the network's forward written out: no functional_call."""
+    weights = [p for _, p in network.named_parameters()]
+    total = 0
+    for t in range(batch.num_tasks):
+        fast = weights
+        for _ in range(steps):
+            loss = F.mse_loss(network.by_hand(fast, batch.support_x[t]), batch.support_y[t])
+            fast = [w - lr * g for w, g in zip(fast, torch.autograd.grad(loss, fast, create_graph=True))]
+        total = total + F.mse_loss(network.by_hand(fast, batch.query_x[t]), batch.query_y[t])
+    return torch.autograd.grad(total / batch.num_tasks, weights)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("network", [Reused, Tied])
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("tasks_per_backward", [None, 2])
+def test_a_layer_held_twice_adapts_as_one_and_stays_the_optimizers(network, batching, tasks_per_backward):
+    # torch.func.functional_call's own weight tying puts one task's adapted tensor in place of a
+    # layer registered under two names when it restores the module (pytorch#164759): the module
+    # then holds a tensor the optimizer never updates and a checkpoint saves. Two steps: the
+    # parameters are the optimizer's after each, and each meta-gradient is the hand-written one.
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.data.task import TaskBatch
+
+    torch.manual_seed(0)
+    backbone = network()
+    model = MAML(backbone, inner_lr=0.1, inner_steps=2, batching=batching, tasks_per_backward=tasks_per_backward)
+    held = [p for _, p in backbone.named_parameters()]
+    assert len(held) == (6 if network is Reused else 7)
+    optimizer = torch.optim.SGD(held, lr=0.5)
+    for step in range(2):
+        batch = TaskBatch(*regression_tasks(tasks=3, seed=step))
+        expected = meta_gradient_by_hand(backbone, batch, 0.1, 2)
+        optimizer.zero_grad()
+        model.training_step(batch, 0).backward()
+        now = [p for _, p in backbone.named_parameters()]
+        assert len(now) == len(held) and all(p is q for p, q in zip(now, held)), [type(p).__name__ for p in now]
+        for p, g in zip(held, expected):
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+        optimizer.step()
+    state = backbone.state_dict()
+    assert all(torch.equal(state[name], p) for name, p in backbone.named_parameters())
+
+
+@pytest.mark.parametrize("batch_norm_stats", ["task", "running"])
+def test_a_batch_norm_held_twice_keeps_its_running_statistics(batch_norm_stats):
+    # A metric learner runs a backbone with plain batch norm once per task under vmap, with
+    # the running averages hidden ("task") or replaced by per-task copies ("running"): the
+    # layer registered under two names must have its own buffers back after the step.
+    from fewshot_lightning.algorithms import ProtoNet
+    from learner_helpers import random_episodes
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.norm = nn.BatchNorm2d(4)
+            self.norm_again = self.norm
+
+        def forward(self, x):
+            return self.norm_again(torch.relu(self.norm(self.conv(x)))).flatten(1)
+
+    backbone = Twice()
+    model = ProtoNet(backbone, batch_norm_stats=batch_norm_stats)
+    buffers = dict(backbone.named_buffers())
+    model.training_step(random_episodes(2, x_shape=(1, 5, 5)), 0).backward()
+    assert {n: b for n, b in backbone.named_buffers()}.keys() == buffers.keys()
+    assert all(backbone.get_buffer(n) is b for n, b in buffers.items())
+    # "running": the layer saw the tasks twice a step, each pass moving the averages off zero.
+    moved = not torch.equal(backbone.norm.running_mean, torch.zeros(4))
+    assert moved == (batch_norm_stats == "running")

@@ -16,9 +16,10 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..inner import call_with, tied_names
 from ..models.blocks import TaskBatchNorm2d
 
 #: How batch norm normalises a task (the learners' ``batch_norm_stats`` argument):
@@ -69,15 +70,16 @@ def per_task(network: nn.Module, inputs: Tensor, batch_norm_stats: str) -> Tenso
         return network(inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])
     hidden = _running_buffers(network) if batch_norm_stats == "task" else {}
     state: Dict[str, Optional[Tensor]] = dict.fromkeys(hidden)
+    tied = tied_names(network)
     if all(isinstance(m, TaskBatchNorm2d) for m in norms):
-        return functional_call(network, state, (inputs,)) if state else network(inputs)
+        return call_with(network, state, (inputs,), tied=tied) if state else network(inputs)
     copies = {}
     if network.training and not state:
         tasks = inputs.shape[0]
         copies = {name: b.expand(tasks, *b.shape).clone() for name, b in _running_buffers(network).items()}
 
     def one_task(task_copies: Dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(network, {**state, **task_copies}, (x,))
+        return call_with(network, {**state, **task_copies}, (x,), tied=tied)
 
     outputs = vmap(one_task, randomness="different")(copies, inputs)
     with torch.no_grad():
