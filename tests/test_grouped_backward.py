@@ -92,6 +92,37 @@ def test_grouped_gradient_matches_an_explicit_per_task_autograd_loop(first_order
         torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("name", ["MAML Conv4-bn vmap", "Meta-SGD", "iMAML"])
+def test_parameter_hooks_see_the_batch_gradient_once(name):
+    # A hook on a parameter (Tensor.register_hook: a mask, a scale, a logger's histogram) runs
+    # once a backward pass, on the batch's gradient. In groups of 3 (7 tasks) it must too: run
+    # on each group's part as well, a hook halving the gradient would halve it twice (0.25x)
+    # and be called 4 times.
+    make, episodes = LEARNERS[name]
+    torch.manual_seed(0)
+    whole, grouped = make(None), make(3)
+    grouped.load_state_dict(whole.state_dict())
+    batch = episodes()
+    calls = {}
+    for model in (whole, grouped):
+        seen = calls[id(model)] = []
+        for key, p in model.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g, key=key, seen=seen: (seen.append(key), 0.5 * g)[1])
+    _, reference = gradients(whole, batch)
+    _, grads = gradients(grouped, batch)
+    assert sorted(calls[id(grouped)]) == sorted(calls[id(whole)]) == sorted(reference), calls
+    scale = max(g.abs().max().item() for g in reference.values())
+    for key, value in reference.items():
+        torch.testing.assert_close(grads[key], value, rtol=1e-4, atol=1e-5 * scale, msg=key)
+    # And they are still in place for the next step.
+    _, again = gradients(grouped, batch)
+    assert len(calls[id(grouped)]) == 2 * len(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
 def test_the_loss_scales_the_handed_gradient_and_cannot_be_differentiated_twice():
     # What Lightning does to a loss (a GradScaler's scale, 1/accumulate_grad_batches) multiplies
     # the gradient: backward of 3 x the loss gives 3 x the gradient.

@@ -292,6 +292,25 @@ class MetaLearner(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        # A parameter's gradient hooks (Tensor.register_hook: a mask, a scale, a logger's
+        # histogram) run on the batch's gradient once, when the returned loss's backward hands it
+        # over, as with the whole batch, not on every group's part as well.
+        hooked = [(p, dict(p._backward_hooks)) for p in params if p._backward_hooks]
+        for p, _ in hooked:
+            p._backward_hooks.clear()
+        try:
+            total, grads, task_losses, task_outputs = self._group_gradients(batch, group, params, scale)
+        finally:
+            for p, hooks in hooked:
+                p._backward_hooks.update(hooks)
+        outputs = None if any(out is None for out in task_outputs) else torch.cat(task_outputs)
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        loss = _AccumulatedGradient.apply(total, [g for _, g in used], *(p for p, _ in used))
+        return loss, torch.cat(task_losses), outputs
+
+    def _group_gradients(self, batch: TaskBatch, group: int, params: list, scale: Optional[float]) -> tuple:
+        """:meth:`grouped_loss`'s passes: (the batch's mean loss, detached; the summed
+        gradients, ``None`` where unused; each group's losses and outputs, detached)."""
         total: Optional[Tensor] = None
         grads: list = [None] * len(params)
         task_losses, task_outputs = [], []
@@ -311,10 +330,7 @@ class MetaLearner(L.LightningModule):
             task_losses.append(losses.detach())
             task_outputs.append(None if outputs is None else outputs.detach())
             del losses, outputs, part_loss, part_grads  # this group's graph goes before the next is built
-        outputs = None if any(out is None for out in task_outputs) else torch.cat(task_outputs)
-        used = [(p, g) for p, g in zip(params, grads) if g is not None]
-        loss = _AccumulatedGradient.apply(total, [g for _, g in used], *(p for p, _ in used))
-        return loss, torch.cat(task_losses), outputs
+        return total, grads, task_losses, task_outputs
 
     def training_metrics_read(self, batch_idx: int) -> bool:
         """Whether anything reads this step's training metrics: the loggers (Lightning writes
