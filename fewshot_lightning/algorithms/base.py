@@ -294,7 +294,8 @@ class MetaLearner(L.LightningModule):
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         # A parameter's gradient hooks (Tensor.register_hook: a mask, a scale, a logger's
         # histogram) run on the batch's gradient once, when the returned loss's backward hands it
-        # over, as with the whole batch, not on every group's part as well.
+        # over, as with the whole batch, not on every group's part as well. The table set aside
+        # is the one Tensor.register_hook writes and autograd reads (`_backward_hooks`, private).
         hooked = [(p, dict(p._backward_hooks)) for p in params if p._backward_hooks]
         for p, _ in hooked:
             p._backward_hooks.clear()
