@@ -76,7 +76,8 @@ def functional(
 
     Args:
         module: the network; it is never modified (its parameters are replaced for the call
-            by :func:`torch.func.functional_call`).
+            by :func:`call_with`, which also takes a layer registered under two names and
+            weights tied across layers).
         fixed: parameters shared by all tasks (no task dimension), e.g. the ones not adapted.
             Parameters in neither ``params`` nor ``fixed`` keep the module's own values.
         buffers: buffers to use (default: the module's own).
