@@ -900,3 +900,20 @@ def test_the_features_run_at_every_step_where_the_shortcut_does_not_hold(monkeyp
         warnings.simplefilter("ignore")
         model.adapt(batch.support_x, batch.support_y)
     assert calls[0] == 4 * 3 * batch.num_tasks
+
+
+def test_frozen_parameters_that_adapt_selects_are_named_with_the_selection_that_keeps_them_fixed():
+    # requires_grad=False keeps a parameter out of the outer step, not out of the inner loop
+    # (`adapt` decides that: by default every parameter). A user who froze a pretrained layer is
+    # told so at construction, with the selection that keeps it fixed in both loops; that
+    # selection adapts only the rest, without the warning.
+    network = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    network[0].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"MAML adapts 0\.weight, 0\.bias in the inner loop although they have "
+                                         r"requires_grad=False .* adapt=\['!0\.weight', '!0\.bias'\]"):
+        MAML(network, inner_lr=0.5, batching="loop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed = MAML(network, inner_lr=0.5, batching="loop", adapt=["!0.weight", "!0.bias"])
+        MAML(MLP(1, (8,), 1), inner_lr=0.5, batching="loop")  # nothing frozen: no warning
+    assert fixed.adapt_names == ["2.weight", "2.bias"]

@@ -55,7 +55,9 @@ class MAML(MetaLearner):
         per_step_lr: a separate rate per inner step.
         per_parameter_lr: a rate per parameter element (Meta-SGD).
         adapt: names of parameters to adapt, or prefixes ending in ``.`` (``["head."]``);
-            default all.
+            default all, frozen ones (``requires_grad=False``) included: the outer loop leaves
+            those unchanged, the inner loop adapts them (a warning at construction names them
+            and the selection that keeps them fixed).
         batching: ``"vmap"`` or ``"loop"`` over the tasks of a batch (same numbers, different
             speed), or ``"auto"``: on the first batch, try vmap (falling back to the loop with a
             warning if the model cannot run under it, e.g. batch norm updating running
@@ -200,6 +202,15 @@ class MAML(MetaLearner):
         shapes = self.adapted_shapes(backbone, adapt)
         #: Names of the adapted tensors, in order.
         self.adapt_names = list(shapes)
+        frozen = [name for name, p in backbone.named_parameters() if name in shapes and not p.requires_grad]
+        if frozen:
+            shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+            warnings.warn(
+                f"{type(self).__name__} adapts {shown} in the inner loop although they have requires_grad=False "
+                f"(adapt={adapt!r} selects them; the outer loop leaves them as they are). To keep them fixed in both "
+                f"loops, leave them out of adapt, e.g. adapt={['!' + name for name in frozen[:2]]!r}.",
+                stacklevel=2,
+            )
         #: The batching in use: fixed by the constructor, or by the first batch under "auto".
         self.batching = None if batching == "auto" else batching
         #: The layout of the task-by-task passes: fixed by the constructor, or by the first batch
