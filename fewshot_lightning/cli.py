@@ -28,6 +28,8 @@ What it adds to ``LightningCLI``, so that a run's number can be trusted:
 from __future__ import annotations
 
 import contextlib
+import dis
+import linecache
 import os
 import re
 import shutil
@@ -402,13 +404,31 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
                 f"the trainer's default_root_dir, {where.parent}); it is kept. Pass --trainer.default_root_dir "
                 "with another folder, or a logger (each run then gets its own version folder), or move that file."
             ).with_traceback(error.__traceback__)
-        deliberate = bool(frames) and frames[-1].line.startswith("raise ")  # not a library call failing in our code
+        deliberate = bool(frames) and _raised_by_raise_statement(error)  # not a library call failing in our code
         if isinstance(error, (ValueError, OSError, NonFiniteError)) and deliberate and innermost.is_relative_to(_PACKAGE):
             return error
         if innermost is None or "jsonargparse" not in innermost.parts:
             return None
         error = error.__cause__ or error.__context__
     return None
+
+
+def _raised_by_raise_statement(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback stopped at a ``raise`` statement (a
+    ``ValueError`` our code raises on purpose), not at a call that failed (a builtin or C
+    function raising from our line). Read from the bytecode, not the source file, which a user
+    may be editing while a run goes on (the line read back is then another one) or which an
+    install may lack."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    for instruction in dis.get_instructions(tb.tb_frame.f_code):
+        if instruction.offset == tb.tb_lasti:
+            return instruction.opname == "RAISE_VARARGS"
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+    return line.startswith("raise ")
 
 
 def _short_report(error: BaseException) -> str:

@@ -295,3 +295,29 @@ def test_help_lists_algorithm_arguments(cli):
     assert code == 0
     for argument in ("inner_lr", "inner_steps", "test_inner_steps", "first_order", "per_parameter_lr"):
         assert argument in out
+
+
+def test_our_deliberate_errors_are_told_from_failing_calls_by_the_bytecode_not_the_source(monkeypatch):
+    # The CLI reports a ValueError our code raises on purpose in two lines, and a call failing
+    # on one of our lines with its traceback. It used to tell them apart by reading the line back
+    # from the source file, which a user may be editing while a run goes on (a shifted file gave
+    # a traceback for a deliberate error): with every source line unreadable, the same answers.
+    import linecache
+
+    from fewshot_lightning.cli import _raised_by_raise_statement, _user_error
+    from fewshot_lightning.inner import select_parameters
+
+    def failing_call():
+        return open("/nonexistent/folder/file")  # OSError from a builtin, on this line
+
+    errors = []
+    for action in (lambda: select_parameters(torch.nn.Linear(1, 1), ["nope"]), failing_call):
+        try:
+            action()
+        except (ValueError, OSError) as error:
+            errors.append(error)
+    deliberate, failed = errors
+    monkeypatch.setattr(linecache, "getline", lambda *args, **kwargs: "")
+    assert _raised_by_raise_statement(deliberate) and not _raised_by_raise_statement(failed)
+    assert _user_error(deliberate) is deliberate
+    assert _user_error(failed) is None  # raised outside the package, and by a call
