@@ -29,17 +29,19 @@ def mlp_forward(weights, x):
     return h @ w3.T + b3
 
 
-def explicit_meta_gradient(model, batch, lr, steps, first_order=False):
-    """Per task: explicit torch.autograd.grad(create_graph=True) inner steps, then the mean query loss."""
+def explicit_meta_gradient(model, batch, lr, steps, first_order=False, forward=None):
+    """Per task: explicit torch.autograd.grad(create_graph=True) inner steps, then the mean query
+    loss; ``forward(weights, x)`` is the model written out by hand (default: the MLP's)."""
+    forward = forward or mlp_forward
     weights = [p for _, p in model.named_parameters()]
     total = 0
     for t in range(batch.num_tasks):
         fast = weights
         for _ in range(steps):
-            loss = F.mse_loss(mlp_forward(fast, batch.support_x[t]), batch.support_y[t])
+            loss = F.mse_loss(forward(fast, batch.support_x[t]), batch.support_y[t])
             grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
             fast = [w - lr * g for w, g in zip(fast, grads)]
-        total = total + F.mse_loss(mlp_forward(fast, batch.query_x[t]), batch.query_y[t])
+        total = total + F.mse_loss(forward(fast, batch.query_x[t]), batch.query_y[t])
     meta_loss = total / batch.num_tasks
     return meta_loss, torch.autograd.grad(meta_loss, weights)
 

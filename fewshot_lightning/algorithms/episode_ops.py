@@ -70,13 +70,14 @@ def per_task(network: nn.Module, inputs: Tensor, batch_norm_stats: str) -> Tenso
         return network(inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])
     hidden = _running_buffers(network) if batch_norm_stats == "task" else {}
     state: Dict[str, Optional[Tensor]] = dict.fromkeys(hidden)
-    tied = tied_names(network)
     if all(isinstance(m, TaskBatchNorm2d) for m in norms):
-        return call_with(network, state, (inputs,), tied=tied) if state else network(inputs)
+        return call_with(network, state, (inputs,), tied=tied_names(network)) if state else network(inputs)
     copies = {}
     if network.training and not state:
         tasks = inputs.shape[0]
         copies = {name: b.expand(tasks, *b.shape).clone() for name, b in _running_buffers(network).items()}
+
+    tied = tied_names(network)
 
     def one_task(task_copies: Dict[str, Tensor], x: Tensor) -> Tensor:
         return call_with(network, {**state, **task_copies}, (x,), tied=tied)
