@@ -219,8 +219,10 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
 
 
 def auto_choice(case: Case, device: str) -> str:
-    """The path ``batching="auto"`` (with ``memory_format="auto"``) picks for this case here, and
-    the timings it picked by: what a user of the defaults runs."""
+    """The path ``batching="auto"`` (with ``memory_format="auto"``) picks for this case here, then
+    the group size ``tasks_per_backward="auto"`` picks on that path (timed as in a run planning
+    enough steps to time it: ``MAML.group_timing_min_steps``), and the timings they picked by:
+    what a user of the defaults runs."""
     import logging
 
     torch.manual_seed(0)
@@ -235,12 +237,17 @@ def auto_choice(case: Case, device: str) -> str:
         logger.setLevel(logging.WARNING)  # the decision's own log line would split the table
     try:
         model.choose_batching(case.batch(0, device))
+        model.choose_tasks_per_backward(case.batch(0, device), force=True)
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     path = path_name(model.batching, model.memory_format)
     timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in model.batching_timings.items())
-    return f"{path}" + (f" (its timed step: {timings})" if timings else "")
+    group = model.tasks_per_backward
+    groups = ", ".join(f"{name} {ms:.1f} ms" for name, ms in model.group_timings.items())
+    return (f"{path}" + (f" (its timed step: {timings})" if timings else "")
+            + f"; tasks_per_backward {'the whole batch' if group is None else group}"
+            + (f" (on that path: {groups})" if groups else ""))
 
 
 def synchronize(device: str) -> None:
@@ -655,7 +662,8 @@ def main() -> None:
             print(f"| {name} | {contender} | {1000 * seconds:.1f} | {case.tasks / seconds:.{0 if case.tasks / seconds >= 10 else 2}f} | {ratio} | "
                   f"{'n/a' if mib is None else f'{mib:.0f}'} |", flush=True)
     if choices:
-        print("\nPath `batching=\"auto\"` (and `memory_format=\"auto\"`) picks, timed on the case's first batch:")
+        print("\nPath `batching=\"auto\"` (and `memory_format=\"auto\"`) picks, then group size `tasks_per_backward=\"auto\"` "
+              "picks on that path, timed on the case's first batch:")
         for name, choice in choices.items():
             print(f"- {name}: {choice}")
     if "fit" in args.cases:

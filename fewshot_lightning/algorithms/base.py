@@ -5,7 +5,7 @@ import contextlib
 import inspect
 import os
 import random
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import lightning as L
 import numpy as np
@@ -258,7 +258,7 @@ class MetaLearner(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        group = self.tasks_per_backward
+        group = self.backward_group(batch)
         if group is not None and group < batch.num_tasks and torch.is_grad_enabled() \
                 and any(p.requires_grad for p in self.parameters()):
             loss, losses, outputs = self.grouped_loss(batch, group)
@@ -269,6 +269,11 @@ class MetaLearner(L.LightningModule):
         if self.training_metrics_read(batch_idx):
             self.log_training(loss, outputs, batch)
         return loss
+
+    def backward_group(self, batch: TaskBatch) -> Optional[int]:
+        """The tasks per backward pass of this training step (``None``: the whole batch):
+        :attr:`tasks_per_backward`; a learner that chooses it (MAML's ``"auto"``) decides here."""
+        return self.tasks_per_backward
 
     def grouped_loss(self, batch: TaskBatch, group: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The training loss with the meta-gradient accumulated over groups of ``group`` tasks
@@ -309,15 +314,18 @@ class MetaLearner(L.LightningModule):
         loss = _AccumulatedGradient.apply(total, [g for _, g in used], *(p for p, _ in used))
         return loss, torch.cat(task_losses), outputs
 
-    def _group_gradients(self, batch: TaskBatch, group: int, params: list, scale: Optional[float]) -> tuple:
+    def _group_gradients(self, batch: TaskBatch, group: int, params: list, scale: Optional[float],
+                         losses_of: Optional[Callable[[TaskBatch], Tuple[Tensor, Optional[Tensor]]]] = None) -> tuple:
         """:meth:`grouped_loss`'s passes: (the batch's mean loss, detached; the summed
-        gradients, ``None`` where unused; each group's losses and outputs, detached)."""
+        gradients, ``None`` where unused; each group's losses and outputs, detached).
+        ``losses_of`` computes a group's losses and outputs (default :meth:`training_losses`)."""
+        losses_of = self.training_losses if losses_of is None else losses_of
         total: Optional[Tensor] = None
         grads: list = [None] * len(params)
         task_losses, task_outputs = [], []
         for start in range(0, batch.num_tasks, group):
             part = TaskBatch(*(t[start:start + group] for t in batch))
-            losses, outputs = self.training_losses(part)
+            losses, outputs = losses_of(part)
             part_loss = losses.sum() / batch.num_tasks
             part_grads = torch.autograd.grad(part_loss if scale is None else part_loss * scale, params,
                                              allow_unused=True)

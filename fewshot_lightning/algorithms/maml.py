@@ -6,7 +6,7 @@ import math
 import platform
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -25,6 +25,10 @@ from .base import MetaLearner, WeightsMismatchError, per_task_loss
 #: How much faster than the channels-first paths a channels-last path must time to be chosen
 #: by "auto" (a relative margin, so that timing noise does not decide a near tie).
 CHANNELS_LAST_MARGIN = 0.05
+#: With ``tasks_per_backward="auto"``, the slowest a group size may time against the fastest size
+#: timed and still be chosen (a relative margin: the smallest group within it holds the least
+#: memory at no more than this cost in time).
+GROUP_MARGIN = 0.05
 
 
 class MAML(MetaLearner):
@@ -105,14 +109,24 @@ class MAML(MetaLearner):
             time, accumulating the meta-gradient (as learn2learn's examples call ``backward()``
             once per task): the memory a step holds is one group's graph, not the whole
             batch's; the same gradient up to float rounding, as the tasks are independent
-            (:meth:`~.base.MetaLearner.grouped_loss`). ``None`` (default): the whole
-            batch at once, in fewer, larger kernels. On the 2-core CPU of
+            (:meth:`~.base.MetaLearner.grouped_loss`). ``None``: the whole batch at once, in
+            fewer, larger kernels. ``"auto"`` (default): in a run planning at least
+            :attr:`group_timing_min_steps` training steps (200), time a training step on the
+            path chosen (see ``batching``) with the whole batch, then with groups of half as
+            many tasks, a quarter, ... down to one, stopping at the first size more than 5%
+            slower than the fastest so far, and keep the smallest group within 5% of the fastest
+            (:data:`GROUP_MARGIN`; logged with every timing, and on a GPU each size's peak
+            memory): the least memory at about the best speed. A shorter run, or one with no
+            planned length (no trainer, no ``max_steps`` or ``max_epochs``), keeps the whole
+            batch untimed. The timing runs the whole batch's step (as ``batching="auto"``'s
+            does), so the run's peak is still the whole batch's: to cap it, set a number, which
+            the timed steps of ``batching="auto"`` then keep too. On the 2-core CPU of
             docs/benchmarks.md, second-order Conv4-64 MAML on the Kanji config's 32 tasks
             (``benchmarks/speed.py``): the whole batch at once peaked at 567-582 MiB RSS, groups
             of 4 at 135 MiB in 1.03x to 1.05x the time, one task at a time at 52 MiB (as much
             as learn2learn's per-task backward) in 1.6x to 1.7x the time. Evaluation keeps no
             outer graph and is unaffected. Reptile, which differentiates no graph through the
-            adaptation, refuses it.
+            adaptation, refuses a number ("auto" and ``None`` both mean the whole batch there).
 
     Both MAML++ schedules follow the trainer's ``global_step``, so a resumed run continues them.
 
@@ -154,7 +168,7 @@ class MAML(MetaLearner):
         memory_format: str = "auto",
         transductive: bool = True,
         test_curve_every: int = 1,
-        tasks_per_backward: Optional[int] = None,
+        tasks_per_backward: Optional[Union[int, str]] = "auto",
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -173,13 +187,22 @@ class MAML(MetaLearner):
             raise ValueError(
                 f"test_curve_every must be a whole number of inner steps, 0 (no curve) or more, got {test_curve_every!r}."
             )
-        if tasks_per_backward is not None and (
+        if tasks_per_backward is not None and tasks_per_backward != "auto" and (
                 isinstance(tasks_per_backward, bool) or not isinstance(tasks_per_backward, int) or tasks_per_backward < 1):
             raise ValueError(
-                f"tasks_per_backward must be a whole number of tasks, 1 or more (or None for the whole batch at once), "
-                f"got {tasks_per_backward!r}.")
-        #: The meta-gradient's backward pass in groups of this many tasks (see the argument).
-        self.tasks_per_backward = tasks_per_backward
+                f"tasks_per_backward must be a whole number of tasks, 1 or more, None for the whole batch at once, or "
+                f"'auto' to time group sizes on the first training batch, got {tasks_per_backward!r}.")
+        #: The meta-gradient's backward pass in groups of this many tasks (see the argument);
+        #: ``None``: the whole batch. Under ``"auto"``, ``None`` until chosen.
+        self.tasks_per_backward = None if tasks_per_backward == "auto" else tasks_per_backward
+        #: Whether ``tasks_per_backward`` is "auto", to be chosen by timing (see the argument).
+        self.tasks_per_backward_auto = tasks_per_backward == "auto"
+        #: Under "auto": milliseconds of the timed training step for each group size tried
+        #: (``"whole batch"``, ``"4"``, ...), once chosen by timing; empty otherwise.
+        self.group_timings: Dict[str, float] = {}
+        #: Under "auto": ``True`` once the group size was chosen by timing (or restored with a
+        #: resumed fit), else the ``id`` of the trainer whose run keeps the whole batch untimed.
+        self._group_decision: Any = None
         if multi_step_loss_steps < 0:
             raise ValueError(f"multi_step_loss_steps must be 0 (off) or more, got {multi_step_loss_steps}.")
         if first_order_steps < 0:
@@ -310,6 +333,130 @@ class MAML(MetaLearner):
         if self._split is None:
             self._split = split_parameters(self.backbone, self.adapt_names)
         return self._split
+
+    #: With ``tasks_per_backward="auto"``, the fewest planned training steps for which group sizes
+    #: are timed (timing takes up to two steps per size tried: twelve for 32 tasks); a shorter
+    #: run keeps the whole batch. 0 times in any run that plans its length.
+    group_timing_min_steps: int = 200
+
+    def backward_group(self, batch: TaskBatch) -> Optional[int]:
+        """This step's tasks per backward pass; under ``tasks_per_backward="auto"`` decided on
+        the first training batch (see the argument, and :meth:`choose_tasks_per_backward`)."""
+        if self.tasks_per_backward_auto and self._group_decision is not True \
+                and self._group_decision != id(self._trainer):
+            self.choose_tasks_per_backward(batch)
+        return self.tasks_per_backward
+
+    def planned_training_steps(self) -> Optional[float]:
+        """The training steps the running ``fit`` plans (``max_steps``, else ``max_epochs`` times
+        the batches an epoch); ``None`` without a trainer or a finite plan."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        steps = trainer.max_steps
+        if steps is None or steps < 0:
+            epochs, per_epoch = trainer.max_epochs, trainer.num_training_batches
+            if epochs is None or epochs < 1 or not isinstance(per_epoch, (int, float)):
+                return None
+            steps = epochs * per_epoch
+        return float(steps) if math.isfinite(steps) else None
+
+    def choose_tasks_per_backward(self, batch: TaskBatch, force: bool = False) -> Optional[int]:
+        """Under ``tasks_per_backward="auto"``, decide the group size on ``batch`` (a training
+        batch) and return it (``None``: the whole batch): in a run planning at least
+        :attr:`group_timing_min_steps` training steps, by timing a training step on the path
+        chosen (:meth:`choose_batching`, made first) with the whole batch and with groups of half
+        as many tasks, a quarter, ... down to one task, twice each (the better time counts),
+        stopping at the first size more than :data:`GROUP_MARGIN` (5%) slower than the fastest so
+        far; the smallest group within 5% of the fastest is kept (one group's graph is what a
+        step holds, so it holds the least memory at about the best speed). Every timing is logged,
+        with each size's peak memory on a GPU. Under DDP every process keeps process 0's choice.
+        Otherwise (a shorter run, no planned length, a batch of one task, nothing trainable) the
+        whole batch, untimed, for this run. ``force=True`` times whatever the run plans (your
+        own training loop, a benchmark): the choice then holds until the module is rebuilt."""
+        planned = self.planned_training_steps()
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        tasks = batch.num_tasks
+        if tasks < 2 or not trainable or (
+                not force and (planned is None or planned < self.group_timing_min_steps)):
+            self.tasks_per_backward = None
+            self._group_decision = id(self._trainer)
+            if self._trainer is not None and planned is not None and tasks >= 2 and trainable:
+                rank_zero_info(
+                    f"{type(self).__name__}: tasks_per_backward='auto' keeps the whole batch of {tasks} tasks untimed: "
+                    f"this run plans {planned:.0f} training steps, fewer than group_timing_min_steps="
+                    f"{self.group_timing_min_steps} (timing group sizes takes up to two steps a size)."
+                )
+            return None
+        self.choose_batching(batch)
+        sizes = [tasks]
+        while sizes[-1] > 1:
+            sizes.append(-(-sizes[-1] // 2))
+        timings: Dict[int, float] = {}
+        peaks: Dict[int, float] = {}
+        stopped = None
+        with torch.inference_mode(False), torch.enable_grad():
+            for size in sizes:
+                runs = [self._timed_group_step(batch, size, trainable) for _ in range(2)]
+                timings[size] = min(seconds for seconds, _ in runs)
+                if runs[0][1] is not None:
+                    peaks[size] = max(peak for _, peak in runs)
+                if timings[size] > (1 + GROUP_MARGIN) * min(timings.values()):
+                    stopped = size
+                    break
+        fastest = min(timings.values())
+        chosen = min(size for size, seconds in timings.items() if seconds <= (1 + GROUP_MARGIN) * fastest)
+        group = None if chosen >= tasks else chosen
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every process groups as process 0 timed: the gradient is the same either way, to
+            # rounding, and a run should not depend on which process's timing came out ahead.
+            group = self.trainer.strategy.broadcast(group, src=0)
+        self.tasks_per_backward = group
+        self._group_decision = True
+
+        def name(size: int) -> str:
+            return "whole batch" if size == tasks else str(size)
+
+        self.group_timings = {name(size): 1000 * seconds for size, seconds in timings.items()}
+        shown = ", ".join(
+            f"{name(size)} {1000 * seconds:.1f} ms" + (f" {peaks[size] / 2**20:.0f} MiB peak" if size in peaks else "")
+            for size, seconds in timings.items())
+        stop = (f"; {stopped} was more than {GROUP_MARGIN:.0%} slower than the fastest, so no smaller group was tried"
+                if stopped is not None and stopped > 1 else "")
+        rank_zero_info(
+            f"{type(self).__name__}: tasks_per_backward='auto' chose "
+            f"{'the whole batch' if group is None else f'{group} tasks per backward pass'} (the smallest group within "
+            f"{GROUP_MARGIN:.0%} of the fastest; one training step of {tasks} tasks on "
+            f"{path_name(*self.execution())!r}: {shown}{stop})."
+        )
+        for logger in self.loggers:
+            logger.log_metrics(
+                {f"batching/tasks_per_backward_{name(size).replace(' ', '_')}_ms": 1000 * seconds
+                 for size, seconds in timings.items()},
+                step=self.global_step,
+            )
+        return group
+
+    def _timed_group_step(self, batch: TaskBatch, size: int, trainable: list) -> Tuple[float, Optional[float]]:
+        """Seconds one training step's loss and meta-gradient take with the backward pass in
+        groups of ``size`` tasks (the whole batch if ``size`` is its size), and on a GPU the
+        step's peak allocated bytes (``None`` elsewhere). Nothing is written to ``.grad``."""
+        device = batch.support_x.device
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        if size >= batch.num_tasks:
+            loss = self.training_losses(batch)[0].mean()
+            torch.autograd.grad(loss, trainable, allow_unused=True)
+            del loss
+        else:
+            self._group_gradients(batch, size, trainable, None)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return seconds, (float(torch.cuda.max_memory_allocated(device)) if cuda else None)
 
     def __getstate__(self) -> Dict[str, Any]:
         # A copy (deepcopy, pickling for spawned processes) looks its own parameters up again:
@@ -623,6 +770,10 @@ class MAML(MetaLearner):
         checkpoint["batching"] = self.batching
         checkpoint["memory_format"] = self.memory_format
         checkpoint["evaluation_path"] = list(self.evaluation_path) if self.evaluation_path is not None else None
+        if self.tasks_per_backward_auto and self._group_decision is not None:
+            # A resumed run keeps the group size this one ran (timed, or the whole batch untimed):
+            # the gradient agrees only to rounding.
+            checkpoint["tasks_per_backward_chosen"] = self.tasks_per_backward
         if self.evaluation_timings:  # timed here: where, so that evaluation on the same machine reuses it
             checkpoint["evaluation_path_timed_on"] = timing_signature(self.device)
 
@@ -652,6 +803,10 @@ class MAML(MetaLearner):
                     self.memory_format = "contiguous"  # a checkpoint from before the layout was chosen
             if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)):
                 self.evaluation_path = (saved[0], saved[1])
+            if self.tasks_per_backward_auto and ("tasks_per_backward_chosen" in checkpoint or "batching" in checkpoint):
+                # (A checkpoint of a MAML run from before "auto" existed: it ran the whole batch.)
+                self.tasks_per_backward = checkpoint.get("tasks_per_backward_chosen")
+                self._group_decision = True
 
     def _agrees(self, path: Tuple[str, str]) -> bool:
         """Whether ``path`` is one the constructor's fixed choices allow."""
@@ -677,8 +832,8 @@ class MAML(MetaLearner):
         ``batching`` or ``memory_format`` keeps only the paths that agree with it.
 
         vmap must first run the model at all; then one full training step (adaptation, query
-        loss, meta-gradient) is timed on each candidate path, twice, and the fastest (by its
-        better time) is kept for the rest of the run; a channels-last path must beat the
+        loss, meta-gradient; in groups when ``tasks_per_backward`` sets a number, as training will
+        run it) is timed on each candidate path, twice, and the fastest (by its better time) is kept for the rest of the run; a channels-last path must beat the
         channels-first ones by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing
         noise decides, keeps the layout the module has. All paths give the same numbers to
         rounding, so the choice only changes speed. The decision and every timing are logged.
@@ -849,15 +1004,27 @@ class MAML(MetaLearner):
 
     def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous",
                     evaluation: bool = False) -> float:
+        # A GPU runs kernels asynchronously: the clock reads after they finish, not after launch.
+        device = batch.support_x.device
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
         with self.running_on((batching, memory_format)):  # read by execution()
+            synchronize(device)
             start = time.perf_counter()
             if evaluation:
                 with torch.no_grad():  # as _evaluate runs it: no outer graph
                     self._adapted_query_outputs(batch)
-                return time.perf_counter() - start
-            loss = self.training_losses(batch, batching)[0].mean()
-            trainable = [p for p in self.parameters() if p.requires_grad]
-            torch.autograd.grad(loss, trainable, allow_unused=True)
+            else:
+                trainable = [p for p in self.parameters() if p.requires_grad]
+                group = self.tasks_per_backward
+                if group is not None and group < batch.num_tasks:
+                    # As the training step will run: a group's graph at a time. A group size set
+                    # to fit the memory must hold for the timing too, not only after it.
+                    self._group_gradients(batch, group, trainable, None,
+                                          losses_of=lambda part: self.training_losses(part, batching))
+                else:
+                    loss = self.training_losses(batch, batching)[0].mean()
+                    torch.autograd.grad(loss, trainable, allow_unused=True)
+            synchronize(device)
             return time.perf_counter() - start
 
 
@@ -1050,9 +1217,12 @@ THROUGH_INNER_LOOP = {"first_order": False, "first_order_steps": 0, "learn_inner
 
 def refuse(algorithm: str, kwargs: Dict[str, Any], defaults: Dict[str, Any], reason: str) -> None:
     """Raise if ``kwargs`` sets one of MAML's arguments in ``defaults``, which mean nothing for
-    ``algorithm``, to other than its default (the CLI passes every default explicitly)."""
+    ``algorithm``, to other than its default (the CLI passes every default explicitly); a
+    default given as a tuple lists the values that all mean "off"."""
     for name, default in defaults.items():
-        if name in kwargs and kwargs[name] != default:
+        accepted = default if isinstance(default, tuple) else (default,)
+        if name in kwargs and kwargs[name] not in accepted:
             raise ValueError(
-                f"{algorithm} takes no {name}={kwargs[name]!r}: {reason}. Leave it at {default!r} (or use MAML)."
+                f"{algorithm} takes no {name}={kwargs[name]!r}: {reason}. Leave it at "
+                f"{' or '.join(repr(value) for value in accepted)} (or use MAML)."
             )

@@ -85,8 +85,9 @@ class Reptile(MAML):
         name = type(self).__name__
         refuse(name, kwargs, THROUGH_INNER_LOOP, "its outer update is theta - mean(phi), not a gradient through the inner loop")
         refuse(name, kwargs, {"adapt": None}, "it fine-tunes every parameter of the backbone")
-        refuse(name, kwargs, {"tasks_per_backward": None},
+        refuse(name, kwargs, {"tasks_per_backward": ("auto", None)},
                "its update differentiates no graph through the tasks' adaptation, so there is none to split")
+        kwargs["tasks_per_backward"] = None
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}.")
         for name, size in (("inner_batch_size", inner_batch_size), ("test_inner_batch_size", test_inner_batch_size)):

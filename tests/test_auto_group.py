@@ -1,0 +1,250 @@
+"""``tasks_per_backward="auto"`` (MAML's default): in a run planning enough training steps, time
+a training step with the whole batch and with groups of half as many tasks, a quarter, ... and
+keep the smallest group within 5% of the fastest (the least memory at about the best speed); a
+short run, or one with no planned length, keeps the whole batch untimed. The rule is checked on
+fixed timings (which sizes are tried, where it stops, what it keeps), and on real ones through
+``Trainer.fit``: the choice follows the rule on the timings it logged, the run's steps are the
+whole batch's to rounding, and a resumed run keeps the choice without timing again."""
+import logging
+
+import lightning as L
+import pytest
+import torch
+
+from fewshot_lightning.algorithms import MAML, Reptile, iMAML
+from fewshot_lightning.algorithms.maml import GROUP_MARGIN
+from fewshot_lightning.data import EpisodicDataModule, SinusoidDataModule
+from fewshot_lightning.models import MLP, Conv4
+from learner_helpers import quiet_trainer, random_episodes
+from test_maml_gradients import regression_batch
+
+
+def with_timings(monkeypatch, seconds_by_size):
+    """Replace the timed group step with fixed times by group size; returns the sizes asked, in order."""
+    asked = []
+
+    def fake(self, batch, size, trainable):
+        asked.append(size)
+        return seconds_by_size[size], None
+
+    monkeypatch.setattr(MAML, "_timed_group_step", fake)
+    return asked
+
+
+@pytest.mark.parametrize("seconds, tried, chosen", [
+    # 8 tasks: sizes 8, 4, 2, 1. Groups of 4 are 3% slower (within 5%), 2 are 20% slower: stop there.
+    ({8: 1.00, 4: 1.03, 2: 1.20, 1: 1.50}, [8, 4, 2], 4),
+    # Groups of 4 already 6% slower: the whole batch, nothing smaller tried.
+    ({8: 1.00, 4: 1.06, 2: 0.50, 1: 0.50}, [8, 4], None),
+    # Smaller is faster down to one task: one task at a time.
+    ({8: 1.00, 4: 0.95, 2: 0.92, 1: 0.93}, [8, 4, 2, 1], 1),
+    # The fastest is 2; 4 (within 5% of it) is larger than 1 (within 5% too): the smallest, 1.
+    ({8: 1.10, 4: 0.99, 2: 0.95, 1: 0.99}, [8, 4, 2, 1], 1),
+    # 1 is 6% slower than the fastest (2): 2.
+    ({8: 1.10, 4: 0.99, 2: 0.95, 1: 1.01}, [8, 4, 2, 1], 2),
+])
+def test_the_smallest_group_within_the_margin_of_the_fastest(monkeypatch, seconds, tried, chosen):
+    assert GROUP_MARGIN == 0.05
+    asked = with_timings(monkeypatch, seconds)
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    batch = regression_batch(8)
+    assert model.choose_tasks_per_backward(batch, force=True) == chosen
+    assert asked == [size for size in tried for _ in range(2)]  # each size timed twice, largest first
+    assert model.tasks_per_backward == chosen
+    assert list(model.group_timings) == ["whole batch"] + [str(size) for size in tried[1:]]
+    assert model.group_timings["whole batch"] == pytest.approx(1000 * seconds[8])
+    # Decided: the training steps that follow neither time again nor change it.
+    asked.clear()
+    model.training_step(batch, 0)
+    assert asked == [] and model.tasks_per_backward == chosen
+
+
+def test_odd_batches_halve_rounding_up(monkeypatch):
+    asked = with_timings(monkeypatch, {7: 1.0, 4: 1.0, 2: 1.0, 1: 1.0})
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    assert model.choose_tasks_per_backward(regression_batch(7), force=True) == 1
+    assert asked[::2] == [7, 4, 2, 1]
+
+
+def test_without_a_planned_run_the_whole_batch_untimed(monkeypatch):
+    asked = with_timings(monkeypatch, {})  # any timing would fail: no entry
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    assert model.tasks_per_backward is None and model.tasks_per_backward_auto
+    model.training_step(regression_batch(6), 0)  # no trainer: no planned length
+    assert asked == [] and model.tasks_per_backward is None and model.group_timings == {}
+
+
+def fit(model, steps, tmp_path=None, **kwargs):
+    options = dict(max_steps=steps, limit_val_batches=0)
+    options.update(kwargs)
+    trainer = quiet_trainer(**options) if tmp_path is None else L.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **options)
+    trainer.fit(model, SinusoidDataModule(meta_batch_size=6, train_tasks=6 * max(steps, 1), num_workers=0))
+    return trainer
+
+
+def captured(caplog):
+    lightning_log = logging.getLogger("lightning.pytorch")  # does not propagate to the root logger
+    lightning_log.addHandler(caplog.handler)
+    return lightning_log
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_short_run_keeps_the_whole_batch_and_says_so(monkeypatch, caplog):
+    asked = with_timings(monkeypatch, {})
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    log = captured(caplog)
+    try:
+        with caplog.at_level(logging.INFO):
+            fit(model, 3)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert asked == [] and model.tasks_per_backward is None
+    assert "tasks_per_backward='auto' keeps the whole batch of 6 tasks untimed: this run plans 3 training steps, " \
+           "fewer than group_timing_min_steps=200" in caplog.text
+    assert caplog.text.count("keeps the whole batch") == 1  # once a run, not once a step
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_planned_run_times_real_steps_and_follows_the_rule(monkeypatch, caplog, tmp_path):
+    # group_timing_min_steps = 0: this 4-step run times, on real steps of a small Conv4 MAML.
+    monkeypatch.setattr(MAML, "group_timing_min_steps", 0)
+    L.seed_everything(0)
+    model = MAML(Conv4(hidden=8, image_size=16, out_features=3), inner_lr=0.4, batching="vmap")
+    images, labels = torch.rand(120, 1, 16, 16), torch.arange(20).repeat_interleave(6)
+    data = EpisodicDataModule(images, labels, ways=3, shots=1, queries=2, meta_batch_size=8, train_tasks=32,
+                              val_tasks=8, test_tasks=8, split_fractions=(0.6, 0.2, 0.2), num_workers=0)
+    log = captured(caplog)
+    try:
+        with caplog.at_level(logging.INFO):
+            trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
+            trainer.fit(model, data)
+    finally:
+        log.removeHandler(caplog.handler)
+    timings = {8 if name == "whole batch" else int(name): ms for name, ms in model.group_timings.items()}
+    sizes = list(timings)
+    assert sizes == [8, 4, 2, 1][:len(sizes)] and len(sizes) >= 2
+    fastest = min(timings.values())
+    # Every size but the last was within the margin of the fastest before it; the last was not,
+    # unless it was one task (nothing smaller to try).
+    for index, size in enumerate(sizes):
+        within = timings[size] <= (1 + GROUP_MARGIN) * min(timings[s] for s in sizes[:index + 1])
+        assert within if index < len(sizes) - 1 else (size == 1 or not within), (size, timings)
+    expected = min(size for size, ms in timings.items() if ms <= (1 + GROUP_MARGIN) * fastest)
+    assert model.tasks_per_backward == (None if expected == 8 else expected)
+    assert "tasks_per_backward='auto' chose" in caplog.text and "whole batch" in caplog.text
+    assert trainer.global_step == 4
+
+
+def weights_after(group, steps=3):
+    L.seed_everything(0)
+    model = MAML(MLP(1, (16, 16), 1), inner_lr=0.01, batching="loop", tasks_per_backward=group)
+    fit(model, steps)
+    return model, {name: value.clone() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_chosen_groups_train_as_the_whole_batch(monkeypatch):
+    # Fixed timings make 'auto' choose groups of 2 of the 6 tasks; the steps must be the whole batch's.
+    monkeypatch.setattr(MAML, "group_timing_min_steps", 0)
+    with_timings(monkeypatch, {6: 1.0, 3: 1.0, 2: 1.0, 1: 2.0})
+    auto, grouped = weights_after("auto")
+    assert auto.tasks_per_backward == 2
+    _, whole = weights_after(None)
+    start = MAML(MLP(1, (16, 16), 1), inner_lr=0.01).state_dict()
+    moved = max(float((whole[name] - start[name]).abs().max()) for name in start)
+    assert moved > 1e-3  # three Adam steps of 1e-3 moved the weights
+    for name, value in whole.items():
+        torch.testing.assert_close(grouped[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_resumed_run_keeps_the_choice_untimed(monkeypatch, tmp_path):
+    monkeypatch.setattr(MAML, "group_timing_min_steps", 0)
+    with_timings(monkeypatch, {6: 1.0, 3: 1.0, 2: 1.0, 1: 2.0})
+    L.seed_everything(0)
+    first = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    trainer = fit(first, 2, tmp_path)
+    assert first.tasks_per_backward == 2
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    assert torch.load(checkpoint, weights_only=False)["tasks_per_backward_chosen"] == 2
+    # Resumed on a machine where every group times alike (the rule would now pick 1): it is not timed.
+    asked = with_timings(monkeypatch, {6: 1.0, 3: 1.0, 2: 1.0, 1: 1.0})
+    resumed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(resumed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=checkpoint)
+    assert trainer.global_step == 4 and asked == [] and resumed.tasks_per_backward == 2
+    # A fixed setting is kept as given, whatever the checkpoint says.
+    fixed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap", tasks_per_backward=3)
+    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(fixed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=checkpoint)
+    assert fixed.tasks_per_backward == 3 and asked == []
+    # A checkpoint saved before 'auto' existed (no record of it) ran the whole batch: so does its resumption.
+    saved = torch.load(checkpoint, weights_only=False)
+    del saved["tasks_per_backward_chosen"]
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    resumed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(resumed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=old)
+    assert trainer.global_step == 4 and asked == [] and resumed.tasks_per_backward is None
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_short_runs_checkpoint_resumes_on_the_whole_batch(monkeypatch, tmp_path):
+    # The saved run kept the whole batch untimed (2 planned steps); resumed into a run long enough
+    # to time, it continues as it ran rather than timing in the middle.
+    L.seed_everything(0)
+    first = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    trainer = fit(first, 2, tmp_path)
+    assert first.tasks_per_backward is None
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    assert torch.load(checkpoint, weights_only=False)["tasks_per_backward_chosen"] is None
+    monkeypatch.setattr(MAML, "group_timing_min_steps", 0)
+    asked = with_timings(monkeypatch, {6: 1.0, 3: 1.0, 2: 1.0, 1: 1.0})
+    resumed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(resumed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=checkpoint)
+    assert trainer.global_step == 4 and asked == [] and resumed.tasks_per_backward is None
+
+
+def test_the_setting_is_checked_and_learners_without_a_graph_take_auto_or_none():
+    for bad in ("Auto", "4", 0, 2.0, True):
+        with pytest.raises(ValueError, match=r"tasks_per_backward must be a whole number of tasks, 1 or more, None "
+                                             r"for the whole batch at once, or 'auto'"):
+            MAML(MLP(), tasks_per_backward=bad)
+    assert MAML(MLP()).tasks_per_backward_auto and iMAML(MLP()).tasks_per_backward_auto
+    # Reptile differentiates no graph through the adaptation: 'auto' (the CLI passes MAML's
+    # default explicitly) and None both mean the whole batch; a group size is refused.
+    for accepted in ("auto", None):
+        model = Reptile(MLP(), tasks_per_backward=accepted)
+        assert model.tasks_per_backward is None and not model.tasks_per_backward_auto
+    with pytest.raises(ValueError, match=r"Reptile takes no tasks_per_backward=2: .* Leave it at 'auto' or None"):
+        Reptile(MLP(), tasks_per_backward=2)
+
+
+def test_a_set_group_size_holds_while_the_paths_are_timed(monkeypatch):
+    # batching="auto" times a training step on each path before the first one runs. A group size
+    # set so that a step fits in memory must hold for those steps too: with tasks_per_backward=1
+    # the timing holds one task's graph, well under half the whole batch's (measured 0.13x here;
+    # before, the timed steps ran the whole batch whatever the setting).
+    from test_grouped_backward import tensor_peak
+
+    peaks = {}
+    for group in (None, 1):
+        torch.manual_seed(0)
+        model = MAML(Conv4(hidden=16, out_features=5), inner_lr=0.4, batching="loop", tasks_per_backward=group)
+        batch = random_episodes(8, ways=5, shots=1, queries=5, x_shape=(1, 28, 28))
+
+        def choose():
+            model.batching, model.memory_format = None, None  # undecided: time both layouts again
+            model.choose_batching(batch)
+            assert set(model.batching_timings) == {"loop", "loop channels_last"}
+
+        choose()
+        peaks[group] = tensor_peak(choose, monkeypatch)
+    assert peaks[1] < 0.4 * peaks[None], peaks
