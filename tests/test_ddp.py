@@ -56,6 +56,22 @@ def test_ddp_resume_and_evaluation_equal_single_process(tmp_path, monkeypatch, c
     assert not any("sync_dist" in out for out in outputs)
 
 
+def test_ddp_chooses_the_group_size_once_for_every_process(tmp_path):
+    # tasks_per_backward="auto" times group sizes in a run of 200 steps or more: every process
+    # times its own steps, then all take process 0's choice (a broadcast every process must
+    # reach, or the run hangs). One decision in the log, the run to its end, and the checkpoint
+    # records what was chosen.
+    output = run_cli("fit", *SHORT, *DDP, "--trainer.max_steps", "200", "--trainer.val_check_interval", "100",
+                     "--trainer.log_every_n_steps", "100", cwd=tmp_path)
+    assert output.count("tasks_per_backward='auto' chose") == 1, output[-3000:]
+    checkpoint = torch.load(tmp_path / "lightning_logs/maml_sinusoid/version_0/checkpoints/last.ckpt",
+                            weights_only=False)
+    assert checkpoint["global_step"] == 200
+    # 25 tasks on each process: the whole batch, or groups of 13, 7, 4, 2 or 1.
+    assert checkpoint["tasks_per_backward_chosen"] in (None, 13, 7, 4, 2, 1)
+    assert "one training step of 25 tasks on 'vmap'" in output
+
+
 # -- parity: W processes with B/W tasks each take the same steps as 1 process with B tasks --------
 # DDP averages the W gradients; each is the mean loss gradient over B/W tasks, so their mean is
 # the single process's gradient over the same B tasks (EpisodeSampler gives rank r tasks
