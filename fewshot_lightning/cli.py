@@ -458,6 +458,21 @@ def build_cli(args: Optional[List[str]] = None, run_folder: Optional[RunFolder] 
     )
 
 
+#: Added to an out-of-memory error that reaches the command: what lowers a step's memory.
+OUT_OF_MEMORY_NOTE = (
+    "fewshot-lightning: out of memory. What a training step holds: for MAML and the learners built on it, every "
+    "task's graph until the backward pass; --model.init_args.tasks_per_backward N holds N tasks' at a time (the "
+    "same gradient; 'auto', the default, halves the tasks per backward pass when a timed step does not fit). "
+    "Otherwise a smaller --data.init_args.meta_batch_size, or fewer queries or inner steps."
+)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    from .algorithms.maml import out_of_memory
+
+    return out_of_memory(error)
+
+
 def main(args: Optional[List[str]] = None) -> None:
     _quiet_known_warnings()
     run_folder = RunFolder()
@@ -467,6 +482,8 @@ def main(args: Optional[List[str]] = None) -> None:
         run_folder.remove_if_unused()
         reported = _user_error(error)
         if reported is None or os.environ.get(TRACEBACK_VARIABLE):
+            if _out_of_memory(error) and not any("tasks_per_backward" in note for note in getattr(error, "__notes__", ())):
+                error.add_note(OUT_OF_MEMORY_NOTE)
             raise
         sys.stderr.write(_short_report(reported))
         raise SystemExit(1) from None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fewshot_lightning.algorithms import MAML, Reptile, iMAML
-from fewshot_lightning.algorithms.maml import GROUP_MARGIN
+from fewshot_lightning.algorithms.maml import GROUP_MARGIN, path_name
 from fewshot_lightning.data import EpisodicDataModule, SinusoidDataModule
 from fewshot_lightning.models import MLP, Conv4
 from learner_helpers import quiet_trainer, random_episodes
@@ -248,3 +248,121 @@ def test_a_set_group_size_holds_while_the_paths_are_timed(monkeypatch):
         choose()
         peaks[group] = tensor_peak(choose, monkeypatch)
     assert peaks[1] < 0.4 * peaks[None], peaks
+
+
+# -- out of memory (a GPU's torch.OutOfMemoryError, simulated) ----------------------------------
+def memory_for(monkeypatch, tasks, paths=None):
+    """Make MAML's training losses raise torch.OutOfMemoryError for more than ``tasks`` tasks at
+    once (on ``paths`` only, if given), as a GPU that holds that many tasks' graphs would."""
+    losses_of = MAML.training_losses
+
+    def losses(self, batch, batching=None):
+        if batching is None:
+            self.choose_batching(batch)  # as MAML.training_losses does first: the path timing
+        path = path_name(*self.execution(batching))
+        if batch.num_tasks > tasks and (paths is None or path in paths):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return losses_of(self, batch, batching)
+
+    monkeypatch.setattr(MAML, "training_losses", losses)
+
+
+def fit_logged(model, steps, caplog, meta_batch=8):
+    log = captured(caplog)
+    try:
+        with caplog.at_level(logging.INFO):
+            trainer = quiet_trainer(max_steps=steps, limit_val_batches=0)
+            trainer.fit(model, SinusoidDataModule(meta_batch_size=meta_batch, train_tasks=meta_batch * steps,
+                                                  num_workers=0))
+    finally:
+        log.removeHandler(caplog.handler)
+    return trainer
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_when_no_path_fits_the_batch_auto_halves_the_tasks_per_backward(monkeypatch, caplog):
+    # Two tasks' graphs fit, eight do not (on either path): the path timing halves 8 -> 4 -> 2,
+    # chooses a path at 2, and this short run trains in groups of 2 without running out.
+    memory_for(monkeypatch, 2)
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05)
+    trainer = fit_logged(model, 3, caplog)
+    assert trainer.global_step == 3 and model.tasks_per_backward == 2
+    assert set(model.batching_timings) == {"vmap", "loop"}  # timed at 2, where both fit
+    text = caplog.text
+    assert "out of memory on every path with 8 tasks per backward pass (vmap, loop); tasks_per_backward='auto' " \
+           "tries 4" in text
+    assert "with 4 tasks per backward pass (vmap, loop); tasks_per_backward='auto' tries 2" in text
+    assert "keeps groups of 2 of its 8 tasks untimed" in text
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_timed_run_times_only_the_groups_that_fit(monkeypatch, caplog):
+    monkeypatch.setattr(MAML, "group_timing_min_steps", 0)
+    memory_for(monkeypatch, 3)
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05)
+    trainer = fit_logged(model, 3, caplog)
+    assert trainer.global_step == 3
+    # The path was timed at 2 tasks per backward pass (8 and 4 ran out); the group timing starts there.
+    assert list(model.group_timings) == ["2", "1"] and model.tasks_per_backward in (2, 1)
+
+
+def test_the_group_timing_skips_a_size_that_runs_out(monkeypatch, caplog):
+    def fake(self, batch, size, trainable):
+        if size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {2: 1.0, 1: 1.02}[size], None
+
+    monkeypatch.setattr(MAML, "_timed_group_step", fake)
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    log = captured(caplog)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert model.choose_tasks_per_backward(regression_batch(8), force=True) == 1
+    finally:
+        log.removeHandler(caplog.handler)
+    assert list(model.group_timings) == ["2", "1"]
+    assert "whole batch out of memory, 4 out of memory, 2 1000.0 ms, 1 1020.0 ms" in caplog.text
+    # Not even one task fits: the error, naming what to change.
+    monkeypatch.setattr(MAML, "_timed_group_step",
+                        lambda self, batch, size, trainable: (_ for _ in ()).throw(torch.OutOfMemoryError("out")))
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
+    with pytest.raises(torch.OutOfMemoryError, match=r"MAML ran out of memory holding 1 task' graphs"):
+        model.choose_tasks_per_backward(regression_batch(8), force=True)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_path_that_runs_out_is_left_out(monkeypatch, caplog):
+    memory_for(monkeypatch, 0, paths={"vmap"})
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05)
+    trainer = fit_logged(model, 2, caplog)
+    assert trainer.global_step == 2 and model.batching == "loop" and model.tasks_per_backward is None
+    assert set(model.batching_timings) == {"loop"}
+    assert "batching='auto' leaves out 'vmap': out of memory with 8 tasks per backward pass" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_set_group_size_that_does_not_fit_stops_with_what_to_change(monkeypatch):
+    memory_for(monkeypatch, 2)
+    model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, tasks_per_backward=4)
+    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory.*\n"
+                                                     r"MAML ran out of memory holding 4 tasks' graphs for one backward "
+                                                     r"pass\. Fewer at a time give the same gradient: "
+                                                     r"tasks_per_backward=N"):
+        quiet_trainer(max_steps=2, limit_val_batches=0).fit(
+            model, SinusoidDataModule(meta_batch_size=8, train_tasks=16, num_workers=0))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_command_adds_what_to_change_to_an_out_of_memory_error(monkeypatch, cli, tmp_path):
+    # A step that runs out of memory where nothing was timed (batching fixed): the error reaches
+    # the command with its traceback and a note on what lowers a step's memory.
+    from fewshot_lightning.cli import OUT_OF_MEMORY_NOTE
+    from test_cli import SINUSOID
+
+    memory_for(monkeypatch, 0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", "--model.init_args.batching", "vmap",
+            "--model.init_args.tasks_per_backward", "null", "--data.init_args.val_tasks", "5")
+    assert OUT_OF_MEMORY_NOTE in getattr(raised.value, "__notes__", [])
+    assert "--model.init_args.tasks_per_backward N" in OUT_OF_MEMORY_NOTE

@@ -120,7 +120,11 @@ class MAML(MetaLearner):
             planned length (no trainer, no ``max_steps`` or ``max_epochs``), keeps the whole
             batch untimed. The timing runs the whole batch's step (as ``batching="auto"``'s
             does), so the run's peak is still the whole batch's: to cap it, set a number, which
-            the timed steps of ``batching="auto"`` then keep too. On the 2-core CPU of
+            the timed steps of ``batching="auto"`` then keep too. Where a timed step runs out of
+            memory (a GPU's ``torch.OutOfMemoryError``), that path or size is left out, and if
+            no path fits the whole batch, "auto" halves the tasks per backward pass until one
+            does, in a short run too (logged); a set number that does not fit stops the run
+            with that error, saying what to change. On the 2-core CPU of
             docs/benchmarks.md, second-order Conv4-64 MAML on the Kanji config's 32 tasks
             (``benchmarks/speed.py``): the whole batch at once peaked at 567-582 MiB RSS, groups
             of 4 at 135 MiB in 1.03x to 1.05x the time, one task at a time at 52 MiB (as much
@@ -344,7 +348,7 @@ class MAML(MetaLearner):
         the first training batch (see the argument, and :meth:`choose_tasks_per_backward`)."""
         if self.tasks_per_backward_auto and self._group_decision is not True \
                 and self._group_decision != id(self._trainer):
-            self.choose_tasks_per_backward(batch)
+            self.choose_tasks_per_backward(batch)  # the path first, then the group size
         return self.tasks_per_backward
 
     def planned_training_steps(self) -> Optional[float]:
@@ -370,40 +374,55 @@ class MAML(MetaLearner):
         stopping at the first size more than :data:`GROUP_MARGIN` (5%) slower than the fastest so
         far; the smallest group within 5% of the fastest is kept (one group's graph is what a
         step holds, so it holds the least memory at about the best speed). Every timing is logged,
-        with each size's peak memory on a GPU. Under DDP every process keeps process 0's choice.
-        Otherwise (a shorter run, no planned length, a batch of one task, nothing trainable) the
-        whole batch, untimed, for this run. ``force=True`` times whatever the run plans (your
+        with each size's peak memory on a GPU; a size that runs out of memory is left out (not a
+        stop), and the sizes start at the group the path was timed at when the whole batch ran
+        out of memory on every path (:meth:`_fewer_tasks_per_backward`). Under DDP every process
+        keeps process 0's choice. Otherwise (a shorter run, no planned length, a batch of one
+        task, nothing trainable) the whole batch, or that group, untimed, for this run. ``force=True`` times whatever the run plans (your
         own training loop, a benchmark): the choice then holds until the module is rebuilt."""
+        # The path first (timed at the whole batch, or at fewer tasks if the whole batch ran out
+        # of memory on every path: then tasks_per_backward holds that many).
+        self.choose_batching(batch)
         planned = self.planned_training_steps()
         trainable = [p for p in self.parameters() if p.requires_grad]
         tasks = batch.num_tasks
         if tasks < 2 or not trainable or (
                 not force and (planned is None or planned < self.group_timing_min_steps)):
-            self.tasks_per_backward = None
             self._group_decision = id(self._trainer)
             if self._trainer is not None and planned is not None and tasks >= 2 and trainable:
+                held = self._tasks_per_graph(batch)
+                kept = f"the whole batch of {tasks} tasks" if held >= tasks else f"groups of {held} of its {tasks} tasks"
                 rank_zero_info(
-                    f"{type(self).__name__}: tasks_per_backward='auto' keeps the whole batch of {tasks} tasks untimed: "
-                    f"this run plans {planned:.0f} training steps, fewer than group_timing_min_steps="
-                    f"{self.group_timing_min_steps} (timing group sizes takes up to two steps a size)."
+                    f"{type(self).__name__}: tasks_per_backward='auto' keeps {kept} untimed: this run plans "
+                    f"{planned:.0f} training steps, fewer than group_timing_min_steps={self.group_timing_min_steps} "
+                    "(timing group sizes takes up to two steps a size)."
                 )
-            return None
-        self.choose_batching(batch)
-        sizes = [tasks]
+            return self.tasks_per_backward
+        sizes = [self._tasks_per_graph(batch)]
         while sizes[-1] > 1:
             sizes.append(-(-sizes[-1] // 2))
         timings: Dict[int, float] = {}
         peaks: Dict[int, float] = {}
+        exhausted: Dict[int, str] = {}  # sizes that ran out of memory (their message)
         stopped = None
         with torch.inference_mode(False), torch.enable_grad():
             for size in sizes:
-                runs = [self._timed_group_step(batch, size, trainable) for _ in range(2)]
-                timings[size] = min(seconds for seconds, _ in runs)
-                if runs[0][1] is not None:
-                    peaks[size] = max(peak for _, peak in runs)
-                if timings[size] > (1 + GROUP_MARGIN) * min(timings.values()):
-                    stopped = size
-                    break
+                try:
+                    runs = [self._timed_group_step(batch, size, trainable) for _ in range(2)]
+                except RuntimeError as error:
+                    if not out_of_memory(error):
+                        raise
+                    exhausted[size] = str(error)
+                else:
+                    timings[size] = min(seconds for seconds, _ in runs)
+                    if runs[0][1] is not None:
+                        peaks[size] = max(peak for _, peak in runs)
+                    if timings[size] > (1 + GROUP_MARGIN) * min(timings.values()):
+                        stopped = size
+                        break
+                release_memory(batch.support_x.device)
+        if not timings:
+            raise torch.OutOfMemoryError(f"{exhausted[1]}\n{out_of_memory_hint(type(self).__name__, 1)}")
         fastest = min(timings.values())
         chosen = min(size for size, seconds in timings.items() if seconds <= (1 + GROUP_MARGIN) * fastest)
         group = None if chosen >= tasks else chosen
@@ -419,8 +438,9 @@ class MAML(MetaLearner):
 
         self.group_timings = {name(size): 1000 * seconds for size, seconds in timings.items()}
         shown = ", ".join(
-            f"{name(size)} {1000 * seconds:.1f} ms" + (f" {peaks[size] / 2**20:.0f} MiB peak" if size in peaks else "")
-            for size, seconds in timings.items())
+            f"{name(size)} " + ("out of memory" if size in exhausted else f"{1000 * timings[size]:.1f} ms")
+            + (f" {peaks[size] / 2**20:.0f} MiB peak" if size in peaks else "")
+            for size in sorted(set(timings) | set(exhausted), reverse=True))
         stop = (f"; {stopped} was more than {GROUP_MARGIN:.0%} slower than the fastest, so no smaller group was tried"
                 if stopped is not None and stopped > 1 else "")
         rank_zero_info(
@@ -951,6 +971,10 @@ class MAML(MetaLearner):
         (empty when there was nothing to time); logs the decision."""
         candidates = self._candidates()
         timings: Dict[Tuple[str, str], List[float]] = {}
+        # Training's candidates that ran out of memory (a GPU's): dropped from the choice; if
+        # every one did, "auto" groups the tasks (below). The message only: the error's frames
+        # would hold the failed step's tensors.
+        exhausted: Dict[Tuple[str, str], str] = {}
         with torch.inference_mode(False), torch.enable_grad():
             if batch.support_x.is_inference():
                 batch = TaskBatch(*(t.clone() for t in batch))
@@ -960,21 +984,42 @@ class MAML(MetaLearner):
                     self._timed_step(batch, *candidates[0], evaluation=evaluation)
                     self._vmap_runs = True
                 except (RuntimeError, ValueError) as error:
-                    warnings.warn(
-                        f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({error}); adapting tasks "
-                        "one by one instead. Pass batching='loop' to skip this attempt.",
-                        stacklevel=3,
-                    )
-                    self._vmap_runs = False
-                    candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
+                    if out_of_memory(error) and not evaluation:
+                        exhausted[candidates[0]] = str(error)
+                    else:
+                        warnings.warn(
+                            f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({error}); adapting "
+                            "tasks one by one instead. Pass batching='loop' to skip this attempt.",
+                            stacklevel=3,
+                        )
+                        self._vmap_runs = False
+                        candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
+                if exhausted:
+                    release_memory(batch.support_x.device)
             if len(candidates) > 1:
-                timings = {candidate: [] for candidate in candidates}
+                timings = {candidate: [] for candidate in candidates if candidate not in exhausted}
                 for _ in range(2):
-                    for candidate in candidates:
-                        timings[candidate].append(self._timed_step(batch, *candidate, evaluation=evaluation))
+                    for candidate in list(timings):
+                        try:
+                            timings[candidate].append(self._timed_step(batch, *candidate, evaluation=evaluation))
+                        except RuntimeError as error:
+                            if evaluation or not out_of_memory(error):
+                                raise
+                            exhausted[candidate] = str(error)
+                            del timings[candidate]
+                        if candidate in exhausted:
+                            release_memory(batch.support_x.device)
+        if exhausted and not timings:
+            # Not one path fits this many tasks' graphs at once.
+            return self._fewer_tasks_per_backward(batch, exhausted)
         if not timings:
             return (*candidates[0], {})
         best = {candidate: min(times) for candidate, times in timings.items()}
+        if exhausted:
+            rank_zero_info(
+                f"{type(self).__name__}: batching='auto' leaves out {', '.join(repr(path_name(*c)) for c in exhausted)}: "
+                f"out of memory with {self._tasks_per_graph(batch)} tasks per backward pass."
+            )
         judged = dict(best)
         if any(memory_format == "contiguous" for _, memory_format in judged):
             # The copy of the weights into the other layout must pay for itself clearly: within
@@ -1001,6 +1046,28 @@ class MAML(MetaLearner):
                 step=self.global_step if self._trainer is not None else 0,
             )
         return batching, memory_format, milliseconds
+
+    def _tasks_per_graph(self, batch: TaskBatch) -> int:
+        """How many tasks' graphs a training step holds at once: the group size, else the batch."""
+        group = self.tasks_per_backward
+        return batch.num_tasks if group is None else min(group, batch.num_tasks)
+
+    def _fewer_tasks_per_backward(self, batch: TaskBatch, exhausted: Dict[Tuple[str, str], str]
+                                  ) -> Tuple[str, str, Dict[str, float]]:
+        """Every candidate path ran out of memory timing a training step: under
+        ``tasks_per_backward="auto"`` try again with groups of half as many tasks (down to one),
+        else raise the out-of-memory error, with what to change."""
+        held = self._tasks_per_graph(batch)
+        if not self.tasks_per_backward_auto or held <= 1:
+            message = next(iter(exhausted.values()))
+            raise torch.OutOfMemoryError(f"{message}\n{out_of_memory_hint(type(self).__name__, held)}")
+        self.tasks_per_backward = -(-held // 2)
+        rank_zero_info(
+            f"{type(self).__name__}: out of memory on every path with {held} tasks per backward pass "
+            f"({', '.join(path_name(*c) for c in exhausted)}); tasks_per_backward='auto' tries "
+            f"{self.tasks_per_backward}."
+        )
+        return self._timed_choice(batch, evaluation=False)
 
     def _timed_step(self, batch: TaskBatch, batching: str, memory_format: str = "contiguous",
                     evaluation: bool = False) -> float:
@@ -1046,6 +1113,27 @@ def timing_signature(device: torch.device) -> str:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name() or platform.machine()
     return f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed for want of memory: a GPU's
+    ``torch.OutOfMemoryError``, or the CPU allocator's refusal (a ``RuntimeError``)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def out_of_memory_hint(learner: str, tasks: int) -> str:
+    """What to change when a training step of ``tasks`` tasks' graphs does not fit."""
+    return (f"{learner} ran out of memory holding {tasks} task{'s' if tasks != 1 else ''}' graphs for one backward "
+            "pass. Fewer at a time give the same gradient: tasks_per_backward=N "
+            "(--model.init_args.tasks_per_backward N; 'auto' halves it until a step fits), or a smaller "
+            "--data.init_args.meta_batch_size.")
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand a GPU's cached blocks back after a step that ran out of memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def path_name(batching: str, memory_format: str) -> str:
