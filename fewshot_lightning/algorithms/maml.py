@@ -378,8 +378,9 @@ class MAML(MetaLearner):
         stop), and the sizes start at the group the path was timed at when the whole batch ran
         out of memory on every path (:meth:`_fewer_tasks_per_backward`). Under DDP every process
         keeps process 0's choice. Otherwise (a shorter run, no planned length, a batch of one
-        task, nothing trainable) the whole batch, or that group, untimed, for this run. ``force=True`` times whatever the run plans (your
-        own training loop, a benchmark): the choice then holds until the module is rebuilt."""
+        task, nothing trainable) the whole batch, or that group, untimed, for this run.
+        ``force=True`` times whatever the run plans (your own training loop, a benchmark): the
+        choice then holds until the module is rebuilt."""
         # The path first (timed at the whole batch, or at fewer tasks if the whole batch ran out
         # of memory on every path: then tasks_per_backward holds that many).
         self.choose_batching(batch)
@@ -853,7 +854,9 @@ class MAML(MetaLearner):
 
         vmap must first run the model at all; then one full training step (adaptation, query
         loss, meta-gradient; in groups when ``tasks_per_backward`` sets a number, as training will
-        run it) is timed on each candidate path, twice, and the fastest (by its better time) is kept for the rest of the run; a channels-last path must beat the
+        run it) is timed on each candidate path, twice, and the fastest (by its better time) is
+        kept for the rest of the run (a path that runs out of memory is left out: see
+        :meth:`_fewer_tasks_per_backward` for when all do); a channels-last path must beat the
         channels-first ones by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing
         noise decides, keeps the layout the module has. All paths give the same numbers to
         rounding, so the choice only changes speed. The decision and every timing are logged.
