@@ -74,31 +74,24 @@ def test_without_a_planned_run_the_whole_batch_untimed(monkeypatch):
     assert asked == [] and model.tasks_per_backward is None and model.group_timings == {}
 
 
-def fit(model, steps, tmp_path=None, **kwargs):
+def fit(model, steps, tmp_path=None, meta_batch=6, ckpt_path=None):
+    """``steps`` training steps of sinusoid tasks, ``meta_batch`` a step; with ``tmp_path``,
+    checkpoints saved there (and resumed from ``ckpt_path``). Lightning's log lines reach
+    ``caplog`` (conftest's autouse fixture); at INFO inside ``caplog.at_level(logging.INFO)``."""
     options = dict(max_steps=steps, limit_val_batches=0)
-    options.update(kwargs)
     trainer = quiet_trainer(**options) if tmp_path is None else L.Trainer(
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **options)
-    trainer.fit(model, SinusoidDataModule(meta_batch_size=6, train_tasks=6 * max(steps, 1), num_workers=0))
+    trainer.fit(model, SinusoidDataModule(meta_batch_size=meta_batch, train_tasks=meta_batch * max(steps, 1),
+                                          num_workers=0), ckpt_path=ckpt_path)
     return trainer
-
-
-def captured(caplog):
-    lightning_log = logging.getLogger("lightning.pytorch")  # does not propagate to the root logger
-    lightning_log.addHandler(caplog.handler)
-    return lightning_log
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_a_short_run_keeps_the_whole_batch_and_says_so(monkeypatch, caplog):
     asked = with_timings(monkeypatch, {})
     model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
-    log = captured(caplog)
-    try:
-        with caplog.at_level(logging.INFO):
-            fit(model, 3)
-    finally:
-        log.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO):
+        fit(model, 3)
     assert asked == [] and model.tasks_per_backward is None
     assert "tasks_per_backward='auto' keeps the whole batch of 6 tasks untimed: this run plans 3 training steps, " \
            "fewer than group_timing_min_steps=200" in caplog.text
@@ -114,13 +107,9 @@ def test_a_planned_run_times_real_steps_and_follows_the_rule(monkeypatch, caplog
     images, labels = torch.rand(120, 1, 16, 16), torch.arange(20).repeat_interleave(6)
     data = EpisodicDataModule(images, labels, ways=3, shots=1, queries=2, meta_batch_size=8, train_tasks=32,
                               val_tasks=8, test_tasks=8, split_fractions=(0.6, 0.2, 0.2), num_workers=0)
-    log = captured(caplog)
-    try:
-        with caplog.at_level(logging.INFO):
-            trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
-            trainer.fit(model, data)
-    finally:
-        log.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO):
+        trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
+        trainer.fit(model, data)
     timings = {8 if name == "whole batch" else int(name): ms for name, ms in model.group_timings.items()}
     sizes = list(timings)
     assert sizes == [8, 4, 2, 1][:len(sizes)] and len(sizes) >= 2
@@ -171,15 +160,11 @@ def test_a_resumed_run_keeps_the_choice_untimed(monkeypatch, tmp_path):
     # Resumed on a machine where every group times alike (the rule would now pick 1): it is not timed.
     asked = with_timings(monkeypatch, {6: 1.0, 3: 1.0, 2: 1.0, 1: 1.0})
     resumed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
-    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(resumed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=checkpoint)
+    trainer = fit(resumed, 4, tmp_path, ckpt_path=checkpoint)
     assert trainer.global_step == 4 and asked == [] and resumed.tasks_per_backward == 2
     # A fixed setting is kept as given, whatever the checkpoint says.
     fixed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap", tasks_per_backward=3)
-    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(fixed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=checkpoint)
+    trainer = fit(fixed, 4, tmp_path, ckpt_path=checkpoint)
     assert fixed.tasks_per_backward == 3 and asked == []
     # A checkpoint saved before 'auto' existed (no record of it) ran the whole batch: so does its resumption.
     saved = torch.load(checkpoint, weights_only=False)
@@ -187,9 +172,7 @@ def test_a_resumed_run_keeps_the_choice_untimed(monkeypatch, tmp_path):
     old = tmp_path / "old.ckpt"
     torch.save(saved, old)
     resumed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
-    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(resumed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=old)
+    trainer = fit(resumed, 4, tmp_path, ckpt_path=old)
     assert trainer.global_step == 4 and asked == [] and resumed.tasks_per_backward is None
 
 
@@ -206,9 +189,7 @@ def test_a_short_runs_checkpoint_resumes_on_the_whole_batch(monkeypatch, tmp_pat
     monkeypatch.setattr(MAML, "group_timing_min_steps", 0)
     asked = with_timings(monkeypatch, {6: 1.0, 3: 1.0, 2: 1.0, 1: 1.0})
     resumed = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
-    trainer = L.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(resumed, SinusoidDataModule(meta_batch_size=6, train_tasks=24, num_workers=0), ckpt_path=checkpoint)
+    trainer = fit(resumed, 4, tmp_path, ckpt_path=checkpoint)
     assert trainer.global_step == 4 and asked == [] and resumed.tasks_per_backward is None
 
 
@@ -267,16 +248,9 @@ def memory_for(monkeypatch, tasks, paths=None):
     monkeypatch.setattr(MAML, "training_losses", losses)
 
 
-def fit_logged(model, steps, caplog, meta_batch=8):
-    log = captured(caplog)
-    try:
-        with caplog.at_level(logging.INFO):
-            trainer = quiet_trainer(max_steps=steps, limit_val_batches=0)
-            trainer.fit(model, SinusoidDataModule(meta_batch_size=meta_batch, train_tasks=meta_batch * steps,
-                                                  num_workers=0))
-    finally:
-        log.removeHandler(caplog.handler)
-    return trainer
+def fit_logged(model, steps, caplog):
+    with caplog.at_level(logging.INFO):
+        return fit(model, steps, meta_batch=8)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -314,12 +288,8 @@ def test_the_group_timing_skips_a_size_that_runs_out(monkeypatch, caplog):
 
     monkeypatch.setattr(MAML, "_timed_group_step", fake)
     model = MAML(MLP(1, (8, 8), 1), inner_lr=0.05, batching="vmap")
-    log = captured(caplog)
-    try:
-        with caplog.at_level(logging.INFO):
-            assert model.choose_tasks_per_backward(regression_batch(8), force=True) == 1
-    finally:
-        log.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO):
+        assert model.choose_tasks_per_backward(regression_batch(8), force=True) == 1
     assert list(model.group_timings) == ["2", "1"]
     assert "whole batch out of memory, 4 out of memory, 2 1000.0 ms, 1 1020.0 ms" in caplog.text
     # Not even one task fits: the error, naming what to change.
@@ -348,8 +318,7 @@ def test_a_set_group_size_that_does_not_fit_stops_with_what_to_change(monkeypatc
                                                      r"MAML ran out of memory holding 4 tasks' graphs for one backward "
                                                      r"pass\. Fewer at a time give the same gradient: "
                                                      r"tasks_per_backward=N"):
-        quiet_trainer(max_steps=2, limit_val_batches=0).fit(
-            model, SinusoidDataModule(meta_batch_size=8, train_tasks=16, num_workers=0))
+        fit(model, 2, meta_batch=8)
 
 
 @pytest.mark.filterwarnings("ignore")
