@@ -414,6 +414,7 @@ class MAML(MetaLearner):
                     if not out_of_memory(error):
                         raise
                     exhausted[size] = str(error)
+                    release_memory(batch.support_x.device)
                 else:
                     timings[size] = min(seconds for seconds, _ in runs)
                     if runs[0][1] is not None:
@@ -421,7 +422,6 @@ class MAML(MetaLearner):
                     if timings[size] > (1 + GROUP_MARGIN) * min(timings.values()):
                         stopped = size
                         break
-                release_memory(batch.support_x.device)
         if not timings:
             raise torch.OutOfMemoryError(f"{exhausted[1]}\n{out_of_memory_hint(type(self).__name__, 1)}")
         fastest = min(timings.values())
@@ -458,6 +458,19 @@ class MAML(MetaLearner):
             )
         return group
 
+    def _step_gradients(self, batch: TaskBatch, group: Optional[int], trainable: list,
+                        batching: Optional[str] = None) -> None:
+        """A training step's loss and meta-gradient (discarded: nothing is written to ``.grad``),
+        the backward pass in groups of ``group`` tasks as :meth:`~.base.MetaLearner.grouped_loss`
+        runs it, or the whole batch's (``None``, or a group as large); ``batching`` as
+        :meth:`training_losses` takes it."""
+        if group is not None and group < batch.num_tasks:
+            self._group_gradients(batch, group, trainable, None,
+                                  losses_of=lambda part: self.training_losses(part, batching))
+        else:
+            loss = self.training_losses(batch, batching)[0].mean()
+            torch.autograd.grad(loss, trainable, allow_unused=True)
+
     def _timed_group_step(self, batch: TaskBatch, size: int, trainable: list) -> Tuple[float, Optional[float]]:
         """Seconds one training step's loss and meta-gradient take with the backward pass in
         groups of ``size`` tasks (the whole batch if ``size`` is its size), and on a GPU the
@@ -468,12 +481,7 @@ class MAML(MetaLearner):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        if size >= batch.num_tasks:
-            loss = self.training_losses(batch)[0].mean()
-            torch.autograd.grad(loss, trainable, allow_unused=True)
-            del loss
-        else:
-            self._group_gradients(batch, size, trainable, None)
+        self._step_gradients(batch, size, trainable)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -922,13 +930,8 @@ class MAML(MetaLearner):
         elif fn == "fit":
             # Validations up to the end of training, estimated: every val_check_batch training
             # batches of every check_val_every_n_epoch-th epoch (exact for step-counted runs).
-            every, per_epoch = trainer.val_check_batch, trainer.num_training_batches
-            steps = trainer.max_steps
-            if steps is None or steps < 0:
-                epochs = trainer.max_epochs
-                steps = epochs * per_epoch if epochs is not None and epochs > 0 else None
-            if steps is None or not math.isfinite(steps) or not isinstance(every, (int, float)) \
-                    or not math.isfinite(every) or every < 1:
+            every, steps = trainer.val_check_batch, self.planned_training_steps()
+            if steps is None or not isinstance(every, (int, float)) or not math.isfinite(every) or every < 1:
                 return None
             validations = max(1, int(steps // every) // (trainer.check_val_every_n_epoch or 1))
             return float(sum(trainer.num_val_batches) * validations)
@@ -1084,16 +1087,10 @@ class MAML(MetaLearner):
                 with torch.no_grad():  # as _evaluate runs it: no outer graph
                     self._adapted_query_outputs(batch)
             else:
+                # As the training step will run: a group's graph at a time. A group size set to
+                # fit the memory must hold for the timing too, not only after it.
                 trainable = [p for p in self.parameters() if p.requires_grad]
-                group = self.tasks_per_backward
-                if group is not None and group < batch.num_tasks:
-                    # As the training step will run: a group's graph at a time. A group size set
-                    # to fit the memory must hold for the timing too, not only after it.
-                    self._group_gradients(batch, group, trainable, None,
-                                          losses_of=lambda part: self.training_losses(part, batching))
-                else:
-                    loss = self.training_losses(batch, batching)[0].mean()
-                    torch.autograd.grad(loss, trainable, allow_unused=True)
+                self._step_gradients(batch, self.tasks_per_backward, trainable, batching)
             synchronize(device)
             return time.perf_counter() - start
 
