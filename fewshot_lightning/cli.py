@@ -49,6 +49,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import allocator
 from .algorithms import MetaLearner
+from .algorithms.maml import out_of_memory
 from .callbacks import NonFiniteError, NonFiniteGuard, PredictionWriter
 from .data import TaskDataModule
 
@@ -467,12 +468,6 @@ OUT_OF_MEMORY_NOTE = (
 )
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    from .algorithms.maml import out_of_memory
-
-    return out_of_memory(error)
-
-
 def main(args: Optional[List[str]] = None) -> None:
     _quiet_known_warnings()
     run_folder = RunFolder()
@@ -482,7 +477,9 @@ def main(args: Optional[List[str]] = None) -> None:
         run_folder.remove_if_unused()
         reported = _user_error(error)
         if reported is None or os.environ.get(TRACEBACK_VARIABLE):
-            if _out_of_memory(error) and not any("tasks_per_backward" in note for note in getattr(error, "__notes__", ())):
+            # Unless it already says so (MAML's own, raised when no group size fits, does).
+            said = [str(error), *getattr(error, "__notes__", ())]
+            if out_of_memory(error) and not any("tasks_per_backward" in text for text in said):
                 error.add_note(OUT_OF_MEMORY_NOTE)
             raise
         sys.stderr.write(_short_report(reported))

@@ -335,3 +335,8 @@ def test_the_command_adds_what_to_change_to_an_out_of_memory_error(monkeypatch, 
             "--model.init_args.tasks_per_backward", "null", "--data.init_args.val_tasks", "5")
     assert OUT_OF_MEMORY_NOTE in getattr(raised.value, "__notes__", [])
     assert "--model.init_args.tasks_per_backward N" in OUT_OF_MEMORY_NOTE
+    # Not even one task fits on any path: MAML's own error already says what to change; the
+    # command adds no second note saying it again.
+    with pytest.raises(torch.OutOfMemoryError, match=r"MAML ran out of memory holding 1 task' graphs") as raised:
+        cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", "--data.init_args.val_tasks", "5")
+    assert OUT_OF_MEMORY_NOTE not in getattr(raised.value, "__notes__", [])
