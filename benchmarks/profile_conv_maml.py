@@ -1,20 +1,24 @@
 """Where one convolutional MAML meta-iteration spends its time (issue 12).
 
-Conv4-64 with batch norm, 28x28, 5-way 1-shot 15 queries, 8 tasks, 1 inner step, second order:
-the ``conv4-64-bn`` case of ``benchmarks/speed.py``, on the loop (``--memory-format
-channels_last``: with channels-last weights, the path ``batching="auto"`` took on the 2-core CPU
-of ``docs/benchmarks.md``). Two views of the same iteration:
+A case of ``benchmarks/speed.py`` (``--case``): ``conv4-64-bn`` (the default: Conv4-64 with batch
+norm, 28x28, 5-way 1-shot 15 queries, 8 tasks, 1 inner step, second order) or ``mini``
+(Conv4-32 with batch norm on 84x84x3, 5-way 5-shot 15 queries, 4 tasks, 5 inner steps), on the
+path given (``--batching``, ``--memory-format``; ``--tasks-per-backward N`` accumulates the
+meta-gradient N tasks at a time). ``--batch-norm pytorch`` runs the model's batch-norm layers on
+``F.batch_norm`` instead of ``fewshot_lightning.models.batch_norm`` (same values and
+derivatives; PyTorch's double backward). Two views of the same iteration:
 
-1. phases, timed with the phase boundaries synchronised: support forward, inner gradient
-   (``autograd.grad`` with ``create_graph``), the update, query forward under the adapted
-   weights, outer backward (through the inner gradient: the double backward), Adam step;
+1. phases (one-step cases), timed with the phase boundaries synchronised: support forward, inner
+   gradient (``autograd.grad`` with ``create_graph``), the update, query forward under the
+   adapted weights, outer backward (through the inner gradient: the double backward), Adam step;
    built from the same public pieces ``MAML.trajectory`` uses (``initial_params``,
    ``functional``), so it is our step taken apart, not another implementation;
 2. operators: ``torch.profiler`` self time per ATen operator over whole iterations
    (``MAML.training_step`` + backward + step), the convolutions' forward, backward and
-   double-backward kernels among them.
+   double-backward kernels among them; ``--shapes`` splits each operator by its input shapes.
 
-    python benchmarks/profile_conv_maml.py [--iterations 10] [--batching loop] [--memory-format contiguous] [--threads 2]
+    python benchmarks/profile_conv_maml.py [--case mini] [--iterations 10] [--batching loop] [--memory-format contiguous]
+        [--batch-norm ours] [--tasks-per-backward N] [--shapes] [--threads 2]
 """
 from __future__ import annotations
 
@@ -28,9 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.algorithms.base import per_task_loss
-from fewshot_lightning.models import Conv4
 from maml_step_time import cpu_name
-from speed import image_batch
+from speed import CASES, torch_batch_norm
 
 PHASES = ("support forward", "inner gradient", "update", "query forward", "outer backward", "Adam step")
 
@@ -67,60 +70,85 @@ def phase_times(model: MAML, optimizer, batch, batching: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="conv4-64-bn", choices=("conv4-64-bn", "mini"))
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--batching", default="loop", choices=("loop", "vmap"))
     parser.add_argument("--memory-format", default="contiguous", choices=("contiguous", "channels_last"))
+    parser.add_argument("--batch-norm", default="ours", choices=("ours", "pytorch"),
+                        help="ours: fewshot_lightning.models.batch_norm (the default of our layers); pytorch: F.batch_norm")
+    parser.add_argument("--tasks-per-backward", type=int, default=None)
+    parser.add_argument("--shapes", action="store_true", help="operators split by input shapes")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--cpu-allocator", choices=("system", "keep"), default="system",
+                        help="keep: glibc keeps freed memory, as the fewshot-lightning command does on the CPU")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_allocator == "keep":
+        from fewshot_lightning.allocator import keep_freed_memory
+
+        keep_freed_memory()
     torch.manual_seed(0)
-    model = MAML(Conv4(hidden=64, out_features=5), inner_lr=0.4, inner_steps=1, batching=args.batching,
-                 memory_format=args.memory_format)
+    case = CASES[args.case]
+    model = MAML(torch_batch_norm(case.build(), use=args.batch_norm == "pytorch"), inner_lr=case.inner_lr,
+                 inner_steps=case.steps, first_order=case.first_order, batching=args.batching,
+                 memory_format=args.memory_format, tasks_per_backward=args.tasks_per_backward)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    make = image_batch(8, 5, 1, 15, 1, 28)
-    batches = [make(seed, "cpu") for seed in range(args.iterations + 2)]
+    batches = [case.batch(seed, "cpu") for seed in range(args.iterations + 2)]
     print(f"Machine: {cpu_name()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f}")
-    print(f"Conv4-64-bn MAML, 5w1s15q 28x28, 8 tasks, 1 step, second order, batching={args.batching}, "
-          f"memory_format={args.memory_format}; "
-          f"median of {args.iterations} iterations after 2 warm-up\n")
+          f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f}, CPU allocator {args.cpu_allocator}")
+    print(f"{args.case}: {case.tasks} tasks, {case.steps} inner step(s), "
+          f"{'first' if case.first_order else 'second'} order, batching={args.batching}, "
+          f"memory_format={args.memory_format}, batch norm {args.batch_norm}, tasks_per_backward="
+          f"{args.tasks_per_backward}; median of {args.iterations} iterations after 2 warm-up\n")
 
-    samples = {name: [] for name in PHASES}
-    whole = []
-    for index, batch in enumerate(batches):
-        start = time.perf_counter()
-        times = phase_times(model, optimizer, batch, args.batching)
-        elapsed = time.perf_counter() - start
-        if index >= 2:
-            whole.append(elapsed)
-            for name in PHASES:
-                samples[name].append(times[name])
-    total = statistics.median(whole)
-    print("| phase | ms | share |")
-    print("|---|---:|---:|")
-    for name in PHASES:
-        ms = 1000 * statistics.median(samples[name])
-        print(f"| {name} | {ms:.1f} | {100 * ms / (1000 * total):.0f}% |")
-    print(f"| whole iteration | {1000 * total:.1f} | 100% |\n")
-
-    # Operators over whole iterations of the real training step.
     def iteration(batch) -> None:
-        loss = model.training_step(batch, 0)
+        loss = model.training_step(batch, 0)  # in groups of tasks: their gradients, handed over by backward
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
+    if case.steps == 1 and args.tasks_per_backward is None:
+        samples = {name: [] for name in PHASES}
+        whole = []
+        for index, batch in enumerate(batches):
+            start = time.perf_counter()
+            times = phase_times(model, optimizer, batch, args.batching)
+            elapsed = time.perf_counter() - start
+            if index >= 2:
+                whole.append(elapsed)
+                for name in PHASES:
+                    samples[name].append(times[name])
+        total = statistics.median(whole)
+        print("| phase | ms | share |")
+        print("|---|---:|---:|")
+        for name in PHASES:
+            ms = 1000 * statistics.median(samples[name])
+            print(f"| {name} | {ms:.1f} | {100 * ms / (1000 * total):.0f}% |")
+        print(f"| whole iteration | {1000 * total:.1f} | 100% |\n")
+    else:
+        whole = []
+        for index, batch in enumerate(batches):
+            start = time.perf_counter()
+            iteration(batch)
+            if index >= 2:
+                whole.append(time.perf_counter() - start)
+        print(f"Whole iteration, without the profiler: {1000 * statistics.median(whole):.1f} ms (median)\n")
+
+    # Operators over whole iterations of the real training step.
     for batch in batches[:2]:
         iteration(batch)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         for batch in batches[2:]:
             iteration(batch)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    events = sorted(prof.key_averages(group_by_input_shape=args.shapes), key=lambda e: e.self_cpu_time_total,
+                    reverse=True)
     spent = sum(e.self_cpu_time_total for e in events)
-    print("| operator (self time) | calls / iteration | ms / iteration | share |")
-    print("|---|---:|---:|---:|")
-    for event in events[:15]:
-        print(f"| `{event.key}` | {event.count / args.iterations:.0f} | "
+    print(f"| operator (self time){' | input shapes' if args.shapes else ''} | calls / iteration | ms / iteration | share |")
+    print(f"|---{'|---' if args.shapes else ''}|---:|---:|---:|")
+    for event in events[:args.top]:
+        shapes = f" | {[list(shape) for shape in event.input_shapes if shape]}" if args.shapes else ""
+        print(f"| `{event.key}`{shapes} | {event.count / args.iterations:.0f} | "
               f"{event.self_cpu_time_total / 1000 / args.iterations:.1f} | {100 * event.self_cpu_time_total / spent:.0f}% |")
     print(f"\nAll operators: {spent / 1000 / args.iterations:.1f} ms / iteration under the profiler.")
 

@@ -10,7 +10,11 @@ computed (``learn2learn, backward per task``: its examples' loop, ``maml_miniima
 the others, which holds one task's graph at a time, so far less memory); on a model built of
 our ``ConvBlock`` both also run on a copy that keeps the maps NCHW
 (``one_task_channels_last=False``), and every "vs learn2learn" ratio is taken against the
-fastest (or, for memory, the smallest) of its contenders.
+fastest (or, for memory, the smallest) of its contenders. learn2learn runs the model with
+PyTorch's batch norm (``F.batch_norm``, what its users' ``nn.BatchNorm2d`` calls); ours with
+``fewshot_lightning.models.batch_norm``, same values and derivatives, whose double backward
+takes a few passes over the maps (``--learn2learn-our-batch-norm`` also times learn2learn on
+ours, shown beside and never a ratio's reference).
 Ours runs on each of its execution paths (``vmap``, ``loop``, and for convolutional models
 ``loop channels_last`` and ``vmap channels_last``: support passes under vmap, query passes in
 the channels-last loop; ``--paths`` picks some), and with ``--tasks-per-backward N`` also with
@@ -72,7 +76,7 @@ from fewshot_lightning.algorithms.maml import path_name
 from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import SinusoidTasks, TaskBatch
 from fewshot_lightning.models import MLP, Conv4
-from fewshot_lightning.models.blocks import ConvBlock
+from fewshot_lightning.models.blocks import ConvBlock, TaskBatchNorm2d
 
 from maml_step_time import cpu_name
 
@@ -184,8 +188,25 @@ def learn2learn(case: Case, network: nn.Module, per_task: bool = False) -> Calla
     return step
 
 
+#: Suffix of the learn2learn contenders run on our batch norm's double backward
+#: (``--learn2learn-our-batch-norm``): shown, never the reference of a ratio.
+OUR_BATCH_NORM = ", our batch norm"
+
+
+def torch_batch_norm(network: nn.Module, use: bool = True) -> nn.Module:
+    """A copy of ``network`` whose batch-norm layers of ours (``TaskBatchNorm2d``) call
+    ``F.batch_norm``, as a learn2learn user's ``nn.BatchNorm2d`` does (``use=False``: keep ours,
+    ``fewshot_lightning.models.batch_norm``, whose double backward is a few passes over the maps).
+    Same values and derivatives either way."""
+    copied = copy.deepcopy(network)
+    for layer in copied.modules():
+        if isinstance(layer, TaskBatchNorm2d):
+            layer.fused_double_backward = not use
+    return copied
+
+
 def contenders(case: Case, device: str, learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
-               groups: List[int] = ()) -> Dict[str, Callable[[TaskBatch], None]]:
+               groups: List[int] = (), learn2learn_our_batch_norm: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
     """Every contender of ``case`` by name: ours on each of ``paths`` (default: the case's), and
     with ``tasks_per_backward`` set to each of ``groups`` on the same paths
     (``"ours, <path>, tasks_per_backward=<N>"``); learn2learn summing the tasks' query losses
@@ -196,23 +217,30 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
     runs = {f"ours, {path}": ours(case, network, path) for path in (paths or case.paths)}
     runs.update({f"ours, {path}, {GROUPED}{group}": ours(case, network, path, group)
                  for path in (paths or case.paths) for group in groups})
+    # learn2learn runs the model with PyTorch's batch norm, as its users' nn.BatchNorm2d does.
+    theirs = torch_batch_norm(network)
+    has_our_batch_norm = any(isinstance(module, TaskBatchNorm2d) for module in network.modules())
     try:
-        runs["learn2learn"] = learn2learn(case, network)
-        runs["learn2learn, backward per task"] = learn2learn(case, network, per_task=True)
+        runs["learn2learn"] = learn2learn(case, theirs)
+        runs["learn2learn, backward per task"] = learn2learn(case, theirs, per_task=True)
+        if learn2learn_our_batch_norm and has_our_batch_norm:
+            runs["learn2learn" + OUR_BATCH_NORM] = learn2learn(case, torch_batch_norm(network, use=False))
         if any(isinstance(module, ConvBlock) for module in network.modules()):
             # Our ConvBlock runs a lone task's maps channels-last, and learn2learn adapts one task
             # at a time, so it inherits that choice; on a module that keeps NCHW it can be faster
             # (mini-ImageNet size, second order: twice). The ratios take the faster of the two.
-            nchw = copy.deepcopy(network)
+            nchw = copy.deepcopy(theirs)
             for block in nchw.modules():
                 if isinstance(block, ConvBlock):
                     block.one_task_channels_last = False
             runs["learn2learn, NCHW module"] = learn2learn(case, nchw)
             runs["learn2learn, NCHW module, backward per task"] = learn2learn(case, nchw, per_task=True)
+            if learn2learn_our_batch_norm and has_our_batch_norm:
+                runs["learn2learn, NCHW module" + OUR_BATCH_NORM] = learn2learn(case, torch_batch_norm(nchw, use=False))
         if learn2learn_channels_last and "loop channels_last" in case.paths:
             # What a learn2learn user can do for the same layout: convert the module.
             runs["learn2learn, module channels_last"] = learn2learn(
-                case, copy.deepcopy(network).to(memory_format=torch.channels_last))
+                case, copy.deepcopy(theirs).to(memory_format=torch.channels_last))
     except ImportError:
         pass
     return runs
@@ -257,9 +285,9 @@ def synchronize(device: str) -> None:
 
 def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int,
               learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
-              groups: List[int] = ()) -> Dict[str, float]:
+              groups: List[int] = (), learn2learn_our_batch_norm: bool = False) -> Dict[str, float]:
     """Median seconds per meta-iteration of each contender; contenders alternate every round."""
-    runs = contenders(case, device, learn2learn_channels_last, paths, groups)
+    runs = contenders(case, device, learn2learn_channels_last, paths, groups, learn2learn_our_batch_norm)
     batches = [case.batch(i, device) for i in range(iterations)]
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for round_index in range(rounds):
@@ -328,7 +356,7 @@ def contender_by_name(case: Case, name: str, device: str) -> Callable[[TaskBatch
     if GROUPED in name:
         _, path, group = name.split(", ")
         return contenders(case, device, True, [path], [int(group[len(GROUPED):])])[name]
-    return contenders(case, device, learn2learn_channels_last=True)[name]
+    return contenders(case, device, learn2learn_channels_last=True, learn2learn_our_batch_norm=True)[name]
 
 
 def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None, groups: List[int] = ()) -> Dict[str, float]:
@@ -573,7 +601,7 @@ def fit_overhead_interleaved(steps: int, block: int) -> Dict[str, object]:
 def reference_of(values: Dict[str, float]) -> Optional[float]:
     """The learn2learn figure ratios are taken against: the lowest (fastest, or least memory) of
     its contenders, so that no layout choice of ours handicaps it."""
-    theirs = [value for name, value in values.items() if name.startswith("learn2learn")]
+    theirs = [value for name, value in values.items() if name.startswith("learn2learn") and OUR_BATCH_NORM not in name]
     return min(theirs) if theirs else None
 
 
@@ -604,6 +632,9 @@ def main() -> None:
     parser.add_argument("--no-auto", action="store_true", help="skip reporting the path batching='auto' picks")
     parser.add_argument("--learn2learn-channels-last", action="store_true",
                         help="also time learn2learn on the module converted to channels-last (convolutional cases)")
+    parser.add_argument("--learn2learn-our-batch-norm", action="store_true",
+                        help="also time learn2learn on the model with our batch norm's double backward (shown, not a "
+                        "ratio's reference: learn2learn's users run PyTorch's)")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="only the tensor-peak table (exact, no timing): see tensor_peaks")
     parser.add_argument("--cpu-allocator", choices=["system", "keep"], default="system",
@@ -652,7 +683,7 @@ def main() -> None:
         if not args.no_auto:
             choices[name] = auto_choice(case, args.device)
         times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last,
-                          case_paths(name, args.paths), args.tasks_per_backward)
+                          case_paths(name, args.paths), args.tasks_per_backward, args.learn2learn_our_batch_norm)
         memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations,
                                                           args.cpu_allocator)
         reference = reference_of(times)

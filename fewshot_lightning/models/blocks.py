@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch_norm import batch_norm
+
 
 class TaskBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with per-task batch statistics.
@@ -38,15 +40,20 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
     into the other.
     """
 
+    #: Normalise with :func:`~fewshot_lightning.models.batch_norm.batch_norm`, whose double
+    #: backward (second-order MAML) is a few passes over the maps instead of PyTorch's forty;
+    #: same values and derivatives. ``False`` (on a layer or the class) uses ``F.batch_norm``.
+    fused_double_backward: bool = True
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4:
-            return super().forward(x)
+            return self._one_batch(x)
         if x.dim() != 5:
             raise ValueError(f"TaskBatchNorm2d expects [samples, tasks, C, H, W] or [N, C, H, W], got {list(x.shape)}.")
         samples, tasks, channels = x.shape[:3]
         if tasks == 1 or not (self.training or self.running_mean is None):
             # One task, or running statistics (per sample): nothing to keep apart.
-            return super().forward(x.flatten(0, 1)).view_as(x)
+            return self._one_batch(x.flatten(0, 1)).view_as(x)
         update = self.training and self.track_running_stats and self.running_mean is not None
         factor = 0.0 if self.momentum is None else self.momentum
         if update:
@@ -59,12 +66,29 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
         weight = self.weight.repeat(tasks) if self.affine else None
         bias = self.bias.repeat(tasks) if self.affine else None
         folded = x.reshape(samples, tasks * channels, *x.shape[3:])
-        out = F.batch_norm(folded, running_mean, running_var, weight, bias, True, factor, self.eps)
+        out = self.batch_norm_fn(folded, running_mean, running_var, weight, bias, True, factor, self.eps)
         if update:
             with torch.no_grad():
                 self.running_mean.copy_(running_mean.view(tasks, channels).mean(0))
                 self.running_var.copy_(running_var.view(tasks, channels).mean(0))
         return out.view_as(x)
+
+    @property
+    def batch_norm_fn(self) -> Callable[..., Tensor]:
+        return batch_norm if self.fused_double_backward else F.batch_norm
+
+    def _one_batch(self, x: Tensor) -> Tensor:
+        # nn.BatchNorm2d.forward, with self.batch_norm_fn for F.batch_norm.
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average
+                factor = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        return self.batch_norm_fn(x, self.running_mean if tracked else None, self.running_var if tracked else None,
+                                self.weight, self.bias, batch_stats, factor, self.eps)
 
 
 class ConvBlock(nn.Sequential):

@@ -166,8 +166,8 @@ class Conv4(DetachableHead, nn.Module):
                 hidden = F.conv2d(hidden, per_task(f"{conv}.weight").flatten(0, 1), None if bias is None else bias.flatten(),
                                   stride=block.stride, padding=block.padding, groups=tasks)
             weight, bias = per_task(f"{norm}.weight"), per_task(f"{norm}.bias")
-            hidden = F.batch_norm(hidden, None, None, None if weight is None else weight.flatten(),
-                                  None if bias is None else bias.flatten(), True, 0.0, block[1].eps)
+            hidden = block[1].batch_norm_fn(hidden, None, None, None if weight is None else weight.flatten(),
+                                          None if bias is None else bias.flatten(), True, 0.0, block[1].eps)
             if block.pool:
                 hidden = F.max_pool2d(hidden, 2)
             hidden = torch.relu(hidden)
