@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("--batch-norm", default="ours", choices=("ours", "pytorch"),
                         help="ours: fewshot_lightning.models.batch_norm (the default of our layers); pytorch: F.batch_norm")
     parser.add_argument("--tasks-per-backward", type=int, default=None)
-    parser.add_argument("--shapes", action="store_true", help="operators split by input shapes")
+    parser.add_argument("--shapes", action="store_true",
+                        help="operators split by input shapes (the profiler's shape records: with --case mini "
+                        "--batch-norm pytorch they took over 24 GiB on the 2-core VM of docs/benchmarks.md)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--cpu-allocator", choices=("system", "keep"), default="system",
                         help="keep: glibc keeps freed memory, as the fewshot-lightning command does on the CPU")

@@ -126,9 +126,10 @@ class ConvBlock(nn.Sequential):
 
     #: Run a single task's maps channels-last on the CPU (see ``forward``; on other devices,
     #: where it was not measured, a block keeps the layout given). Faster on a CPU for a forward
-    #: and a first-order backward; through a second-order backward on 84x84 colour images the
-    #: channels-last batch-norm double backward made a MAML step about twice as slow
-    #: (docs/benchmarks.md, mini-ImageNet rows): set ``False`` on a block, or on the class, to
+    #: and a first-order backward, and, with our batch norm's double backward
+    #: (:attr:`TaskBatchNorm2d.fused_double_backward`), for a second-order one on 84x84 colour
+    #: images; on PyTorch's it made that MAML step over twice as slow (docs/benchmarks.md,
+    #: "Batch norm's double backward"): set ``False`` on a block, or on the class, to
     #: keep the layout the maps come in. Off inside :func:`keep_layout`, which the
     #: task-by-task loop of :func:`~fewshot_lightning.inner.functional` enters unless told to
     #: run channels-last, so that MAML's choice of layout (``memory_format``) is the one run.
