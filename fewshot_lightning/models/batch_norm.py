@@ -3,17 +3,20 @@
 Second-order MAML differentiates the inner gradient, so every batch-norm layer of the inner
 forward is differentiated twice. PyTorch's double backward of batch norm
 (``batchnorm_double_backward``) is written as some forty elementwise operations over the full
-activation maps, each its own pass through memory; at mini-ImageNet size (84x84 maps) they were
-about half of a second-order MAML step on a CPU, and several times that on channels-last maps
-(docs/benchmarks.md, "Batch norm's double backward"). Every term of that derivative is a
+activation maps, each its own pass through memory; at mini-ImageNet size (84x84 maps) they took
+over a third of a second-order MAML step on a CPU (docs/benchmarks.md, "Batch norm's double
+backward"). Every term of that derivative is a
 per-channel combination of four maps (the input normalised, the output gradient, the gradient
 flowing back into the input gradient, and a constant), so :func:`batch_norm` computes it as
 five per-channel reductions and five fused multiply-adds, from the same saved tensors.
 
 The forward and the first backward are PyTorch's own kernels (``native_batch_norm`` and
 ``native_batch_norm_backward``); only the double backward is ours, and it is exact (the tests
-compare the second and third derivatives with PyTorch's in double precision; a third derivative,
-rarely asked for, is taken through the same formula with the statistics recomputed).
+compare the second derivatives with PyTorch's in double precision). A third derivative, which
+PyTorch's batch norm refuses, is taken through the same formula with the statistics recomputed
+(the tests compare it with batch norm written out in elementwise operations). A gradient that
+reaches a channels-last input in NCHW (max-pooling's backward hands one on) is converted first:
+PyTorch's CPU kernel for the first backward is about ten times slower on mixed layouts.
 """
 from __future__ import annotations
 
