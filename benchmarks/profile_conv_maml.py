@@ -89,7 +89,8 @@ def main() -> None:
     if args.cpu_allocator == "keep":
         from fewshot_lightning.allocator import keep_freed_memory
 
-        keep_freed_memory()
+        if not keep_freed_memory():
+            parser.error("--cpu-allocator keep needs glibc")
     torch.manual_seed(0)
     case = CASES[args.case]
     model = MAML(torch_batch_norm(case.build(), use=args.batch_norm == "pytorch"), inner_lr=case.inner_lr,

@@ -147,9 +147,9 @@ class _BatchNormBackward(torch.autograd.Function):
             # are recomputed from the input, so that the graph sees how they depend on it.
             var, mean = torch.var_mean(input, dims, correction=0)
             invstd = torch.rsqrt(var + ctx.eps)
-        s = invstd.to(input.dtype).view(shape)
+        s = invstd.view(shape)
         gamma = weight.view(shape) if weight is not None else torch.ones_like(s)
-        xhat = torch.addcmul((-mean.to(input.dtype)).view(shape) * s, input, s)
+        xhat = torch.addcmul(-mean.view(shape) * s, input, s)
         # A user's loss may not depend on grad_weight or grad_bias; then they are None.
         gg_w = gg_weight.view(shape) if gg_weight is not None else torch.zeros_like(s)
         gg_b = gg_bias.view(shape) if gg_bias is not None else torch.zeros_like(s)

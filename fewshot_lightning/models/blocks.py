@@ -55,11 +55,7 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
             # One task, or running statistics (per sample): nothing to keep apart.
             return self._one_batch(x.flatten(0, 1)).view_as(x)
         update = self.training and self.track_running_stats and self.running_mean is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if update:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average, as nn.BatchNorm2d
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._average_factor(update)
         # Per-task copies of the running averages, moved by F.batch_norm in place, then averaged.
         running_mean = self.running_mean.repeat(tasks) if update else None
         running_var = self.running_var.repeat(tasks) if update else None
@@ -77,14 +73,20 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
     def batch_norm_fn(self) -> Callable[..., Tensor]:
         return batch_norm if self.fused_double_backward else F.batch_norm
 
+    def _average_factor(self, update: bool) -> float:
+        """The running averages' factor for this call; with ``update``, counts the batch first (as
+        ``nn.BatchNorm2d``: ``momentum=None`` is a cumulative average over the batches counted)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if update:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
     def _one_batch(self, x: Tensor) -> Tensor:
         # nn.BatchNorm2d.forward, with self.batch_norm_fn for F.batch_norm.
         self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._average_factor(self.training and self.track_running_stats and self.num_batches_tracked is not None)
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
         return self.batch_norm_fn(x, self.running_mean if tracked else None, self.running_var if tracked else None,
