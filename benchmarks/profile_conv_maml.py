@@ -2,11 +2,16 @@
 
 A case of ``benchmarks/speed.py`` (``--case``): ``conv4-64-bn`` (the default: Conv4-64 with batch
 norm, 28x28, 5-way 1-shot 15 queries, 8 tasks, 1 inner step, second order) or ``mini``
-(Conv4-32 with batch norm on 84x84x3, 5-way 5-shot 15 queries, 4 tasks, 5 inner steps), on the
+(Conv4-32 with batch norm on 84x84x3, 5-way 5-shot 15 queries, 4 tasks, 5 inner steps; ``mini-fo``
+the same, first order), on the
 path given (``--batching``, ``--memory-format``; ``--tasks-per-backward N`` accumulates the
 meta-gradient N tasks at a time). ``--batch-norm pytorch`` runs the model's batch-norm layers on
 ``F.batch_norm`` instead of ``fewshot_lightning.models.batch_norm`` (same values and
-derivatives; PyTorch's double backward). Two views of the same iteration:
+derivatives; PyTorch's double backward), ``--max-pool pytorch`` their max-pooling on
+``nn.MaxPool2d`` instead of ``fewshot_lightning.models.max_pool`` (same values and derivatives;
+the map pooled kept for the backward). ``--contender learn2learn`` (or ``learn2learn-nchw``,
+the module's blocks keeping NCHW maps) profiles ``speed.py``'s learn2learn loop on the same case
+instead, for an operator-by-operator comparison. Two views of the same iteration:
 
 1. phases (one-step cases), timed with the phase boundaries synchronised: support forward, inner
    gradient (``autograd.grad`` with ``create_graph``), the update, query forward under the
@@ -18,7 +23,7 @@ derivatives; PyTorch's double backward). Two views of the same iteration:
    double-backward kernels among them; ``--shapes`` splits each operator by its input shapes.
 
     python benchmarks/profile_conv_maml.py [--case mini] [--iterations 10] [--batching loop] [--memory-format contiguous]
-        [--batch-norm ours] [--tasks-per-backward N] [--shapes] [--threads 2]
+        [--batch-norm ours] [--max-pool ours] [--tasks-per-backward N] [--shapes] [--threads 2] [--contender learn2learn]
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from fewshot_lightning.algorithms import MAML
 from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.models.blocks import ConvBlock
 from maml_step_time import cpu_name
-from speed import CASES, torch_batch_norm
+from speed import CASES, learn2learn, torch_layers
 
 PHASES = ("support forward", "inner gradient", "update", "query forward", "outer backward", "Adam step")
 
@@ -70,12 +76,17 @@ def phase_times(model: MAML, optimizer, batch, batching: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", default="conv4-64-bn", choices=("conv4-64-bn", "mini"))
+    parser.add_argument("--case", default="conv4-64-bn", choices=("conv4-64-bn", "mini", "mini-fo"))
+    parser.add_argument("--contender", default="ours", choices=("ours", "learn2learn", "learn2learn-nchw"),
+                        help="whose iteration to profile: ours (on --batching/--memory-format), or learn2learn's loop "
+                        "as speed.py runs it, on the module as built or on its NCHW copy")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--batching", default="loop", choices=("loop", "vmap"))
     parser.add_argument("--memory-format", default="contiguous", choices=("contiguous", "channels_last"))
     parser.add_argument("--batch-norm", default="ours", choices=("ours", "pytorch"),
                         help="ours: fewshot_lightning.models.batch_norm (the default of our layers); pytorch: F.batch_norm")
+    parser.add_argument("--max-pool", default="ours", choices=("ours", "pytorch"),
+                        help="ours: fewshot_lightning.models.max_pool (the default of our blocks); pytorch: nn.MaxPool2d")
     parser.add_argument("--tasks-per-backward", type=int, default=None)
     parser.add_argument("--shapes", action="store_true",
                         help="operators split by input shapes (the profiler's shape records: with --case mini "
@@ -93,7 +104,8 @@ def main() -> None:
             parser.error("--cpu-allocator keep needs glibc")
     torch.manual_seed(0)
     case = CASES[args.case]
-    model = MAML(torch_batch_norm(case.build(), use=args.batch_norm == "pytorch"), inner_lr=case.inner_lr,
+    model = MAML(torch_layers(case.build(), batch_norm=args.batch_norm == "pytorch",
+                              max_pool=args.max_pool == "pytorch"), inner_lr=case.inner_lr,
                  inner_steps=case.steps, first_order=case.first_order, batching=args.batching,
                  memory_format=args.memory_format, tasks_per_backward=args.tasks_per_backward)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
@@ -102,16 +114,27 @@ def main() -> None:
           f"{torch.__version__}, 1-min load average {os.getloadavg()[0]:.1f}, CPU allocator {args.cpu_allocator}")
     print(f"{args.case}: {case.tasks} tasks, {case.steps} inner step(s), "
           f"{'first' if case.first_order else 'second'} order, batching={args.batching}, "
-          f"memory_format={args.memory_format}, batch norm {args.batch_norm}, tasks_per_backward="
+          f"memory_format={args.memory_format}, batch norm {args.batch_norm}, max-pool {args.max_pool}, tasks_per_backward="
           f"{args.tasks_per_backward}; median of {args.iterations} iterations after 2 warm-up\n")
 
-    def iteration(batch) -> None:
+    def our_iteration(batch) -> None:
         loss = model.training_step(batch, 0)  # in groups of tasks: their gradients, handed over by backward
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    if case.steps == 1 and args.tasks_per_backward is None:
+    iteration = our_iteration
+    if args.contender != "ours":  # speed.py's learn2learn contender, on PyTorch's layers as its users run them
+        theirs = torch_layers(case.build())
+        if args.contender == "learn2learn-nchw":
+            for block in theirs.modules():
+                if isinstance(block, ConvBlock):
+                    block.one_task_channels_last = False
+        iteration = learn2learn(case, theirs)
+        print(f"learn2learn's loop ({args.contender}), not ours: --batching, --memory-format, --batch-norm, --max-pool "
+              "and --tasks-per-backward do not apply\n")
+
+    if case.steps == 1 and args.tasks_per_backward is None and args.contender == "ours":
         samples = {name: [] for name in PHASES}
         whole = []
         for index, batch in enumerate(batches):

@@ -11,10 +11,12 @@ the others, which holds one task's graph at a time, so far less memory); on a mo
 our ``ConvBlock`` both also run on a copy that keeps the maps NCHW
 (``one_task_channels_last=False``), and every "vs learn2learn" ratio is taken against the
 fastest (or, for memory, the smallest) of its contenders. learn2learn runs the model with
-PyTorch's batch norm (``F.batch_norm``, what its users' ``nn.BatchNorm2d`` calls); ours with
-``fewshot_lightning.models.batch_norm``, same values and derivatives, whose double backward
-takes a few passes over the maps (``--learn2learn-our-batch-norm`` also times learn2learn on
-ours, shown beside and never a ratio's reference).
+PyTorch's batch norm and max-pooling (``F.batch_norm`` and ``nn.MaxPool2d``, what its users'
+layers run); ours with ``fewshot_lightning.models.batch_norm``, whose double backward takes a
+few passes over the maps, and ``fewshot_lightning.models.max_pool``, whose backward keeps the
+indices of the maxima instead of the map pooled; same values and derivatives
+(``--learn2learn-our-layers`` also times learn2learn on ours, shown beside and never a ratio's
+reference; ``--ours-pytorch-max-pool`` also times ours on PyTorch's max-pooling).
 Ours runs on each of its execution paths (``vmap``, ``loop``, and for convolutional models
 ``loop channels_last`` and ``vmap channels_last``: support passes under vmap, query passes in
 the channels-last loop; ``--paths`` picks some), and with ``--tasks-per-backward N`` also with
@@ -188,25 +190,32 @@ def learn2learn(case: Case, network: nn.Module, per_task: bool = False) -> Calla
     return step
 
 
-#: Suffix of the learn2learn contenders run on our batch norm's double backward
-#: (``--learn2learn-our-batch-norm``): shown, never the reference of a ratio.
-OUR_BATCH_NORM = ", our batch norm"
+#: Suffix of the learn2learn contenders run on our batch norm and max-pooling
+#: (``--learn2learn-our-layers``): shown, never the reference of a ratio.
+OUR_LAYERS = ", our batch norm and max-pool"
+#: Suffix of our contenders run on PyTorch's max-pooling (``--ours-pytorch-max-pool``).
+PYTORCH_MAX_POOL = ", PyTorch's max-pool"
 
 
-def torch_batch_norm(network: nn.Module, use: bool = True) -> nn.Module:
-    """A copy of ``network`` whose batch-norm layers of ours (``TaskBatchNorm2d``) call
-    ``F.batch_norm``, as a learn2learn user's ``nn.BatchNorm2d`` does (``use=False``: keep ours,
-    ``fewshot_lightning.models.batch_norm``, whose double backward is a few passes over the maps).
-    Same values and derivatives either way."""
+def torch_layers(network: nn.Module, batch_norm: bool = True, max_pool: bool = True) -> nn.Module:
+    """A copy of ``network`` whose layers of ours run PyTorch's: with ``batch_norm``, its
+    ``TaskBatchNorm2d`` call ``F.batch_norm``, as a learn2learn user's ``nn.BatchNorm2d`` does
+    (else ``fewshot_lightning.models.batch_norm``, whose double backward is a few passes over the
+    maps); with ``max_pool``, its ``ConvBlock`` pool with their ``nn.MaxPool2d``, which keeps the
+    map pooled for the backward (else ``fewshot_lightning.models.max_pool``, which keeps the
+    indices of the maxima). Same values and derivatives either way."""
     copied = copy.deepcopy(network)
     for layer in copied.modules():
         if isinstance(layer, TaskBatchNorm2d):
-            layer.fused_double_backward = not use
+            layer.fused_double_backward = not batch_norm
+        if isinstance(layer, ConvBlock):
+            layer.lean_max_pool = not max_pool
     return copied
 
 
 def contenders(case: Case, device: str, learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
-               groups: List[int] = (), learn2learn_our_batch_norm: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
+               groups: List[int] = (), learn2learn_our_layers: bool = False,
+               ours_pytorch_max_pool: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
     """Every contender of ``case`` by name: ours on each of ``paths`` (default: the case's), and
     with ``tasks_per_backward`` set to each of ``groups`` on the same paths
     (``"ours, <path>, tasks_per_backward=<N>"``); learn2learn summing the tasks' query losses
@@ -217,14 +226,17 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
     runs = {f"ours, {path}": ours(case, network, path) for path in (paths or case.paths)}
     runs.update({f"ours, {path}, {GROUPED}{group}": ours(case, network, path, group)
                  for path in (paths or case.paths) for group in groups})
-    # learn2learn runs the model with PyTorch's batch norm, as its users' nn.BatchNorm2d does.
-    theirs = torch_batch_norm(network)
-    has_our_batch_norm = any(isinstance(module, TaskBatchNorm2d) for module in network.modules())
+    has_our_layers = any(isinstance(module, (TaskBatchNorm2d, ConvBlock)) for module in network.modules())
+    if ours_pytorch_max_pool and has_our_layers:
+        pooled = torch_layers(network, batch_norm=False)
+        runs.update({f"ours, {path}{PYTORCH_MAX_POOL}": ours(case, pooled, path) for path in (paths or case.paths)})
+    # learn2learn runs the model with PyTorch's batch norm and max-pooling, as its users' layers do.
+    theirs = torch_layers(network)
     try:
         runs["learn2learn"] = learn2learn(case, theirs)
         runs["learn2learn, backward per task"] = learn2learn(case, theirs, per_task=True)
-        if learn2learn_our_batch_norm and has_our_batch_norm:
-            runs["learn2learn" + OUR_BATCH_NORM] = learn2learn(case, torch_batch_norm(network, use=False))
+        if learn2learn_our_layers and has_our_layers:
+            runs["learn2learn" + OUR_LAYERS] = learn2learn(case, torch_layers(network, False, False))
         if any(isinstance(module, ConvBlock) for module in network.modules()):
             # Our ConvBlock runs a lone task's maps channels-last, and learn2learn adapts one task
             # at a time, so it inherits that choice; on a module that keeps NCHW it can be faster
@@ -235,8 +247,8 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
                     block.one_task_channels_last = False
             runs["learn2learn, NCHW module"] = learn2learn(case, nchw)
             runs["learn2learn, NCHW module, backward per task"] = learn2learn(case, nchw, per_task=True)
-            if learn2learn_our_batch_norm and has_our_batch_norm:
-                runs["learn2learn, NCHW module" + OUR_BATCH_NORM] = learn2learn(case, torch_batch_norm(nchw, use=False))
+            if learn2learn_our_layers and has_our_layers:
+                runs["learn2learn, NCHW module" + OUR_LAYERS] = learn2learn(case, torch_layers(nchw, False, False))
         if learn2learn_channels_last and "loop channels_last" in case.paths:
             # What a learn2learn user can do for the same layout: convert the module.
             runs["learn2learn, module channels_last"] = learn2learn(
@@ -285,9 +297,11 @@ def synchronize(device: str) -> None:
 
 def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int,
               learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
-              groups: List[int] = (), learn2learn_our_batch_norm: bool = False) -> Dict[str, float]:
+              groups: List[int] = (), learn2learn_our_layers: bool = False,
+              ours_pytorch_max_pool: bool = False) -> Dict[str, float]:
     """Median seconds per meta-iteration of each contender; contenders alternate every round."""
-    runs = contenders(case, device, learn2learn_channels_last, paths, groups, learn2learn_our_batch_norm)
+    runs = contenders(case, device, learn2learn_channels_last, paths, groups, learn2learn_our_layers,
+                      ours_pytorch_max_pool)
     batches = [case.batch(i, device) for i in range(iterations)]
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for round_index in range(rounds):
@@ -356,10 +370,12 @@ def contender_by_name(case: Case, name: str, device: str) -> Callable[[TaskBatch
     if GROUPED in name:
         _, path, group = name.split(", ")
         return contenders(case, device, True, [path], [int(group[len(GROUPED):])])[name]
-    return contenders(case, device, learn2learn_channels_last=True, learn2learn_our_batch_norm=True)[name]
+    return contenders(case, device, learn2learn_channels_last=True, learn2learn_our_layers=True,
+                      ours_pytorch_max_pool=True)[name]
 
 
-def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None, groups: List[int] = ()) -> Dict[str, float]:
+def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None, groups: List[int] = (),
+                 ours_pytorch_max_pool: bool = False) -> Dict[str, float]:
     """MiB held at the peak by the tensors one meta-iteration allocates, per contender (after a
     warm-up iteration; ``optimization_family.peak_bytes``: the allocator's own events on the CPU,
     ``max_memory_allocated`` on a GPU). Exact and repeatable, unlike peak RSS, which also holds
@@ -367,7 +383,7 @@ def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None,
     from optimization_family import peak_bytes
 
     case = CASES[case_name]
-    runs = contenders(case, device, paths=paths, groups=groups)
+    runs = contenders(case, device, paths=paths, groups=groups, ours_pytorch_max_pool=ours_pytorch_max_pool)
     batches = [case.batch(i, device) for i in range(2)]
     peaks = {}
     for name, step in runs.items():
@@ -601,7 +617,7 @@ def fit_overhead_interleaved(steps: int, block: int) -> Dict[str, object]:
 def reference_of(values: Dict[str, float]) -> Optional[float]:
     """The learn2learn figure ratios are taken against: the lowest (fastest, or least memory) of
     its contenders, so that no layout choice of ours handicaps it."""
-    theirs = [value for name, value in values.items() if name.startswith("learn2learn") and OUR_BATCH_NORM not in name]
+    theirs = [value for name, value in values.items() if name.startswith("learn2learn") and OUR_LAYERS not in name]
     return min(theirs) if theirs else None
 
 
@@ -632,9 +648,14 @@ def main() -> None:
     parser.add_argument("--no-auto", action="store_true", help="skip reporting the path batching='auto' picks")
     parser.add_argument("--learn2learn-channels-last", action="store_true",
                         help="also time learn2learn on the module converted to channels-last (convolutional cases)")
-    parser.add_argument("--learn2learn-our-batch-norm", action="store_true",
-                        help="also time learn2learn on the model with our batch norm's double backward (shown, not a "
-                        "ratio's reference: learn2learn's users run PyTorch's)")
+    parser.add_argument("--learn2learn-our-layers", "--learn2learn-our-batch-norm", action="store_true",
+                        dest="learn2learn_our_layers",
+                        help="also time learn2learn on the model with our batch norm (its double backward) and max-pool "
+                        "(its backward keeping the indices) (shown, not a ratio's reference: learn2learn's users run "
+                        "PyTorch's)")
+    parser.add_argument("--ours-pytorch-max-pool", action="store_true",
+                        help="also time ours on each path with PyTorch's max-pooling (nn.MaxPool2d, which keeps the map "
+                        "pooled for the backward) instead of fewshot_lightning.models.max_pool")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="only the tensor-peak table (exact, no timing): see tensor_peaks")
     parser.add_argument("--cpu-allocator", choices=["system", "keep"], default="system",
@@ -665,7 +686,8 @@ def main() -> None:
         print("| case | contender | tensor peak (MiB) | vs learn2learn |")
         print("|---|---|---:|---:|")
         for name in (case for case in args.cases if case != "fit"):
-            peaks = tensor_peaks(name, args.device, case_paths(name, args.paths), args.tasks_per_backward)
+            peaks = tensor_peaks(name, args.device, case_paths(name, args.paths), args.tasks_per_backward,
+                                 args.ours_pytorch_max_pool)
             reference = reference_of(peaks)
             for contender, mib in peaks.items():
                 ratio = f"{mib / reference:.3f}x" if reference else "n/a"
@@ -683,7 +705,8 @@ def main() -> None:
         if not args.no_auto:
             choices[name] = auto_choice(case, args.device)
         times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last,
-                          case_paths(name, args.paths), args.tasks_per_backward, args.learn2learn_our_batch_norm)
+                          case_paths(name, args.paths), args.tasks_per_backward, args.learn2learn_our_layers,
+                          args.ours_pytorch_max_pool)
         memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations,
                                                           args.cpu_allocator)
         reference = reference_of(times)

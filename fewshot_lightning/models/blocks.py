@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch_norm import batch_norm
+from .max_pool import max_pool2d
 
 
 class TaskBatchNorm2d(nn.BatchNorm2d):
@@ -137,6 +138,13 @@ class ConvBlock(nn.Sequential):
     #: run channels-last, so that MAML's choice of layout (``memory_format``) is the one run.
     one_task_channels_last: bool = True
 
+    #: Max-pool with :func:`~fewshot_lightning.models.max_pool.max_pool2d`, whose backward keeps
+    #: the indices of the maxima instead of the map pooled (batch norm's output, kept by nothing
+    #: else): one full-size map less held for every block, inner step and task through a MAML
+    #: step; same values and derivatives. ``False`` (on a block, or on the class) runs the
+    #: block's ``nn.MaxPool2d``.
+    lean_max_pool: bool = True
+
     def forward(self, x: Tensor) -> Tensor:
         samples, tasks = x.shape[:2]
         conv, norm, relu = self[0], self[1], self[2]
@@ -153,13 +161,31 @@ class ConvBlock(nn.Sequential):
         if self.pool:
             # Pooling before the ReLU gives the same values (max commutes with the monotone
             # ReLU) on a quarter of the elements.
-            out = self[3](out.flatten(0, 1)).unflatten(0, (samples, tasks))
+            out = self.max_pool(out.flatten(0, 1)).unflatten(0, (samples, tasks))
         return relu(out)
+
+    def max_pool(self, x: Tensor) -> Tensor:
+        """The block's 2x2 max-pool of ``x`` ``[N, C, H, W]``: with :attr:`lean_max_pool`,
+        :func:`~fewshot_lightning.models.max_pool.max_pool2d` (while the layer is the 2x2 one the
+        block was built with), else the block's ``nn.MaxPool2d`` layer."""
+        layer = self[3]
+        if self.lean_max_pool and type(layer) is nn.MaxPool2d and _plain(layer, 2):
+            return max_pool2d(x, 2)
+        return layer(x)
 
     def output_side(self, side: int) -> int:
         """Side of the output map for an input map of side ``side``."""
         side = (side + 2 * self.padding - 3) // self.stride + 1
         return side // 2 if self.pool else side
+
+
+def _plain(layer: nn.MaxPool2d, size: int) -> bool:
+    # Kernel and stride ``size``, no padding, dilation or ceil mode, no indices returned.
+    def pair(value) -> tuple:
+        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+    return (pair(layer.kernel_size) == pair(layer.stride) == (size, size) and pair(layer.padding) == (0, 0)
+            and pair(layer.dilation) == (1, 1) and not layer.ceil_mode and not layer.return_indices)
 
 
 _keeping_layout: ContextVar[bool] = ContextVar("keeping_layout", default=False)

@@ -169,7 +169,7 @@ class Conv4(DetachableHead, nn.Module):
             hidden = block[1].batch_norm_fn(hidden, None, None, None if weight is None else weight.flatten(),
                                           None if bias is None else bias.flatten(), True, 0.0, block[1].eps)
             if block.pool:
-                hidden = F.max_pool2d(hidden, 2)
+                hidden = block.max_pool(hidden)
             hidden = torch.relu(hidden)
         maps = hidden.view(samples, tasks, -1, *hidden.shape[2:])
         out = (maps.flatten(2) if self.max_pool else maps.mean((-2, -1))).transpose(0, 1)

@@ -1,0 +1,67 @@
+"""Max-pooling whose backward keeps only the indices of the maxima, not the input.
+
+PyTorch's max-pooling keeps its whole input for the backward (``max_pool2d_with_indices``'
+derivative takes ``self``), though the gradient is the output's gradient put back where the
+maxima were, for which the indices are enough: the input is only read for its shape. In a
+convolutional block (convolution, batch norm, 2x2 max-pool, ReLU) that input is batch norm's
+output, which nothing else keeps, so letting it go frees one map of the block's full size for
+every block, inner step and task until MAML's outer backward: of the two and a half such maps
+a step held (batch norm's input, the pooling's input, the indices: int64 for a quarter of the
+elements), one. 22% to 30% of a MAML step's tensor peak on the convolutional cases of
+``benchmarks/speed.py --tensor-memory`` (docs/benchmarks.md, "Max-pooling that keeps the
+indices, not the map").
+
+:func:`max_pool2d` computes ``F.max_pool2d(input, kernel_size)`` with PyTorch's kernel and
+keeps the indices and the input's size; its backward is ``F.max_unpool2d`` (the same scatter
+as PyTorch's pooling backward, the same result, bit for bit, and as fast on a CPU), which is
+itself differentiable, so second and third derivatives are PyTorch's own (the gradient taken
+back out at the indices).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Device types on which :func:`max_pool2d` keeps only the indices; elsewhere it is
+#: ``F.max_pool2d``. Only the CPU, where it was measured.
+DEVICES: Tuple[str, ...] = ("cpu",)
+
+
+def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
+    """``F.max_pool2d(input, kernel_size)`` (stride ``kernel_size``, no padding, rounding
+    down), same values and derivatives, whose backward keeps the indices of the maxima instead
+    of the input (module docstring), for a 4-D input on a device of :data:`DEVICES` that is to
+    be differentiated, outside ``torch.func`` transforms; otherwise ``F.max_pool2d`` itself."""
+    if not _lean(input):
+        return F.max_pool2d(input, kernel_size)
+    return _MaxPool2d.apply(input, kernel_size)
+
+
+def _lean(input: Tensor) -> bool:
+    if input.dim() != 4 or not input.is_floating_point() or input.device.type not in DEVICES:
+        return False
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return False  # nothing to differentiate: PyTorch's kernel, without a Python node
+    # torch.func's transforms wrap tensors; an autograd.Function written this way cannot run
+    # under them (vmap of a generic backbone, for one): those keep F.max_pool2d.
+    return not torch._C._functorch.is_functorch_wrapped_tensor(input)
+
+
+class _MaxPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, kernel_size):
+        out, indices = F.max_pool2d_with_indices(input, kernel_size)
+        ctx.save_for_backward(indices)
+        ctx.kernel_size = kernel_size
+        ctx.input_size = tuple(input.shape[-2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        # The scatter PyTorch's backward does; differentiable in grad_out (a gather), so a
+        # second derivative through it is PyTorch's own.
+        return F.max_unpool2d(grad_out, indices, ctx.kernel_size, output_size=ctx.input_size), None
