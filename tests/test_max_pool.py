@@ -48,10 +48,17 @@ def test_values_and_three_derivatives_are_pytorchs_bit_for_bit(shape, kernel_siz
 
 def saved_by(function, *args):
     """(dtype, shape) of every tensor autograd saves for the backward while ``function`` runs."""
+    return [(dtype, shape) for dtype, shape, _ in saved_with_storage(function, *args)]
+
+
+def saved_with_storage(function, *args):
+    """(dtype, shape, address of the storage) of every tensor autograd saves while ``function``
+    runs: two layers saving the same tensor (a ReLU its output, the pooling after it its input)
+    hold one map, not two."""
     saved = []
 
     def pack(tensor):
-        saved.append((tensor.dtype, tuple(tensor.shape)))
+        saved.append((tensor.dtype, tuple(tensor.shape), tensor.untyped_storage().data_ptr()))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -82,8 +89,9 @@ def test_a_block_keeps_one_full_size_map_fewer(tasks, monkeypatch):
         out = block(x)
         return out, torch.autograd.grad((out ** 2).sum(), [x] + list(block.parameters()))
 
-    def full_size_maps():
-        return [shape for dtype, shape in saved_by(block, x) if dtype == torch.float32 and shape in (full, (6, tasks * 5, 12, 12))]
+    def full_size_maps():  # distinct maps held
+        return {address for dtype, shape, address in saved_with_storage(block, x)
+                if dtype == torch.float32 and shape in (full, (6, tasks * 5, 12, 12))}
 
     lean_saved, (lean_out, lean_grads) = full_size_maps(), run()
     monkeypatch.setattr(ConvBlock, "lean_max_pool", False)
@@ -152,3 +160,38 @@ def test_maml_meta_gradient_through_conv4_is_the_same_with_pytorchs_max_pool(mon
     assert scale > 1e-2
     for a, r in zip(grads, reference_grads):
         assert (a - r).norm() <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("film", [False, True])
+def test_film_block_pools_before_the_relu_same_function_one_map_fewer(film):
+    # CAVIA's FiLMBlock: conv, batch norm, (FiLM), then ReLU and 2x2 max-pool, now run as the
+    # pool first (max commutes with the ReLU): the same values and gradients as the order its
+    # docstring states, written out here with PyTorch's layers, and one full-size map fewer
+    # saved (the ReLU's output, which the pooling kept too).
+    from fewshot_lightning.models.context import FiLMBlock
+
+    torch.manual_seed(0)
+    block = FiLMBlock(2, 4, context_dim=3 if film else None, track_running_stats=False).double()
+    x = torch.randn(6, 2, 10, 10, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def written_out():
+        out = block.norm(block.conv(x))
+        if block.film is not None:
+            scale, shift = block.film(context).chunk(2, dim=-1)
+            out = out * (1 + scale).view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        return F.max_pool2d(F.relu(out), 2)
+
+    inputs = [x, context] + list(block.parameters()) if film else [x] + list(block.parameters())
+    ours, reference = block(x, context), written_out()
+    assert torch.equal(ours, reference)
+    probe = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad((ours * probe).sum(), inputs, allow_unused=True),
+                    torch.autograd.grad((reference * probe).sum(), inputs, allow_unused=True)):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+    def full_size_maps(function):  # distinct maps held
+        return {address for dtype, shape, address in saved_with_storage(function)
+                if dtype == torch.float64 and shape == (6, 4, 10, 10)}
+
+    assert len(full_size_maps(lambda: block(x, context))) == len(full_size_maps(written_out)) - 1

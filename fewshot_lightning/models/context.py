@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .max_pool import max_pool2d
+
 
 def _context(context: Optional[Tensor], context_dim: int, like: Tensor) -> Tensor:
     if context is None:
@@ -52,7 +54,8 @@ class ContextMLP(nn.Module):
 
 
 class FiLMBlock(nn.Module):
-    """3x3 conv, batch norm, optional FiLM by the context, ReLU, 2x2 max-pool."""
+    """3x3 conv, batch norm, optional FiLM by the context, ReLU, 2x2 max-pool (run as the pool,
+    then the ReLU: the same function)."""
 
     def __init__(self, in_channels: int, out_channels: int, context_dim: Optional[int], track_running_stats: bool):
         super().__init__()
@@ -69,7 +72,10 @@ class FiLMBlock(nn.Module):
         if self.film is not None:
             scale, shift = self.film(context).chunk(2, dim=-1)
             out = out * (1 + scale).view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        return nn.functional.max_pool2d(nn.functional.relu(out), 2)
+        # Pooling before the ReLU gives the same values and gradients (max commutes with the
+        # monotone ReLU) on a quarter of the elements, and max_pool2d keeps only the indices of
+        # the maxima for the backward, where relu-then-pool kept the ReLU's full-size output.
+        return nn.functional.relu(max_pool2d(out, 2))
 
 
 class FiLMConv4(nn.Module):
