@@ -32,13 +32,14 @@ Example, a MAML training step written from these pieces::
 from __future__ import annotations
 
 import fnmatch
+from contextlib import nullcontext
 from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .models.blocks import keep_layout
+from .models.blocks import differentiated_twice, keep_layout
 
 Params = Dict[str, Tensor]
 #: ``forward(params, x)``: per-task parameters ``[B, ...]`` and inputs ``[B, M, ...]`` to outputs ``[B, M, ...]``.
@@ -414,7 +415,7 @@ def trajectory(
     yield _visible(at(0, params), differentiable)
     for step in range(steps):
         x, y = (support_x, support_y) if minibatch is None else _subset(support_x, support_y, minibatch(step))
-        with torch.enable_grad():
+        with torch.enable_grad(), (differentiated_twice() if differentiable and second_order else nullcontext()):
             losses = loss_fn(forward(at(step, params), x), y)
             if penalty is not None:
                 losses = losses + penalty(params)

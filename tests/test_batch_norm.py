@@ -11,7 +11,7 @@ from fewshot_lightning.algorithms.base import per_task_loss
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.models import Conv4
 from fewshot_lightning.models.batch_norm import _BatchNormBackward, batch_norm
-from fewshot_lightning.models.blocks import TaskBatchNorm2d
+from fewshot_lightning.models.blocks import ConvBlock, TaskBatchNorm2d
 
 
 def derivatives(norm, x, weight, bias, probe, order=2):
@@ -166,6 +166,9 @@ def test_maml_meta_gradient_through_conv4_is_the_same_with_pytorchs_batch_norm(m
     # Two second-order inner steps through Conv4's four batch-norm layers, on every path (each
     # runs batch norm its own way: per-task statistics over tasks side by side, one task at a
     # time channels-last, ...), against the same model on F.batch_norm.
+    # Batch norm on its own node: the blocks' max-pooling apart (in one node with batch norm
+    # by default, tests/test_max_pool.py).
+    monkeypatch.setattr(ConvBlock, "lean_max_pool", False)
     torch.manual_seed(0)
     model = MAML(Conv4(hidden=6, out_features=3, image_size=16), inner_lr=0.3, inner_steps=2, batching=batching,
                  memory_format=memory_format, tasks_per_backward=None).double()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch_norm import batch_norm
+from .batch_norm import batch_norm, batch_norm_max_pool
 from .max_pool import max_pool2d
 
 
@@ -46,15 +46,18 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
     #: same values and derivatives. ``False`` (on a layer or the class) uses ``F.batch_norm``.
     fused_double_backward: bool = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, max_pool: Optional[int] = None) -> Tensor:
+        """Normalise ``x``; with ``max_pool``, max-pool the result too (kernel and stride
+        ``max_pool``), in one node where :meth:`normalize` can (``ConvBlock`` asks for it)."""
         if x.dim() == 4:
-            return self._one_batch(x)
+            return self._one_batch(x, max_pool)
         if x.dim() != 5:
             raise ValueError(f"TaskBatchNorm2d expects [samples, tasks, C, H, W] or [N, C, H, W], got {list(x.shape)}.")
         samples, tasks, channels = x.shape[:3]
         if tasks == 1 or not (self.training or self.running_mean is None):
             # One task, or running statistics (per sample): nothing to keep apart.
-            return self._one_batch(x.flatten(0, 1)).view_as(x)
+            out = self._one_batch(x.flatten(0, 1), max_pool)
+            return out.view(samples, tasks, *out.shape[1:])
         update = self.training and self.track_running_stats and self.running_mean is not None
         factor = self._average_factor(update)
         # Per-task copies of the running averages, moved by F.batch_norm in place, then averaged.
@@ -63,16 +66,30 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
         weight = self.weight.repeat(tasks) if self.affine else None
         bias = self.bias.repeat(tasks) if self.affine else None
         folded = x.reshape(samples, tasks * channels, *x.shape[3:])
-        out = self.batch_norm_fn(folded, running_mean, running_var, weight, bias, True, factor, self.eps)
+        out = self.normalize(folded, running_mean, running_var, weight, bias, True, factor, self.eps, max_pool)
         if update:
             with torch.no_grad():
                 self.running_mean.copy_(running_mean.view(tasks, channels).mean(0))
                 self.running_var.copy_(running_var.view(tasks, channels).mean(0))
-        return out.view_as(x)
+        return out.view(samples, tasks, channels, *out.shape[2:])
 
     @property
     def batch_norm_fn(self) -> Callable[..., Tensor]:
         return batch_norm if self.fused_double_backward else F.batch_norm
+
+    def normalize(self, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                  max_pool: Optional[int] = None) -> Tensor:
+        """``F.batch_norm``'s arguments and result, computed by :attr:`batch_norm_fn`; with
+        ``max_pool``, max-pooled too: with :attr:`fused_double_backward`, by
+        :func:`~fewshot_lightning.models.batch_norm.batch_norm_max_pool`, one node whose backward
+        keeps the pooled gradient instead of the full-size one (second-order MAML holds one map
+        less for each block, inner step and task)."""
+        if max_pool is None:
+            return self.batch_norm_fn(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if self.fused_double_backward:
+            return batch_norm_max_pool(x, running_mean, running_var, weight, bias, training, momentum, eps, max_pool)
+        return max_pool2d(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps), max_pool)
 
     def _average_factor(self, update: bool) -> float:
         """The running averages' factor for this call; with ``update``, counts the batch first (as
@@ -84,14 +101,14 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
 
-    def _one_batch(self, x: Tensor) -> Tensor:
-        # nn.BatchNorm2d.forward, with self.batch_norm_fn for F.batch_norm.
+    def _one_batch(self, x: Tensor, max_pool: Optional[int] = None) -> Tensor:
+        # nn.BatchNorm2d.forward, with self.normalize for F.batch_norm.
         self._check_input_dim(x)
         factor = self._average_factor(self.training and self.track_running_stats and self.num_batches_tracked is not None)
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
-        return self.batch_norm_fn(x, self.running_mean if tracked else None, self.running_var if tracked else None,
-                                self.weight, self.bias, batch_stats, factor, self.eps)
+        return self.normalize(x, self.running_mean if tracked else None, self.running_var if tracked else None,
+                              self.weight, self.bias, batch_stats, factor, self.eps, max_pool)
 
 
 class ConvBlock(nn.Sequential):
@@ -157,12 +174,25 @@ class ConvBlock(nn.Sequential):
             # statistics). MAML's loops choose their layout themselves (see keep_layout). Only
             # on the CPU, where it was measured; other devices keep the layout given.
             images = images.contiguous(memory_format=torch.channels_last)
-        out = norm(conv(images).unflatten(0, (samples, tasks)))
+        out = conv(images).unflatten(0, (samples, tasks))
+        if self.pool and self.pools_in_norm():
+            # Batch norm and the 2x2 max-pool in one node (TaskBatchNorm2d.normalize).
+            return relu(norm(out, max_pool=2))
+        out = norm(out)
         if self.pool:
             # Pooling before the ReLU gives the same values (max commutes with the monotone
             # ReLU) on a quarter of the elements.
             out = self.max_pool(out.flatten(0, 1)).unflatten(0, (samples, tasks))
         return relu(out)
+
+    def pools_in_norm(self) -> bool:
+        """Whether the block's batch norm also does its max-pooling (:meth:`TaskBatchNorm2d.normalize`):
+        within :func:`differentiated_twice`, with :attr:`lean_max_pool`, while the layers are the
+        block's own (a :class:`TaskBatchNorm2d` without hooks, which would otherwise see the
+        pooled output, and the 2x2 ``nn.MaxPool2d``)."""
+        norm, layer = self[1], self[3] if self.pool else None
+        return (_differentiated_twice.get() and self.lean_max_pool and type(layer) is nn.MaxPool2d and _plain(layer, 2)
+                and isinstance(norm, TaskBatchNorm2d) and not (norm._forward_hooks or norm._forward_pre_hooks))
 
     def max_pool(self, x: Tensor) -> Tensor:
         """The block's 2x2 max-pool of ``x`` ``[N, C, H, W]``: with :attr:`lean_max_pool`,
@@ -202,6 +232,25 @@ def keep_layout() -> Iterator[None]:
         yield
     finally:
         _keeping_layout.reset(token)
+
+
+_differentiated_twice: ContextVar[bool] = ContextVar("differentiated_twice", default=False)
+
+
+@contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """Declares that the forward passes run within will be differentiated twice (an inner step
+    of second-order MAML: its gradient is taken with ``create_graph=True`` and differentiated
+    again by the outer backward). A :class:`ConvBlock` then runs its batch norm and max-pool as
+    one node (:meth:`ConvBlock.pools_in_norm`), whose backward keeps the pooled gradient instead
+    of the full-size one: a map less held for every block, inner step and task. Elsewhere two
+    nodes hold less at the peak (the indices are freed before batch norm's backward).
+    :func:`~fewshot_lightning.inner.trajectory` enters it for second-order steps."""
+    token = _differentiated_twice.set(True)
+    try:
+        yield
+    finally:
+        _differentiated_twice.reset(token)
 
 
 class DetachableHead:

@@ -166,9 +166,11 @@ class Conv4(DetachableHead, nn.Module):
                 hidden = F.conv2d(hidden, per_task(f"{conv}.weight").flatten(0, 1), None if bias is None else bias.flatten(),
                                   stride=block.stride, padding=block.padding, groups=tasks)
             weight, bias = per_task(f"{norm}.weight"), per_task(f"{norm}.bias")
-            hidden = block[1].batch_norm_fn(hidden, None, None, None if weight is None else weight.flatten(),
-                                          None if bias is None else bias.flatten(), True, 0.0, block[1].eps)
-            if block.pool:
+            pools_in_norm = block.pool and block.pools_in_norm()
+            hidden = block[1].normalize(hidden, None, None, None if weight is None else weight.flatten(),
+                                        None if bias is None else bias.flatten(), True, 0.0, block[1].eps,
+                                        2 if pools_in_norm else None)
+            if block.pool and not pools_in_norm:
                 hidden = block.max_pool(hidden)
             hidden = torch.relu(hidden)
         maps = hidden.view(samples, tasks, -1, *hidden.shape[2:])

@@ -8,8 +8,9 @@ output, which nothing else keeps, so letting it go frees one map of the block's 
 every block, inner step and task until MAML's outer backward: of the two and a half such maps
 a step held (batch norm's input, the pooling's input, the indices: int64 for a quarter of the
 elements), one. 22% to 30% of a MAML step's tensor peak on the convolutional cases of
-``benchmarks/speed.py --tensor-memory`` (docs/benchmarks.md, "Max-pooling that keeps the
-indices, not the map").
+``benchmarks/speed.py --tensor-memory``; with batch norm and the pooling in one node where a pass
+is differentiated twice (:func:`~fewshot_lightning.models.batch_norm.batch_norm_max_pool`), 26%
+to 35% (docs/benchmarks.md, "Max-pooling that keeps the indices, not the map").
 
 :func:`max_pool2d` computes ``F.max_pool2d(input, kernel_size)`` with PyTorch's kernel and
 keeps the indices and the input's size; its backward is ``F.max_unpool2d`` (the same scatter
