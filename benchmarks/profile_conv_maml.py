@@ -8,8 +8,8 @@ path given (``--batching``, ``--memory-format``; ``--tasks-per-backward N`` accu
 meta-gradient N tasks at a time). ``--batch-norm pytorch`` runs the model's batch-norm layers on
 ``F.batch_norm`` instead of ``fewshot_lightning.models.batch_norm`` (same values and
 derivatives; PyTorch's double backward), ``--max-pool pytorch`` their max-pooling on
-``nn.MaxPool2d`` instead of ``fewshot_lightning.models.max_pool`` (same values and derivatives;
-the map pooled kept for the backward). ``--contender learn2learn`` (or ``learn2learn-nchw``,
+``nn.MaxPool2d`` instead of ``fewshot_lightning.models.max_pool`` and the one node with batch
+norm for second-order passes (same values and derivatives; the map pooled kept for the backward). ``--contender learn2learn`` (or ``learn2learn-nchw``,
 the module's blocks keeping NCHW maps) profiles ``speed.py``'s learn2learn loop on the same case
 instead, for an operator-by-operator comparison. Two views of the same iteration:
 

@@ -202,8 +202,10 @@ def torch_layers(network: nn.Module, batch_norm: bool = True, max_pool: bool = T
     ``TaskBatchNorm2d`` call ``F.batch_norm``, as a learn2learn user's ``nn.BatchNorm2d`` does
     (else ``fewshot_lightning.models.batch_norm``, whose double backward is a few passes over the
     maps); with ``max_pool``, its ``ConvBlock`` pool with their ``nn.MaxPool2d``, which keeps the
-    map pooled for the backward (else ``fewshot_lightning.models.max_pool``, which keeps the
-    indices of the maxima). Same values and derivatives either way."""
+    map pooled for the backward, after batch norm's own node (else
+    ``fewshot_lightning.models.max_pool``, which keeps the indices of the maxima, in one node with
+    batch norm for passes differentiated twice: ``ConvBlock.pools_in_norm``). Same values and
+    derivatives either way."""
     copied = copy.deepcopy(network)
     for layer in copied.modules():
         if isinstance(layer, TaskBatchNorm2d):
