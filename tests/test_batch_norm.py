@@ -169,6 +169,22 @@ def test_maml_meta_gradient_through_conv4_is_the_same_with_pytorchs_batch_norm(m
     # Batch norm on its own node: the blocks' max-pooling apart (in one node with batch norm
     # by default, tests/test_max_pool.py).
     monkeypatch.setattr(ConvBlock, "lean_max_pool", False)
+    meta_gradient = conv4_meta_gradient(batching, memory_format, tasks)
+    calls = count_calls(monkeypatch, _BatchNormBackward)
+    loss, grads = meta_gradient()
+    # Every batch-norm layer of every inner step's forward, differentiated twice by ours: four
+    # layers, two steps (the loop: per task).
+    assert len(calls) == 4 * 2 * (tasks if batching == "loop" else 1)
+    monkeypatch.setattr(TaskBatchNorm2d, "fused_double_backward", False)
+    reference_loss, reference_grads = meta_gradient()
+    assert len(calls) == 4 * 2 * (tasks if batching == "loop" else 1)  # none more: PyTorch's
+    assert_same_meta_gradient(loss, grads, reference_loss, reference_grads)
+
+
+def conv4_meta_gradient(batching, memory_format, tasks):
+    """A function computing the query loss and meta-gradient of MAML (two second-order inner
+    steps) through a small float64 Conv4, on the path given, for fixed episodes; each call runs
+    the layers as they are switched at the time."""
     torch.manual_seed(0)
     model = MAML(Conv4(hidden=6, out_features=3, image_size=16), inner_lr=0.3, inner_steps=2, batching=batching,
                  memory_format=memory_format, tasks_per_backward=None).double()
@@ -178,21 +194,24 @@ def test_maml_meta_gradient_through_conv4_is_the_same_with_pytorchs_batch_norm(m
         loss = per_task_loss(model(batch), batch.query_y).mean()
         return loss, torch.autograd.grad(loss, list(model.backbone.parameters()))
 
+    return meta_gradient
+
+
+def count_calls(monkeypatch, function_class):
+    """A list that grows by one at every call of ``function_class.backward`` (an autograd
+    Function's), so a test can tell that our node ran."""
     calls = []
-    double_backward = _BatchNormBackward.backward
+    backward = function_class.backward
 
     def counted(ctx, *grads):
         calls.append(1)
-        return double_backward(ctx, *grads)
+        return backward(ctx, *grads)
 
-    monkeypatch.setattr(_BatchNormBackward, "backward", staticmethod(counted))
-    loss, grads = meta_gradient()
-    # Every batch-norm layer of every inner step's forward, differentiated twice by ours: four
-    # layers, two steps (the loop: per task).
-    assert len(calls) == 4 * 2 * (tasks if batching == "loop" else 1)
-    monkeypatch.setattr(TaskBatchNorm2d, "fused_double_backward", False)
-    reference_loss, reference_grads = meta_gradient()
-    assert len(calls) == 4 * 2 * (tasks if batching == "loop" else 1)  # none more: PyTorch's
+    monkeypatch.setattr(function_class, "backward", staticmethod(counted))
+    return calls
+
+
+def assert_same_meta_gradient(loss, grads, reference_loss, reference_grads):
     assert torch.allclose(loss, reference_loss, rtol=1e-12)
     scale = torch.cat([g.flatten() for g in reference_grads]).norm()
     assert scale > 1e-2
