@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .max_pool import DEVICES as POOL_DEVICES, max_pool2d
+
 #: Device types on which :func:`batch_norm` takes its own double backward; elsewhere it is
 #: ``F.batch_norm``. Only the CPU, where it was measured; on CUDA ``F.batch_norm`` calls cuDNN,
 #: whose forward and first backward this would replace with PyTorch's native kernels, and no GPU
@@ -56,11 +58,16 @@ def batch_norm(
     outside ``torch.func`` transforms; otherwise it is ``F.batch_norm`` itself."""
     if not _fused(input, weight, bias, training):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if input.numel() == input.shape[1]:  # F.batch_norm's own check and message
+    _check_training(input, eps)
+    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def _check_training(input: Tensor, eps: float) -> None:
+    # F.batch_norm's own checks and messages, for the nodes that call its kernels directly.
+    if input.numel() == input.shape[1]:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
 
 
 def _fused(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], training: bool) -> bool:
@@ -223,15 +230,10 @@ def batch_norm_max_pool(
     (module docstring), or the pooling is not :func:`~fewshot_lightning.models.max_pool.max_pool2d`'s
     (a 4-D input), the two are called one after the other.
     """
-    from .max_pool import DEVICES as POOL_DEVICES, max_pool2d
-
     if input.dim() != 4 or input.device.type not in POOL_DEVICES or not _fused(input, weight, bias, training):
         return max_pool2d(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
                           kernel_size)
-    if input.numel() == input.shape[1]:  # F.batch_norm's own check and message
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    if eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    _check_training(input, eps)
     return _BatchNormMaxPool.apply(input, weight, bias, running_mean, running_var, momentum, eps, kernel_size)
 
 

@@ -85,11 +85,10 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
         :func:`~fewshot_lightning.models.batch_norm.batch_norm_max_pool`, one node whose backward
         keeps the pooled gradient instead of the full-size one (second-order MAML holds one map
         less for each block, inner step and task)."""
-        if max_pool is None:
-            return self.batch_norm_fn(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        if self.fused_double_backward:
+        if max_pool is not None and self.fused_double_backward:
             return batch_norm_max_pool(x, running_mean, running_var, weight, bias, training, momentum, eps, max_pool)
-        return max_pool2d(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps), max_pool)
+        out = self.batch_norm_fn(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return out if max_pool is None else max_pool2d(out, max_pool)
 
     def _average_factor(self, update: bool) -> float:
         """The running averages' factor for this call; with ``update``, counts the batch first (as
@@ -175,7 +174,7 @@ class ConvBlock(nn.Sequential):
             # on the CPU, where it was measured; other devices keep the layout given.
             images = images.contiguous(memory_format=torch.channels_last)
         out = conv(images).unflatten(0, (samples, tasks))
-        if self.pool and self.pools_in_norm():
+        if self.pools_in_norm():
             # Batch norm and the 2x2 max-pool in one node (TaskBatchNorm2d.normalize).
             return relu(norm(out, max_pool=2))
         out = norm(out)
@@ -190,18 +189,19 @@ class ConvBlock(nn.Sequential):
         within :func:`differentiated_twice`, with :attr:`lean_max_pool`, while the layers are the
         block's own (a :class:`TaskBatchNorm2d` without hooks, which would otherwise see the
         pooled output, and the 2x2 ``nn.MaxPool2d``)."""
-        norm, layer = self[1], self[3] if self.pool else None
-        return (_differentiated_twice.get() and self.lean_max_pool and type(layer) is nn.MaxPool2d and _plain(layer, 2)
-                and isinstance(norm, TaskBatchNorm2d) and not (norm._forward_hooks or norm._forward_pre_hooks))
+        norm = self[1]
+        return (_differentiated_twice.get() and self._pools_lean() and isinstance(norm, TaskBatchNorm2d)
+                and not (norm._forward_hooks or norm._forward_pre_hooks))
 
     def max_pool(self, x: Tensor) -> Tensor:
         """The block's 2x2 max-pool of ``x`` ``[N, C, H, W]``: with :attr:`lean_max_pool`,
         :func:`~fewshot_lightning.models.max_pool.max_pool2d` (while the layer is the 2x2 one the
         block was built with), else the block's ``nn.MaxPool2d`` layer."""
-        layer = self[3]
-        if self.lean_max_pool and type(layer) is nn.MaxPool2d and _plain(layer, 2):
-            return max_pool2d(x, 2)
-        return layer(x)
+        return max_pool2d(x, 2) if self._pools_lean() else self[3](x)
+
+    def _pools_lean(self) -> bool:
+        # lean_max_pool, on a block that pools with the plain 2x2 nn.MaxPool2d it was built with.
+        return self.pool and self.lean_max_pool and type(self[3]) is nn.MaxPool2d and _plain(self[3], 2)
 
     def output_side(self, side: int) -> int:
         """Side of the output map for an input map of side ``side``."""

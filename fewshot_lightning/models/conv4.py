@@ -166,7 +166,7 @@ class Conv4(DetachableHead, nn.Module):
                 hidden = F.conv2d(hidden, per_task(f"{conv}.weight").flatten(0, 1), None if bias is None else bias.flatten(),
                                   stride=block.stride, padding=block.padding, groups=tasks)
             weight, bias = per_task(f"{norm}.weight"), per_task(f"{norm}.bias")
-            pools_in_norm = block.pool and block.pools_in_norm()
+            pools_in_norm = block.pools_in_norm()
             hidden = block[1].normalize(hidden, None, None, None if weight is None else weight.flatten(),
                                         None if bias is None else bias.flatten(), True, 0.0, block[1].eps,
                                         2 if pools_in_norm else None)
