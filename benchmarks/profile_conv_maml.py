@@ -11,7 +11,8 @@ derivatives; PyTorch's double backward), ``--max-pool pytorch`` their max-poolin
 ``nn.MaxPool2d`` instead of ``fewshot_lightning.models.max_pool`` and the one node with batch
 norm for second-order passes (same values and derivatives; the map pooled kept for the backward). ``--contender learn2learn`` (or ``learn2learn-nchw``,
 the module's blocks keeping NCHW maps) profiles ``speed.py``'s learn2learn loop on the same case
-instead, for an operator-by-operator comparison. Two views of the same iteration:
+instead, for an operator-by-operator comparison (with ``--tasks-per-backward 1``, its examples'
+loop, a backward pass per task, against ours with the same option). Two views of the same iteration:
 
 1. phases (one-step cases), timed with the phase boundaries synchronised: support forward, inner
    gradient (``autograd.grad`` with ``create_graph``), the update, query forward under the
@@ -87,7 +88,9 @@ def main() -> None:
                         help="ours: fewshot_lightning.models.batch_norm (the default of our layers); pytorch: F.batch_norm")
     parser.add_argument("--max-pool", default="ours", choices=("ours", "pytorch"),
                         help="ours: fewshot_lightning.models.max_pool (the default of our blocks); pytorch: nn.MaxPool2d")
-    parser.add_argument("--tasks-per-backward", type=int, default=None)
+    parser.add_argument("--tasks-per-backward", type=int, default=None,
+                        help="ours: MAML(tasks_per_backward=N); with a learn2learn contender, 1 runs its examples' "
+                        "loop (a backward pass per task) instead of its README's")
     parser.add_argument("--shapes", action="store_true",
                         help="operators split by input shapes (the profiler's shape records: with --case mini "
                         "--batch-norm pytorch they took over 24 GiB on the 2-core VM of docs/benchmarks.md)")
@@ -130,9 +133,12 @@ def main() -> None:
             for block in theirs.modules():
                 if isinstance(block, ConvBlock):
                     block.one_task_channels_last = False
-        iteration = learn2learn(case, theirs)
-        print(f"learn2learn's loop ({args.contender}), not ours: --batching, --memory-format, --batch-norm, --max-pool "
-              "and --tasks-per-backward do not apply\n")
+        if args.tasks_per_backward not in (None, 1):
+            parser.error("with a learn2learn contender --tasks-per-backward is 1 (its per-task loop) or not given")
+        per_task = args.tasks_per_backward == 1
+        iteration = learn2learn(case, theirs, per_task=per_task)
+        print(f"learn2learn's loop ({args.contender}, {'a backward pass per task' if per_task else 'summed losses'}), "
+              "not ours: --batching, --memory-format, --batch-norm and --max-pool do not apply\n")
 
     if case.steps == 1 and args.tasks_per_backward is None and args.contender == "ours":
         samples = {name: [] for name in PHASES}
