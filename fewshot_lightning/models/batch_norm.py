@@ -24,6 +24,11 @@ backward, and after max-pooling that gradient is a full-size map built from the 
 node keeps the pooled gradient and the indices instead and rebuilds the map when the double
 backward runs (a third of a mini-ImageNet-size second-order step's tensor peak with the pooling's
 own saving, docs/benchmarks.md).
+
+Under ``torch.compile`` both are PyTorch's operators (``F.batch_norm``, then ``F.max_pool2d``):
+the compiler traces those, where these autograd Functions broke the graph and, with torch 2.14's
+inductor, failed to compile (``tests/test_compile.py``); a compiled graph is not differentiated
+twice anyway.
 """
 from __future__ import annotations
 
@@ -54,8 +59,8 @@ def batch_norm(
 ) -> Tensor:
     """``torch.nn.functional.batch_norm``, same arguments and result, whose double backward
     costs a few passes over the maps (module docstring) when it normalises with batch
-    statistics on a device of :data:`DEVICES`, in float32 or float64, outside autocast and
-    outside ``torch.func`` transforms; otherwise it is ``F.batch_norm`` itself."""
+    statistics on a device of :data:`DEVICES`, in float32 or float64, outside autocast,
+    ``torch.func`` transforms and ``torch.compile``; otherwise it is ``F.batch_norm`` itself."""
     if not _fused(input, weight, bias, training):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_training(input, eps)
@@ -71,6 +76,8 @@ def _check_training(input: Tensor, eps: float) -> None:
 
 
 def _fused(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], training: bool) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # torch.compile traces F.batch_norm (module docstring)
     if not training or input.dim() < 2 or not torch.is_grad_enabled():
         return False
     if input.device.type not in DEVICES or input.dtype not in (torch.float32, torch.float64):

@@ -17,6 +17,10 @@ keeps the indices and the input's size; its backward is ``F.max_unpool2d`` (the 
 as PyTorch's pooling backward, the same result, bit for bit, and as fast on a CPU), which is
 itself differentiable, so second and third derivatives are PyTorch's own (the gradient taken
 back out at the indices).
+
+Under ``torch.compile`` it is ``F.max_pool2d``: the compiler traces PyTorch's operator (and
+decides what to keep itself), where this autograd Function broke the graph and, with torch
+2.14's inductor, failed to compile (``tests/test_compile.py``).
 """
 from __future__ import annotations
 
@@ -35,13 +39,16 @@ def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
     """``F.max_pool2d(input, kernel_size)`` (stride ``kernel_size``, no padding, rounding
     down), same values and derivatives, whose backward keeps the indices of the maxima instead
     of the input (module docstring), for a 4-D input on a device of :data:`DEVICES` that is to
-    be differentiated, outside ``torch.func`` transforms; otherwise ``F.max_pool2d`` itself."""
+    be differentiated, outside ``torch.func`` transforms and ``torch.compile``; otherwise
+    ``F.max_pool2d`` itself."""
     if not _lean(input):
         return F.max_pool2d(input, kernel_size)
     return _MaxPool2d.apply(input, kernel_size)
 
 
 def _lean(input: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # torch.compile traces PyTorch's operator (module docstring)
     if input.dim() != 4 or not input.is_floating_point() or input.device.type not in DEVICES:
         return False
     if not (torch.is_grad_enabled() and input.requires_grad):
