@@ -16,7 +16,9 @@ layers run); ours with ``fewshot_lightning.models.batch_norm``, whose double bac
 few passes over the maps, and ``fewshot_lightning.models.max_pool``, whose backward keeps the
 indices of the maxima instead of the map pooled; same values and derivatives
 (``--learn2learn-our-layers`` also times learn2learn on ours, shown beside and never a ratio's
-reference; ``--ours-pytorch-max-pool`` also times ours on PyTorch's max-pooling).
+reference; ``--ours-pytorch-max-pool`` also times ours on PyTorch's max-pooling). Those layers
+of ours run on the CPU only; on a GPU, PyTorch's (``--our-layers-on-device`` also times ours with
+them enabled there, for a GPU session to decide).
 Ours runs on each of its execution paths (``vmap``, ``loop``, and for convolutional models
 ``loop channels_last`` and ``vmap channels_last``: support passes under vmap, query passes in
 the channels-last loop; ``--paths`` picks some), and with ``--tasks-per-backward N`` also with
@@ -195,6 +197,9 @@ def learn2learn(case: Case, network: nn.Module, per_task: bool = False) -> Calla
 OUR_LAYERS = ", our batch norm and max-pool"
 #: Suffix of our contenders run on PyTorch's max-pooling (``--ours-pytorch-max-pool``).
 PYTORCH_MAX_POOL = ", PyTorch's max-pool"
+#: Suffix of ours with our batch norm and max-pooling enabled on the device too
+#: (``--our-layers-on-device``; by default they run on the CPU only, elsewhere PyTorch's).
+ON_DEVICE = ", our layers on the device"
 
 
 def torch_layers(network: nn.Module, batch_norm: bool = True, max_pool: bool = True) -> nn.Module:
@@ -215,14 +220,37 @@ def torch_layers(network: nn.Module, batch_norm: bool = True, max_pool: bool = T
     return copied
 
 
+def layers_on(device_type: str, step: Callable[[TaskBatch], None]) -> Callable[[TaskBatch], None]:
+    """``step`` with our batch norm (its own double backward) and max-pooling (its backward
+    keeping the indices, the one node of both) enabled on ``device_type`` too, for its duration:
+    their ``DEVICES`` hold the CPU only, where they were measured, and a GPU session is to decide
+    whether they pay there (cuDNN's batch norm against PyTorch's native kernels with our double
+    backward)."""
+    from fewshot_lightning.models import batch_norm as norm_module, max_pool as pool_module
+
+    def run(batch: TaskBatch) -> None:
+        saved = norm_module.DEVICES, norm_module.POOL_DEVICES, pool_module.DEVICES
+        norm_module.DEVICES, norm_module.POOL_DEVICES, pool_module.DEVICES = (
+            kinds if device_type in kinds else kinds + (device_type,) for kinds in saved)
+        try:
+            step(batch)
+        finally:
+            norm_module.DEVICES, norm_module.POOL_DEVICES, pool_module.DEVICES = saved
+
+    return run
+
+
 def contenders(case: Case, device: str, learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
                groups: List[int] = (), learn2learn_our_layers: bool = False,
-               ours_pytorch_max_pool: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
+               ours_pytorch_max_pool: bool = False,
+               our_layers_on_device: bool = False) -> Dict[str, Callable[[TaskBatch], None]]:
     """Every contender of ``case`` by name: ours on each of ``paths`` (default: the case's), and
     with ``tasks_per_backward`` set to each of ``groups`` on the same paths
     (``"ours, <path>, tasks_per_backward=<N>"``); learn2learn summing the tasks' query losses
     before one backward pass (its README's loop) and with a backward pass per task (its
-    examples'), each also on the NCHW module for a model of our ``ConvBlock``."""
+    examples'), each also on the NCHW module for a model of our ``ConvBlock``. With
+    ``our_layers_on_device``, ours on each path also with our layers enabled on ``device``
+    (:func:`layers_on`; on the CPU the same as the default)."""
     torch.manual_seed(0)
     network = case.build().to(device)
     runs = {f"ours, {path}": ours(case, network, path) for path in (paths or case.paths)}
@@ -232,6 +260,10 @@ def contenders(case: Case, device: str, learn2learn_channels_last: bool = False,
     if ours_pytorch_max_pool and has_our_layers:
         pooled = torch_layers(network, batch_norm=False)
         runs.update({f"ours, {path}{PYTORCH_MAX_POOL}": ours(case, pooled, path) for path in (paths or case.paths)})
+    if our_layers_on_device and has_our_layers:
+        kind = torch.device(device).type
+        runs.update({f"ours, {path}{ON_DEVICE}": layers_on(kind, ours(case, network, path))
+                     for path in (paths or case.paths)})
     # learn2learn runs the model with PyTorch's batch norm and max-pooling, as its users' layers do.
     theirs = torch_layers(network)
     try:
@@ -300,10 +332,10 @@ def synchronize(device: str) -> None:
 def time_case(case: Case, device: str, iterations: int, rounds: int, warmup: int,
               learn2learn_channels_last: bool = False, paths: Optional[List[str]] = None,
               groups: List[int] = (), learn2learn_our_layers: bool = False,
-              ours_pytorch_max_pool: bool = False) -> Dict[str, float]:
+              ours_pytorch_max_pool: bool = False, our_layers_on_device: bool = False) -> Dict[str, float]:
     """Median seconds per meta-iteration of each contender; contenders alternate every round."""
     runs = contenders(case, device, learn2learn_channels_last, paths, groups, learn2learn_our_layers,
-                      ours_pytorch_max_pool)
+                      ours_pytorch_max_pool, our_layers_on_device)
     batches = [case.batch(i, device) for i in range(iterations)]
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for round_index in range(rounds):
@@ -373,11 +405,11 @@ def contender_by_name(case: Case, name: str, device: str) -> Callable[[TaskBatch
         _, path, group = name.split(", ")
         return contenders(case, device, True, [path], [int(group[len(GROUPED):])])[name]
     return contenders(case, device, learn2learn_channels_last=True, learn2learn_our_layers=True,
-                      ours_pytorch_max_pool=True)[name]
+                      ours_pytorch_max_pool=True, our_layers_on_device=True)[name]
 
 
 def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None, groups: List[int] = (),
-                 ours_pytorch_max_pool: bool = False) -> Dict[str, float]:
+                 ours_pytorch_max_pool: bool = False, our_layers_on_device: bool = False) -> Dict[str, float]:
     """MiB held at the peak by the tensors one meta-iteration allocates, per contender (after a
     warm-up iteration; ``optimization_family.peak_bytes``: the allocator's own events on the CPU,
     ``max_memory_allocated`` on a GPU). Exact and repeatable, unlike peak RSS, which also holds
@@ -385,7 +417,8 @@ def tensor_peaks(case_name: str, device: str, paths: Optional[List[str]] = None,
     from optimization_family import peak_bytes
 
     case = CASES[case_name]
-    runs = contenders(case, device, paths=paths, groups=groups, ours_pytorch_max_pool=ours_pytorch_max_pool)
+    runs = contenders(case, device, paths=paths, groups=groups, ours_pytorch_max_pool=ours_pytorch_max_pool,
+                      our_layers_on_device=our_layers_on_device)
     batches = [case.batch(i, device) for i in range(2)]
     peaks = {}
     for name, step in runs.items():
@@ -658,6 +691,10 @@ def main() -> None:
     parser.add_argument("--ours-pytorch-max-pool", action="store_true",
                         help="also time ours on each path with PyTorch's max-pooling (nn.MaxPool2d, which keeps the map "
                         "pooled for the backward) instead of fewshot_lightning.models.max_pool")
+    parser.add_argument("--our-layers-on-device", action="store_true",
+                        help="also time ours on each path with our batch norm and max-pooling enabled on --device "
+                        "(they run on the CPU only by default; on a GPU, PyTorch's: this measures whether they pay "
+                        "there; on the CPU the same as the default)")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="only the tensor-peak table (exact, no timing): see tensor_peaks")
     parser.add_argument("--cpu-allocator", choices=["system", "keep"], default="system",
@@ -689,7 +726,7 @@ def main() -> None:
         print("|---|---|---:|---:|")
         for name in (case for case in args.cases if case != "fit"):
             peaks = tensor_peaks(name, args.device, case_paths(name, args.paths), args.tasks_per_backward,
-                                 args.ours_pytorch_max_pool)
+                                 args.ours_pytorch_max_pool, args.our_layers_on_device)
             reference = reference_of(peaks)
             for contender, mib in peaks.items():
                 ratio = f"{mib / reference:.3f}x" if reference else "n/a"
@@ -708,7 +745,7 @@ def main() -> None:
             choices[name] = auto_choice(case, args.device)
         times = time_case(case, args.device, args.iterations, args.rounds, args.warmup, args.learn2learn_channels_last,
                           case_paths(name, args.paths), args.tasks_per_backward, args.learn2learn_our_layers,
-                          args.ours_pytorch_max_pool)
+                          args.ours_pytorch_max_pool, args.our_layers_on_device)
         memory = {} if args.no_memory else measure_memory(name, list(times), args.device, args.iterations,
                                                           args.cpu_allocator)
         reference = reference_of(times)

@@ -43,9 +43,9 @@ def test_smoke_run_trains_every_algorithm_and_precision_and_prints_markdown(monk
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-def test_the_gpu_session_script_runs_its_three_steps_and_writes_their_tables(tmp_path):
+def test_the_gpu_session_script_runs_its_four_steps_and_writes_their_tables(tmp_path):
     # benchmarks/gpu_session/run.sh is what a session lent a GPU runs in one call; SMOKE=1 runs
-    # the same three steps on the CPU, so a broken step or path shows here, not in the few
+    # the same four steps on the CPU, so a broken step or path shows here, not in the few
     # minutes of GPU time a session gets. Each table lands in $OUT.
     if importlib.util.find_spec("learn2learn") is None:
         pytest.skip("learn2learn is not installed: the script checks that it imports")
@@ -54,7 +54,8 @@ def test_the_gpu_session_script_runs_its_three_steps_and_writes_their_tables(tmp
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    speed, memory, check = ((out / name).read_text() for name in ("speed_cuda.md", "memory_cuda.md", "gpu_check.md"))
+    speed, memory, check, layers = ((out / name).read_text()
+                                    for name in ("speed_cuda.md", "memory_cuda.md", "gpu_check.md", "layers_cuda.md"))
     assert re.search(r"^\| sinusoid \| ours, vmap \| [0-9.]+ \| \d+ \| [0-9.]+x \| n/a \|$", speed, re.M)
     # Both learn2learn loops (summed losses; a backward per task) run; the ratios are against the
     # faster, or the smaller: one of them is 1.00x.
@@ -64,3 +65,7 @@ def test_the_gpu_session_script_runs_its_three_steps_and_writes_their_tables(tmp
     assert re.search(r"^\| sinusoid \| learn2learn(, backward per task)? \| [0-9.]+ \| 1\.000x \|$", memory, re.M)
     assert "USDT:" not in memory  # the profiler's chatter is filtered out of the tables
     assert len(re.findall(r"^\| (MAML \(vmap\)|ProtoNet) \|", check, re.M)) == 6
+    # Ours beside ours with our batch norm and pooling enabled on the device (here the CPU, where
+    # they run anyway), against learn2learn.
+    for contender in ("ours, vmap", "ours, vmap, our layers on the device", "learn2learn"):
+        assert re.search(rf"^\| conv4-64-bn \| {contender} \| [0-9.]+ \| \d+ \| [0-9.]+x \| n/a \|$", layers, re.M), layers
