@@ -279,3 +279,32 @@ def test_a_hook_on_a_blocks_batch_norm_sees_its_full_size_output():
         assert not block.pools_in_norm()
         out = block(torch.randn(6, 1, 2, 12, 12, requires_grad=True))
     assert seen == [(6, 1, 5, 12, 12)] and out.shape == (6, 1, 5, 6, 6)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("batching,memory_format", [("vmap", "contiguous"), ("loop", "channels_last")])
+def test_under_deterministic_algorithms_the_pooling_is_pytorchs(monkeypatch, batching, memory_format,
+                                                                deterministic_algorithms):
+    # torch.use_deterministic_algorithms(True) (Lightning's Trainer(deterministic=True)) refuses
+    # F.max_unpool2d, our pooling's backward (PyTorch flags it: it cannot know the indices are
+    # distinct): a MAML step through Conv4 then raised. The blocks pool with PyTorch's layer
+    # there, our nodes never run, and the meta-gradient is the one computed without the mode.
+    meta_gradient = conv4_meta_gradient(batching, memory_format, tasks=2)
+    pooled_by_us = count_calls(monkeypatch, _MaxPool2d)
+    one_node = count_calls(monkeypatch, _BatchNormPoolBackward)
+    loss, grads = meta_gradient()
+    assert not pooled_by_us and not one_node
+    with pytest.raises(RuntimeError, match="max_unpool"):  # what our backward would have met
+        F.max_unpool2d(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long), 2)
+    torch.use_deterministic_algorithms(False)
+    reference_loss, reference_grads = meta_gradient()
+    assert len(pooled_by_us) + len(one_node) > 0  # without the mode our nodes run
+    assert_same_meta_gradient(loss, grads, reference_loss, reference_grads)

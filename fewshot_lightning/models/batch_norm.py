@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .max_pool import DEVICES as POOL_DEVICES, max_pool2d
+from .max_pool import DEVICES as POOL_DEVICES, max_pool2d, unpool_allowed
 
 #: Device types on which :func:`batch_norm` takes its own double backward; elsewhere it is
 #: ``F.batch_norm``. Only the CPU, where it was measured; on CUDA ``F.batch_norm`` calls cuDNN,
@@ -235,9 +235,11 @@ def batch_norm_max_pool(
     pooled gradient and the indices when the double backward needs it (one scatter, as the
     pooling's own backward does). Where :func:`batch_norm` would not take its own double backward
     (module docstring), or the pooling is not :func:`~fewshot_lightning.models.max_pool.max_pool2d`'s
-    (a 4-D input), the two are called one after the other.
+    (a 4-D input; not under deterministic algorithms, which refuse its scatter), the two are
+    called one after the other.
     """
-    if input.dim() != 4 or input.device.type not in POOL_DEVICES or not _fused(input, weight, bias, training):
+    if input.dim() != 4 or input.device.type not in POOL_DEVICES or not unpool_allowed() \
+            or not _fused(input, weight, bias, training):
         return max_pool2d(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
                           kernel_size)
     _check_training(input, eps)

@@ -20,7 +20,10 @@ back out at the indices).
 
 Under ``torch.compile`` it is ``F.max_pool2d``: the compiler traces PyTorch's operator (and
 decides what to keep itself), where this autograd Function broke the graph and, with torch
-2.14's inductor, failed to compile (``tests/test_compile.py``).
+2.14's inductor, failed to compile (``tests/test_compile.py``). And with
+``torch.use_deterministic_algorithms(True)`` (Lightning's ``Trainer(deterministic=True)``) it is
+``F.max_pool2d`` too: PyTorch flags ``max_unpool2d`` as nondeterministic (it cannot know that
+the indices are distinct, as a pooling's are) and refuses it there.
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
     """``F.max_pool2d(input, kernel_size)`` (stride ``kernel_size``, no padding, rounding
     down), same values and derivatives, whose backward keeps the indices of the maxima instead
     of the input (module docstring), for a 4-D input on a device of :data:`DEVICES` that is to
-    be differentiated, outside ``torch.func`` transforms and ``torch.compile``; otherwise
-    ``F.max_pool2d`` itself."""
+    be differentiated, outside ``torch.func`` transforms, ``torch.compile`` and deterministic
+    algorithms; otherwise ``F.max_pool2d`` itself."""
     if not _lean(input):
         return F.max_pool2d(input, kernel_size)
     return _MaxPool2d.apply(input, kernel_size)
@@ -49,6 +52,8 @@ def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
 def _lean(input: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False  # torch.compile traces PyTorch's operator (module docstring)
+    if not unpool_allowed():
+        return False
     if input.dim() != 4 or not input.is_floating_point() or input.device.type not in DEVICES:
         return False
     if not (torch.is_grad_enabled() and input.requires_grad):
@@ -56,6 +61,12 @@ def _lean(input: Tensor) -> bool:
     # torch.func's transforms wrap tensors; an autograd.Function written this way cannot run
     # under them (vmap of a generic backbone, for one): those keep F.max_pool2d.
     return not torch._C._functorch.is_functorch_wrapped_tensor(input)
+
+
+def unpool_allowed() -> bool:
+    """Whether ``F.max_unpool2d``, the backward here, may run: not under
+    ``torch.use_deterministic_algorithms(True)``, which refuses it (module docstring)."""
+    return not torch.are_deterministic_algorithms_enabled()
 
 
 class _MaxPool2d(torch.autograd.Function):
