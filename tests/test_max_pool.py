@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fewshot_lightning.models.batch_norm import _BatchNormPoolBackward, batch_norm, batch_norm_max_pool
 from fewshot_lightning.models.blocks import ConvBlock, TaskBatchNorm2d, differentiated_twice
+from fewshot_lightning.models import Conv4
 from fewshot_lightning.models.max_pool import _MaxPool2d, max_pool2d
 
 from test_batch_norm import assert_same_meta_gradient, conv4_meta_gradient, count_calls
@@ -308,3 +309,37 @@ def test_under_deterministic_algorithms_the_pooling_is_pytorchs(monkeypatch, bat
     reference_loss, reference_grads = meta_gradient()
     assert len(pooled_by_us) + len(one_node) > 0  # without the mode our nodes run
     assert_same_meta_gradient(loss, grads, reference_loss, reference_grads)
+
+
+def test_forward_mode_ad_through_our_layers_is_pytorchs():
+    # torch.autograd.forward_ad (a jvp, or forward-over-reverse written by hand): our autograd
+    # Functions define no forward-mode derivative, so with a tangent on their inputs they step
+    # aside for PyTorch's operators (they raised "You must implement the jvp function"). The
+    # tangent of the output, for a tangent on the images and one on every parameter, is the
+    # one the same model computes on PyTorch's layers.
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    net = Conv4(hidden=6, out_features=3, image_size=16).double()
+    x = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    x_tangent = torch.randn_like(x)
+    tangents = {name: torch.randn_like(p) for name, p in net.named_parameters()}
+
+    def output_tangent():
+        with forward_ad.dual_level():
+            # The parameters keep requiring grad, as in training (our layers run only then).
+            params = {name: forward_ad.make_dual(p, tangents[name]) for name, p in net.named_parameters()}
+            out = torch.func.functional_call(net, params, (forward_ad.make_dual(x, x_tangent),))
+            return forward_ad.unpack_dual(out)
+
+    ours = output_tangent()
+    reference_net = net
+    for block in reference_net.modules():
+        if isinstance(block, ConvBlock):
+            block.lean_max_pool = False
+        if isinstance(block, TaskBatchNorm2d):
+            block.fused_double_backward = False
+    reference = output_tangent()
+    assert ours.tangent.abs().max() > 0
+    assert torch.allclose(ours.primal.detach(), reference.primal.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ours.tangent, reference.tangent, rtol=1e-10, atol=1e-12)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .max_pool import DEVICES as POOL_DEVICES, max_pool2d, unpool_allowed
+from .max_pool import DEVICES as POOL_DEVICES, has_tangent, max_pool2d, unpool_allowed
 
 #: Device types on which :func:`batch_norm` takes its own double backward; elsewhere it is
 #: ``F.batch_norm``. Only the CPU, where it was measured; on CUDA ``F.batch_norm`` calls cuDNN,
@@ -60,7 +60,8 @@ def batch_norm(
     """``torch.nn.functional.batch_norm``, same arguments and result, whose double backward
     costs a few passes over the maps (module docstring) when it normalises with batch
     statistics on a device of :data:`DEVICES`, in float32 or float64, outside autocast,
-    ``torch.func`` transforms and ``torch.compile``; otherwise it is ``F.batch_norm`` itself."""
+    ``torch.func`` transforms, ``torch.compile`` and forward-mode AD; otherwise it is
+    ``F.batch_norm`` itself."""
     if not _fused(input, weight, bias, training):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_training(input, eps)
@@ -87,6 +88,8 @@ def _fused(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], trai
     tensors = [t for t in (input, weight, bias) if t is not None]
     if not any(t.requires_grad for t in tensors):
         return False  # nothing to differentiate: PyTorch's kernel, without a Python node
+    if has_tangent(*tensors):
+        return False  # forward-mode AD: PyTorch's operator has its derivative, ours has none
     # torch.func's transforms wrap tensors; an autograd.Function written this way cannot run
     # under them (vmap of a generic backbone, for one): those keep F.batch_norm.
     return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -42,8 +43,8 @@ def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
     """``F.max_pool2d(input, kernel_size)`` (stride ``kernel_size``, no padding, rounding
     down), same values and derivatives, whose backward keeps the indices of the maxima instead
     of the input (module docstring), for a 4-D input on a device of :data:`DEVICES` that is to
-    be differentiated, outside ``torch.func`` transforms, ``torch.compile`` and deterministic
-    algorithms; otherwise ``F.max_pool2d`` itself."""
+    be differentiated, outside ``torch.func`` transforms, ``torch.compile``, deterministic
+    algorithms and forward-mode AD; otherwise ``F.max_pool2d`` itself."""
     if not _lean(input):
         return F.max_pool2d(input, kernel_size)
     return _MaxPool2d.apply(input, kernel_size)
@@ -52,7 +53,7 @@ def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
 def _lean(input: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False  # torch.compile traces PyTorch's operator (module docstring)
-    if not unpool_allowed():
+    if not unpool_allowed() or has_tangent(input):
         return False
     if input.dim() != 4 or not input.is_floating_point() or input.device.type not in DEVICES:
         return False
@@ -61,6 +62,13 @@ def _lean(input: Tensor) -> bool:
     # torch.func's transforms wrap tensors; an autograd.Function written this way cannot run
     # under them (vmap of a generic backbone, for one): those keep F.max_pool2d.
     return not torch._C._functorch.is_functorch_wrapped_tensor(input)
+
+
+def has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``) carries a tangent on any of
+    ``tensors``: our autograd Functions define no forward-mode derivative (PyTorch's operators
+    do), so they step aside for those."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def unpool_allowed() -> bool:
