@@ -2,7 +2,9 @@
 double backward, max-pooling that keeps only its indices). Those are Python autograd Functions
 with checks the compiler cannot trace: under compilation they step aside for ``F.batch_norm``
 and ``F.max_pool2d``, so a compiled ``Conv4`` traces as one graph (it broke into twenty, and
-inductor failed on it with torch 2.14), and computes what the eager module computes."""
+inductor failed on it with torch 2.14), and computes what the eager module computes. And
+``trainer.fit(torch.compile(learner))``: a learner that differentiates its inner gradient (second
+order) is refused before it runs, one that does not trains."""
 import shutil
 
 import pytest
@@ -49,3 +51,52 @@ def test_a_compiled_conv4_trains_as_the_eager_one():
     for a, b in zip(compiled_grads, grads):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def sinusoid_fit(model, steps=2):
+    import lightning as L
+
+    from fewshot_lightning.data import SinusoidDataModule
+
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, SinusoidDataModule(meta_batch_size=4, train_tasks=40, num_workers=0))
+    return trainer
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("learner,when", [("MAML", "at its first training step"),
+                                          ("MAMLPlusPlus", "at step 3, when first_order_steps=3")])
+def test_a_compiled_second_order_learner_is_refused_before_it_runs(learner, when):
+    # trainer.fit(torch.compile(module)) compiles forward; its AOTAutograd backward cannot be
+    # differentiated again, so second-order MAML stopped with PyTorch's "does not currently
+    # support double backward", and MAML++ only when its first-order steps ended. Now the fit
+    # stops before a step, saying when it would have failed and what to do.
+    from fewshot_lightning import algorithms
+    from fewshot_lightning.models import MLP
+
+    kwargs = {"first_order_steps": 3} if learner == "MAMLPlusPlus" else {}
+    model = getattr(algorithms, learner)(MLP(), inner_lr=0.01, **kwargs)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=rf"{learner} differentiates its inner loop's gradient.*torch\.compile.*"
+                                         rf"{when}.*first_order=True"):
+        sinusoid_fit(torch.compile(model, backend="aot_eager"))
+    assert model.global_step == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("learner", ["first-order MAML", "Reptile", "iMAML"])
+def test_compiled_learners_that_differentiate_once_train(learner):
+    from fewshot_lightning.algorithms import MAML, Reptile, iMAML
+    from fewshot_lightning.models import MLP
+
+    torch.manual_seed(0)
+    model = {"first-order MAML": lambda: MAML(MLP(), inner_lr=0.01, first_order=True),
+             "Reptile": lambda: Reptile(MLP(), inner_lr=0.01),
+             "iMAML": lambda: iMAML(MLP(), inner_lr=0.01)}[learner]()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    trainer = sinusoid_fit(torch.compile(model, backend="aot_eager"))
+    assert trainer.global_step == 2 and not model.differentiates_inner_gradient()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -111,6 +111,11 @@ class iMAML(MAML):  # noqa: N801 -- the paper's name
         self.line_search = line_search or inner_solver == "hessian_free"
         self.inner_cg_steps = inner_cg_steps
 
+    def differentiates_inner_gradient(self) -> bool:
+        """Never: its meta-gradient is implicit: the inner steps are detached, and the Hessian-vector
+        products run through the backbone, not through the compiled ``forward``."""
+        return False
+
     def trajectory(
         self,
         support_x: Tensor,

@@ -124,6 +124,10 @@ class Reptile(MAML):
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False, batching=batching)
         return self.reptile_losses(adapted), None
 
+    def differentiates_inner_gradient(self) -> bool:
+        """Never: its meta-update is the adapted weights' distance, no gradient through the inner loop."""
+        return False
+
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         self.choose_batching(batch)
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False)
