@@ -159,3 +159,35 @@ def test_autocast_reaches_conv4s_convolutions_on_the_batched_path(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = functional(model, batching="vmap")(params, x)
     assert dtypes == [torch.bfloat16] * 4 and out.dtype == torch.bfloat16
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("precision,dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+@pytest.mark.parametrize("learner", ["MAML", "ProtoNet"])
+def test_true_precisions_see_images_in_their_dtype(precision, dtype, learner):
+    # The DataModules keep images uint8 to the device and scale them after the transfer; the
+    # trainer's precision converts a batch's floating tensors before it, when the images are
+    # still uint8. So under 64-true or bf16-true the scaled float32 images met float64 or
+    # bfloat16 weights ("Input type (float) and bias type (double) should be the same") and fit
+    # stopped at its first step: the images now arrive in the precision's dtype, in train,
+    # validation and test.
+    images, labels = clustered_images(classes=40, per_class=8, side=16, noise=0.6)
+    images = ((images - images.min()) / (images.max() - images.min()) * 255).to(torch.uint8)
+    data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=3, meta_batch_size=4,
+                              train_tasks=4 * STEPS, val_tasks=8, test_tasks=8, num_workers=0)
+    model = MAML(conv4(), inner_lr=0.4, batching="vmap") if learner == "MAML" else ProtoNet(conv4(None))
+    seen = []
+    step = type(model).training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append((batch.support_x.dtype, batch.query_x.dtype, batch.support_y.dtype))
+        return step(self, batch, batch_idx)
+
+    model.training_step = recording.__get__(model)
+    trainer = L.Trainer(max_steps=STEPS, precision=precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(model, data)
+    assert trainer.global_step == STEPS
+    assert seen and all(s == (dtype, dtype, torch.int64) for s in seen)
+    result = trainer.test(model, data, verbose=False)[0]
+    assert math.isfinite(result["test/acc"]) and 0.0 <= result["test/acc"] <= 1.0

@@ -110,8 +110,16 @@ class TaskDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Scale ``uint8`` images to float on the device they were moved to (see
-        :func:`~fewshot_lightning.data.task.scale_images`)."""
-        return scale_images(batch) if isinstance(batch, TaskBatch) else batch
+        :func:`~fewshot_lightning.data.task.scale_images`), in the floating type the trainer's
+        precision asks for: Lightning converts a batch's floating tensors (``64-true``,
+        ``bf16-true``, ``16-true``) before the transfer, when the images are still ``uint8``, so
+        scaled ``float32`` images met ``float64`` or ``bfloat16`` weights ("Input type (float) and
+        bias type (double) should be the same")."""
+        if not isinstance(batch, TaskBatch):
+            return batch
+        scaled = scale_images(batch)
+        trainer = self.trainer
+        return scaled if trainer is None else trainer.precision_plugin.convert_input(scaled)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
