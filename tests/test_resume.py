@@ -147,3 +147,34 @@ def test_every_shipped_config_saves_a_checkpoint_to_resume_from():
         assert not any(c.get("init_args", {}).get("save_last") for c in callbacks), config.name
         # Runs of each config in their own folder, so that `last` finds this config's runs only.
         assert yaml.safe_load(config.read_text())["trainer"]["logger"]["init_args"]["name"] == config.stem
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_overfit_batches_trains_on_the_first_batch_again_and_again(tmp_path):
+    # Trainer(overfit_batches=N) rebuilds the training loader with a SequentialSampler of its
+    # own; the resumable loader read its EpisodeSampler's position and stopped the run with
+    # "'SequentialSampler' object has no attribute 'start'". It now counts from the start and
+    # saves no position to resume (there is none: the same batches every epoch).
+    from cli_support import clustered_images
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.models import Conv4
+
+    images, labels = clustered_images(classes=40, per_class=8, side=16, noise=0.6)
+    data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=3, meta_batch_size=4, train_tasks=40,
+                              val_tasks=8, num_workers=0)
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=8, out_features=5, image_size=16), inner_lr=0.4, batching="vmap")
+    seen = []
+    step = type(model).training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append(batch.query_x.clone())
+        return step(self, batch, batch_idx)
+
+    model.training_step = recording.__get__(model)
+    trainer = L.Trainer(max_steps=3, overfit_batches=1, val_check_interval=1, default_root_dir=tmp_path,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 3 and len(seen) == 3
+    assert all(torch.equal(batch, seen[0]) for batch in seen)  # one batch, overfitted
+    assert trainer.train_dataloader.state_dict() == {}

@@ -143,8 +143,13 @@ class ResumableLoader(DataLoader):
 
     _batches = 0
 
+    def _resumable(self) -> bool:
+        # Lightning may rebuild the loader with a sampler of its own (``overfit_batches``: a
+        # SequentialSampler over the first tasks), which has no position to resume.
+        return isinstance(self.sampler, EpisodeSampler)
+
     def __iter__(self):
-        self._batches = self.sampler.start // self.batch_size
+        self._batches = self.sampler.start // self.batch_size if self._resumable() else 0
         return self._counted(super().__iter__())
 
     def _counted(self, batches):
@@ -153,11 +158,14 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> Dict[str, int]:
+        if not self._resumable():
+            return {}
         tasks = self._batches * self.batch_size * self.sampler.num_replicas
         return {"epoch": self.sampler.epoch, "tasks": tasks}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.sampler.resume(state["epoch"], state["tasks"])
+        if state and self._resumable():
+            self.sampler.resume(state["epoch"], state["tasks"])
 
 
 class ClassificationDataModule(TaskDataModule):
