@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .max_pool import DEVICES as POOL_DEVICES, has_tangent, max_pool2d, unpool_allowed
+from .max_pool import DEVICES as POOL_DEVICES, function_may_run, max_pool2d, unpool_allowed
 
 #: Device types on which :func:`batch_norm` takes its own double backward; elsewhere it is
 #: ``F.batch_norm``. Only the CPU, where it was measured; on CUDA ``F.batch_norm`` calls cuDNN,
@@ -77,8 +77,6 @@ def _check_training(input: Tensor, eps: float) -> None:
 
 
 def _fused(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], training: bool) -> bool:
-    if torch.compiler.is_compiling():
-        return False  # torch.compile traces F.batch_norm (module docstring)
     if not training or input.dim() < 2 or not torch.is_grad_enabled():
         return False
     if input.device.type not in DEVICES or input.dtype not in (torch.float32, torch.float64):
@@ -88,11 +86,8 @@ def _fused(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], trai
     tensors = [t for t in (input, weight, bias) if t is not None]
     if not any(t.requires_grad for t in tensors):
         return False  # nothing to differentiate: PyTorch's kernel, without a Python node
-    if has_tangent(*tensors):
-        return False  # forward-mode AD: PyTorch's operator has its derivative, ours has none
-    # torch.func's transforms wrap tensors; an autograd.Function written this way cannot run
-    # under them (vmap of a generic backbone, for one): those keep F.batch_norm.
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    # Not under torch.compile (module docstring), forward-mode AD or torch.func's transforms.
+    return function_may_run(*tensors)
 
 
 def _like(x: Tensor, reference: Tensor) -> Tensor:

@@ -51,24 +51,25 @@ def max_pool2d(input: Tensor, kernel_size: int) -> Tensor:
 
 
 def _lean(input: Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return False  # torch.compile traces PyTorch's operator (module docstring)
-    if not unpool_allowed() or has_tangent(input):
-        return False
     if input.dim() != 4 or not input.is_floating_point() or input.device.type not in DEVICES:
         return False
     if not (torch.is_grad_enabled() and input.requires_grad):
         return False  # nothing to differentiate: PyTorch's kernel, without a Python node
-    # torch.func's transforms wrap tensors; an autograd.Function written this way cannot run
-    # under them (vmap of a generic backbone, for one): those keep F.max_pool2d.
-    return not torch._C._functorch.is_functorch_wrapped_tensor(input)
+    return unpool_allowed() and function_may_run(input)
 
 
-def has_tangent(*tensors) -> bool:
-    """Whether forward-mode AD (``torch.autograd.forward_ad``) carries a tangent on any of
-    ``tensors``: our autograd Functions define no forward-mode derivative (PyTorch's operators
-    do), so they step aside for those."""
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+def function_may_run(*tensors: Tensor) -> bool:
+    """Whether a Python autograd Function of ours may stand in for PyTorch's operator on
+    ``tensors`` (``None`` entries skipped): not while ``torch.compile`` traces (it traces
+    PyTorch's operator: module docstring), not under forward-mode AD (``torch.autograd.forward_ad``
+    carrying a tangent: ours define no forward-mode derivative, PyTorch's operators do), and not
+    on tensors ``torch.func``'s transforms wrap (vmap of a generic backbone, for one), under which
+    an autograd.Function written this way cannot run. Shared with
+    :mod:`~fewshot_lightning.models.batch_norm`."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and (forward_ad.unpack_dual(t).tangent is not None
+                                      or torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
 
 
 def unpool_allowed() -> bool:
