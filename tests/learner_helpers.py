@@ -104,3 +104,17 @@ def config_model(name: str) -> MetaLearner:
 def kanji_shaped_episodes(tasks=1) -> TaskBatch:
     """Kanji as the configs assume it: 1 x 28 x 28 images, 5-way 1-shot (2 queries to stay fast)."""
     return random_episodes(tasks=tasks, ways=5, shots=1, queries=2, x_shape=(1, 28, 28))
+
+
+def record_training_batches(model: MetaLearner, record) -> list:
+    """A list that gets ``record(batch)`` for every batch ``model.training_step`` is given (the
+    step itself runs as before), so a test can see what the Trainer hands the module."""
+    seen = []
+    step = type(model).training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append(record(batch))
+        return step(self, batch, batch_idx)
+
+    model.training_step = recording.__get__(model)
+    return seen

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli_support import clustered_images
+from learner_helpers import record_training_batches
 from fewshot_lightning.algorithms import (
     ANIL, CAVIA, CNP, MAML, MAMLRL, AttentionLearner, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, RelationNet, Reptile,
     iMAML,
@@ -176,14 +177,8 @@ def test_true_precisions_see_images_in_their_dtype(precision, dtype, learner):
     data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=3, meta_batch_size=4,
                               train_tasks=4 * STEPS, val_tasks=8, test_tasks=8, num_workers=0)
     model = MAML(conv4(), inner_lr=0.4, batching="vmap") if learner == "MAML" else ProtoNet(conv4(None))
-    seen = []
-    step = type(model).training_step
-
-    def recording(self, batch, batch_idx):
-        seen.append((batch.support_x.dtype, batch.query_x.dtype, batch.support_y.dtype))
-        return step(self, batch, batch_idx)
-
-    model.training_step = recording.__get__(model)
+    seen = record_training_batches(
+        model, lambda batch: (batch.support_x.dtype, batch.query_x.dtype, batch.support_y.dtype))
     trainer = L.Trainer(max_steps=STEPS, precision=precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
     trainer.fit(model, data)

@@ -156,6 +156,7 @@ def test_overfit_batches_trains_on_the_first_batch_again_and_again(tmp_path):
     # "'SequentialSampler' object has no attribute 'start'". It now counts from the start and
     # saves no position to resume (there is none: the same batches every epoch).
     from cli_support import clustered_images
+    from learner_helpers import record_training_batches
     from fewshot_lightning.algorithms import MAML
     from fewshot_lightning.models import Conv4
 
@@ -164,14 +165,7 @@ def test_overfit_batches_trains_on_the_first_batch_again_and_again(tmp_path):
                               val_tasks=8, num_workers=0)
     torch.manual_seed(0)
     model = MAML(Conv4(hidden=8, out_features=5, image_size=16), inner_lr=0.4, batching="vmap")
-    seen = []
-    step = type(model).training_step
-
-    def recording(self, batch, batch_idx):
-        seen.append(batch.query_x.clone())
-        return step(self, batch, batch_idx)
-
-    model.training_step = recording.__get__(model)
+    seen = record_training_batches(model, lambda batch: batch.query_x.clone())
     trainer = L.Trainer(max_steps=3, overfit_batches=1, val_check_interval=1, default_root_dir=tmp_path,
                         logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
