@@ -90,18 +90,68 @@ def test_a_compiled_second_order_learner_is_refused_before_it_runs(learner, when
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("learner", ["first-order MAML", "Reptile", "iMAML"])
-def test_compiled_learners_that_differentiate_once_train(learner):
-    from fewshot_lightning.algorithms import MAML, Reptile, iMAML
-    from fewshot_lightning.models import MLP
+@pytest.mark.parametrize("learner", ["first-order MAML", "first-order CAVIA", "Reptile", "iMAML"])
+def test_compiled_learners_that_differentiate_once_train_as_the_eager_ones(learner):
+    # Lightning compiles forward and the step methods; these learners never differentiate a
+    # compiled backward again, so they train, and to the eager run's weights (same seed, same
+    # tasks; float rounding of the compiled graphs only).
+    import lightning as L
 
-    torch.manual_seed(0)
-    model = {"first-order MAML": lambda: MAML(MLP(), inner_lr=0.01, first_order=True),
-             "Reptile": lambda: Reptile(MLP(), inner_lr=0.01),
-             "iMAML": lambda: iMAML(MLP(), inner_lr=0.01)}[learner]()
+    from fewshot_lightning.algorithms import CAVIA, MAML, Reptile, iMAML
+    from fewshot_lightning.models import MLP, ContextMLP
+
+    def build():
+        torch.manual_seed(0)
+        return {"first-order MAML": lambda: MAML(MLP(), inner_lr=0.01, first_order=True),
+                "first-order CAVIA": lambda: CAVIA(ContextMLP(), inner_lr=0.01, first_order=True),
+                "Reptile": lambda: Reptile(MLP(), inner_lr=0.01),
+                "iMAML": lambda: iMAML(MLP(), inner_lr=0.01)}[learner]()
+
+    eager, model = build(), build()
     before = [p.detach().clone() for p in model.parameters()]
+    L.seed_everything(0)
+    sinusoid_fit(eager)
     torch._dynamo.reset()
+    L.seed_everything(0)
     trainer = sinusoid_fit(torch.compile(model, backend="aot_eager"))
     assert trainer.global_step == 2 and not model.differentiates_inner_gradient()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for compiled_p, eager_p in zip(model.parameters(), eager.parameters()):
+        assert torch.allclose(compiled_p, eager_p, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_maml_rl_is_refused_in_second_order_and_trains_in_first():
+    # Lightning compiles the module's training_step too, so MAML-RL's second-order step stopped
+    # at its first outer backward with PyTorch's "compiled with non-empty donated buffers which
+    # requires create_graph=False". Now the fit stops before a step, as MAML's does; first order
+    # trains compiled.
+    import lightning as L
+
+    from fewshot_lightning.algorithms import MAMLRL
+    from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
+
+    def fit(module):
+        trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, NavigationDataModule(meta_batch_size=2, train_tasks=4, val_tasks=2, test_tasks=2))
+        return trainer
+
+    def learner(first_order):
+        torch.manual_seed(0)
+        return MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2,
+                      first_order=first_order)
+
+    second = learner(first_order=False)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"MAMLRL differentiates its inner loop's gradient.*torch\.compile.*"
+                                         r"at its first training step.*first_order=True"):
+        fit(torch.compile(second, backend="aot_eager"))
+    assert second.global_step == 0
+    first = learner(first_order=True)
+    before = [p.detach().clone() for p in first.parameters()]
+    torch._dynamo.reset()
+    # One batch; MAML-RL takes outer_steps optimizer steps on it (manual optimization).
+    assert fit(torch.compile(first, backend="aot_eager")).global_step == first.outer_steps
+    assert any(not torch.equal(a, p) for a, p in zip(before, first.parameters()))
+    assert all(torch.isfinite(p).all() for p in first.parameters())

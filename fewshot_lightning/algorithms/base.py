@@ -455,6 +455,8 @@ class MetaLearner(L.LightningModule):
         if kind is not None:
             self.regression = bool(kind)
             self._check_kind_solved(type(datamodule).__name__)
+        if stage == "fit":
+            self._check_not_compiled()
         if stage == "fit" and self.trainer.strategy.root_device.type == "cpu":
             skip_failing_nvml_probe()
         # Lightning calls every per-batch hook of every callback at every step, empty or not: the
@@ -468,6 +470,29 @@ class MetaLearner(L.LightningModule):
         # And the training batch and optimization step, without Lightning's layers around them.
         if stage == "fit":
             use_lean_loop(self.trainer)
+
+    def differentiates_inner_gradient(self) -> bool:
+        """Whether some training step of this run differentiates an inner loop's gradient (second
+        order): never for a learner without an inner loop; the gradient-based learners say."""
+        return False
+
+    def _check_not_compiled(self) -> None:
+        """``trainer.fit(torch.compile(module))`` has Lightning compile the module's ``forward``
+        and step methods (it marks the module ``_compiler_ctx``), whose AOTAutograd backward
+        cannot be differentiated again: a second-order step stopped with PyTorch's "does not
+        currently support double backward" (MAML) or "compiled with non-empty donated buffers"
+        (MAML-RL), and under a MAML++ schedule only when the first-order steps ended, hours into a
+        run. Said before anything runs, with the fix."""
+        if getattr(self, "_compiler_ctx", None) is None or not self.differentiates_inner_gradient():
+            return
+        first_order_steps = getattr(self, "first_order_steps", 0)
+        when = (f"at step {first_order_steps}, when first_order_steps={first_order_steps} first-order "
+                "steps end" if first_order_steps > 0 else "at its first training step")
+        raise ValueError(
+            f"{type(self).__name__} differentiates its inner loop's gradient (second order), and a module "
+            f"compiled with torch.compile cannot be: its compiled backward cannot be differentiated again, so the "
+            f"run would stop {when}. Pass the module itself to fit instead of torch.compile(module), or train "
+            "first order (first_order=True, --model.init_args.first_order true).")
 
     def teardown(self, stage: str) -> None:
         self.trainer.__dict__.pop(_READERS, None)

@@ -112,8 +112,8 @@ class iMAML(MAML):  # noqa: N801 -- the paper's name
         self.inner_cg_steps = inner_cg_steps
 
     def differentiates_inner_gradient(self) -> bool:
-        """Never: its meta-gradient is implicit: the inner steps are detached, and the Hessian-vector
-        products run through the backbone, not through the compiled ``forward``."""
+        """Never: its meta-gradient is implicit (the inner steps are detached, the outer gradient
+        solved for); compiled, it trains to the eager run's weights (``tests/test_compile.py``)."""
         return False
 
     def trajectory(

@@ -748,29 +748,11 @@ class MAML(MetaLearner):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self._check_output_width(stage)
-        if stage == "fit":
-            self._check_not_compiled()
 
     def differentiates_inner_gradient(self) -> bool:
         """Whether some training step of this run differentiates the inner loop's gradient
         (second order, at any outer step of a MAML++ schedule)."""
         return not self.first_order
-
-    def _check_not_compiled(self) -> None:
-        """``trainer.fit(torch.compile(module))`` compiles the module's ``forward`` (Lightning
-        marks it ``_compiler_ctx``), whose AOTAutograd backward cannot be differentiated again:
-        a second-order step stopped with PyTorch's "does not currently support double backward",
-        and under a MAML++ schedule only when the first-order steps ended, hours into a run. Said
-        before anything runs, with the fix."""
-        if getattr(self, "_compiler_ctx", None) is None or not self.differentiates_inner_gradient():
-            return
-        when = (f"at step {self.first_order_steps}, when first_order_steps={self.first_order_steps} first-order "
-                "steps end" if self.first_order_steps > 0 else "at its first training step")
-        raise ValueError(
-            f"{type(self).__name__} differentiates its inner loop's gradient (second order), and a module "
-            f"compiled with torch.compile cannot be: its compiled backward cannot be differentiated again, so the "
-            f"run would stop {when}. Pass the module itself to fit instead of torch.compile(module), or train "
-            "first order (first_order=True, --model.init_args.first_order true).")
 
     def class_scores(self) -> Optional[int]:
         """How many class scores the backbone outputs per sample: its ``output_shape`` if that is

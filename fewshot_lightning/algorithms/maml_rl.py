@@ -215,6 +215,11 @@ class MAMLRL(MetaLearner):
             query = self.rollouts(params, batch, phase=self.inner_steps)
             return supports, query, advantages(query, self.discount)
 
+    def differentiates_inner_gradient(self) -> bool:
+        """Whether the meta-gradient runs through the inner policy-gradient steps' own gradient
+        (second order)."""
+        return not self.first_order
+
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: GoalBatch, batch_idx: int) -> Tensor:
         supports, query, query_advantages = self.sample(batch)
