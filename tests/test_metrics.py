@@ -34,3 +34,22 @@ def test_single_value_has_no_interval():
     metric.update(torch.tensor([0.5]))
     mean, ci95 = metric.compute()
     assert float(mean) == 0.5 and math.isnan(float(ci95))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sums_stay_float64_when_the_module_is_converted(dtype):
+    # Lightning's bf16-true and 16-true precisions convert the whole module with .to(dtype); the
+    # sums became 16-bit, where a count stops at 256 (bfloat16) and a 600-episode mean was off
+    # by 0.25. They stay float64 and count every episode.
+    metric = MeanConfidenceInterval().to(dtype)
+    assert metric.total.dtype == metric.total_sq.dtype == metric.count.dtype == torch.float64
+    values = torch.linspace(0.0, 1.0, 600, dtype=dtype)
+    for chunk in values.split(1):
+        metric.update(chunk)
+    mean, ci95 = metric.compute()
+    assert metric.count.item() == 600
+    exact = values.double()
+    assert mean.item() == pytest.approx(exact.mean().item(), abs=1e-6)
+    assert ci95.item() == pytest.approx(1.96 * exact.std().item() / math.sqrt(600), rel=1e-5)
+    metric.reset()  # the defaults it resets to were converted too
+    assert metric.total.dtype == metric.count.dtype == torch.float64

@@ -186,3 +186,25 @@ def test_true_precisions_see_images_in_their_dtype(precision, dtype, learner):
     assert seen and all(s == (dtype, dtype, torch.int64) for s in seen)
     result = trainer.test(model, data, verbose=False)[0]
     assert math.isfinite(result["test/acc"]) and 0.0 <= result["test/acc"] <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bf16_true_test_scores_every_episode_as_predict_does():
+    # Under bf16-true Lightning converts the module, its metrics included: the episode sums were
+    # bfloat16, so a test of 300 one-task batches counted 256 episodes (and warned that the
+    # test was cut short, though nothing cut it) and reported a mean off by up to 0.25. The
+    # reported accuracy is the mean of the same episodes' accuracies from predict.
+    images, labels = clustered_images(classes=40, per_class=8, side=16, noise=0.6)
+    data = EpisodicDataModule(images, labels, ways=3, shots=1, queries=2, meta_batch_size=1,
+                              train_tasks=4, val_tasks=2, test_tasks=300, num_workers=0)
+    torch.manual_seed(0)
+    model = ProtoNet(conv4(None))
+    trainer = L.Trainer(precision="bf16-true", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.test(model, data, verbose=False)[0]
+    predictions = trainer.predict(model, data)
+    accuracy = torch.cat([(out["query_predictions"] == out["query_y"]).double().mean(1) for out in predictions])
+    assert accuracy.numel() == 300
+    assert model.eval_metrics["test"]["score"].total.dtype == torch.float64
+    assert result["test/acc"] == pytest.approx(accuracy.mean().item(), abs=1e-6)
+    assert result["test/acc_ci95"] == pytest.approx(1.96 * accuracy.std().item() / math.sqrt(300), rel=1e-4)
