@@ -1172,7 +1172,9 @@ class MetaSGD(MAML):
 
     def __init__(self, backbone: nn.Module, **kwargs) -> None:
         for fixed in ("learn_inner_lr", "per_parameter_lr"):
-            if fixed in kwargs:
+            # True is what it sets anyway, and what its checkpoint's saved hyper-parameters hold
+            # (load_from_checkpoint passes them back).
+            if fixed in kwargs and kwargs.pop(fixed) is not True:
                 raise ValueError(f"MetaSGD always learns per-parameter rates; remove {fixed!r} (or use MAML).")
         super().__init__(backbone, learn_inner_lr=True, per_parameter_lr=True, **kwargs)
 

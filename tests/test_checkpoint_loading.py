@@ -1,0 +1,61 @@
+"""Every learner comes back from its own checkpoint with ``load_from_checkpoint`` (the saved
+hyper-parameters, a backbone passed as it is not saved), with the saved weights, and tests as
+the learner that wrote it."""
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from fewshot_lightning.algorithms import MAMLRL
+from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
+from test_mixed_precision import LEARNERS, tasks
+
+
+def fit_one_step(model, data, root):
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, default_root_dir=root, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    return trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+
+
+def quiet_test(model, data):
+    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        model, data, verbose=False)[0]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("build,kind", LEARNERS)
+def test_a_learner_reloads_from_its_own_checkpoint(build, kind, tmp_path):
+    # MetaSGD could not: its saved hyper-parameters hold learn_inner_lr=True and
+    # per_parameter_lr=True, which its constructor refused ("remove 'learn_inner_lr'").
+    torch.manual_seed(0)
+    model = build()
+    path = fit_one_step(model, tasks(kind), tmp_path)
+    torch.manual_seed(1)  # another initialisation, so that equal weights mean the checkpoint's
+    fresh_backbone = build().backbone
+    loaded = type(model).load_from_checkpoint(path, backbone=fresh_backbone)
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[name], restored[name]) for name in saved)
+    assert dict(loaded.hparams) == dict(model.hparams)
+    data = tasks(kind)
+    assert quiet_test(loaded, data) == pytest.approx(quiet_test(model, data), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_maml_rl_reloads_from_its_own_checkpoint(tmp_path):
+    def build():
+        return MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2, outer_steps=1)
+
+    def data():
+        return NavigationDataModule(meta_batch_size=2, train_tasks=4, val_tasks=2, test_tasks=4)
+
+    torch.manual_seed(0)
+    model = build()
+    path = fit_one_step(model, data(), tmp_path)
+    torch.manual_seed(1)
+    loaded = MAMLRL.load_from_checkpoint(path, backbone=build().backbone,
+                                         environment=copy.deepcopy(model.environment))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert quiet_test(loaded, data()) == pytest.approx(quiet_test(model, data()), rel=1e-6, abs=1e-6)
