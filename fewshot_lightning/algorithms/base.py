@@ -27,6 +27,11 @@ def is_regression(targets: Tensor) -> bool:
     return targets.is_floating_point()
 
 
+class TaskShapeError(ValueError):
+    """A batch of tasks that does not fit the learner or its backbone (shapes, labels): the
+    user's data or model to fix, never a reason to fall back to another execution path."""
+
+
 def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean loss of each task, ``[B]``: cross-entropy for labels, MSE for float targets.
 
@@ -34,6 +39,14 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     ``[B, M, *y]``.
     """
     if is_regression(targets):
+        if outputs.shape != targets.shape:
+            # Broadcasting would pair every prediction with other samples' targets ([B, M, 1]
+            # against [B, M] is [B, M, M]) and train and score without an error.
+            raise TaskShapeError(
+                f"Regression predictions of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
+                "differ ([tasks, samples, *y] each): the squared error would pair predictions with other samples' "
+                "targets. Give the targets the predictions' shape (e.g. y.unsqueeze(-1) for one output per sample) "
+                "or a backbone with one output per target value (e.g. MLP(out_features=...)).")
         return (outputs - targets).square().flatten(1).mean(1)
     return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from ..models.mlp import MLP
-from .base import MetaLearner
+from .base import MetaLearner, TaskShapeError
 from .episode_ops import check_batch_norm_stats, output_shape, per_task
 
 #: The floor and range of the predicted standard deviation, ``0.1 + 0.9 * softplus``: the floor
@@ -94,6 +94,12 @@ class CNP(MetaLearner):
         self.decoder = MLP(representation_dim + x_dim, decoder_hidden, 2 * y_dim)
 
     def forward(self, batch: TaskBatch) -> Tensor:
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            if getattr(batch, name).dim() < 3:
+                raise TaskShapeError(
+                    f"CNP reads every task's points as [tasks, points, size]; its {name} is "
+                    f"{list(getattr(batch, name).shape)}. Give 1-D values a last dimension of size 1 "
+                    "(e.g. y.unsqueeze(-1)).")
         context_x, context_y = batch.support_x.flatten(2), batch.support_y.flatten(2)
         target_x = batch.query_x.flatten(2)
         if context_x.shape[-1] != self.x_dim or context_y.shape[-1] != self.y_dim:

@@ -19,7 +19,7 @@ from ..inner import (
     split_parameters, task_params, trajectory,
 )
 from ..metrics import MeanConfidenceInterval
-from .base import MetaLearner, WeightsMismatchError, per_task_loss
+from .base import MetaLearner, TaskShapeError, WeightsMismatchError, per_task_loss
 
 
 #: How much faster than the channels-first paths a channels-last path must time to be chosen
@@ -994,6 +994,8 @@ class MAML(MetaLearner):
                 try:
                     self._timed_step(batch, *candidates[0], evaluation=evaluation)
                     self._vmap_runs = True
+                except TaskShapeError:
+                    raise  # the same on every path: the user's to fix
                 except (RuntimeError, ValueError) as error:
                     if out_of_memory(error) and not evaluation:
                         exhausted[candidates[0]] = str(error)
