@@ -199,3 +199,52 @@ def test_the_datamodule_stream_is_the_recorded_one():
         [[22, 666, 132, 14, 131, 658], [157, 9, 145, 134, 7, 172]], [[0, 1, 2, 0, 2, 1], [0, 2, 1, 1, 2, 0]],
     )
     assert as_pinned(next(iter(dm.test_dataloader())))[:2] == ([[633, 742, 341], [181, 325, 540]], [[1, 0, 2], [2, 0, 1]])
+
+
+def dm_of(data, labels, **kwargs):
+    args = dict(ways=3, shots=1, queries=2, meta_batch_size=2, val_tasks=4, test_tasks=4, num_workers=0)
+    args.update(kwargs)
+    module = EpisodicDataModule(data, labels, **args)
+    module.setup("fit")
+    return module
+
+
+def test_labels_that_are_not_class_ids_are_refused_with_the_fix():
+    # Float labels were truncated (0.5 -> 0: 40 classes became 20, each two merged), names and
+    # one-hot rows failed deep in torch or with a complaint about class counts, and labels one
+    # short or long than the data were a misleading "single sample" or an IndexError.
+    data, labels = identity_data()
+    with pytest.raises(ValueError, match=r"integer class ids, but sample 25's is 0\.5.*truncate.*merge"):
+        dm_of(data, labels.float() / 2)
+    with pytest.raises(ValueError, match=r"names \('c0', 'c0', 'c0', \.\.\.\).*numpy\.unique"):
+        dm_of(data, [f"c{int(c)}" for c in labels])
+    with pytest.raises(ValueError, match=r"1-D\), got shape \[750, 30\].*labels\.argmax\(1\)"):
+        dm_of(data, torch.nn.functional.one_hot(labels))
+    for wrong in (labels[:-5], torch.cat([labels, labels[:3]])):
+        with pytest.raises(ValueError, match=rf"got {len(wrong)} labels for 750 samples"):
+            dm_of(data, wrong)
+    # Whole-number floats are class ids: the same split as the integers.
+    as_floats, as_ints = dm_of(data, labels.float()), dm_of(data, labels)
+    assert as_floats.class_split == as_ints.class_split
+
+
+def test_samples_given_as_numpy_or_a_list_or_on_a_gpu():
+    # A numpy array was read as a Dataset of (x, y) pairs: each sample's first row became the
+    # sample ([N, 3, 32, 32] images gave 32x32 one-channel ones, [N, 784] vectors one value).
+    images = torch.rand(40 * 6, 3, 8, 8)
+    labels = torch.arange(40).repeat_interleave(6)
+    batch = next(iter(dm_of(images.numpy(), labels).train_dataloader()))
+    assert batch.support_x.shape == (2, 3, 3, 8, 8) and batch.query_x.shape == (2, 6, 3, 8, 8)
+    flat = next(iter(dm_of(images.flatten(1).numpy(), labels).train_dataloader()))
+    assert flat.support_x.shape == (2, 3, 192)
+    with pytest.raises(ValueError, match=r"a list of arrays, which would be read as \(x, y\) pairs.*torch\.stack"):
+        dm_of(list(images), labels)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"on cuda:0; pass them on the CPU"):
+            dm_of(images.cuda(), labels)
+
+
+def test_episode_numbers_must_be_whole_numbers():
+    for name, value in (("ways", "5"), ("shots", 1.0), ("queries", True)):
+        with pytest.raises(TypeError, match=rf"{name} must be a whole number.*got {value!r}"):
+            episodes.check_episode_shape(**{"ways": 5, "shots": 1, "queries": 2, name: value})

@@ -118,7 +118,7 @@ def test_impossible_requests_name_the_numbers():
         EpisodeDataset(data[:-24], labels[:-24], ways=2, shots=1, queries=1)
     with pytest.raises(ValueError, match="shots must be at least 1, got 0"):
         EpisodeDataset(data, labels, ways=5, shots=0, queries=1)
-    with pytest.raises(ValueError, match="Got 3 labels for 750 samples"):
+    with pytest.raises(ValueError, match="got 3 labels for 750 samples"):
         EpisodeDataset(data, labels[:3])
 
 

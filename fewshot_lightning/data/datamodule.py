@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .episodes import (
     EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, check_finite,
-    episode_shape_problems, labels_of,
+    episode_shape_problems, labelled_input,
 )
 from .task import TaskBatch, collate_tasks, scale_images
 
@@ -365,10 +365,10 @@ class EpisodicDataModule(LabelledDataModule):
                 f"{type(self).__name__} got no data: pass `data=` (and `labels=`), or use a benchmark "
                 "DataModule such as KanjiDataModule."
             )
-        labels = labels_of(self.data) if self.labels is None else torch.as_tensor(self.labels, dtype=torch.long)
+        data, labels = labelled_input(self.data, self.labels, f"The data passed to {type(self).__name__}")
         # Before the split, so that the samples it names are indices into `data` as passed in.
-        check_finite(self.data, labels, f"The data passed to {type(self).__name__}")
-        return split_by_class(self.data, labels, self.split_fractions, self.seed)
+        check_finite(data, labels, f"The data passed to {type(self).__name__}")
+        return split_by_class(data, labels, self.split_fractions, self.seed)
 
     def more_classes_advice(self, splits: List[str]) -> str:
         return (

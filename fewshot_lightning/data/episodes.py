@@ -70,13 +70,74 @@ def labels_of(data: Union[Tensor, Dataset]) -> Tensor:
     for name in ("targets", "labels", "_labels"):
         labels = getattr(data, name, None)
         if labels is not None:
-            return torch.as_tensor(np.asarray(labels), dtype=torch.long)
+            return class_ids(labels, f"{type(data).__name__}.{name}")
     warnings.warn(
         f"{type(data).__name__} has no `targets` or `labels` attribute: reading every sample once to "
         "learn its label. Pass `labels=` to skip this.",
         stacklevel=3,
     )
-    return torch.tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.long)
+    return class_ids([data[i][1] for i in range(len(data))], f"the labels of {type(data).__name__}'s samples")
+
+
+def class_ids(labels, what: str = "labels") -> Tensor:
+    """``labels`` as a 1-D ``int64`` CPU tensor of class ids, or a ``ValueError`` naming what is
+    wrong with them and the fix: names instead of ids, one-hot or other 2-D labels, and float
+    labels that are not whole numbers (truncated, 0.5 and 0 would be one class)."""
+    if isinstance(labels, Tensor):
+        values = labels.detach().cpu()
+    else:
+        if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], Tensor):
+            labels = [int(v) if v.numel() == 1 else v.tolist() for v in labels]
+        array = np.asarray(labels)
+        if array.dtype.kind == "O":
+            try:
+                array = array.astype(np.int64)
+            except (TypeError, ValueError):
+                array = array.astype(str)
+        if array.dtype.kind in "US":
+            raise ValueError(
+                f"{what} are names ({', '.join(map(repr, array.reshape(-1)[:3].tolist()))}, ...), not integer class "
+                "ids. Map them to ids first, e.g. `names, ids = numpy.unique(labels, return_inverse=True)`, and pass "
+                "`ids`.")
+        values = torch.as_tensor(array)
+    if values.dim() != 1:
+        hint = (" For one-hot labels pass `labels.argmax(1)`." if values.dim() == 2 else "")
+        raise ValueError(f"{what} must be one integer class id per sample (1-D), got shape {list(values.shape)}.{hint}")
+    if values.is_complex():
+        raise ValueError(f"{what} must be integer class ids, got {values.dtype}.")
+    if values.is_floating_point():
+        whole = torch.isfinite(values) & (values == values.round())
+        if not bool(whole.all()):
+            index = int((~whole).nonzero()[0])
+            raise ValueError(
+                f"{what} must be integer class ids, but sample {index}'s is {values[index].item()}: casting would "
+                "truncate it and merge classes. Pass integer ids (e.g. from `numpy.unique(labels, "
+                "return_inverse=True)`); episodes of float targets are regression, which these classification "
+                "episodes are not (see SinusoidDataModule, or a DataLoader of your own TaskBatch).")
+    return values.to(torch.long)
+
+
+def labelled_input(data, labels, what: str) -> Tuple[Union[Tensor, Dataset], Tensor]:
+    """``(data, labels)`` as the episode samplers read them: a numpy array of samples becomes a
+    tensor (as a ``Dataset`` each sample would be read as an ``(x, y)`` pair, its first row taken
+    for ``x``); samples on an accelerator, or a list of tensors, are refused with the fix; the
+    labels are :func:`class_ids`, one per sample."""
+    if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "biuf":
+            raise ValueError(f"{what}: a numpy array of samples must be numeric, got dtype {data.dtype}.")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if isinstance(data, Tensor) and data.device.type != "cpu":
+        raise ValueError(
+            f"{what}: the samples are on {data.device}; pass them on the CPU (`data.cpu()`): episodes are drawn "
+            "on the CPU, and the Trainer moves each batch to its device.")
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (Tensor, np.ndarray)):
+        raise ValueError(
+            f"{what}: the samples are a {type(data).__name__} of arrays, which would be read as (x, y) pairs; pass "
+            "one tensor, `torch.stack(samples)`, with `labels=`.")
+    labels = labels_of(data) if labels is None else class_ids(labels)
+    if len(labels) != len(data):
+        raise ValueError(f"{what}: got {len(labels)} labels for {len(data)} samples; they must match one to one.")
+    return data, labels
 
 
 class EpisodeDataset(TaskDataset):
@@ -116,11 +177,9 @@ class EpisodeDataset(TaskDataset):
         scale: bool = True,
     ) -> None:
         super().__init__(num_tasks, seed)
+        data, labels = labelled_input(data, labels, type(self).__name__)
         self.data = data
         self.scale = scale
-        labels = labels_of(data) if labels is None else torch.as_tensor(labels, dtype=torch.long)
-        if len(labels) != len(data):
-            raise ValueError(f"Got {len(labels)} labels for {len(data)} samples; they must match one to one.")
         check_episode_shape(ways, shots, queries)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.transform = transform
@@ -226,6 +285,10 @@ def ordered_sample(n: int, k: int, uniforms: np.ndarray) -> np.ndarray:
 
 def check_episode_shape(ways: int, shots: int, queries: int) -> None:
     """Raise a ``ValueError`` naming the bad number if an N-way K-shot Q-query request is impossible."""
+    for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be a whole number of {'classes' if name == 'ways' else 'samples per class'}, "
+                            f"got {value!r} ({type(value).__name__}).")
     if ways < 2:
         raise ValueError(f"ways must be at least 2 for a classification task, got {ways}.")
     if shots < 1:
