@@ -397,8 +397,23 @@ def trajectory(
     Inner gradients are taken with autograd on even under ``torch.no_grad``; whether a graph
     to the outer parameters is kept is ``differentiable``'s business alone.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be a whole number of inner steps, got {steps!r} ({type(steps).__name__}).")
     if steps < 0:
         raise ValueError(f"steps must be 0 or more, got {steps}.")
+    if steps and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Inner steps take gradients, which torch.inference_mode() forbids. Adapt under torch.no_grad() instead "
+            "(inner gradients are still taken there), or inside torch.inference_mode(False) on tensors made outside "
+            "inference mode.")
+    tasks = support_x.shape[0]
+    unbatched = {n: list(p.shape) for n, p in params.items() if p.dim() == 0 or p.shape[0] != tasks}
+    if unbatched:
+        raise ValueError(
+            f"params must be per task, [tasks, ...] with tasks = {tasks} (support_x's first dimension), but "
+            f"{', '.join(f'{n} is {shape}' for n, shape in list(unbatched.items())[:3])}"
+            f"{f' (and {len(unbatched) - 3} more)' if len(unbatched) > 3 else ''}. Expand the module's parameters to one copy per task with "
+            "task_params(dict(module.named_parameters()), tasks).")
     optimizer = GradientDescent() if optimizer is None else optimizer
     params = _ready(params, differentiable)
     state = optimizer.init(params)
@@ -417,6 +432,12 @@ def trajectory(
         x, y = (support_x, support_y) if minibatch is None else _subset(support_x, support_y, minibatch(step))
         with torch.enable_grad(), (differentiated_twice() if differentiable and second_order else nullcontext()):
             losses = loss_fn(forward(at(step, params), x), y)
+            if losses.shape != (tasks,):
+                raise ValueError(
+                    f"loss_fn must return one loss per task, shape [{tasks}], but returned {list(losses.shape)}: each "
+                    "task adapts on its own loss. Reduce over a task's samples only, e.g. "
+                    "fewshot_lightning.algorithms.base.per_task_loss (cross-entropy or MSE per task), not "
+                    "F.cross_entropy's batch mean.")
             if penalty is not None:
                 losses = losses + penalty(params)
             names = list(params)

@@ -48,3 +48,79 @@ def test_regression_predictions_and_targets_of_different_shapes_are_refused():
 def test_cnp_names_points_without_a_value_dimension():
     with pytest.raises(TaskShapeError, match=r"CNP reads .*support_y is \[2, 5\].*unsqueeze\(-1\)"):
         fit(CNP(MLP(2, (16,), 16)), regression_batches(2, 5, trailing=False))
+
+
+def class_batch(tasks=4, ways=3, shots=1, queries=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    support_y = torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1)
+    query_y = torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1)
+    return TaskBatch(torch.rand(tasks, ways * shots, 1, 28, 28, generator=g), support_y,
+                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g), query_y)
+
+
+@pytest.mark.parametrize("learner", ["ProtoNet", "MatchingNet", "RelationNet", "AttentionLearner"])
+def test_metric_learners_refuse_support_labels_that_are_not_0_to_n_minus_1(learner):
+    # The number of classes is read as 1 + the largest label: labels 1..3 gave a phantom class 0
+    # whose all-zero prototype competed for the queries, with no error.
+    from fewshot_lightning import algorithms
+    from fewshot_lightning.models import Conv4, RelationEmbedding
+
+    torch.manual_seed(0)
+    embedding = Conv4(hidden=8, out_features=None, track_running_stats=True)
+    model = {"ProtoNet": lambda: algorithms.ProtoNet(embedding),
+             "MatchingNet": lambda: algorithms.MatchingNet(embedding),
+             "RelationNet": lambda: algorithms.RelationNet(RelationEmbedding(hidden=8), relation_channels=8),
+             "AttentionLearner": lambda: algorithms.AttentionLearner(embedding, ways=5, model_dim=16, heads=2,
+                                                                     layers=1, feedforward_dim=16)}[learner]()
+    batch = class_batch()
+    assert model(batch).shape == (4, 6, 3)
+    shifted = TaskBatch(batch.support_x, batch.support_y + 1, batch.query_x, batch.query_y + 1)
+    with pytest.raises(TaskShapeError, match=r"support labels of task 0 are \[1, 2, 3\].*0\.\.N-1"):
+        model(shifted)
+    gaps = TaskBatch(batch.support_x, batch.support_y * 2, batch.query_x, batch.query_y * 2)
+    with pytest.raises(TaskShapeError, match=r"support labels of task 0 are \[0, 2, 4\]"):
+        model(gaps)
+    uneven = batch.support_y.clone()
+    uneven[2] = torch.tensor([0, 1, 1])  # task 2 has two classes where the others have three
+    with pytest.raises(TaskShapeError, match=r"support labels of task 2 are \[0, 1\]"):
+        model(TaskBatch(batch.support_x, uneven, batch.query_x, batch.query_y))
+
+
+def test_classification_labels_beyond_the_scores_and_in_other_integer_types():
+    outputs = torch.randn(4, 6, 3)
+    labels = class_batch().query_y
+    with pytest.raises(TaskShapeError, match=r"labels run from 1 to 3, but the predictions give 3 class scores"):
+        per_task_loss(outputs, labels + 1)
+    # int32 and uint8 class ids: the same loss as int64 (cross-entropy refused int32).
+    expected = per_task_loss(outputs, labels)
+    for dtype in (torch.int32, torch.uint8):
+        assert torch.equal(per_task_loss(outputs, labels.to(dtype)), expected)
+    with pytest.raises(TaskShapeError, match=r"class labels, make them integers \(y\.long\(\)\)"):
+        per_task_loss(outputs, labels.float())
+
+
+def test_the_inner_loop_names_arguments_that_do_not_fit():
+    from fewshot_lightning.inner import adapt, functional, task_params
+    from fewshot_lightning.models import Conv4
+
+    model = Conv4(hidden=8, out_features=3)
+    batch = class_batch()
+    forward = functional(model)
+    params = task_params(dict(model.named_parameters()), 4)
+    adapted = adapt(forward, params, batch.support_x, batch.support_y, per_task_loss, steps=1, lr=0.4)
+    assert adapted["head.weight"].shape == (4, 3, 8)
+    with pytest.raises(ValueError, match=r"params must be per task, \[tasks, \.\.\.\] with tasks = 4.*task_params"):
+        adapt(forward, dict(model.named_parameters()), batch.support_x, batch.support_y, per_task_loss, 1, 0.4)
+    with pytest.raises(ValueError, match=r"with tasks = 4 .*is \[3, 8, 1, 3, 3\]"):
+        adapt(forward, task_params(dict(model.named_parameters()), 3), batch.support_x, batch.support_y,
+              per_task_loss, 1, 0.4)
+    with pytest.raises(ValueError, match=r"one loss per task, shape \[4\], but returned \[\]"):
+        adapt(forward, params, batch.support_x, batch.support_y,
+              lambda out, y: torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten()), 1, 0.4)
+    with pytest.raises(TypeError, match=r"steps must be a whole number of inner steps, got 0\.4"):
+        adapt(forward, params, batch.support_x, batch.support_y, per_task_loss, 0.4, 1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch\.inference_mode\(\) forbids.*no_grad"):
+        adapt(forward, params, batch.support_x, batch.support_y, per_task_loss, 1, 0.4)
+    with torch.no_grad():  # inner gradients are taken under no_grad, as documented
+        under_no_grad = adapt(forward, params, batch.support_x, batch.support_y, per_task_loss, 1, 0.4)
+    assert torch.allclose(under_no_grad["head.weight"], adapted["head.weight"], atol=1e-6)

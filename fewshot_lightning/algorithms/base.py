@@ -46,9 +46,23 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
                 f"Regression predictions of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
                 "differ ([tasks, samples, *y] each): the squared error would pair predictions with other samples' "
                 "targets. Give the targets the predictions' shape (e.g. y.unsqueeze(-1) for one output per sample) "
-                "or a backbone with one output per target value (e.g. MLP(out_features=...)).")
+                "or a backbone with one output per target value (e.g. MLP(out_features=...))."
+                + (" If the targets are class labels, make them integers (y.long()): float targets are regression."
+                   if outputs.dim() == targets.dim() + 1 else ""))
         return (outputs - targets).square().flatten(1).mean(1)
-    return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
+    if targets.dtype != torch.long:
+        targets = targets.long()  # int32, uint8 class ids: cross-entropy takes int64
+    try:
+        losses = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none")
+    except (IndexError, RuntimeError) as error:
+        if outputs.dim() == targets.dim() + 1 and targets.numel() and (
+                int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[-1]):
+            raise TaskShapeError(
+                f"Class labels run from {int(targets.min())} to {int(targets.max())}, but the predictions give "
+                f"{outputs.shape[-1]} class scores (labels 0..{outputs.shape[-1] - 1}): label each task's classes "
+                "0..N-1 (the episode DataModules do) and give the backbone N outputs.") from error
+        raise
+    return losses.view(targets.shape).mean(1)
 
 
 def skip_failing_nvml_probe() -> bool:

@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..inner import call_with, tied_names
 from ..models.blocks import TaskBatchNorm2d
+from .base import TaskShapeError
 
 #: How batch norm normalises a task (the learners' ``batch_norm_stats`` argument):
 #: ``"task"``: with the statistics of the task's own images, in training and evaluation alike
@@ -158,9 +159,25 @@ def num_ways(support_y: Tensor) -> int:
     contract, each of its labels ``0..N-1`` appears in the support set, so the largest label
     fixes N. It cannot come from the shapes alone (``N * K`` does not split into N and K), and
     reading it from the labels lets training and evaluation use different N with one model.
-    On a GPU this costs one device-to-host sync per step.
+    On a GPU this costs one device-to-host sync per step, which also reads whether the contract
+    holds: every task's support labels are ``0..N-1`` with none missing (a hand-built batch
+    labelled ``1..N`` had a phantom class 0, whose all-zero prototype still competed for the
+    queries, and no error).
     """
-    return int(support_y.max()) + 1
+    ordered = support_y.sort(dim=-1).values
+    largest = ordered[:, -1]
+    proper = (ordered[:, 0] == 0) & (ordered.diff(dim=-1) <= 1).all(dim=-1) & (largest == largest.max())
+    ways, holds = torch.stack([largest.max(), proper.all()]).tolist()
+    if not holds:
+        task = int((~proper).nonzero()[0])
+        labels = sorted(set(support_y[task].tolist()))
+        raise TaskShapeError(
+            f"The support labels of task {task} are {labels}: every task's classes must be labelled 0..N-1, each "
+            f"present in its support set, with the same N in every task of a batch (here N would be {ways + 1}), "
+            "or a class gets no support example. Relabel each task, e.g. "
+            "`support_y, query_y = torch.unique(support_y, return_inverse=True)[1], ...` mapping the query labels "
+            "alike; the episode DataModules do this.")
+    return ways + 1
 
 
 def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
