@@ -32,6 +32,7 @@ Example, a MAML training step written from these pieces::
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
@@ -397,7 +398,7 @@ def trajectory(
     Inner gradients are taken with autograd on even under ``torch.no_grad``; whether a graph
     to the outer parameters is kept is ``differentiable``'s business alone.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be a whole number of inner steps, got {steps!r} ({type(steps).__name__}).")
     if steps < 0:
         raise ValueError(f"steps must be 0 or more, got {steps}.")

@@ -148,3 +148,27 @@ def test_strided_conv4_takes_any_image_size():
     start(model, EpisodicDataModule(images, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
                                         val_tasks=2, split_fractions=(0.6, 0.2, 0.2), num_workers=0))
     assert start.batches == 1
+
+
+def test_a_sequential_backbone_ending_in_a_linear_layer_is_checked_too():
+    # A plain nn.Sequential has no output_shape or head: 2 scores for 3-way episodes stopped at
+    # the first step with cross-entropy's "Target 2 is out of bounds", 5 trained silently.
+    from torch import nn
+
+    data, labels = identity_data()
+
+    def fit(out_features):
+        datamodule = EpisodicDataModule(data, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
+                                        val_tasks=2, test_tasks=2, num_workers=0)
+        model = MAML(nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, out_features)), inner_lr=0.1)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            start(model, datamodule, "fit")
+        return [str(w.message) for w in warned if "class scores" in str(w.message)]
+
+    with pytest.raises(ValueError, match=r"outputs 2 class scores, but the training episodes are 3-way "
+                                         r"\(ways = 3\): label 2 has no score"):
+        fit(2)
+    assert start.batches == 0
+    assert any("5 class scores" in message for message in fit(5))
+    assert fit(3) == []

@@ -124,3 +124,14 @@ def test_the_inner_loop_names_arguments_that_do_not_fit():
     with torch.no_grad():  # inner gradients are taken under no_grad, as documented
         under_no_grad = adapt(forward, params, batch.support_x, batch.support_y, per_task_loss, 1, 0.4)
     assert torch.allclose(under_no_grad["head.weight"], adapted["head.weight"], atol=1e-6)
+
+
+def test_step_counts_must_be_whole_numbers():
+    # inner_steps=1.5 was accepted and failed in fit with "'float' object cannot be interpreted
+    # as an integer".
+    for name, value in (("inner_steps", 1.5), ("test_inner_steps", "10")):
+        with pytest.raises(TypeError, match=rf"{name} must be a whole number of steps, got {value!r}"):
+            MAML(MLP(), **{name: value})
+    import numpy as np
+
+    assert MAML(MLP(), inner_steps=np.int64(2)).inner_steps == 2

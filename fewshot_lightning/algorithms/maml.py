@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import platform
 import time
 import warnings
@@ -176,13 +177,20 @@ class MAML(MetaLearner):
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        for name, value in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"{name} must be a whole number of steps, got {value!r} ({type(value).__name__}).")
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         if test_inner_steps < 1:
             raise ValueError(f"test_inner_steps must be at least 1, got {test_inner_steps}.")
-        if not inner_lr > 0:
-            raise ValueError(f"inner_lr must be positive, got {inner_lr}.")
+        try:
+            positive = not isinstance(inner_lr, (str, bool)) and bool(inner_lr > 0)
+        except (TypeError, RuntimeError):  # a string, a tensor of several values
+            positive = False
+        if not positive:
+            raise ValueError(f"inner_lr must be positive, got {inner_lr!r} (a number, e.g. 0.4).")
         if batching not in ("auto",) + BATCHING:
             raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}.")
         if memory_format not in ("auto",) + MEMORY_FORMATS:
@@ -756,12 +764,14 @@ class MAML(MetaLearner):
 
     def class_scores(self) -> Optional[int]:
         """How many class scores the backbone outputs per sample: its ``output_shape`` if that is
-        one number, else the ``out_features`` of a ``head`` that is an ``nn.Linear``; ``None`` if
-        neither says."""
+        one number, else the ``out_features`` of a ``head`` that is an ``nn.Linear``, or of the last
+        layer of an ``nn.Sequential`` backbone that is one; ``None`` if none says."""
         shape = getattr(self.backbone, "output_shape", None)
         if shape is not None:
             return int(shape[0]) if len(shape) == 1 else None
         head = getattr(self.backbone, "head", None)
+        if head is None and isinstance(self.backbone, nn.Sequential) and len(self.backbone):
+            head = self.backbone[-1]
         return head.out_features if isinstance(head, nn.Linear) else None
 
     def _check_output_width(self, stage: str) -> None:
@@ -787,7 +797,9 @@ class MAML(MetaLearner):
             if width < ways:
                 raise ValueError(
                     f"{type(self).__name__}'s backbone outputs {width} class scores, but the {episodes} episodes "
-                    f"are {ways}-way ({described}): labels {width} to {ways - 1} have no score. Either {fix}."
+                    f"are {ways}-way ({described}): "
+                    + (f"label {width} has" if width == ways - 1 else f"labels {width} to {ways - 1} have")
+                    + f" no score. Either {fix}."
                 )
             if width > ways and ways not in warned:
                 warned.add(ways)
