@@ -177,6 +177,22 @@ class FewShotCLI(LightningCLI):
             )
         configured = dict(getattr(model, "hparams", {}))
         differ = [name for name, value in saved.items() if name in configured and not _same(configured[name], value)]
+        held = getattr(model, "arguments_in_weights", dict)()
+        restored = [name for name in differ if name in held]
+        if restored:
+            # MAML++'s per-step (or learned) inner learning rates, a metric learner's scale: the
+            # argument only initialises a tensor, which the checkpoint restores. The run used the
+            # checkpoint's values while the warning below said the configured ones.
+            raise ValueError(
+                f"--ckpt_path {Path(checkpoint).name} was saved with "
+                + ", ".join(f"{name}={saved[name]!r}" for name in restored)
+                + " and this run sets " + ", ".join(f"{name}={configured[name]!r}" for name in restored)
+                + f", but {type(model).__name__} keeps "
+                + ", ".join(f"{name} in its weights ({held[name]})" for name in restored)
+                + ", which the checkpoint restores: the configured value would not be used. Remove "
+                + " and ".join(f"--model.init_args.{name}" for name in restored)
+                + " (or give the checkpoint's value), or start a new run to train with another value."
+            )
         if differ:
             rank_zero_warn(
                 f"--ckpt_path {Path(checkpoint).name} was saved with "

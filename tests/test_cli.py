@@ -193,6 +193,35 @@ def test_val_check_interval_reads_an_integer_as_batches(given, expected):
     assert (type(value), value) == expected
 
 
+def test_an_argument_the_checkpoint_holds_in_its_weights_cannot_be_changed_silently(tmp_path, monkeypatch, cli):
+    # MAML++'s per-step inner learning rates are tensors the checkpoint restores: a test or a
+    # resume with another --model.init_args.inner_lr ran the checkpoint's rates (the same
+    # test/mse for 0.01 and 0.5), under a warning saying the configured value was used.
+    monkeypatch.chdir(tmp_path)
+    mamlpp = str(ROOT / "configs" / "mamlpp_sinusoid.yaml")
+    code, out = cli("fit", "--config", mamlpp, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+    for subcommand in ("test", "fit"):
+        code, out = cli(subcommand, "--config", mamlpp, "--ckpt_path", "last", "--trainer.limit_test_batches", "1",
+                        "--trainer.max_steps", "3", "--model.init_args.inner_lr", "0.5")
+        assert code == 1, out[-3000:]
+        assert ("--ckpt_path last.ckpt was saved with inner_lr=0.01 and this run sets inner_lr=0.5, but MAMLPlusPlus "
+                "keeps inner_lr in its weights (inner_lr.rates), which the checkpoint restores: the configured value "
+                "would not be used. Remove --model.init_args.inner_lr") in out, subcommand
+    # The checkpoint's own value is accepted, and plain MAML (a float rate) still takes a new one.
+    code, out = cli("test", "--config", mamlpp, "--ckpt_path", "last", "--trainer.limit_test_batches", "1",
+                    "--model.init_args.inner_lr", "0.01")
+    assert code == 0, out[-3000:]
+    from fewshot_lightning.algorithms import MAML, MatchingNet, ProtoNet
+    from fewshot_lightning.models import MLP, Conv4
+
+    assert MAML(MLP()).arguments_in_weights() == {}
+    assert MAML(MLP(), per_step_lr=True).arguments_in_weights() == {"inner_lr": "inner_lr.rates"}
+    assert ProtoNet(Conv4(hidden=4, out_features=None, track_running_stats=True)).arguments_in_weights() == {"scale": "log_scale"}
+    assert MatchingNet(Conv4(hidden=4, out_features=None, track_running_stats=True), learn_scale=True).arguments_in_weights() == {
+        "scale": "log_scale"}
+
+
 def test_the_config_decides_not_the_checkpoints_saved_arguments(tmp_path, monkeypatch, cli):
     # Lightning's CLI replaced the configured model arguments with those saved in a checkpoint
     # given by path (not for "last"): a test asked for 3 inner steps ran the saved 10, and a

@@ -498,6 +498,19 @@ class MetaLearner(L.LightningModule):
         if stage == "fit":
             use_lean_loop(self.trainer)
 
+    def arguments_in_weights(self) -> Dict[str, str]:
+        """The constructor arguments whose values live in saved tensors (argument name -> the
+        tensors' name in the state dict): loading a checkpoint restores the tensors, so a value
+        configured then is not used (the CLI refuses one that differs from the checkpoint's)."""
+        held = {}
+        if "log_scale" in dict(self.named_buffers(recurse=False)) or "log_scale" in dict(
+                self.named_parameters(recurse=False)):
+            held["scale"] = "log_scale"
+        rates = getattr(self, "inner_lr", None)
+        if isinstance(rates, nn.Module) and getattr(rates, "tensor_rates", False):
+            held["inner_lr"] = "inner_lr.rates"
+        return held
+
     def differentiates_inner_gradient(self) -> bool:
         """Whether some training step of this run differentiates an inner loop's gradient (second
         order): never for a learner without an inner loop; the gradient-based learners say."""
