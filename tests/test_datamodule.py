@@ -248,3 +248,37 @@ def test_episode_numbers_must_be_whole_numbers():
     for name, value in (("ways", "5"), ("shots", 1.0), ("queries", True)):
         with pytest.raises(TypeError, match=rf"{name} must be a whole number.*got {value!r}"):
             episodes.check_episode_shape(**{"ways": 5, "shots": 1, "queries": 2, name: value})
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_checkpoint_is_not_tested_on_the_classes_it_trained_on(tmp_path):
+    # The class split is drawn from the seed; a test (or a resumed fit) with another seed mixed
+    # the checkpoint's training classes into its test split and scored them, exit 0. The split
+    # is saved in the checkpoint and compared for the same data.
+    data, labels = identity_data()
+
+    def module(seed, data=data, labels=labels):
+        return EpisodicDataModule(data, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
+                                  val_tasks=2, test_tasks=2, num_workers=0, seed=seed)
+
+    def trainer(max_steps=1):
+        return L.Trainer(max_steps=max_steps, limit_val_batches=0, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+
+    model = ProtoNet(MLP(in_features=2, hidden=[8], out_features=4))
+    fit = trainer()
+    fit.fit(model, module(seed=0))
+    path = fit.checkpoint_callback.last_model_path or fit.checkpoint_callback.best_model_path
+    assert torch.load(path, weights_only=True)["EpisodicDataModule"]["class_split"]["train"]
+    assert trainer().test(model, module(seed=0), ckpt_path=path, verbose=False)[0]["test/acc"] >= 0
+    with pytest.raises(ValueError, match=r"class split differs from the one the checkpoint was trained with: its "
+                                         r"val split holds \d+ class(es)? the checkpoint trained on .*its test split "
+                                         r"holds .*split_seed"):
+        trainer().test(model, module(seed=1), ckpt_path=path, verbose=False)
+    with pytest.raises(ValueError, match=r"its train split holds \d+ class(es)? the checkpoint's run held out"):
+        trainer(max_steps=2).fit(model, module(seed=1), ckpt_path=path)
+    # Other data (a cross-domain test) is not compared with the checkpoint's split.
+    other = torch.cat([labels, labels[:PER_CLASS] + CLASSES])
+    result = trainer().test(model, module(1, torch.cat([data, data[:PER_CLASS]]), other), ckpt_path=path,
+                            verbose=False)[0]
+    assert result["test/acc"] >= 0

@@ -273,3 +273,28 @@ def test_test_ways_above_the_test_classes_stops_fit_before_training(tmp_path, mo
             "split_fractions (now [0.5, 0.3, 0.2]), or name each split's classes with train_classes, val_classes and "
             "test_classes.") in message
     assert not list(tmp_path.glob("logs/**/*.ckpt"))  # stopped at setup: no step was taken
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_testing_a_checkpoint_on_a_changed_split_of_its_folder_is_refused(tmp_path, monkeypatch, cli):
+    # `test --ckpt_path last --data.split_seed 1`, or a class folder added since the fit, put
+    # classes the checkpoint trained on in the test split and scored them, exit 0.
+    root = write_noise_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs" / "protonet_folder.yaml")
+    code, out = cli("fit", "--config", config, "--data.root", str(root), *QUICK)
+    assert code == 0, out[-3000:]
+    test = ["test", "--config", config, "--data.root", str(root), "--ckpt_path", "last", *QUICK[:4],
+            "--trainer.logger.init_args.save_dir", "logs", "--trainer.limit_test_batches", "1"]
+    code, out = cli(*test)
+    assert code == 0, out[-3000:]
+    code, out = cli(*test, "--data.split_seed", "1")
+    assert code == 1
+    assert "ImageFolderDataModule's class split differs from the one the checkpoint was trained with" in out
+    assert re.search(r"its (val|test) split holds \d+ class(es)? the checkpoint trained on \(class_\d\d", out)
+    # Another folder's classes (a cross-domain test) are not compared.
+    other = write_noise_folder(tmp_path / "other")
+    code, out = cli("test", "--config", config, "--data.root", str(other), "--ckpt_path", "last", *QUICK[:4],
+                    "--trainer.logger.init_args.save_dir", "logs", "--trainer.limit_test_batches", "1",
+                    "--data.split_seed", "1")
+    assert code == 0, out[-3000:]

@@ -1,6 +1,7 @@
 """Lightning DataModules whose batches are :class:`TaskBatch`es."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -246,6 +247,8 @@ class LabelledDataModule(ClassificationDataModule):
         self._splits: Optional[Dict[str, LabelledData]] = None
         #: After ``setup``: the names of each split's classes (see :meth:`class_name`), sorted by label.
         self.class_split: Optional[Dict[str, List[str]]] = None
+        #: A checkpoint's saved state (its class split), once restored: see :meth:`load_state_dict`.
+        self._checkpoint_state: Dict[str, Any] = {}
 
     def load_splits(self) -> Dict[str, LabelledData]:
         """The labelled data of the splits ``"train"``, ``"val"`` and ``"test"``, classes disjoint."""
@@ -260,6 +263,52 @@ class LabelledDataModule(ClassificationDataModule):
         """How to give ``splits`` more classes, for the error that finds they have too few."""
         return f"use a dataset whose {' and '.join(splits)} split{'s have' if len(splits) > 1 else ' has'} more classes"
 
+    def data_source(self) -> str:
+        """What identifies the data this DataModule reads, beyond its class (whose name keys its
+        state in a checkpoint): a checkpoint's class split is compared with this run's only for
+        the same source. Subclasses reading a folder or the user's tensors say which."""
+        return type(self).__name__
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Saved in checkpoints: the class split the run trained on, and its data source."""
+        if self.class_split is None:
+            return {}
+        return {"class_split": self.class_split, "data_source": self.data_source()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """A checkpoint's class split, restored by ``Trainer.fit/validate/test(ckpt_path=...)``
+        after ``setup``: checked against this run's (:meth:`check_split_against`)."""
+        self._checkpoint_state = dict(state)
+        if self.class_split is not None:
+            self.check_split_against(self._checkpoint_state)
+
+    def check_split_against(self, state: Dict[str, Any]) -> None:
+        """Stop if this run's class split mixes the checkpoint's training classes with its own
+        validation or test classes, either way: a test then scores classes the model trained on
+        (a changed split_seed, a class folder added or removed since), and a resumed fit trains
+        on classes the checkpoint's run held out. Only for the same data source."""
+        saved = state.get("class_split")
+        if not saved or self.class_split is None or state.get("data_source") != self.data_source():
+            return
+        trained, held_out = set(saved.get("train", ())), set(saved.get("val", ())) | set(saved.get("test", ()))
+        problems = []
+        for split in ("val", "test"):
+            seen = sorted(set(self.class_split.get(split, ())) & trained)
+            if seen:
+                problems.append(f"its {split} split holds {len(seen)} class{'es' if len(seen) > 1 else ''} the "
+                                f"checkpoint trained on ({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''})")
+        leaked = sorted(set(self.class_split.get("train", ())) & held_out)
+        if leaked:
+            problems.append(f"its train split holds {len(leaked)} class{'es' if len(leaked) > 1 else ''} the "
+                            f"checkpoint's run held out for validation or test ({', '.join(leaked[:5])}"
+                            f"{', ...' if len(leaked) > 5 else ''})")
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__}'s class split differs from the one the checkpoint was trained with: "
+                + "; ".join(problems) + ". Its scores would not be few-shot scores on unseen classes. Use the data "
+                "and split of the run that saved it (its config.yaml and class_split.json, in the run's folder: the "
+                "same split_seed and split_fractions, the same class folders), or train a new run.")
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self._splits is None:
             splits = self.load_splits()
@@ -271,6 +320,8 @@ class LabelledDataModule(ClassificationDataModule):
                 for split, part in splits.items()
             }
             rank_zero_info(describe_class_split(type(self).__name__, self.class_split))
+            if self._checkpoint_state:
+                self.check_split_against(self._checkpoint_state)
         self.check_episodes(CHECKED_SPLITS.get(stage, SPLITS))
         self.save_class_split()
         super().setup(stage)
@@ -375,6 +426,15 @@ class EpisodicDataModule(LabelledDataModule):
             f"give the {' and '.join(splits)} split{'s' if len(splits) > 1 else ''} a larger share of the classes "
             f"through split_fractions (now {list(self.split_fractions)}), or use data with more classes"
         )
+
+    def data_source(self) -> str:
+        """The user's data, by its sample count and a digest of its labels: another dataset (a
+        cross-domain test) is not compared with the checkpoint's split; the same one is."""
+        if self._splits is None:
+            return type(self).__name__
+        labels = torch.cat([part.labels for part in self._splits.values()]).sort().values
+        digest = hashlib.sha1(labels.numpy().tobytes()).hexdigest()[:16]
+        return f"{type(self).__name__}: {len(labels)} samples, labels {digest}"
 
 
 def check_split_fractions(fractions: Sequence[float]) -> Tuple[float, float, float]:

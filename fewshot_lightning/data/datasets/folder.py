@@ -312,6 +312,9 @@ class ImageFolderDataModule(LabelledDataModule):
     def class_name(self, label: int) -> str:
         return self.classes[label]
 
+    def data_source(self) -> str:
+        return f"{type(self).__name__}: {Path(self.root).expanduser().resolve()}"
+
     def more_classes_advice(self, splits: List[str]) -> str:
         if self.class_lists is not None:
             return f"list more classes in {' and '.join(split + '_classes' for split in splits)}"
