@@ -298,3 +298,18 @@ def test_testing_a_checkpoint_on_a_changed_split_of_its_folder_is_refused(tmp_pa
                     "--trainer.logger.init_args.save_dir", "logs", "--trainer.limit_test_batches", "1",
                     "--data.split_seed", "1")
     assert code == 0, out[-3000:]
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    # Pillow's conversion of a 16-bit image to 8 bits clips at 255: a 16-bit scan read nearly
+    # all white (94% of pixels 255). Each value v is now round(v * 255 / 65535).
+    for name, level in (("dark", 12850), ("bright", 52428)):  # 0.196 and 0.8 of full scale
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((12, 12), level, dtype=np.uint16)).save(tmp_path / name / f"{i}.png")
+    assert Image.open(tmp_path / "dark" / "0.png").mode == "I;16"
+    for channels in (1, 3):
+        folder = read_image_folder(str(tmp_path), image_size=8, channels=channels)
+        assert folder.classes == ["bright", "dark"]
+        assert torch.all(folder.images[folder.labels == 0] == 204)  # 52428 * 255 / 65535 = 204.0
+        assert torch.all(folder.images[folder.labels == 1] == 50)  # 12850 * 255 / 65535 = 50.0

@@ -32,7 +32,7 @@ from ..episodes import LabelledData
 from ._storage import describe_error, describe_failures, load_cache, save_atomic
 
 #: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images of more than 8 bits scaled, not clipped (eight_bit)
 #: File name endings read as images (case-insensitive); other files are skipped.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 #: Cache folder made under ``root`` when no ``cache_dir`` is given; never read as a class.
@@ -96,6 +96,25 @@ def folder_fingerprint(root: Path, files: Sequence[str], image_size: int, channe
     return digest.hexdigest()
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A grey image of more than 8 bits (16-bit PNG and TIFF: Pillow's modes ``I;16*``, ``I``,
+    ``F``) scaled to 8 bits: Pillow's conversion to ``L`` clips every value above 255, so a
+    16-bit scan came out nearly all white. 16-bit values are divided by 257 (65535 -> 255);
+    32-bit integers that fit 8 or 16 bits are read as such, larger ones scaled by their maximum;
+    floats are taken in [0, 1] when they fit it, else like integers. Other modes pass as they are."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    largest = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "F" and largest <= 1.0:
+        top = 1.0
+    else:
+        top = 255.0 if largest <= 255 else 65535.0 if largest <= 65535 else largest
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     """One image as ``[channels, image_size, image_size]`` uint8."""
     mode = "L" if channels == 1 else "RGB"
@@ -106,6 +125,7 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
         if image.mode == "P":
             # Palette transparency is lost by a direct conversion (and Pillow warns about it).
             image = image.convert("RGBA")
+        image = eight_bit(image)
         image = image.convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
         pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
