@@ -280,8 +280,9 @@ class FewShotCLI(LightningCLI):
     def _last_checkpoint(self, option: str, subcommand: str) -> Path:
         dirs = self._checkpoint_dirs()
         for directory in dirs:
-            if (directory / _LAST).is_file():
-                return directory / _LAST
+            newest = newest_last(directory)
+            if newest is not None:
+                return newest
         root = self._versions_root()
         if root is None:
             found = f"{dirs[0] / _LAST} does not exist"
@@ -363,6 +364,15 @@ class FewShotCLI(LightningCLI):
 def _version_number(name: str) -> Optional[int]:
     number = name[len("version_"):]
     return int(number) if name.startswith("version_") and number.isdigit() else None
+
+
+def newest_last(directory: Path) -> Optional[Path]:
+    """The newest of a checkpoint folder's ``last.ckpt`` and ``last-vN.ckpt``: a fit resumed from
+    an earlier checkpoint (``--ckpt_path best``, or a path) writes its last weights to
+    ``last-v1.ckpt`` beside the first branch's ``last.ckpt``, and ``last`` means the newest."""
+    candidates = [path for path in [directory / _LAST, *directory.glob(f"{Path(_LAST).stem}-v*.ckpt")]
+                  if path.is_file() and (path.name == _LAST or path.stem.rpartition("-v")[2].isdigit())]
+    return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 
 def _versions(root: Path) -> List[int]:

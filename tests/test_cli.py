@@ -80,6 +80,29 @@ def test_fit_then_test_and_predict_from_checkpoints(tmp_path, monkeypatch, cli):
     assert len(best) == 1 and f"Restoring states from the checkpoint path at {best[0].relative_to(tmp_path)}" in out
 
 
+def test_last_is_the_newest_branch_after_resuming_from_an_earlier_checkpoint(tmp_path, monkeypatch, cli):
+    # A fit resumed from the best checkpoint of step 5 writes its last weights (step 12) to
+    # last-v1.ckpt beside the first branch's last.ckpt (step 10); `--ckpt_path last` took
+    # last.ckpt, the older branch, without a word.
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "max.yaml"  # the earliest validation is the best: a checkpoint before the last
+    config.write_text(Path(SINUSOID).read_text().replace("mode: min", "mode: max"))
+    short = ["--config", str(config), "--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "2",
+             "--data.test_tasks", "10"]
+    code, out = cli("fit", *short, "--trainer.max_steps", "10")
+    assert code == 0, out[-3000:]
+    checkpoints = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0" / "checkpoints"
+    best = checkpoints / "best-step=5.ckpt"
+    assert best.is_file()
+    code, out = cli("fit", *short, "--trainer.max_steps", "12", "--ckpt_path", str(best))
+    assert code == 0, out[-3000:]
+    steps = {path.name: torch.load(path, weights_only=True)["global_step"] for path in checkpoints.glob("last*.ckpt")}
+    assert steps == {"last.ckpt": 10, "last-v1.ckpt": 12}
+    code, out = cli("test", *short, "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    assert f"Restoring states from the checkpoint path at {(checkpoints / 'last-v1.ckpt').relative_to(tmp_path)}" in out
+
+
 def test_evaluating_without_a_checkpoint_is_an_explicit_choice(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     short = ["--config", SINUSOID, "--data.test_tasks", "10"]
