@@ -161,10 +161,16 @@ class FewShotCLI(LightningCLI):
         warn, naming them, where its saved arguments differ from the configured ones."""
         if checkpoint == "hpc" or "://" in checkpoint or not Path(checkpoint).is_file():
             return
+        readable_checkpoint(checkpoint)
         try:
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # an old (non-zip) file, or objects weights_only refuses: Lightning's load reports it
             return
+        if isinstance(saved, dict) and "state_dict" not in saved:
+            raise ValueError(
+                f"--ckpt_path {checkpoint} is not a Lightning checkpoint: it holds "
+                f"{', '.join(map(repr, list(saved)[:6]))}{', ...' if len(saved) > 6 else ''} but no 'state_dict'. Pass a "
+                ".ckpt file a run saved (its run folder's checkpoints/), or 'last' or 'best'.")
         saved = dict(saved.get("hyper_parameters") or {}) if isinstance(saved, dict) else {}
         class_path = saved.pop("_class_path", None)
         saved.pop("_instantiator", None)
@@ -364,6 +370,27 @@ class FewShotCLI(LightningCLI):
 def _version_number(name: str) -> Optional[int]:
     number = name[len("version_"):]
     return int(number) if name.startswith("version_") and number.isdigit() else None
+
+
+def readable_checkpoint(path: str) -> None:
+    """Stop with one line if ``path`` cannot be a checkpoint file: a ``torch.save`` zip archive cut
+    short (a run killed while saving: its end, the archive's directory, is missing) or a file of
+    another kind (a config, a text file). Lightning's own load reported these from deep inside
+    fsspec or the unpickler ("OSError: [Errno 22] Invalid argument", "Weights only load
+    failed"). Old non-zip ``torch.save`` pickles pass, for Lightning to load."""
+    import zipfile
+
+    with open(path, "rb") as file:
+        head = file.read(4)
+    size = os.path.getsize(path)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"--ckpt_path {path} is cut short ({size:,} bytes; its end is missing): a run stopped while saving it, "
+            "or an incomplete copy. Pass another checkpoint of the run (its checkpoints/ folder), or copy it again.")
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        raise ValueError(
+            f"--ckpt_path {path} is not a checkpoint file (a torch.save archive): it starts with {head!r}. Pass a .ckpt "
+            "file a run saved (its run folder's checkpoints/), or 'last' or 'best'.")
 
 
 def newest_last(directory: Path) -> Optional[Path]:

@@ -103,6 +103,34 @@ def test_last_is_the_newest_branch_after_resuming_from_an_earlier_checkpoint(tmp
     assert f"Restoring states from the checkpoint path at {(checkpoints / 'last-v1.ckpt').relative_to(tmp_path)}" in out
 
 
+def test_a_damaged_or_foreign_checkpoint_file_is_named_in_one_line(tmp_path, monkeypatch, cli):
+    # A checkpoint cut short (a kill while saving), a config or a predictions file given as
+    # --ckpt_path ended in a traceback from fsspec ("OSError: [Errno 22] Invalid argument"), the
+    # unpickler ("Weights only load failed") or Lightning (KeyError: 'pytorch-lightning_version').
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--trainer.limit_val_batches", "0", "--data.test_tasks", "5"]
+    code, out = cli("fit", *short, "--trainer.max_steps", "2")
+    assert code == 0, out[-3000:]
+    last = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0" / "checkpoints" / "last.ckpt"
+    (tmp_path / "cut.ckpt").write_bytes(last.read_bytes()[:20000])
+    torch.save({"query_predictions": torch.zeros(2)}, tmp_path / "predictions.pt")
+    expected = {
+        "cut.ckpt": "error: --ckpt_path cut.ckpt is cut short (20,000 bytes; its end is missing): a run stopped while "
+                    "saving it",
+        SINUSOID: f"error: --ckpt_path {SINUSOID} is not a checkpoint file (a torch.save archive): it starts with b'# ",
+        "predictions.pt": "error: --ckpt_path predictions.pt is not a Lightning checkpoint: it holds 'query_predictions' "
+                          "but no 'state_dict'",
+    }
+    for path, message in expected.items():
+        code, out = cli("test", *short, "--ckpt_path", path)
+        assert code == 1 and message in out, out[-3000:]
+        assert "Traceback" not in out
+    # The checkpoint itself, and "last" (which resolves to it), still load.
+    for path in (str(last), "last"):
+        code, out = cli("test", *short, "--ckpt_path", path)
+        assert code == 0, out[-3000:]
+
+
 def test_evaluating_without_a_checkpoint_is_an_explicit_choice(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     short = ["--config", SINUSOID, "--data.test_tasks", "10"]
