@@ -59,3 +59,21 @@ def test_bad_arguments_name_the_problem():
         MAMLRL(GaussianMLPPolicy(), estimator="dice")
     with pytest.raises(ValueError, match="trajectories"):
         MAMLRL(GaussianMLPPolicy(), trajectories=1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+def test_a_partial_test_is_said_and_predict_is_refused():
+    # MAML-RL's test printed returns over 20 of 400 goals (limit_test_batches) without the
+    # warning every other learner gives, and predict stopped with an AttributeError.
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2)
+    data = NavigationDataModule(meta_batch_size=4, train_tasks=8, val_tasks=4, test_tasks=12)
+    with pytest.warns(UserWarning, match=r"This test scored 4 of the 12 test episodes.*test/return_after_<k>_steps"):
+        quiet_trainer(limit_test_batches=1).test(model, data, verbose=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().test(model, data, verbose=False)
+    assert not [w for w in caught if "This test scored" in str(w.message)]
+    with pytest.raises(ValueError, match=r"MAMLRL has no predict: its tasks are goals to reach.*Use test"):
+        quiet_trainer().predict(model, data)

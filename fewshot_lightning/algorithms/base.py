@@ -649,11 +649,13 @@ class MetaLearner(L.LightningModule):
         self._warn_if_partial_test()
         self._log_eval("test")
 
-    def _warn_if_partial_test(self) -> None:
+    def _warn_if_partial_test(self, metrics: Optional[Any] = None, reported: Optional[str] = None) -> None:
         """Say so when a test scored fewer episodes than the DataModule's test set (a
         ``--trainer.limit_test_batches`` left in, say): its mean and interval are then not the
-        protocol's (600 episodes in the papers), however the results table looks."""
-        metrics = self.eval_metrics["test"]["score"]
+        protocol's (600 episodes in the papers), however the results table looks. ``metrics``
+        (a :class:`MeanConfidenceInterval` counting the episodes; default the test score's) and
+        ``reported`` (what the message names; default ``test/<score>``) for other learners."""
+        metrics = self.eval_metrics["test"]["score"] if metrics is None else metrics
         planned = getattr(getattr(self._trainer, "datamodule", None), "num_tasks", {}).get("test")
         if not metrics.update_called or not isinstance(planned, int):
             return
@@ -661,7 +663,8 @@ class MetaLearner(L.LightningModule):
         if scored < planned:
             rank_zero_warn(
                 f"This test scored {scored} of the {planned} test episodes (--trainer.limit_test_batches?): its "
-                f"test/{self.score_name} and interval are not the full protocol's, which the papers report."
+                f"{reported or 'test/' + self.score_name} and interval are not the full protocol's, which the papers "
+                "report."
             )
 
     # -- trustworthy runs ---------------------------------------------------------------------

@@ -215,6 +215,15 @@ class MAMLRL(MetaLearner):
             query = self.rollouts(params, batch, phase=self.inner_steps)
             return supports, query, advantages(query, self.discount)
 
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            # predict_step reads labelled queries; a goal batch has none (it stopped with
+            # "'GoalBatch' object has no attribute 'support_x'").
+            raise ValueError(
+                f"{type(self).__name__} has no predict: its tasks are goals to reach, not labelled queries to "
+                "predict. Use test (or validate) for the return after each adaptation step.")
+        super().setup(stage)
+
     def differentiates_inner_gradient(self) -> bool:
         """Whether the meta-gradient runs through the inner policy-gradient steps' own gradient
         (second order)."""
@@ -283,4 +292,5 @@ class MAMLRL(MetaLearner):
         self._log_curve("val")
 
     def on_test_epoch_end(self) -> None:
+        self._warn_if_partial_test(self.curves["test"], "test/return_after_<k>_steps")
         self._log_curve("test")
