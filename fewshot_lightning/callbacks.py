@@ -308,6 +308,13 @@ class PredictionWriter(BasePredictionWriter):
         order = torch.cat([p["task_index"] for p in parts]).argsort()
         merged = {key: torch.cat([p[key] for p in parts])[order] for key in part}
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path is None:
+            # A folder shared by runs (no logger: the trainer's default_root_dir) may hold an
+            # earlier prediction's file: it is kept, this one goes beside it.
+            count = 0
+            while path.exists():
+                count += 1
+                path = path.with_name(f"predictions{count}.pt")
         torch.save(merged, path)
         rank_zero_info(f"Wrote the query predictions of {len(order)} tasks to {path}.")
 

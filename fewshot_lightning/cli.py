@@ -60,11 +60,22 @@ _LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 
 class RunFolder(Callback):
     """The version folder this process reserved for a new run, and whether any batch finished
-    in it: a run that fails before one did leaves nothing worth keeping there."""
+    in it: a run that fails before one did leaves nothing worth keeping there. Also a folder it
+    shares with earlier runs (a resumed run's own, or the ``default_root_dir`` of runs without a
+    logger) and what was there before, so that a failure leaves only that."""
 
     def __init__(self) -> None:
         self.path: Optional[Path] = None
         self.batches = 0
+        self.shared: Optional[Path] = None
+        self.existed = False
+        self.before: set = set()
+
+    def share(self, folder: Path) -> None:
+        # Its top level only (where a run writes its config and logs): without a logger the
+        # folder is the working directory, which may hold a whole dataset below.
+        self.shared, self.existed = folder, folder.is_dir()
+        self.before = set(folder.iterdir()) if self.existed else set()
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.batches += 1
@@ -84,6 +95,16 @@ class RunFolder(Callback):
             shutil.rmtree(self.path, ignore_errors=True)
             with contextlib.suppress(OSError):  # the logger's folder, if this run made it and nothing else is there
                 self.path.parent.rmdir()
+        if self.shared is not None and not self.batches and self.shared.is_dir():
+            # What this run added (its config.resume1.yaml, a TensorBoard events file): a failed
+            # resume recorded a run that never happened beside the real one.
+            for path in self.shared.iterdir():
+                if path not in self.before and path.is_file() and path.suffix != ".ckpt":
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            with contextlib.suppress(OSError):
+                if not self.existed:
+                    self.shared.rmdir()  # made by this run, and empty now
 
 
 #: The trainer's options whose meaning changes between an int (batches) and a float (a fraction).
@@ -232,7 +253,7 @@ class FewShotCLI(LightningCLI):
             )
         if subcommand == "predict":
             self.trainer.callbacks.append(PredictionWriter())
-        self._claim_run_folder(checkpoint if subcommand == "fit" else None)
+        self._claim_run_folder(checkpoint if subcommand == "fit" else None, subcommand)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, subcommand: str, path: Optional[str], untrained: bool) -> Optional[str]:
@@ -326,17 +347,26 @@ class FewShotCLI(LightningCLI):
         return path
 
     # -- run folders --------------------------------------------------------------------------
-    def _claim_run_folder(self, resumed: Optional[str]) -> None:
+    def _claim_run_folder(self, resumed: Optional[str], subcommand: str = "fit") -> None:
         """Fix the logger's version folder before anything writes to it: the resumed run's
-        folder, or a new one made with ``mkdir`` (atomic, so a concurrent run gets another)."""
+        folder, or a new one made with ``mkdir`` (atomic, so a concurrent run gets another).
+        Without a logger that numbers its runs, every run saves its config in the trainer's
+        ``default_root_dir``: a resumed fit, or a test, validation or prediction of the run
+        there, saves it beside the first run's under its own name (they were refused: "holds
+        the config an earlier run saved there"); only a new fit over an earlier one is."""
         root = self._versions_root()
         logger = self.trainer.logger
+        if root is None and self.trainer.is_global_zero:
+            self._share_run_folder(Path(self.trainer.default_root_dir))
+            if resumed is not None or subcommand != "fit":
+                self._keep_earlier_config(Path(self.trainer.default_root_dir), "resume" if subcommand == "fit" else subcommand)
         if root is None or logger._version is not None or not self.trainer.is_global_zero:
             return
         if resumed is not None and "://" not in str(resumed):
             run = Path(resumed).resolve().parents[1]
             if run.parent == root.resolve() and _version_number(run.name) is not None:
                 logger._version = _version_number(run.name)
+                self._share_run_folder(run)
                 self._keep_earlier_config(run)
                 # Resuming into the run's own folder, its checkpoints are expected there.
                 warnings.filterwarnings(
@@ -356,14 +386,20 @@ class FewShotCLI(LightningCLI):
             if isinstance(callback, RunFolder):
                 callback.path = root / f"version_{version}"
 
-    def _keep_earlier_config(self, run: Path) -> None:
-        """A resumed run saves its config next to the first run's, under a new name."""
+    def _share_run_folder(self, folder: Path) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunFolder):
+                callback.share(folder)
+
+    def _keep_earlier_config(self, run: Path, tag: str = "resume") -> None:
+        """A resumed run (or, without a logger, an evaluation: ``tag`` its subcommand) saves its
+        config next to the first run's, under a new name (``config.resume1.yaml``, ``config.test1.yaml``)."""
         for callback in self.trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and not callback.overwrite:
                 name, count = callback.config_filename, 0
                 while (run / name).exists():
                     count += 1
-                    name = f"{Path(callback.config_filename).stem}.resume{count}{Path(callback.config_filename).suffix}"
+                    name = f"{Path(callback.config_filename).stem}.{tag}{count}{Path(callback.config_filename).suffix}"
                 callback.config_filename = name
 
 

@@ -131,6 +131,43 @@ def test_a_damaged_or_foreign_checkpoint_file_is_named_in_one_line(tmp_path, mon
         assert code == 0, out[-3000:]
 
 
+def test_runs_without_a_logger_resume_evaluate_and_keep_every_file(tmp_path, monkeypatch, cli):
+    # With --trainer.logger false every run saves its config in default_root_dir: a resumed
+    # fit, a test or a predict of the run there stopped ("holds the config an earlier run saved
+    # there"), and the advice (another default_root_dir) broke --ckpt_path last. A second
+    # predict overwrote the first's predictions.pt.
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--trainer.logger", "false", "--trainer.default_root_dir", "run",
+             "--trainer.limit_val_batches", "0", "--data.test_tasks", "5"]
+    for args in (("fit", "--trainer.max_steps", "2"), ("fit", "--trainer.max_steps", "4", "--ckpt_path", "last"),
+                 ("test", "--ckpt_path", "last"), ("predict", "--ckpt_path", "last"), ("predict", "--ckpt_path", "last")):
+        code, out = cli(args[0], *short, *args[1:])
+        assert code == 0, (args, out[-3000:])
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert sorted(path.name for path in run.iterdir() if path.is_file()) == [
+        "config.predict1.yaml", "config.predict2.yaml", "config.resume1.yaml", "config.test1.yaml", "config.yaml",
+        "predictions.pt", "predictions1.pt"]
+    # A new fit over the earlier one is still refused: its checkpoints would mix with the first's.
+    code, out = cli("fit", *short, "--trainer.max_steps", "2")
+    assert code == 1 and "holds the config an earlier run saved there" in out
+
+
+def test_a_failed_resume_leaves_the_run_folder_as_it_was(tmp_path, monkeypatch, cli):
+    # A resume refused at loading (another inner_steps: the weights do not fit) left
+    # config.resume1.yaml, recording a run that never happened, and an events file.
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs" / "mamlpp_sinusoid.yaml")
+    code, out = cli("fit", "--config", config, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+    run = tmp_path / "lightning_logs" / "mamlpp_sinusoid" / "version_0"
+    before = sorted(path.name for path in run.iterdir())
+    code, out = cli("fit", "--config", config, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
+                    "--ckpt_path", "last", "--model.init_args.inner_steps", "3")
+    assert code == 1 and "do not fit the model as configured" in out
+    assert sorted(path.name for path in run.iterdir()) == before
+
+
 def test_evaluating_without_a_checkpoint_is_an_explicit_choice(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     short = ["--config", SINUSOID, "--data.test_tasks", "10"]
