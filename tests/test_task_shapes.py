@@ -135,3 +135,17 @@ def test_step_counts_must_be_whole_numbers():
     import numpy as np
 
     assert MAML(MLP(), inner_steps=np.int64(2)).inner_steps == 2
+
+
+def test_a_backbone_must_be_a_module_instance_and_cnp_s_encoder_must_read_pairs():
+    from fewshot_lightning.algorithms import ProtoNet
+    from fewshot_lightning.models import Conv4
+
+    with pytest.raises(TypeError, match=r"MAML takes a backbone module, not its class: pass Conv4\(\.\.\.\)"):
+        MAML(Conv4)
+    with pytest.raises(TypeError, match=r"ProtoNet's backbone must be a torch\.nn\.Module .*got NoneType"):
+        ProtoNet(None)
+    # An encoder sized for x alone failed at the first step: "mat1 and mat2 shapes cannot be multiplied".
+    with pytest.raises(ValueError, match=r"x_dim \+ y_dim = 2 values, but MLP takes input_shape \(1,\).*MLP\(2, \.\.\.\)"):
+        CNP(MLP(1, (16,), 16))
+    assert CNP(MLP(2, (16,), 16)).representation_dim == 16

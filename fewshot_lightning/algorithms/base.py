@@ -251,6 +251,12 @@ class MetaLearner(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
+        if isinstance(backbone, type) and issubclass(backbone, nn.Module):
+            raise TypeError(f"{type(self).__name__} takes a backbone module, not its class: pass "
+                            f"{backbone.__name__}(...), an instance, not {backbone.__name__}.")
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"{type(self).__name__}'s backbone must be a torch.nn.Module (e.g. "
+                            f"fewshot_lightning.models.Conv4(...)), got {type(backbone).__name__}.")
         super().__init__()
         self.backbone = backbone
         self.optimizer = optimizer

@@ -86,6 +86,12 @@ class CNP(MetaLearner):
         if any(width < 1 for width in decoder_hidden):
             raise ValueError(f"decoder_hidden widths must be at least 1, got {list(decoder_hidden)}.")
         self.batch_norm_stats = check_batch_norm_stats("CNP", batch_norm_stats, backbone)
+        inputs = getattr(backbone, "input_shape", None)
+        if inputs is not None and len(inputs) == 1 and inputs[0] is not None and tuple(inputs) != (x_dim + y_dim,):
+            raise ValueError(
+                f"CNP's encoder reads one (x, y) context pair, x_dim + y_dim = {x_dim + y_dim} values, but "
+                f"{type(backbone).__name__} takes input_shape {tuple(inputs)}: build it with in_features="
+                f"{x_dim + y_dim} (e.g. MLP({x_dim + y_dim}, ...)), or set x_dim and y_dim to the task's sizes.")
         shape = output_shape(backbone, "CNP")
         if len(shape) != 1:
             raise ValueError(f"CNP needs an encoder that outputs vectors, but its output_shape is {list(shape)}.")
