@@ -149,3 +149,20 @@ def test_a_backbone_must_be_a_module_instance_and_cnp_s_encoder_must_read_pairs(
     with pytest.raises(ValueError, match=r"x_dim \+ y_dim = 2 values, but MLP takes input_shape \(1,\).*MLP\(2, \.\.\.\)"):
         CNP(MLP(1, (16,), 16))
     assert CNP(MLP(2, (16,), 16)).representation_dim == 16
+
+
+def test_a_backbone_that_fails_on_every_path_is_not_reported_as_a_vmap_failure():
+    # batching='auto' tries vmap first; a backbone given the wrong input (3-channel convolution on
+    # 1-channel images) fails there and in the loop alike, but the run first warned that the
+    # backbone "cannot run under torch.func.vmap" and only then failed in the loop.
+    from torch import nn
+
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = MAML(backbone, inner_lr=0.1)
+    images = TaskBatch(torch.rand(2, 3, 1, 8, 8), torch.arange(3).repeat(2, 1),
+                       torch.rand(2, 3, 1, 8, 8), torch.arange(3).repeat(2, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match=r"expected input.* to have 3 channels, but got 1"):
+            fit(model, DataLoader([images, images], batch_size=None))
+    assert not [w for w in caught if "cannot run under torch.func.vmap" in str(w.message)]

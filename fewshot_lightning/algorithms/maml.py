@@ -998,6 +998,7 @@ class MAML(MetaLearner):
         # every one did, "auto" groups the tasks (below). The message only: the error's frames
         # would hold the failed step's tensors.
         exhausted: Dict[Tuple[str, str], str] = {}
+        vmap_failure: Optional[str] = None
         with torch.inference_mode(False), torch.enable_grad():
             if batch.support_x.is_inference():
                 batch = TaskBatch(*(t.clone() for t in batch))
@@ -1012,13 +1013,20 @@ class MAML(MetaLearner):
                     if out_of_memory(error) and not evaluation:
                         exhausted[candidates[0]] = str(error)
                     else:
-                        warnings.warn(
-                            f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({error}); adapting "
-                            "tasks one by one instead. Pass batching='loop' to skip this attempt.",
-                            stacklevel=3,
-                        )
-                        self._vmap_runs = False
-                        candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
+                        vmap_failure = str(error)
+                if vmap_failure is not None:
+                    # The same batch on the loop first: if it fails there too, the input or the
+                    # backbone is at fault (a wrong channel count, say), not vmap, and the loop's
+                    # error is the one to see, without a warning blaming vmap.
+                    loop = next(candidate for candidate in candidates if candidate[0] == "loop")
+                    self._timed_step(batch, *loop, evaluation=evaluation)
+                    warnings.warn(
+                        f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({vmap_failure}); adapting "
+                        "tasks one by one instead. Pass batching='loop' to skip this attempt.",
+                        stacklevel=3,
+                    )
+                    self._vmap_runs = False
+                    candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
                 if exhausted:
                     release_memory(batch.support_x.device)
             if len(candidates) > 1:
