@@ -282,3 +282,25 @@ def test_a_checkpoint_is_not_tested_on_the_classes_it_trained_on(tmp_path):
     result = trainer().test(model, module(1, torch.cat([data, data[:PER_CLASS]]), other), ckpt_path=path,
                             verbose=False)[0]
     assert result["test/acc"] >= 0
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("precision,dtype", [("32-true", torch.float32), ("bf16-mixed", torch.float32),
+                                             ("64-true", torch.float64)])
+def test_float64_samples_reach_the_model_in_its_weights_type(precision, dtype):
+    # float64 samples (what numpy makes) stopped the first step under 32-true: "Input type
+    # (double) and bias type (float) should be the same". They arrive in the weights' type.
+    from learner_helpers import record_training_batches
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.models import Conv4
+
+    images = torch.rand(30 * 6, 1, 16, 16, dtype=torch.float64)
+    labels = torch.arange(30).repeat_interleave(6)
+    data = EpisodicDataModule(images, labels, ways=3, shots=1, queries=2, meta_batch_size=2, train_tasks=4,
+                              val_tasks=2, test_tasks=2, num_workers=0)
+    model = MAML(Conv4(hidden=4, out_features=3, image_size=16), inner_lr=0.4)
+    seen = record_training_batches(model, lambda batch: (batch.support_x.dtype, batch.query_x.dtype))
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2 and seen and all(s == (dtype, dtype) for s in seen)

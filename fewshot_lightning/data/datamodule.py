@@ -115,12 +115,21 @@ class TaskDataModule(L.LightningDataModule):
         precision asks for: Lightning converts a batch's floating tensors (``64-true``,
         ``bf16-true``, ``16-true``) before the transfer, when the images are still ``uint8``, so
         scaled ``float32`` images met ``float64`` or ``bfloat16`` weights ("Input type (float) and
-        bias type (double) should be the same")."""
+        bias type (double) should be the same"). And float data of another type than the model's
+        weights (``float64`` samples, as numpy makes them, under ``32-true`` or a mixed precision)
+        in the weights' type, which stopped the first step with the same error."""
         if not isinstance(batch, TaskBatch):
             return batch
         scaled = scale_images(batch)
         trainer = self.trainer
-        return scaled if trainer is None else trainer.precision_plugin.convert_input(scaled)
+        if trainer is None:
+            return scaled
+        converted = trainer.precision_plugin.convert_input(scaled)
+        module = trainer.lightning_module
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None) if module else None
+        if dtype is None or all(t.dtype == dtype or not t.is_floating_point() for t in converted):
+            return converted
+        return TaskBatch(*(t.to(dtype) if t.is_floating_point() else t for t in converted))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
