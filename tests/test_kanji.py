@@ -349,3 +349,21 @@ def test_invalid_arguments_name_the_problem():
         KanjiDataModule(image_size=0)
     with pytest.raises(ValueError, match="instances must be at least 1"):
         KanjiDataModule(instances=0)
+
+
+def test_too_few_characters_or_instances_name_the_kanji_options(tmp_path):
+    # The advice was a generic "use a dataset whose val split has more classes" and "drop the
+    # classes with fewer than 6 samples" (every class here): now the two options that fix it.
+    from fewshot_lightning.data.datasets import KanjiDataModule
+
+    few = KanjiDataModule(root=str(tmp_path), num_characters=4, ways=2, shots=1, queries=1, num_workers=0)
+    few.prepare_data()
+    with pytest.raises(ValueError, match=r"raise num_characters \(--data\.init_args\.num_characters, now 4; the split "
+                                         r"gave train/val/test \d+/\d+/\d+ classes\) or leave it unset for all 6,413"):
+        few.setup("fit")
+    thin = KanjiDataModule(root=str(tmp_path), num_characters=SUBSET, instances=3, ways=2, shots=2, queries=2,
+                           num_workers=0)
+    thin.prepare_data()
+    with pytest.raises(ValueError, match=r"or raise instances \(--data\.init_args\.instances, now 3: the images "
+                                         r"rendered per character\) to at least 4\."):
+        thin.setup("fit")

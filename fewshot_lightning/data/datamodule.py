@@ -268,6 +268,11 @@ class LabelledDataModule(ClassificationDataModule):
         unless a subclass knows better (a folder name)."""
         return str(label)
 
+    def more_samples_advice(self, needed: int) -> Optional[str]:
+        """How to give every class ``needed`` samples, for the error that finds some have fewer;
+        ``None``: drop the classes with fewer (the default advice)."""
+        return None
+
     def more_classes_advice(self, splits: List[str]) -> str:
         """How to give ``splits`` more classes, for the error that finds they have too few."""
         return f"use a dataset whose {' and '.join(splits)} split{'s have' if len(splits) > 1 else ' has'} more classes"
@@ -352,6 +357,7 @@ class LabelledDataModule(ClassificationDataModule):
                 *self.episode_shape[checked[0]], names=names, described=described,
                 class_name=lambda label: f"class {self.class_name(label)}",
                 more_classes=lambda wheres: self.more_classes_advice([split_of[where] for where in wheres]),
+                more_samples=self.more_samples_advice,
             )
         if problems:
             raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))

@@ -306,6 +306,7 @@ def episode_shape_problems(
     described: Optional[Sequence[str]] = None,
     class_name: Callable[[int], str] = "class {}".format,
     more_classes: Callable[[List[str]], str] = lambda wheres: "use data with more classes",
+    more_samples: Optional[Callable[[int], str]] = None,
 ) -> List[str]:
     """Why ``ways``-way ``shots``-shot ``queries``-query episodes cannot be drawn from every one
     of ``parts`` (``{"the val split": labels, ...}``, the parts these arguments shape), one
@@ -314,7 +315,8 @@ def episode_shape_problems(
     Each sentence names the argument at fault (``names``, shown as ``described``, e.g.
     ``"test_ways (not set, so ways = 60)"``) and advice that can be followed: the largest
     value that fits every part, or ``more_classes(parts at fault)`` when not even the smallest
-    episode, 2-way 1-shot 1-query, fits.
+    episode, 2-way 1-shot 1-query, fits; ``more_samples(n)``, if given, says how to give every
+    class ``n`` samples (else: drop the classes with fewer).
     """
     ways_name, shots_name, queries_name = names
     values = (ways, shots, queries)
@@ -355,7 +357,8 @@ def episode_shape_problems(
         which = " and ".join(text for _, text in lonely)
         problems.append(
             f"{which} {'has' if sum(n for n, _ in lonely) == 1 else 'have'} a single sample, and every class needs at "
-            "least 2 (a support and a query sample): drop those classes or add samples to them."
+            "least 2 (a support and a query sample): "
+            + (more_samples(2) if more_samples else "drop those classes or add samples to them") + "."
         )
     elif short:
         which = " and ".join(text for _, text in short)
@@ -363,8 +366,8 @@ def episode_shape_problems(
         problems.append(
             f"{shots_shown} and {queries_shown} need {needed} samples per class, but {which} "
             f"{'has' if sum(n for n, _ in short) == 1 else 'have'} fewer (the smallest, {fewest_class}, has {fewest}): "
-            f"lower {shots_name} and {queries_name} to sum to at most {fewest}, or drop the classes with fewer than "
-            f"{needed} samples."
+            f"lower {shots_name} and {queries_name} to sum to at most {fewest}, or "
+            + (more_samples(needed) if more_samples else f"drop the classes with fewer than {needed} samples") + "."
         )
     return problems
 

@@ -334,3 +334,13 @@ class KanjiDataModule(LabelledDataModule):
 
     def class_name(self, label: int) -> str:
         return self.characters[label]
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        counts = "/".join(str(len(names)) for names in (self.class_split or {}).values())
+        chosen = f"now {self.num_characters}" if self.num_characters is not None else "now all"
+        return (f"raise num_characters (--data.init_args.num_characters, {chosen}; the split gave train/val/test "
+                f"{counts} classes) or leave it unset for all {NUM_CHARACTERS:,}")
+
+    def more_samples_advice(self, needed: int) -> str:
+        return (f"raise instances (--data.init_args.instances, now {self.instances}: the images rendered per "
+                f"character) to at least {needed}")
