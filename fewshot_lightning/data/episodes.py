@@ -358,7 +358,7 @@ def episode_shape_problems(
         problems.append(
             f"{which} {'has' if sum(n for n, _ in lonely) == 1 else 'have'} a single sample, and every class needs at "
             "least 2 (a support and a query sample): "
-            + (more_samples(2) if more_samples else "drop those classes or add samples to them") + "."
+            + ((more_samples and more_samples(2)) or "drop those classes or add samples to them") + "."
         )
     elif short:
         which = " and ".join(text for _, text in short)
@@ -367,7 +367,7 @@ def episode_shape_problems(
             f"{shots_shown} and {queries_shown} need {needed} samples per class, but {which} "
             f"{'has' if sum(n for n, _ in short) == 1 else 'have'} fewer (the smallest, {fewest_class}, has {fewest}): "
             f"lower {shots_name} and {queries_name} to sum to at most {fewest}, or "
-            + (more_samples(needed) if more_samples else f"drop the classes with fewer than {needed} samples") + "."
+            + ((more_samples and more_samples(needed)) or f"drop the classes with fewer than {needed} samples") + "."
         )
     return problems
 
