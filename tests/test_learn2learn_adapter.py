@@ -108,3 +108,29 @@ def test_missing_learn2learn_gives_the_install_command(monkeypatch):
         import_learn2learn()
     with pytest.raises(ImportError, match="pip install"):
         Learn2LearnDataModule(benchmark="omniglot")
+
+
+def test_episodes_a_taskset_cannot_give_stop_at_setup_naming_the_split():
+    # 20 classes of 6 samples: 21-way validation/test episodes, or 7 samples per class, failed in
+    # learn2learn's sampler ("Sample larger than population"), the test's only after the fit.
+    taskset = make_taskset()
+
+    def module(**episodes):
+        arguments = dict(ways=WAYS, shots=SHOTS, queries=QUERIES, meta_batch_size=2, train_tasks=2, val_tasks=2,
+                         test_tasks=2, num_workers=0)
+        arguments.update(episodes)
+        return Learn2LearnDataModule(tasksets={"train": taskset, "val": taskset, "test": taskset}, **arguments)
+
+    with pytest.raises(ValueError, match=r"test_ways = 21, but the val taskset's dataset has only 20 classes and the "
+                                         r"test taskset's dataset has only 20 classes: set test_ways to at most 20"):
+        module(test_ways=21).setup("fit")
+    with pytest.raises(ValueError, match=r"need 7 samples per class, but 20 of the 20 classes of the train taskset's "
+                                         r"dataset have fewer .*build the datasets with at least 7 samples per class"):
+        module(shots=4, queries=3).setup("fit")
+    module().setup("fit")  # what fits passes
+    # A taskset giving tasks of another shape says which split's, shaped by which arguments.
+    tasks = module(test_ways=3)
+    tasks.setup("validate")
+    with pytest.raises(ValueError, match=r"The val taskset \(episodes of test_ways = 3, test_shots \(not set, so "
+                                         r"shots = 2\), .*\) gave a task of 5 classes"):
+        next(iter(tasks.val_dataloader()))

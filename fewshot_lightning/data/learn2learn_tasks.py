@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .datamodule import ClassificationDataModule
-from .episodes import TaskDataset, check_episode_shape
+from .datamodule import CHECKED_SPLITS, SPLITS, ClassificationDataModule
+from .episodes import TaskDataset, check_episode_shape, episode_shape_problems
 from .task import TaskBatch
 
 INSTALL = "pip install learn2learn==0.2.0  (or: pip install 'fewshot-lightning[learn2learn]')"
@@ -57,9 +57,12 @@ class Learn2LearnTasks(TaskDataset):
     """
 
     def __init__(
-        self, taskset: Any, ways: int = 5, shots: int = 1, queries: int = 15, num_tasks: int = 1000, seed: int = 0
+        self, taskset: Any, ways: int = 5, shots: int = 1, queries: int = 15, num_tasks: int = 1000, seed: int = 0,
+        described: str = "The taskset",
     ) -> None:
         super().__init__(num_tasks, seed)
+        #: How messages name this taskset (the DataModule says which split's, shaped by which arguments).
+        self.described = described
         check_episode_shape(ways, shots, queries)
         if not (hasattr(taskset, "get_task") and hasattr(taskset, "sample_task_description")):
             raise TypeError(
@@ -97,7 +100,7 @@ class Learn2LearnTasks(TaskDataset):
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) != ways or (counts != shots + queries).any():
             raise ValueError(
-                f"The taskset gave a task of {len(classes)} classes with {counts.tolist()} samples each, but "
+                f"{self.described} gave a task of {len(classes)} classes with {counts.tolist()} samples each, but "
                 f"{ways}-way {shots}-shot {queries}-query episodes need {ways} classes of "
                 f"{shots + queries}: build the taskset with FusedNWaysKShots(n={ways}, k={shots + queries}) "
                 "(or NWays + KShots)."
@@ -189,9 +192,51 @@ class Learn2LearnDataModule(ClassificationDataModule):
             self._tasksets = tasksets_by_split(built)
         return self._tasksets
 
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check_tasksets(CHECKED_SPLITS.get(stage, SPLITS))
+        super().setup(stage)
+
+    def check_tasksets(self, splits) -> None:
+        """Stop before any batch if a split's taskset cannot give the episodes asked of it (too
+        few classes for its ways, classes with fewer samples than shots + queries), naming the
+        argument and what fits, as the other DataModules do: learn2learn's samplers failed
+        inside a worker with "Sample larger than population", at the first test only after the
+        whole fit. Read from the taskset's ``MetaDataset`` (its ``labels_to_indices``); a
+        taskset that has none is not checked."""
+        problems = []
+        for group in (("train",), ("val", "test")):
+            checked = [split for split in group if split in splits]
+            parts = {}
+            for split in checked:
+                counts = class_sizes(self.tasksets()[split])
+                if counts is not None:
+                    parts[f"the {split} taskset's dataset"] = torch.repeat_interleave(
+                        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+            if not parts:
+                continue
+            names, described = self.episode_arguments(checked[0])
+            problems += episode_shape_problems(
+                parts, *self.episode_shape[checked[0]], names=names, described=described,
+                more_classes=lambda wheres: f"build {' and '.join(wheres)} over more classes",
+                more_samples=lambda needed: f"build the datasets with at least {needed} samples per class")
+        if problems:
+            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+
     def make_dataset(self, split: str, num_tasks: int, seed: int) -> Learn2LearnTasks:
         ways, shots, queries = self.episode_shape[split]
-        return Learn2LearnTasks(self.tasksets()[split], ways, shots, queries, num_tasks, seed)
+        names, described = self.episode_arguments(split)
+        return Learn2LearnTasks(self.tasksets()[split], ways, shots, queries, num_tasks, seed,
+                                described=f"The {split} taskset (episodes of {', '.join(described)})")
+
+
+def class_sizes(taskset: Any) -> Optional[List[int]]:
+    """How many samples each class of a learn2learn taskset's dataset holds, if it says
+    (``MetaDataset.labels_to_indices``); ``None`` otherwise."""
+    dataset = getattr(taskset, "dataset", None)
+    by_label = getattr(dataset, "labels_to_indices", None)
+    if not isinstance(by_label, Mapping) or not by_label:
+        return None
+    return [len(indices) for indices in by_label.values()]
 
 
 def tasksets_by_split(tasksets: Any) -> Dict[str, Any]:
