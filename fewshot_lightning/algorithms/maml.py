@@ -1018,8 +1018,13 @@ class MAML(MetaLearner):
                     # The same batch on the loop first: if it fails there too, the input or the
                     # backbone is at fault (a wrong channel count, say), not vmap, and the loop's
                     # error is the one to see, without a warning blaming vmap.
-                    loop = next(candidate for candidate in candidates if candidate[0] == "loop")
-                    self._timed_step(batch, *loop, evaluation=evaluation)
+                    # (Not for a module Lightning compiled, trainer.fit(torch.compile(module)):
+                    # there the extra step would run in compiled frames, where iMAML's
+                    # Hessian-vector products differentiate a compiled backward again, which
+                    # fails; the training step's own backward runs outside them.)
+                    if getattr(self, "_compiler_ctx", None) is None and not torch.compiler.is_compiling():
+                        loop = next(candidate for candidate in candidates if candidate[0] == "loop")
+                        self._timed_step(batch, *loop, evaluation=evaluation)
                     warnings.warn(
                         f"{type(self.backbone).__name__} cannot run under torch.func.vmap ({vmap_failure}); adapting "
                         "tasks one by one instead. Pass batching='loop' to skip this attempt.",
