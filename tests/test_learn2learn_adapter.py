@@ -128,9 +128,18 @@ def test_episodes_a_taskset_cannot_give_stop_at_setup_naming_the_split():
                                          r"dataset have fewer .*build the datasets with at least 7 samples per class"):
         module(shots=4, queries=3).setup("fit")
     module().setup("fit")  # what fits passes
-    # A taskset giving tasks of another shape says which split's, shaped by which arguments.
-    tasks = module(test_ways=3)
-    tasks.setup("validate")
+    # A taskset giving tasks of another shape says which split's, shaped by which arguments, at
+    # setup (one task of each split is drawn there).
     with pytest.raises(ValueError, match=r"The val taskset \(episodes of test_ways = 3, test_shots \(not set, so "
                                          r"shots = 2\), .*\) gave a task of 5 classes"):
-        next(iter(tasks.val_dataloader()))
+        module(test_ways=3).setup("validate")
+    # A taskset whose own transforms ask more than its dataset holds (7 samples of classes of 6):
+    # learn2learn's sampler failed at the split's first batch.
+    l2l = pytest.importorskip("learn2learn")
+    dataset = taskset.dataset
+    greedy = l2l.data.Taskset(dataset, [l2l.data.transforms.NWays(dataset, WAYS), l2l.data.transforms.KShots(dataset, 7),
+                                        l2l.data.transforms.LoadData(dataset)], num_tasks=-1)
+    with pytest.raises(ValueError, match=r"The test taskset \(episodes of .*\) could not draw a task; learn2learn "
+                                         r"said: Sample larger than population.*FusedNWaysKShots\(n=5, k=5\)"):
+        Learn2LearnDataModule(tasksets={"train": taskset, "val": taskset, "test": greedy}, ways=WAYS, shots=SHOTS,
+                              queries=QUERIES, num_workers=0).setup("test")

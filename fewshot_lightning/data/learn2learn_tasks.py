@@ -221,6 +221,22 @@ class Learn2LearnDataModule(ClassificationDataModule):
                 more_samples=lambda needed: f"build the datasets with at least {needed} samples per class")
         if problems:
             raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+        for split in splits:
+            # One task of each split, now: a taskset whose own transforms ask more of its dataset
+            # than it holds (KShots(k=7) over classes of 6) failed in learn2learn's sampler at the
+            # split's first batch, the test split's after the whole fit.
+            tasks = self.make_dataset(split, num_tasks=1, seed=self.seed)
+            try:
+                tasks[0]
+            except ValueError as error:
+                if str(error).startswith(tasks.described):
+                    raise  # our own: the task's shape, explained
+                ways, shots, queries = self.episode_shape[split]
+                raise ValueError(
+                    f"{tasks.described} could not draw a task; learn2learn said: {error}. Its transforms ask its "
+                    f"dataset for more classes or samples than it holds: build it with FusedNWaysKShots(n={ways}, "
+                    f"k={shots + queries}) (or NWays + KShots) over classes of at least {shots + queries} samples."
+                ) from error
 
     def make_dataset(self, split: str, num_tasks: int, seed: int) -> Learn2LearnTasks:
         ways, shots, queries = self.episode_shape[split]
