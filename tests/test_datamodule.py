@@ -277,11 +277,13 @@ def test_a_checkpoint_is_not_tested_on_the_classes_it_trained_on(tmp_path):
         trainer().test(model, module(seed=1), ckpt_path=path, verbose=False)
     with pytest.raises(ValueError, match=r"its train split holds \d+ class(es)? the checkpoint's run held out"):
         trainer(max_steps=2).fit(model, module(seed=1), ckpt_path=path)
-    # Other data (a cross-domain test) is not compared with the checkpoint's split.
+    # Other data (a cross-domain test) is not compared with the checkpoint's split: more classes,
+    # or the same labels over other samples.
     other = torch.cat([labels, labels[:PER_CLASS] + CLASSES])
     result = trainer().test(model, module(1, torch.cat([data, data[:PER_CLASS]]), other), ckpt_path=path,
                             verbose=False)[0]
     assert result["test/acc"] >= 0
+    assert trainer().test(model, module(1, data + 0.5, labels), ckpt_path=path, verbose=False)[0]["test/acc"] >= 0
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -443,13 +444,19 @@ class EpisodicDataModule(LabelledDataModule):
         )
 
     def data_source(self) -> str:
-        """The user's data, by its sample count and a digest of its labels: another dataset (a
+        """The user's data, by its sample count and a digest of its labels and (for a tensor or
+        array of samples) of its shape and first and last samples: another dataset (a
         cross-domain test) is not compared with the checkpoint's split; the same one is."""
         if self._splits is None:
             return type(self).__name__
         labels = torch.cat([part.labels for part in self._splits.values()]).sort().values
-        digest = hashlib.sha1(labels.numpy().tobytes()).hexdigest()[:16]
-        return f"{type(self).__name__}: {len(labels)} samples, labels {digest}"
+        digest = hashlib.sha1(labels.numpy().tobytes())
+        samples = torch.from_numpy(np.asarray(self.data)) if isinstance(self.data, np.ndarray) else self.data
+        if isinstance(samples, Tensor) and len(samples):
+            digest.update(str(tuple(samples.shape)).encode())
+            for sample in (samples[0], samples[-1]):
+                digest.update(sample.detach().cpu().contiguous().numpy().tobytes())
+        return f"{type(self).__name__}: {len(labels)} samples, digest {digest.hexdigest()[:16]}"
 
 
 def check_split_fractions(fractions: Sequence[float]) -> Tuple[float, float, float]:
