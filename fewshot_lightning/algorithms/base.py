@@ -508,14 +508,13 @@ class MetaLearner(L.LightningModule):
         """The constructor arguments whose values live in saved tensors (argument name -> the
         tensors' name in the state dict): loading a checkpoint restores the tensors, so a value
         configured then is not used (the CLI refuses one that differs from the checkpoint's)."""
-        held = {}
-        if "log_scale" in dict(self.named_buffers(recurse=False)) or "log_scale" in dict(
-                self.named_parameters(recurse=False)):
-            held["scale"] = "log_scale"
-        rates = getattr(self, "inner_lr", None)
-        if isinstance(rates, nn.Module) and getattr(rates, "tensor_rates", False):
-            held["inner_lr"] = "inner_lr.rates"
-        return held
+        # ProtoNet's and MatchingNet's scale (register_log_scale: a parameter or a buffer).
+        return {"scale": "log_scale"} if isinstance(getattr(self, "log_scale", None), Tensor) else {}
+
+    def compiled_by_lightning(self) -> bool:
+        """Whether this module was passed to fit compiled, ``trainer.fit(torch.compile(module))``:
+        Lightning then compiles its ``forward`` and step methods and marks it ``_compiler_ctx``."""
+        return getattr(self, "_compiler_ctx", None) is not None
 
     def differentiates_inner_gradient(self) -> bool:
         """Whether some training step of this run differentiates an inner loop's gradient (second
@@ -529,7 +528,7 @@ class MetaLearner(L.LightningModule):
         currently support double backward" (MAML) or "compiled with non-empty donated buffers"
         (MAML-RL), and under a MAML++ schedule only when the first-order steps ended, hours into a
         run. Said before anything runs, with the fix."""
-        if getattr(self, "_compiler_ctx", None) is None or not self.differentiates_inner_gradient():
+        if not self.compiled_by_lightning() or not self.differentiates_inner_gradient():
             return
         first_order_steps = getattr(self, "first_order_steps", 0)
         when = (f"at step {first_order_steps}, when first_order_steps={first_order_steps} first-order "

@@ -762,6 +762,14 @@ class MAML(MetaLearner):
         (second order, at any outer step of a MAML++ schedule)."""
         return not self.first_order
 
+    def arguments_in_weights(self) -> Dict[str, str]:
+        """``inner_lr`` too where the inner learning rates are tensors (per step, per parameter or
+        learned: MAML++, Meta-SGD), which a checkpoint restores."""
+        held = super().arguments_in_weights()
+        if self.inner_lr.tensor_rates:
+            held["inner_lr"] = "inner_lr.rates"
+        return held
+
     def class_scores(self) -> Optional[int]:
         """How many class scores the backbone outputs per sample: its ``output_shape`` if that is
         one number, else the ``out_features`` of a ``head`` that is an ``nn.Linear``, or of the last
@@ -1022,7 +1030,7 @@ class MAML(MetaLearner):
                     # there the extra step would run in compiled frames, where iMAML's
                     # Hessian-vector products differentiate a compiled backward again, which
                     # fails; the training step's own backward runs outside them.)
-                    if getattr(self, "_compiler_ctx", None) is None and not torch.compiler.is_compiling():
+                    if not self.compiled_by_lightning() and not torch.compiler.is_compiling():
                         loop = next(candidate for candidate in candidates if candidate[0] == "loop")
                         self._timed_step(batch, *loop, evaluation=evaluation)
                     warnings.warn(

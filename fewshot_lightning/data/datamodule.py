@@ -228,6 +228,52 @@ class ClassificationDataModule(TaskDataModule):
         )
         return names, described
 
+    def episode_labels(self, split: str) -> Optional[Tensor]:
+        """The class of every sample ``split``'s episodes are drawn from, for
+        :meth:`check_episodes`; ``None`` where the DataModule cannot say (then not checked)."""
+        return None
+
+    def split_place(self, split: str) -> str:
+        """How messages name where ``split``'s episodes come from."""
+        return f"the {split} split"
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` in messages and :attr:`class_split`: the label itself,
+        unless a subclass knows better (a folder name)."""
+        return str(label)
+
+    def more_samples_advice(self, needed: int) -> Optional[str]:
+        """How to give every class ``needed`` samples, for the error that finds some have fewer;
+        ``None``: drop the classes with fewer (the default advice)."""
+        return None
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        """How to give ``splits`` more classes, for the error that finds they have too few."""
+        return f"use a dataset whose {' and '.join(splits)} split{'s have' if len(splits) > 1 else ' has'} more classes"
+
+    def check_episodes(self, splits: Iterable[str]) -> None:
+        """Raise a ``ValueError`` naming every argument that asks ``splits`` for episodes they
+        cannot hold (read from :meth:`episode_labels`); validation and test, shaped by the same
+        ``test_*`` arguments, are checked together, so the advice fits both."""
+        problems = []
+        for group in (("train",), ("val", "test")):
+            labels = {split: self.episode_labels(split) for split in group if split in splits}
+            labels = {split: known for split, known in labels.items() if known is not None}
+            if not labels:
+                continue
+            first = next(iter(labels))
+            names, described = self.episode_arguments(first)
+            split_of = {self.split_place(split): split for split in labels}
+            problems += episode_shape_problems(
+                {where: labels[split] for where, split in split_of.items()},
+                *self.episode_shape[first], names=names, described=described,
+                class_name=lambda label: f"class {self.class_name(label)}",
+                more_classes=lambda wheres: self.more_classes_advice([split_of[where] for where in wheres]),
+                more_samples=self.more_samples_advice,
+            )
+        if problems:
+            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+
 
 class LabelledDataModule(ClassificationDataModule):
     """Episodes over labelled data that is split by class: the base of every dataset's
@@ -264,19 +310,9 @@ class LabelledDataModule(ClassificationDataModule):
         """The labelled data of the splits ``"train"``, ``"val"`` and ``"test"``, classes disjoint."""
         raise NotImplementedError
 
-    def class_name(self, label: int) -> str:
-        """The name of class ``label`` in messages and :attr:`class_split`: the label itself,
-        unless a subclass knows better (a folder name)."""
-        return str(label)
-
-    def more_samples_advice(self, needed: int) -> Optional[str]:
-        """How to give every class ``needed`` samples, for the error that finds some have fewer;
-        ``None``: drop the classes with fewer (the default advice)."""
-        return None
-
-    def more_classes_advice(self, splits: List[str]) -> str:
-        """How to give ``splits`` more classes, for the error that finds they have too few."""
-        return f"use a dataset whose {' and '.join(splits)} split{'s have' if len(splits) > 1 else ' has'} more classes"
+    def episode_labels(self, split: str) -> Optional[Tensor]:
+        assert self._splits is not None, "setup loads the splits first"
+        return self._splits[split].labels
 
     def data_source(self) -> str:
         """What identifies the data this DataModule reads, beyond its class (whose name keys its
@@ -306,17 +342,12 @@ class LabelledDataModule(ClassificationDataModule):
         if not saved or self.class_split is None or state.get("data_source") != self.data_source():
             return
         trained, held_out = set(saved.get("train", ())), set(saved.get("val", ())) | set(saved.get("test", ()))
-        problems = []
-        for split in ("val", "test"):
-            seen = sorted(set(self.class_split.get(split, ())) & trained)
-            if seen:
-                problems.append(f"its {split} split holds {len(seen)} class{'es' if len(seen) > 1 else ''} the "
-                                f"checkpoint trained on ({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''})")
-        leaked = sorted(set(self.class_split.get("train", ())) & held_out)
-        if leaked:
-            problems.append(f"its train split holds {len(leaked)} class{'es' if len(leaked) > 1 else ''} the "
-                            f"checkpoint's run held out for validation or test ({', '.join(leaked[:5])}"
-                            f"{', ...' if len(leaked) > 5 else ''})")
+        mixed = [(split, sorted(set(self.class_split.get(split, ())) & trained), "the checkpoint trained on")
+                 for split in ("val", "test")]
+        mixed.append(("train", sorted(set(self.class_split.get("train", ())) & held_out),
+                      "the checkpoint's run held out for validation or test"))
+        problems = [f"its {split} split holds {len(names)} class{'es' if len(names) > 1 else ''} {whose} "
+                    f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for split, names, whose in mixed if names]
         if problems:
             raise ValueError(
                 f"{type(self).__name__}'s class split differs from the one the checkpoint was trained with: "
@@ -340,28 +371,6 @@ class LabelledDataModule(ClassificationDataModule):
         self.check_episodes(CHECKED_SPLITS.get(stage, SPLITS))
         self.save_class_split()
         super().setup(stage)
-
-    def check_episodes(self, splits: Iterable[str]) -> None:
-        """Raise a ``ValueError`` naming every argument that asks ``splits`` for episodes they
-        cannot hold; validation and test, shaped by the same ``test_*`` arguments, are checked
-        together, so the advice fits both."""
-        assert self._splits is not None, "setup loads the splits first"
-        problems = []
-        for group in (("train",), ("val", "test")):
-            checked = [split for split in group if split in splits]
-            if not checked:
-                continue
-            names, described = self.episode_arguments(checked[0])
-            split_of = {f"the {split} split": split for split in checked}
-            problems += episode_shape_problems(
-                {where: self._splits[split].labels for where, split in split_of.items()},
-                *self.episode_shape[checked[0]], names=names, described=described,
-                class_name=lambda label: f"class {self.class_name(label)}",
-                more_classes=lambda wheres: self.more_classes_advice([split_of[where] for where in wheres]),
-                more_samples=self.more_samples_advice,
-            )
-        if problems:
-            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
 
     def save_class_split(self) -> None:
         """Write :attr:`class_split` to ``class_split.json`` in the Trainer's log folder, if it has one."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .datamodule import CHECKED_SPLITS, SPLITS, ClassificationDataModule
-from .episodes import TaskDataset, check_episode_shape, episode_shape_problems
+from .episodes import TaskDataset, check_episode_shape
 from .task import TaskBatch
 
 INSTALL = "pip install learn2learn==0.2.0  (or: pip install 'fewshot-lightning[learn2learn]')"
@@ -196,31 +196,30 @@ class Learn2LearnDataModule(ClassificationDataModule):
         self.check_tasksets(CHECKED_SPLITS.get(stage, SPLITS))
         super().setup(stage)
 
+    def episode_labels(self, split: str) -> Optional[Tensor]:
+        """Read from the taskset's ``MetaDataset`` (its ``labels_to_indices``); ``None`` for a
+        taskset that has none (then not checked)."""
+        counts = class_sizes(self.tasksets()[split])
+        if counts is None:
+            return None
+        return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+
+    def split_place(self, split: str) -> str:
+        return f"the {split} taskset's dataset"
+
+    def more_classes_advice(self, splits: List[str]) -> str:
+        return f"build {' and '.join(self.split_place(split) for split in splits)} over more classes"
+
+    def more_samples_advice(self, needed: int) -> str:
+        return f"build the datasets with at least {needed} samples per class"
+
     def check_tasksets(self, splits) -> None:
         """Stop before any batch if a split's taskset cannot give the episodes asked of it (too
         few classes for its ways, classes with fewer samples than shots + queries), naming the
-        argument and what fits, as the other DataModules do: learn2learn's samplers failed
-        inside a worker with "Sample larger than population", at the first test only after the
-        whole fit. Read from the taskset's ``MetaDataset`` (its ``labels_to_indices``); a
-        taskset that has none is not checked."""
-        problems = []
-        for group in (("train",), ("val", "test")):
-            checked = [split for split in group if split in splits]
-            parts = {}
-            for split in checked:
-                counts = class_sizes(self.tasksets()[split])
-                if counts is not None:
-                    parts[f"the {split} taskset's dataset"] = torch.repeat_interleave(
-                        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
-            if not parts:
-                continue
-            names, described = self.episode_arguments(checked[0])
-            problems += episode_shape_problems(
-                parts, *self.episode_shape[checked[0]], names=names, described=described,
-                more_classes=lambda wheres: f"build {' and '.join(wheres)} over more classes",
-                more_samples=lambda needed: f"build the datasets with at least {needed} samples per class")
-        if problems:
-            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+        argument and what fits, as the other DataModules do (:meth:`check_episodes`):
+        learn2learn's samplers failed inside a worker with "Sample larger than population", at
+        the first test only after the whole fit."""
+        self.check_episodes(splits)
         for split in splits:
             # One task of each split, now: a taskset whose own transforms ask more of its dataset
             # than it holds (KShots(k=7) over classes of 6) failed in learn2learn's sampler at the
