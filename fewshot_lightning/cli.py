@@ -49,6 +49,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import allocator
 from .algorithms import MetaLearner
+from .algorithms.base import same_value
 from .algorithms.maml import out_of_memory
 from .callbacks import NonFiniteError, NonFiniteGuard, PredictionWriter
 from .data import TaskDataModule
@@ -203,7 +204,7 @@ class FewShotCLI(LightningCLI):
                 "saved it (its config.yaml, in the run's folder) or a checkpoint of this learner."
             )
         configured = dict(getattr(model, "hparams", {}))
-        differ = [name for name, value in saved.items() if name in configured and not _same(configured[name], value)]
+        differ = [name for name, value in saved.items() if name in configured and not same_value(configured[name], value)]
         held = getattr(model, "arguments_in_weights", dict)()
         restored = [name for name in differ if name in held]
         if restored:
@@ -458,19 +459,6 @@ def _quiet_known_warnings() -> None:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal values, a tuple and a list with equal items counting as the same (a checkpoint may
-    hold either for a sequence argument)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # an == with no plain answer
-        return a is b
 
 
 def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:

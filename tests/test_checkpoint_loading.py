@@ -2,14 +2,15 @@
 hyper-parameters, a backbone passed as it is not saved), with the saved weights, and tests as
 the learner that wrote it."""
 import copy
+import re
 
 import lightning as L
 import pytest
 import torch
 
-from fewshot_lightning.algorithms import MAMLRL
+from fewshot_lightning.algorithms import MAMLRL, MAMLPlusPlus, ProtoNet
 from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
-from test_mixed_precision import LEARNERS, tasks
+from test_mixed_precision import LEARNERS, conv4, tasks
 
 
 def fit_one_step(model, data, root):
@@ -59,3 +60,30 @@ def test_maml_rl_reloads_from_its_own_checkpoint(tmp_path):
                                          environment=copy.deepcopy(model.environment))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert quiet_test(loaded, data()) == pytest.approx(quiet_test(model, data()), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("build,changed,held", [
+    pytest.param(lambda **kw: MAMLPlusPlus(conv4(), inner_steps=2, batching="vmap", **{"inner_lr": 0.4, **kw}),
+                 {"inner_lr": 0.1}, "inner_lr.rates", id="MAMLPlusPlus-inner_lr"),
+    pytest.param(lambda **kw: ProtoNet(conv4(None), **{"scale": 1.0, **kw}), {"scale": 5.0}, "log_scale",
+                 id="ProtoNet-scale"),
+])
+def test_a_value_the_checkpoint_restores_into_weights_is_not_silently_overridden(build, changed, held, tmp_path):
+    # Until this check, MAMLPlusPlus.load_from_checkpoint(path, inner_lr=0.1) ran with the
+    # checkpoint's learned rates (0.4 after one step) while its hparams said 0.1, as did a learner
+    # built with another scale and tested with trainer.test(..., ckpt_path=path).
+    torch.manual_seed(0)
+    model = build()
+    path = fit_one_step(model, tasks("images"), tmp_path)
+    name = next(iter(changed))
+    with pytest.raises(ValueError, match=rf"saved with {name}=.*built with {name}=.*keeps {name} in its weights "
+                                         rf"\({re.escape(held)}\)"):
+        type(model).load_from_checkpoint(path, backbone=build().backbone, **changed)
+    with pytest.raises(ValueError, match=rf"keeps {name} in its weights"):
+        L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+            build(**changed), tasks("images"), ckpt_path=path, verbose=False)
+    # The checkpoint's own value loads, and equal values built anew load too.
+    loaded = type(model).load_from_checkpoint(path, backbone=build().backbone)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert quiet_test(build(), tasks("images"))  # a fresh learner with the saved value tests as before

@@ -329,9 +329,9 @@ def test_the_config_decides_not_the_checkpoints_saved_arguments(tmp_path, monkey
     # No warning where they agree.
     code, out = cli("test", "--config", SINUSOID, "--ckpt_path", path, "--trainer.limit_test_batches", "1")
     assert code == 0 and "was saved with" not in out
-    from fewshot_lightning.cli import _same
-    assert _same((0.0, 0.999), [0.0, 0.999]) and not _same([0.0, 0.9], [0.0, 0.999]) 
-    assert _same(torch.ones(2), torch.ones(2)) and not _same(torch.ones(2), torch.zeros(2))
+    from fewshot_lightning.algorithms.base import same_value
+    assert same_value((0.0, 0.999), [0.0, 0.999]) and not same_value([0.0, 0.9], [0.0, 0.999])
+    assert same_value(torch.ones(2), torch.ones(2)) and not same_value(torch.ones(2), torch.zeros(2))
 
     # A checkpoint of another learner: one short error naming both.
     reptile = str(ROOT / "configs" / "reptile_sinusoid.yaml")

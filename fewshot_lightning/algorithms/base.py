@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import os
 import random
+from contextvars import ContextVar
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import lightning as L
@@ -187,6 +188,36 @@ class _AccumulatedGradient(torch.autograd.Function):
             raise RuntimeError("The grouped training step's loss was differentiated twice: its gradient is handed "
                                "over once, in its one backward pass.")
         return (None, None, *(grad * grad_output for grad in grads))
+
+
+#: The hyper-parameters a checkpoint was saved with, while ``load_from_checkpoint`` loads it.
+_loading_over: ContextVar[Optional[Dict[str, Any]]] = ContextVar("loading_over", default=None)
+
+
+def _saved_hyper_parameters(path: Any) -> Optional[Dict[str, Any]]:
+    """The ``hyper_parameters`` saved in the checkpoint file ``path``, read without its tensors
+    (memory-mapped); ``None`` for anything but a readable local checkpoint file."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # not a zip checkpoint: load_from_checkpoint says what it is
+        return None
+    hyper = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    return dict(hyper) if isinstance(hyper, dict) else None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal values, a tuple and a list with equal items counting as the same (a checkpoint may
+    hold either for a sequence argument)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an == with no plain answer
+        return a is b
 
 
 class MetaLearner(L.LightningModule):
@@ -698,8 +729,46 @@ class MetaLearner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states(self.device)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``LightningModule.load_from_checkpoint``, which writes the arguments given over the
+        checkpoint's saved ones before the module sees them: the saved ones are read first (from a
+        local file), so that :meth:`on_load_checkpoint` can refuse a given value that the
+        checkpoint's weights would override (:meth:`_check_arguments_in_weights`)."""
+        token = _loading_over.set(_saved_hyper_parameters(checkpoint_path) if kwargs else None)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _loading_over.reset(token)
+
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._check_arguments_in_weights(checkpoint)
         self._resumed_rng_states = checkpoint.get("rng_states")
+
+    def _check_arguments_in_weights(self, checkpoint: Dict[str, Any]) -> None:
+        """A checkpoint restores the tensors behind :meth:`arguments_in_weights`, so a learner
+        built with another value of one of those arguments than the checkpoint's
+        (``MAML.load_from_checkpoint(path, inner_lr=0.1)`` under MAML++'s per-step rates,
+        ``trainer.test(ProtoNet(..., scale=5.0), ckpt_path=...)``) would run with the
+        checkpoint's value while its hyper-parameters say the other: refused, with the fix. (The
+        ``fewshot-lightning`` command says the same earlier, in its own words.)"""
+        saved = _loading_over.get()
+        if saved is None:
+            saved = checkpoint.get("hyper_parameters")
+        if not isinstance(saved, dict):
+            return
+        configured = dict(getattr(self, "hparams", {}))
+        held = self.arguments_in_weights()
+        differ = [name for name in held
+                  if name in saved and name in configured and not same_value(saved[name], configured[name])]
+        if differ:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint being loaded was saved with "
+                + ", ".join(f"{name}={saved[name]!r}" for name in differ)
+                + " and this learner was built with " + ", ".join(f"{name}={configured[name]!r}" for name in differ)
+                + f", but {type(self).__name__} keeps " + ", ".join(f"{name} in its weights ({held[name]})" for name in differ)
+                + ", which the checkpoint restores: the value given would not be used. Build the learner with the "
+                "checkpoint's value (load_from_checkpoint without that argument), or train a new model to use another.")
 
     def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
         # Weights saved by another model or configuration (a checkpoint of another config, or a
