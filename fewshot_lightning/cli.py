@@ -52,6 +52,7 @@ from .algorithms import MetaLearner
 from .algorithms.base import same_value
 from .algorithms.maml import out_of_memory
 from .callbacks import NonFiniteError, NonFiniteGuard, PredictionWriter
+from .data.datasets._storage import DataFileError
 from .data import TaskDataModule
 
 TRACEBACK_VARIABLE = "FEWSHOT_LIGHTNING_TRACEBACK"
@@ -463,7 +464,7 @@ def _quiet_known_warnings() -> None:
 
 def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
     """The report of bad input behind ``error``, if that is what it is: a ``ValueError``,
-    ``OSError`` or :class:`NonFiniteError` that this package raises, or Lightning's
+    ``OSError``, :class:`NonFiniteError` or :class:`DataFileError` that this package raises, or Lightning's
     ``MisconfigurationException``, as is or wrapped by jsonargparse (which re-raises a
     constructor's error as one of its own)."""
     while error is not None:
@@ -483,7 +484,7 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
                 "with another folder, or a logger (each run then gets its own version folder), or move that file."
             ).with_traceback(error.__traceback__)
         deliberate = bool(frames) and _raised_by_raise_statement(error)  # not a library call failing in our code
-        if isinstance(error, (ValueError, OSError, NonFiniteError)) and deliberate and innermost.is_relative_to(_PACKAGE):
+        if isinstance(error, (ValueError, OSError, NonFiniteError, DataFileError)) and deliberate and innermost.is_relative_to(_PACKAGE):
             return error
         if innermost is None or "jsonargparse" not in innermost.parts:
             return None

@@ -183,7 +183,7 @@ def test_the_datamodule_stream_is_the_recorded_one():
     ids = torch.arange(750)
     dm = EpisodicDataModule(
         ids.float()[:, None], ids // 25, ways=5, shots=1, queries=2, test_ways=3, meta_batch_size=2,
-        train_tasks=8, val_tasks=4, test_tasks=4, num_workers=0, seed=2,
+        train_tasks=8, val_tasks=4, test_tasks=4, num_workers=0, seed=2, split_seed=2,  # the class split of then
     )
     dm.setup("fit")
     dm.setup("test")
@@ -257,9 +257,9 @@ def test_a_checkpoint_is_not_tested_on_the_classes_it_trained_on(tmp_path):
     # is saved in the checkpoint and compared for the same data.
     data, labels = identity_data()
 
-    def module(seed, data=data, labels=labels):
+    def module(split_seed, data=data, labels=labels, seed=0):
         return EpisodicDataModule(data, labels, ways=3, shots=1, queries=1, meta_batch_size=2, train_tasks=2,
-                                  val_tasks=2, test_tasks=2, num_workers=0, seed=seed)
+                                  val_tasks=2, test_tasks=2, num_workers=0, seed=seed, split_seed=split_seed)
 
     def trainer(max_steps=1):
         return L.Trainer(max_steps=max_steps, limit_val_batches=0, default_root_dir=tmp_path, logger=False,
@@ -267,16 +267,23 @@ def test_a_checkpoint_is_not_tested_on_the_classes_it_trained_on(tmp_path):
 
     model = ProtoNet(MLP(in_features=2, hidden=[8], out_features=4))
     fit = trainer()
-    fit.fit(model, module(seed=0))
+    fit.fit(model, module(split_seed=0))
     path = fit.checkpoint_callback.last_model_path or fit.checkpoint_callback.best_model_path
     assert torch.load(path, weights_only=True)["EpisodicDataModule"]["class_split"]["train"]
-    assert trainer().test(model, module(seed=0), ckpt_path=path, verbose=False)[0]["test/acc"] >= 0
+    assert trainer().test(model, module(split_seed=0), ckpt_path=path, verbose=False)[0]["test/acc"] >= 0
+    # Other episodes of the same classes: the episode seed no longer moves the class split (it
+    # did, and the refusal named a split_seed EpisodicDataModule did not have).
+    assert module(0, seed=0).class_split is None
+    first, second = module(0, seed=0), module(0, seed=1)
+    first.setup("test"), second.setup("test")
+    assert first.class_split == second.class_split
+    assert trainer().test(model, module(0, seed=1), ckpt_path=path, verbose=False)[0]["test/acc"] >= 0
     with pytest.raises(ValueError, match=r"class split differs from the one the checkpoint was trained with: its "
                                          r"val split holds \d+ class(es)? the checkpoint trained on .*its test split "
                                          r"holds .*split_seed"):
-        trainer().test(model, module(seed=1), ckpt_path=path, verbose=False)
+        trainer().test(model, module(split_seed=1), ckpt_path=path, verbose=False)
     with pytest.raises(ValueError, match=r"its train split holds \d+ class(es)? the checkpoint's run held out"):
-        trainer(max_steps=2).fit(model, module(seed=1), ckpt_path=path)
+        trainer(max_steps=2).fit(model, module(split_seed=1), ckpt_path=path)
     # Other data (a cross-domain test) is not compared with the checkpoint's split: more classes,
     # or the same labels over other samples.
     other = torch.cat([labels, labels[:PER_CLASS] + CLASSES])

@@ -5,6 +5,7 @@ constant, so each class's pixels must equal its colour exactly.
 """
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -225,9 +226,9 @@ QUICK = ["--data.image_size", "16", "--model.init_args.backbone.init_args.image_
          "--trainer.logger.init_args.save_dir", "logs"]
 
 
-def write_noise_folder(root, per_class=7):
+def write_noise_folder(root, per_class=7, seed=0):
     """10 classes of 7 noise images (the folder config needs 6 per class, 10 classes)."""
-    generator = np.random.default_rng(0)
+    generator = np.random.default_rng(seed)
     for name in CLASSES:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
@@ -292,8 +293,19 @@ def test_testing_a_checkpoint_on_a_changed_split_of_its_folder_is_refused(tmp_pa
     assert code == 1
     assert "ImageFolderDataModule's class split differs from the one the checkpoint was trained with" in out
     assert re.search(r"its (val|test) split holds \d+ class(es)? the checkpoint trained on \(class_\d\d", out)
-    # Another folder's classes (a cross-domain test) are not compared.
-    other = write_noise_folder(tmp_path / "other")
+    # The same folder copied elsewhere (a scratch disk) is the same data: refused there too (the
+    # check compared by path, and the copy tested on training classes, exit 0).
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".*"))
+    code, out = cli("test", "--config", config, "--data.root", str(copy), "--ckpt_path", "last", *QUICK[:4],
+                    "--trainer.logger.init_args.save_dir", "logs", "--trainer.limit_test_batches", "1",
+                    "--data.split_seed", "1")
+    assert code == 1 and "class split differs from the one the checkpoint was trained with" in out, out[-3000:]
+    code, out = cli("test", "--config", config, "--data.root", str(copy), "--ckpt_path", "last", *QUICK[:4],
+                    "--trainer.logger.init_args.save_dir", "logs", "--trainer.limit_test_batches", "1")
+    assert code == 0, out[-3000:]
+    # Another folder's classes (a cross-domain test; here the same class names, other images) are not compared.
+    other = write_noise_folder(tmp_path / "other", per_class=8, seed=1)
     code, out = cli("test", "--config", config, "--data.root", str(other), "--ckpt_path", "last", *QUICK[:4],
                     "--trainer.logger.init_args.save_dir", "logs", "--trainer.limit_test_batches", "1",
                     "--data.split_seed", "1")
@@ -313,3 +325,21 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
         assert folder.classes == ["bright", "dark"]
         assert torch.all(folder.images[folder.labels == 0] == 204)  # 52428 * 255 / 65535 = 204.0
         assert torch.all(folder.images[folder.labels == 1] == 50)  # 12850 * 255 / 65535 = 50.0
+
+
+def test_a_linked_folder_leading_back_is_read_once(root):
+    # os.walk followed a link from a class folder back to the dataset until the system refused
+    # (ELOOP): every other class's images, dozens of times over, read into that class, exit 0.
+    (root / CLASSES[0] / "up").symlink_to("..", target_is_directory=True)
+    (root / CLASSES[1] / "sibling").symlink_to(root / CLASSES[2], target_is_directory=True)
+    elsewhere = root.parent / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (20, 20), colour(3)).save(elsewhere / "extra.png")
+    (root / CLASSES[3] / "more").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"Skipping 2 linked folder\(s\) of .* that lead to a folder already read .*: "
+                                         r"class_00/up, class_01/sibling"):
+        folder = read_image_folder(str(root), image_size=8, channels=3)
+    counts = torch.bincount(folder.labels).tolist()
+    # Every class its own 4 images; class 3 also the one its link to a folder outside leads to.
+    assert counts == [PER_CLASS] * 3 + [PER_CLASS + 1] + [PER_CLASS] * (NUM_CLASSES - 4)
+    assert "class_03/more/extra.png" in folder.files

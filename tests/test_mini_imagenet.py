@@ -3,6 +3,7 @@ pickles; JPEGs with split CSVs), never a download."""
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -153,3 +154,78 @@ def test_mini_imagenet_unreadable_images_are_all_named_and_none_is_skipped(tmp_p
     assert f"{folder / 'images' / 'ntrain2_1.jpg'} (FileNotFoundError: listed in the split CSV but missing)" in message
     assert "None is skipped (the benchmark would change): fetch those files again." in message
     assert not (folder / "train-84px.pt").exists()
+
+
+def write_mini_csvs(folder: Path) -> None:
+    """The JPEG layout: classes n<split><c>, two flat-coloured images each (colour by class)."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for split, count in MINI_CLASSES.items():
+        rows = ["filename,label"]
+        for c in range(count):
+            wnid = f"n{split}{c}"
+            for i in range(2):
+                name = f"{wnid}{i:08d}.jpg"
+                Image.new("RGB", (84, 84), (40 * c + 20, 100 + 20 * SPLITS.index(split), 60)).save(folder / "images" / name)
+                rows.append(f"{name},{wnid}")
+        (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_a_changed_split_csv_decodes_its_split_again(tmp_path):
+    # The cache of a split was used whatever its CSV said since: a class moved from train.csv to
+    # test.csv (another published split) still trained on it and tested without it, exit 0.
+    folder = tmp_path / "mini-imagenet"
+    write_mini_csvs(folder)
+    with pytest.warns(UserWarning, match="published"):
+        before = load_mini_imagenet(tmp_path)
+    assert [len(before[s].labels) for s in SPLITS] == [6, 4, 4]
+    train = (folder / "train.csv").read_text().splitlines()
+    moved = [row for row in train if row.startswith("ntrain2")]
+    (folder / "train.csv").write_text("\n".join(row for row in train if row not in moved) + "\n")
+    with open(folder / "test.csv", "a") as handle:
+        handle.write("\n".join(moved) + "\n")
+    with pytest.warns(UserWarning, match=r"train-84px.pt .*train.csv or the images it lists changed since it was decoded"):
+        after = load_mini_imagenet(tmp_path)
+    assert [len(after[s].labels) for s in SPLITS] == [4, 4, 6]
+    assert [len(classes_of(after[s].labels)) for s in SPLITS] == [2, 2, 3]
+    # An image replaced under the same name (another size or time) decodes its split again too.
+    Image.new("RGB", (84, 84), (250, 0, 0)).save(folder / "images" / "ntrain000000000.jpg", quality=50)
+    with pytest.warns(UserWarning, match=r"train-84px.pt .*changed since it was decoded"):
+        again = load_mini_imagenet(tmp_path)
+    assert again["train"].data[0, 0].float().mean() > 240
+    # Unchanged, the caches are read as they are: no rebuild warning.
+    with pytest.warns(UserWarning) as caught:
+        load_mini_imagenet(tmp_path)
+    assert not [w for w in caught if "changed since" in str(w.message)]
+
+
+def test_a_damaged_class_dict_is_named_not_an_index_error(tmp_path):
+    # An index past the images raised a raw IndexError naming no file; two classes listing the
+    # same image gave it to the later one without a word.
+    folder = tmp_path / "mini-imagenet"
+    write_mini_pickles(folder)
+    path = folder / "mini-imagenet-cache-train.pkl"
+    content = pickle.loads(path.read_bytes())
+    content["class_dict"]["n00000000"] = [0, 3, 999]
+    path.write_bytes(pickle.dumps(content))
+    with pytest.raises(RuntimeError, match=r"mini-imagenet-cache-train.pkl: class_dict\['n00000000'\] lists image "
+                                           r"indices from 0 to 999, but the file holds 9 images \(0\.\.8\)"):
+        load_mini_imagenet(tmp_path)
+    content["class_dict"]["n00000000"] = [0, 3, 4]  # 4 is n00000001's too
+    path.write_bytes(pickle.dumps(content))
+    with pytest.raises(RuntimeError, match=r"class_dict lists image 4 under both 'n00000000' and 'n00000001'"):
+        load_mini_imagenet(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_damaged_dataset_file_is_one_line_from_the_command(tmp_path, monkeypatch, cli):
+    # The loaders' RuntimeErrors (a truncated pickle, images no decoder reads) printed a whole
+    # traceback, where the command promises one short message with exit code 1 for bad input.
+    write_mini_pickles(tmp_path / "mini-imagenet")
+    path = tmp_path / "mini-imagenet" / "mini-imagenet-cache-val.pkl"
+    path.write_bytes(path.read_bytes()[:1000])
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "protonet_miniimagenet.yaml")
+    code, out = cli("fit", "--config", config, "--data.init_args.root", str(tmp_path), "--trainer.max_steps", "1")
+    assert code == 1
+    assert "Traceback" not in out
+    assert re.search(rf"error: {re.escape(str(path))} .*corrupt", out), out[-2000:]

@@ -166,3 +166,40 @@ def test_a_backbone_that_fails_on_every_path_is_not_reported_as_a_vmap_failure()
         with pytest.raises(RuntimeError, match=r"expected input.* to have 3 channels, but got 1"):
             fit(model, DataLoader([images, images], batch_size=None))
     assert not [w for w in caught if "cannot run under torch.func.vmap" in str(w.message)]
+
+
+def class_loader(batches):
+    return DataLoader(batches, batch_size=None)
+
+
+@pytest.mark.parametrize("learner", ["MAML", "Reptile"])
+def test_gradient_learners_refuse_labels_that_are_not_0_to_n_minus_1_at_a_splits_first_batch(learner):
+    # A hand-built batch labelled 1..3 trained a MAML whose head had 4 outputs without a word
+    # (class 0 never a target, scored at every argmax), and a query class its support lacked was
+    # scored as if it could be learned from the task.
+    from fewshot_lightning import algorithms
+    from fewshot_lightning.models import Conv4
+
+    def build():
+        torch.manual_seed(0)
+        backbone = Conv4(hidden=8, out_features=4, image_size=28)
+        return getattr(algorithms, learner)(backbone, inner_steps=1, **({"inner_lr": 0.1} if learner == "MAML" else {}))
+
+    batch = class_batch()
+    shifted = TaskBatch(batch.support_x, batch.support_y + 1, batch.query_x, batch.query_y + 1)
+    with pytest.raises(TaskShapeError, match=r"support labels of task 0 are \[1, 2, 3\].*0\.\.N-1"):
+        fit(build(), class_loader([shifted, shifted]))
+    # A query class with no support example (the query labels 0..3, the support's 0..2).
+    unseen = batch.query_y.clone()
+    unseen[1, -1] = 3
+    stray = TaskBatch(batch.support_x, batch.support_y, batch.query_x, unseen)
+    with pytest.raises(TaskShapeError, match=r"query labels of a train batch run from 0 to 3, but its tasks' support "
+                                             r"sets hold classes 0\.\.2"):
+        fit(build(), class_loader([stray, stray]))
+    # Only the first batch of a split is looked at in training; a test's first batch too.
+    assert fit(build(), class_loader([batch, batch])).global_step == 2
+    model = build()
+    tester = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(TaskShapeError, match=r"support labels of task 0 are \[1, 2, 3\]"):
+        tester.test(model, class_loader([shifted]), verbose=False)
+    assert 0.0 <= tester.test(model, class_loader([batch]), verbose=False)[0]["test/acc"] <= 1.0

@@ -155,3 +155,37 @@ def test_tiered_imagenet_map_without_a_record_is_hashed_once(tmp_path):
         again = load_tiered_imagenet(tmp_path)
     assert torch.equal(again["val"].data, first["val"].data)
     assert (folder / "val_images_84px.npy.sha256").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:tiered-ImageNet in .* has a different number of classes")
+def test_a_map_of_another_png_pickle_is_rebuilt(tmp_path):
+    # The map was checked against itself only: a replaced train_images_png.pkl (the same count,
+    # another order, its labels.pkl to match) was read through the old map, every image under
+    # another one's label, exit 0.
+    import json
+    import os
+
+    folder = tmp_path / "tiered-imagenet"
+    written = write_tiered(folder)
+    first = load_tiered_imagenet(tmp_path)
+    record = json.loads((folder / "train_images_84px.npy.sha256").read_text())
+    assert record["source"]["name"] == "train_images_png.pkl"
+    images, labels = written["train"]
+    order = np.array([5, 4, 3, 2, 1, 0])
+    with open(folder / "train_images_png.pkl", "wb") as handle:
+        pickle.dump([png(image) for image in images[order]], handle)
+    with open(folder / "train_labels.pkl", "wb") as handle:
+        pickle.dump({"label_specific": labels[order], "label_specific_str": ["ntrain0", "ntrain1", "ntrain2"]}, handle)
+    with pytest.warns(UserWarning, match=r"train_images_84px.npy was decoded from another train_images_png.pkl"):
+        again = load_tiered_imagenet(tmp_path)
+    assert torch.equal(again["train"].data, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+    assert torch.equal(again["train"].labels, first["train"].labels.flip(0))
+    # A record without a source (an older version's) adopts the pickle beside it, unhashed.
+    path = folder / "val_images_84px.npy.sha256"
+    old = json.loads(path.read_text())
+    del old["source"]
+    path.write_text(json.dumps(old))
+    os.utime(folder / "val_images_84px.npy", ns=(old["mtime_ns"], old["mtime_ns"]))
+    load_tiered_imagenet(tmp_path)
+    assert json.loads(path.read_text())["source"]["name"] == "val_images_png.pkl"
+    assert json.loads(path.read_text())["sha256"] == old["sha256"]

@@ -514,6 +514,7 @@ class MetaLearner(L.LightningModule):
         return {"query_predictions": predictions, "query_y": batch.query_y}
 
     def setup(self, stage: str) -> None:
+        self._labels_checked = set()  # each split's first batch of this run (_check_labels_once)
         datamodule = getattr(self.trainer, "datamodule", None)
         kind = getattr(datamodule, "regression", None)
         if kind is not None:
@@ -602,15 +603,43 @@ class MetaLearner(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._check_input_shape(batch)
+        self._check_labels_once(batch, "train")
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._check_input_shape(batch)
+        self._check_labels_once(batch, "val")
 
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._check_input_shape(batch)
+        self._check_labels_once(batch, "test")
 
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._check_input_shape(batch)
+        self._check_labels_once(batch, "predict")
+
+    def _check_labels_once(self, batch: Any, split: str) -> None:
+        """On a split's first classification batch of a run, the episode contract every learner
+        relies on: each task's classes labelled ``0..N-1``, each in its support set, the query
+        labels among them. A hand-built batch labelled ``1..N`` trained a MAML whose head had
+        N + 1 outputs without a word (class 0 never a target, but scored at every argmax), and
+        one whose query held a class its support lacked scored it unadaptable. The metric
+        learners check every batch already (they read N from the labels); for the others a look
+        at the first batch of each split costs nothing per step (no device sync after it)."""
+        checked = self.__dict__.setdefault("_labels_checked", set())
+        if split in checked or not isinstance(batch, TaskBatch) or is_regression(batch.query_y) \
+                or batch.support_y.dim() != 2 or batch.query_y.dim() != 2 or not batch.support_y.numel():
+            return
+        checked.add(split)
+        from .episode_ops import num_ways
+
+        ways = num_ways(batch.support_y)
+        query = batch.query_y
+        if query.numel() and (int(query.min()) < 0 or int(query.max()) >= ways):
+            raise TaskShapeError(
+                f"The query labels of a {split} batch run from {int(query.min())} to {int(query.max())}, but its tasks' "
+                f"support sets hold classes 0..{ways - 1}: a query class with no support example cannot be learned "
+                "from the task. Label the query with the support's labels of the same classes (the episode "
+                "DataModules do).")
 
     def _check_input_shape(self, batch: Any) -> None:
         """Refuse samples of another shape than the backbone was built for (its ``input_shape``,

@@ -320,11 +320,23 @@ class LabelledDataModule(ClassificationDataModule):
         the same source. Subclasses reading a folder or the user's tensors say which."""
         return type(self).__name__
 
+    def class_identities(self) -> Optional[Dict[str, str]]:
+        """Per class name, what identifies that class's data wherever it lies (a digest of its
+        files), for data that may be copied or moved (:meth:`data_source` names a place): a
+        checkpoint's classes whose identity matches a class of this run are the same classes
+        in another place, and compared as such (:meth:`check_split_against`). ``None``: only
+        the data source decides."""
+        return None
+
     def state_dict(self) -> Dict[str, Any]:
         """Saved in checkpoints: the class split the run trained on, and its data source."""
         if self.class_split is None:
             return {}
-        return {"class_split": self.class_split, "data_source": self.data_source()}
+        state = {"class_split": self.class_split, "data_source": self.data_source()}
+        identities = self.class_identities()
+        if identities is not None:
+            state["class_identities"] = identities
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """A checkpoint's class split, restored by ``Trainer.fit/validate/test(ckpt_path=...)``
@@ -339,8 +351,18 @@ class LabelledDataModule(ClassificationDataModule):
         (a changed split_seed, a class folder added or removed since), and a resumed fit trains
         on classes the checkpoint's run held out. Only for the same data source."""
         saved = state.get("class_split")
-        if not saved or self.class_split is None or state.get("data_source") != self.data_source():
+        if not saved or self.class_split is None:
             return
+        if state.get("data_source") != self.data_source():
+            # Another place: the same data only for the classes whose files are the same (a copy
+            # of the folder on a scratch disk); other data (a cross-domain test) is not compared.
+            theirs, ours = state.get("class_identities"), self.class_identities()
+            if not isinstance(theirs, dict) or ours is None:
+                return
+            same = {name for name, identity in theirs.items() if ours.get(name) == identity}
+            if not same:
+                return
+            saved = {split: [name for name in names if name in same] for split, names in saved.items()}
         trained, held_out = set(saved.get("train", ())), set(saved.get("val", ())) | set(saved.get("test", ()))
         mixed = [(split, sorted(set(self.class_split.get(split, ())) & trained), "the checkpoint trained on")
                  for split in ("val", "test")]
@@ -415,6 +437,8 @@ class EpisodicDataModule(LabelledDataModule):
         data: a tensor of samples or a ``Dataset`` of ``(x, y)`` pairs.
         labels: per-sample classes of ``data`` (read from ``data.targets`` if omitted).
         split_fractions: fractions of classes for train/val/test.
+        split_seed: seed of the class shuffle, kept apart from ``seed`` (the episodes'), so that
+            runs with other episode seeds train and test on the same classes.
         **kwargs: the arguments of :class:`LabelledDataModule` (``ways``, ``shots``,
             ``queries``, ``test_ways``, ..., ``train_transform``, ``meta_batch_size``, ...).
 
@@ -428,12 +452,14 @@ class EpisodicDataModule(LabelledDataModule):
         data: Optional[Union[Tensor, Dataset]] = None,
         labels: Optional[Union[Tensor, Sequence[int]]] = None,
         split_fractions: Sequence[float] = (0.64, 0.16, 0.20),
+        split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.data = data
         self.labels = labels
         self.split_fractions = check_split_fractions(split_fractions)
+        self.split_seed = split_seed
 
     def load_splits(self) -> Dict[str, LabelledData]:
         if self.data is None:
@@ -444,7 +470,7 @@ class EpisodicDataModule(LabelledDataModule):
         data, labels = labelled_input(self.data, self.labels, f"The data passed to {type(self).__name__}")
         # Before the split, so that the samples it names are indices into `data` as passed in.
         check_finite(data, labels, f"The data passed to {type(self).__name__}")
-        return split_by_class(data, labels, self.split_fractions, self.seed)
+        return split_by_class(data, labels, self.split_fractions, self.split_seed)
 
     def more_classes_advice(self, splits: List[str]) -> str:
         return (

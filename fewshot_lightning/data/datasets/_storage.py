@@ -21,6 +21,12 @@ from ..episodes import LabelledData
 
 PathLike = Union[str, os.PathLike]
 
+class DataFileError(RuntimeError):
+    """A dataset file that is damaged, incomplete or not the file it should be (a truncated
+    pickle, images no decoder reads, a split file in another layout): the user's data to fix,
+    which the message names with the fix. ``fewshot-lightning`` prints it as one line."""
+
+
 #: The payload entry where :func:`save_atomic` records the SHA-256 of the rest (:func:`content_sha256`).
 CHECKSUM_KEY = "content_sha256"
 #: Read size when hashing a file: large enough that the per-call cost vanishes, small enough to stay in cache.
@@ -147,11 +153,14 @@ def checksum_record_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def record_file_checksum(path: Path, sha256: Optional[str] = None) -> None:
+def record_file_checksum(path: Path, sha256: Optional[str] = None, source: Optional[Dict[str, Any]] = None) -> None:
     """Write ``<path>.sha256``: the file's SHA-256 (computed unless given) with the size and
-    modification time it had when hashed (see :func:`verify_file_checksum`)."""
+    modification time it had when hashed (see :func:`verify_file_checksum`), and the
+    :func:`file_stamp` of the ``source`` it was built from, if given (:func:`recorded_source`)."""
     stat = path.stat()
     record = {"sha256": sha256 or file_sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if source is not None:
+        record["source"] = source
     atomic_write(checksum_record_path(path), lambda temporary: temporary.write_text(json.dumps(record) + "\n"))
 
 
@@ -185,8 +194,32 @@ def verify_file_checksum(path: Path) -> Optional[str]:
     actual = file_sha256(path)
     if actual != recorded:
         return f"its SHA-256 is {actual[:16]}..., not the {recorded[:16]}... recorded when it was built"
-    record_file_checksum(path, actual)
+    record_file_checksum(path, actual, record.get("source"))
     return None
+
+
+def file_stamp(path: Path) -> Dict[str, Any]:
+    """What tells one version of a source file from another without reading it: its name, size
+    and modification time."""
+    stat = path.stat()
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def record_source(path: Path, source: Dict[str, Any]) -> None:
+    """Add ``source`` (a :func:`file_stamp`) to the checksum record of ``path``, not hashing it again."""
+    record = json.loads(checksum_record_path(path).read_text())
+    record["source"] = source
+    atomic_write(checksum_record_path(path), lambda temporary: temporary.write_text(json.dumps(record) + "\n"))
+
+
+def recorded_source(path: Path) -> Optional[Dict[str, Any]]:
+    """The :func:`file_stamp` of the file ``path`` was built from, as :func:`record_file_checksum`
+    recorded it; ``None`` if none was (a record made by an older version)."""
+    try:
+        source = json.loads(checksum_record_path(path).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, dict) else None
 
 
 def describe_failures(failures: Sequence[Tuple[str, Union[str, BaseException]]], limit: int = 10) -> str:
@@ -218,7 +251,7 @@ def load_pickle(path: Path, what: str, how_to_get: str) -> Any:
         with open(path, "rb") as handle:
             return pickle.load(handle, encoding="latin1")
     except Exception as error:
-        raise RuntimeError(
+        raise DataFileError(
             f"{path} could not be unpickled ({type(error).__name__}: {error}); the file is corrupt or "
             f"incomplete. Expected {what}. Delete it and fetch it again: {how_to_get}"
         ) from error
@@ -263,7 +296,7 @@ def check_class_counts(
 def as_uint8_chw(images: np.ndarray, path: Path, side: int) -> Tensor:
     """``[N, H, W, 3]`` uint8 array -> contiguous ``[N, 3, H, W]`` uint8 tensor, checking the shape."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (side, side, 3):
-        raise RuntimeError(
+        raise DataFileError(
             f"{path} holds images of dtype {images.dtype} and shape {tuple(images.shape)}; expected uint8 "
             f"[N, {side}, {side}, 3]. The file is not the expected release of the dataset."
         )
@@ -276,7 +309,7 @@ def check_disjoint(folder: Path, classes: Mapping[str, Sequence[str]]) -> None:
     for split, names in classes.items():
         for name in names:
             if name in seen:
-                raise RuntimeError(
+                raise DataFileError(
                     f"Class {name} is in both the {seen[name]} and the {split} split of {folder}: the files do not "
                     "come from one release of the split. Replace them with a consistent set."
                 )

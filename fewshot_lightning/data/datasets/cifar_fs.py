@@ -16,7 +16,7 @@ from torchvision.datasets import CIFAR100
 
 from ..datamodule import SPLITS, LabelledDataModule, subset_by_classes
 from ..episodes import LabelledData
-from ._storage import PathLike, load_pickle, missing
+from ._storage import DataFileError, PathLike, load_pickle, missing
 
 #: CIFAR-FS, Bertinetto et al., "Meta-learning with differentiable closed-form solvers"
 #: (ICLR 2019): the class names of their split files (r2d2 repository,
@@ -85,7 +85,7 @@ def load_cifar_fs(root: PathLike = "data") -> Dict[str, LabelledData]:
     cifar = read_cifar100(root)
     unknown = [name for split in SPLITS for name in CIFAR_FS_CLASSES[split] if name not in cifar.class_names]
     if unknown:
-        raise RuntimeError(
+        raise DataFileError(
             f"{cifar_folder(root) / 'meta'} does not list the classes {unknown}; it is not CIFAR-100's. {HOW_TO_GET}"
         )
     index = {name: label for label, name in enumerate(cifar.class_names)}
@@ -118,7 +118,7 @@ def read_cifar100(root: PathLike) -> CIFAR100Images:
         raise missing(folder, f"the files {', '.join(files)} ({', '.join(absent)} absent)", HOW_TO_GET)
     meta = load_pickle(folder / "meta", "a dict with 'fine_label_names'", HOW_TO_GET)
     if not isinstance(meta, dict) or "fine_label_names" not in meta:
-        raise RuntimeError(f"{folder / 'meta'} has no 'fine_label_names'; it is not CIFAR-100's. {HOW_TO_GET}")
+        raise DataFileError(f"{folder / 'meta'} has no 'fine_label_names'; it is not CIFAR-100's. {HOW_TO_GET}")
     parts = [read_cifar100_file(folder / name) for name in ("train", "test")]
     return CIFAR100Images(
         torch.cat([images for images, _, _ in parts]),
@@ -132,16 +132,16 @@ def read_cifar100_file(path: Path) -> Tuple[Tensor, Tensor, Tensor]:
     content = load_pickle(path, "a dict with 'data', 'fine_labels' and 'coarse_labels'", HOW_TO_GET)
     keys = {"data", "fine_labels", "coarse_labels"}
     if not isinstance(content, dict) or not keys <= set(content):
-        raise RuntimeError(f"{path} lacks {sorted(keys)}; it is not CIFAR-100's python release. {HOW_TO_GET}")
+        raise DataFileError(f"{path} lacks {sorted(keys)}; it is not CIFAR-100's python release. {HOW_TO_GET}")
     data = np.asarray(content["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise RuntimeError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 [N, 3072]. {HOW_TO_GET}")
+        raise DataFileError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 [N, 3072]. {HOW_TO_GET}")
     # Rows are stored channel-major (1024 red, 1024 green, 1024 blue): a reshape gives CHW.
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     fine = torch.as_tensor(content["fine_labels"], dtype=torch.long)
     coarse = torch.as_tensor(content["coarse_labels"], dtype=torch.long)
     if not len(images) == len(fine) == len(coarse):
-        raise RuntimeError(f"{path} has {len(images)} images but {len(fine)} labels; it is damaged. {HOW_TO_GET}")
+        raise DataFileError(f"{path} has {len(images)} images but {len(fine)} labels; it is damaged. {HOW_TO_GET}")
     return images, fine, coarse
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..datamodule import SPLITS, LabelledDataModule, check_split_fractions, split_by_class, subset_by_classes
 from ..episodes import LabelledData
-from ._storage import describe_error, describe_failures, load_cache, save_atomic
+from ._storage import DataFileError, describe_error, describe_failures, load_cache, save_atomic
 
 #: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
 FORMAT_VERSION = 2  # 2: images of more than 8 bits scaled, not clipped (eight_bit)
@@ -61,11 +61,27 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
         raise FileNotFoundError(f"Image folder {root} does not exist. Expected the layout {LAYOUT}.")
     if not root.is_dir():
         raise NotADirectoryError(f"Image folder {root} is a file, not a folder. Expected the layout {LAYOUT}.")
-    classes, files, labels, empty = [], [], [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    classes, files, labels, empty, looped = [], [], [], [], []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Linked folders are followed (a class of links to images elsewhere), but each folder once:
+    # a link back to the dataset, its parents or another class folder (a cycle os.walk followed
+    # until the system refused, every other class's images read into this one) is skipped.
+    visited = {_folder_id(root.resolve())} | {_folder_id(parent) for parent in root.resolve().parents}
+    visited |= {_folder_id(class_dir) for class_dir in class_dirs}
+    for class_dir in class_dirs:
         found = []
         for folder, subfolders, names in os.walk(class_dir, followlinks=True):
-            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            kept = []
+            for name in subfolders:
+                if name.startswith("."):
+                    continue
+                identity = _folder_id(Path(folder) / name)
+                if identity in visited:
+                    looped.append(Path(folder, name).relative_to(root).as_posix())
+                    continue
+                visited.add(identity)
+                kept.append(name)
+            subfolders[:] = kept
             found += [
                 os.path.join(folder, name) for name in names
                 if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -83,7 +99,19 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
         )
     if empty:
         warnings.warn(f"Skipping {len(empty)} class folder(s) of {root} with no images: {', '.join(empty[:10])}.", stacklevel=2)
+    if looped:
+        warnings.warn(
+            f"Skipping {len(looped)} linked folder(s) of {root} that lead to a folder already read (the dataset, a "
+            f"parent of it or another class folder): {', '.join(looped[:5])}{', ...' if len(looped) > 5 else ''}. "
+            "Their images are read once, in their own class.", stacklevel=2)
     return classes, files, labels
+
+
+def _folder_id(path: Path) -> Tuple[int, int]:
+    """The device and inode of the folder ``path`` leads to (through links): equal for every
+    path to the same folder."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def folder_fingerprint(root: Path, files: Sequence[str], image_size: int, channels: int) -> str:
@@ -210,7 +238,7 @@ def decode_folder(root: Path, files: List[str], num_classes: int, image_size: in
         decoded = list(pool.map(decode, files))
     failed = [(relative, result) for relative, result in zip(files, decoded) if isinstance(result, BaseException)]
     if len(failed) == len(files):
-        raise RuntimeError(
+        raise DataFileError(
             f"None of the {len(files)} images under {root} could be decoded: {describe_failures(failed)}. "
             "Are they images? Pillow decodes BMP, GIF, JPEG, PGM/PPM, PNG, TIFF and WebP."
         )
@@ -318,6 +346,7 @@ class ImageFolderDataModule(LabelledDataModule):
         self.split_seed = split_seed
         self.class_lists = check_class_lists(train_classes, val_classes, test_classes)
         self.classes: Optional[List[str]] = None
+        self._files: Optional[List[str]] = None  # each image's path under root, after load_splits
 
     def prepare_data(self) -> None:
         # Once per node, before `setup` on every process: the decoding happens once, not per rank.
@@ -327,7 +356,26 @@ class ImageFolderDataModule(LabelledDataModule):
         # load_image_folder's two halves: the class names are kept for `classes`.
         folder = read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
         self.classes = folder.classes
+        self._files = folder.files
         return split_folder(folder, self.root, self.split_fractions, self.split_seed, self.class_lists)
+
+    def class_identities(self) -> Optional[Dict[str, str]]:
+        """Per class folder, a digest of its files' names and sizes: the same in a copy of the
+        folder elsewhere (``data_source`` is the path), so that a checkpoint's class split is
+        checked there too; another dataset's class of the same name differs."""
+        files = getattr(self, "_files", None)
+        if files is None:
+            return None
+        root = Path(self.root).expanduser()
+        digests: Dict[str, Any] = {}
+        for relative in files:
+            name, _, inside = relative.partition("/")
+            try:
+                size = (root / relative).stat().st_size
+            except OSError:
+                size = -1
+            digests.setdefault(name, hashlib.sha256()).update(f"{inside}\t{size}\n".encode())
+        return {name: digest.hexdigest()[:32] for name, digest in digests.items()}
 
     def class_name(self, label: int) -> str:
         return self.classes[label]

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..datamodule import SPLITS, LabelledDataModule, subset_by_classes
 from ..episodes import LabelledData
-from ._storage import load_cache, save_atomic
+from ._storage import DataFileError, load_cache, save_atomic
 from .kanji_render import render_character
 from .svg_path import parse_path
 
@@ -85,7 +85,7 @@ def kanjivg_files() -> List[Path]:
             f"The Kanji benchmark is drawn from the SVG files of the kanjivg package, which is not installed: {install}."
         ) from None
     if distribution.version != KANJIVG_VERSION:
-        raise RuntimeError(
+        raise DataFileError(
             f"kanjivg {distribution.version} is installed; the Kanji benchmark is defined on KanjiVG {KANJIVG_VERSION} "
             f"(another release has other strokes, so other images and results): {install}."
         )
@@ -98,7 +98,7 @@ def kanjivg_files() -> List[Path]:
         if match and _CJK_UNIFIED_IDEOGRAPHS[0] <= int(match.group(1), 16) <= _CJK_UNIFIED_IDEOGRAPHS[1]:
             files.append(path)
     if len(files) != NUM_CHARACTERS:
-        raise RuntimeError(
+        raise DataFileError(
             f"{folder} holds {len(files)} base-form kanji files, KanjiVG {KANJIVG_VERSION} has {NUM_CHARACTERS}: "
             f"the installation is damaged; reinstall it ({install})."
         )
@@ -116,19 +116,19 @@ def read_strokes(path: Path) -> List[np.ndarray]:
     try:
         root = ElementTree.parse(path).getroot()
     except ElementTree.ParseError as error:
-        raise RuntimeError(f"{path} is not valid SVG ({error}): reinstall kanjivg=={KANJIVG_VERSION}.") from error
+        raise DataFileError(f"{path} is not valid SVG ({error}): reinstall kanjivg=={KANJIVG_VERSION}.") from error
     groups = [g for g in root.iter(f"{_SVG}g") if g.get("id", "").startswith("kvg:StrokePaths_")]
     paths = [p for g in groups for p in g.iter(f"{_SVG}path")]
     if len(groups) != 1 or not paths:
-        raise RuntimeError(f"{path} has no kvg:StrokePaths group of stroke paths: reinstall kanjivg=={KANJIVG_VERSION}.")
+        raise DataFileError(f"{path} has no kvg:StrokePaths group of stroke paths: reinstall kanjivg=={KANJIVG_VERSION}.")
     strokes = []
     for element in paths:
         try:
             subpaths = parse_path(element.get("d", ""))
         except ValueError as error:
-            raise RuntimeError(f"{path}: stroke {element.get('id')}: {error}") from error
+            raise DataFileError(f"{path}: stroke {element.get('id')}: {error}") from error
         if len(subpaths) != 1:
-            raise RuntimeError(f"{path}: stroke {element.get('id')} has {len(subpaths)} subpaths, a stroke is one.")
+            raise DataFileError(f"{path}: stroke {element.get('id')} has {len(subpaths)} subpaths, a stroke is one.")
         strokes.append(subpaths[0])
     return strokes
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -13,7 +14,7 @@ from torch import Tensor
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
 from ._storage import (
-    PathLike, as_uint8_chw, check_class_counts, check_disjoint, describe_failures, load_cache, load_pickle, missing,
+    DataFileError, PathLike, as_uint8_chw, check_class_counts, check_disjoint, describe_failures, load_cache, load_pickle, missing,
     relabel_splits, save_atomic,
 )
 
@@ -77,8 +78,14 @@ def csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
     """One split of the JPEG layout, from its cache, decoded into the cache first if it is
     missing, damaged (see :func:`load_cache`) or not a cache of this layout."""
     cache_path = folder / f"{split}-{IMAGE_SIZE}px.pt"
+    source = csv_source(folder, split)
 
     def problem(payload: Dict) -> Optional[str]:
+        if "source" not in payload:
+            return "it does not record the split file it was decoded from (an older version made it)"
+        if payload["source"] != source:
+            # Another split file (Ravi's and Vinyals' CSVs differ) or images changed since.
+            return f"{split}.csv or the images it lists changed since it was decoded"
         images, labels = payload.get("images"), payload.get("labels")
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (3, *(IMAGE_SIZE,) * 2):
             return "images have the wrong type or shape"
@@ -91,7 +98,7 @@ def csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
     cache = load_cache(cache_path, problem)
     if cache is None:
         images, labels, wnids = decode_csv_split(folder, split)
-        save_atomic({"images": images, "labels": labels, "wnids": wnids}, cache_path)
+        save_atomic({"images": images, "labels": labels, "wnids": wnids, "source": source}, cache_path)
         return images, labels, wnids
     return cache["images"], cache["labels"], list(cache["wnids"])
 
@@ -137,14 +144,29 @@ def read_cache_pickle(path: Path) -> Tuple[Tensor, Tensor, List[str]]:
     content = load_pickle(path, "a dict with 'image_data' and 'class_dict'", HOW_TO_GET)
     if not isinstance(content, dict) or not {"image_data", "class_dict"} <= set(content):
         keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise RuntimeError(f"{path} holds {keys}, not a dict with 'image_data' and 'class_dict'. {HOW_TO_GET}")
+        raise DataFileError(f"{path} holds {keys}, not a dict with 'image_data' and 'class_dict'. {HOW_TO_GET}")
     images = as_uint8_chw(np.asarray(content["image_data"]), path, IMAGE_SIZE)
     wnids = sorted(content["class_dict"])
     labels = torch.full((len(images),), -1, dtype=torch.long)
     for label, wnid in enumerate(wnids):
-        labels[torch.as_tensor(np.asarray(content["class_dict"][wnid], dtype=np.int64))] = label
+        try:
+            indices = torch.as_tensor(np.asarray(content["class_dict"][wnid], dtype=np.int64)).reshape(-1)
+        except (TypeError, ValueError) as error:
+            raise DataFileError(f"{path}: class_dict[{wnid!r}] is not a list of image indices ({error}); the file is "
+                                f"damaged. {HOW_TO_GET}") from error
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(images)):
+            raise DataFileError(
+                f"{path}: class_dict[{wnid!r}] lists image indices from {int(indices.min())} to {int(indices.max())}, "
+                f"but the file holds {len(images)} images (0..{len(images) - 1}); the file is damaged. {HOW_TO_GET}")
+        taken = labels[indices]
+        if (taken >= 0).any():
+            other = wnids[int(taken[taken >= 0][0])]
+            raise DataFileError(
+                f"{path}: class_dict lists image {int(indices[taken >= 0][0])} under both {other!r} and {wnid!r} "
+                f"({int((taken >= 0).sum())} images under two classes); the file is damaged. {HOW_TO_GET}")
+        labels[indices] = label
     if (labels < 0).any():
-        raise RuntimeError(
+        raise DataFileError(
             f"{path}: {int((labels < 0).sum())} of {len(images)} images belong to no class of 'class_dict'; "
             f"the file is damaged. {HOW_TO_GET}"
         )
@@ -171,13 +193,30 @@ def decode_csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str
         except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file
             failures.append((str(path), error))
     if failures:
-        raise RuntimeError(
+        raise DataFileError(
             f"{len(failures)} of the {len(rows)} images listed in {folder / f'{split}.csv'} could not be read: "
             f"{describe_failures(failures)}. None is skipped (the benchmark would change): fetch those files "
             f"again. {HOW_TO_GET}"
         )
     labels = torch.tensor([label_of[wnid] for _, wnid in rows], dtype=torch.long)
     return torch.from_numpy(images), labels, wnids
+
+
+def csv_source(folder: Path, split: str) -> str:
+    """A hash of ``{split}.csv``'s bytes and of the size and modification time of every image
+    it lists (a missing one counts as such): the cache of a split is used only for the CSV and
+    images it was decoded from, so another split file, or an image replaced or edited, decodes
+    the split again, while a copy that keeps the times (``cp -a``, ``rsync -a``) keeps its cache.
+    About a ``stat`` per image (38,400 for the training split)."""
+    path = folder / f"{split}.csv"
+    digest = hashlib.sha256(path.read_bytes())
+    for filename, _ in read_split_csv(path):
+        try:
+            stat = (folder / "images" / filename).stat()
+            digest.update(f"{filename}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{filename}\tmissing\n".encode())
+    return digest.hexdigest()
 
 
 def read_split_csv(path: Path) -> List[Tuple[str, str]]:
@@ -188,7 +227,7 @@ def read_split_csv(path: Path) -> List[Tuple[str, str]]:
     malformed = [row for row in rows if len(row) != 2]
     if malformed or not rows:
         problem = f"a malformed row {malformed[0]}" if malformed else "no rows"
-        raise RuntimeError(f"{path} has {problem}; expected 'filename,label' rows. {HOW_TO_GET}")
+        raise DataFileError(f"{path} has {problem}; expected 'filename,label' rows. {HOW_TO_GET}")
     return [(filename.strip(), wnid.strip()) for filename, wnid in rows]
 
 

@@ -17,7 +17,7 @@ from torchvision.datasets.utils import check_integrity, download_url, extract_ar
 
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
-from ._storage import PathLike, describe_failures, load_cache, missing, save_atomic
+from ._storage import DataFileError, PathLike, describe_failures, load_cache, missing, save_atomic
 
 #: The official archives and their MD5s, as torchvision's ``Omniglot`` lists them.
 ARCHIVE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -89,7 +89,7 @@ def split_characters(
     listed = {name.rsplit("/", 1)[0] for names in published.values() for name in names}
     unknown = [name for name in characters if name not in listed]
     if unknown:
-        raise RuntimeError(
+        raise DataFileError(
             f"{len(unknown)} character folders are not in the published Omniglot split (Vinyals et al.), e.g. "
             f"{', '.join(unknown[:5])}: these are not the official images_background/images_evaluation "
             "archives. Delete the extracted folders and the cache and run again with download=True."
@@ -194,7 +194,7 @@ def extract_archives(folder: Path) -> None:
                 folder, f"the folders {', '.join(ARCHIVE_MD5)} (alphabet/character/*.png) or their zip archives", how_to_get
             )
         if not check_integrity(str(archive), md5):
-            raise RuntimeError(
+            raise DataFileError(
                 f"{archive} is corrupt or incomplete: its MD5 is not {md5}. Delete it and pass download=True, "
                 f"or download it again from {ARCHIVE_URL}/{archive.name}."
             )
@@ -280,14 +280,14 @@ def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:
         set_folder = folder / image_set
         character_folders = sorted(p for p in set_folder.glob("*/*") if p.is_dir())
         if not character_folders:
-            raise RuntimeError(
+            raise DataFileError(
                 f"{set_folder} holds no alphabet/character folders: the extraction is incomplete. Delete it and "
                 f"extract {image_set}.zip again (or pass download=True)."
             )
         for character in character_folders:
             drawings = sorted(character.glob("*.png"))
             if not drawings:
-                raise RuntimeError(f"{character} holds no .png drawings; delete {set_folder} and extract it again.")
+                raise DataFileError(f"{character} holds no .png drawings; delete {set_folder} and extract it again.")
             label = len(characters)
             characters.append(character.relative_to(folder).as_posix())
             for drawing in drawings:
@@ -299,7 +299,7 @@ def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:
     if failures:
         # All of them at once, and none skipped: the archives are MD5-checked, so a bad drawing
         # means the extracted folders were damaged after extraction, and Omniglot is a benchmark.
-        raise RuntimeError(
+        raise DataFileError(
             f"{len(failures)} of the {len(labels)} Omniglot drawings in {folder} could not be read: "
             f"{describe_failures(failures)}. None is skipped (the benchmark would change): delete "
             f"{' and '.join(str(folder / name) for name in ARCHIVE_MD5)} and run again to extract them from the "

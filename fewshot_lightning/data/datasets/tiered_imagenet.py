@@ -15,8 +15,9 @@ from torch import Tensor
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
 from ._storage import (
-    PathLike, atomic_write, check_class_counts, check_disjoint, describe_failures, load_pickle, missing,
-    record_file_checksum, relabel_splits, verify_file_checksum,
+    DataFileError, PathLike, atomic_write, check_class_counts, check_disjoint, describe_failures, file_stamp,
+    load_pickle, missing, record_file_checksum, record_source, recorded_source, relabel_splits,
+    verify_file_checksum,
 )
 
 PUBLISHED_CLASSES = {"train": 351, "val": 97, "test": 160}
@@ -68,24 +69,36 @@ def read_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
     if cache_path.is_file():
         problem = verify_file_checksum(cache_path)
         if problem is not None and not images_path.is_file():
-            raise RuntimeError(
+            raise DataFileError(
                 f"{cache_path} is damaged ({problem}) and {images_path.name}, which it is decoded from, is not in "
                 f"{folder}. Put {images_path.name} back (the map is then rebuilt from it). {HOW_TO_GET}"
             )
         elif problem is not None:
             warnings.warn(f"{cache_path} is damaged ({problem}); rebuilding it from {images_path.name}.", stacklevel=3)
             cache_path.unlink()
+        elif images_path.is_file():
+            # A sound map of another PNG pickle (a replaced or re-downloaded release whose images
+            # come in another order) put every image under another one's label.
+            built_from = recorded_source(cache_path)
+            if built_from is None:
+                record_source(cache_path, file_stamp(images_path))  # an older record: adopted
+            elif built_from != file_stamp(images_path):
+                warnings.warn(
+                    f"{cache_path} was decoded from another {images_path.name} (size or modification time "
+                    f"differs: {built_from.get('size')} bytes then, {images_path.stat().st_size} now); rebuilding it.",
+                    stacklevel=3)
+                cache_path.unlink()
     if not cache_path.is_file():
         if not images_path.is_file():
             raise missing(folder, f"{images_path.name} (PNG-encoded images)", HOW_TO_GET)
         encoded = load_pickle(images_path, "a list of PNG-encoded images", HOW_TO_GET)
         atomic_write(cache_path, lambda path: decode_pngs(encoded, images_path, path))
-        record_file_checksum(cache_path)
+        record_file_checksum(cache_path, source=file_stamp(images_path))
     labels, names = read_labels(labels_path)
     # Copy-on-write mapping: a writable array for torch.from_numpy that never writes to the file.
     images = np.load(cache_path, mmap_mode="c")
     if images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
-        raise RuntimeError(
+        raise DataFileError(
             f"{cache_path} holds images of shape {images.shape} but {labels_path.name} has {len(labels)} labels: "
             f"the cache is stale or damaged. Delete it; it is rebuilt from {images_path.name}."
         )
@@ -136,7 +149,7 @@ def read_labels(path: Path) -> Tuple[Tensor, List[str]]:
     content = load_pickle(path, "a dict with 'label_specific'", HOW_TO_GET)
     if not isinstance(content, dict) or "label_specific" not in content:
         keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise RuntimeError(f"{path} holds {keys}, not a dict with 'label_specific'. {HOW_TO_GET}")
+        raise DataFileError(f"{path} holds {keys}, not a dict with 'label_specific'. {HOW_TO_GET}")
     labels = torch.as_tensor(np.asarray(content["label_specific"], dtype=np.int64))
     names = [str(name) for name in content.get("label_specific_str", [])]
     return labels, names
@@ -164,7 +177,7 @@ def decode_pngs(encoded: List[Any], source: Path, destination: Path) -> None:
     images.flush()
     del images
     if failures:
-        raise RuntimeError(
+        raise DataFileError(
             f"{len(failures)} of the {len(encoded)} images in {source} are not readable PNGs: "
             f"{describe_failures(failures)}. None is skipped (the benchmark would change): the file is corrupt. "
             f"{HOW_TO_GET}"
