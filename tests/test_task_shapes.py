@@ -203,3 +203,14 @@ def test_gradient_learners_refuse_labels_that_are_not_0_to_n_minus_1_at_a_splits
     with pytest.raises(TaskShapeError, match=r"support labels of task 0 are \[1, 2, 3\]"):
         tester.test(model, class_loader([shifted]), verbose=False)
     assert 0.0 <= tester.test(model, class_loader([batch]), verbose=False)[0]["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("learner", ["Reptile", "iMAML", "MAML"])
+def test_a_backbone_without_parameters_is_named_before_training(learner, tmp_path):
+    # Reptile(nn.Identity()) and iMAML(...) reached torch's "optimizer got an empty parameter
+    # list" under forty lines of Lightning's traceback.
+    from fewshot_lightning import algorithms
+
+    model = getattr(algorithms, learner)(torch.nn.Identity(), inner_steps=1)
+    with pytest.raises(ValueError, match=rf"{learner} has no trainable parameters: its backbone Identity has none"):
+        fit(model, regression_batches(2, 5, trailing=True))

@@ -825,6 +825,12 @@ class MetaLearner(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        if not any(parameter.requires_grad for parameter in self.parameters()):
+            # The optimizer's own "optimizer got an empty parameter list", under Lightning's frames.
+            raise ValueError(
+                f"{type(self).__name__} has no trainable parameters: its backbone {type(self.backbone).__name__} "
+                f"has {'none' if not any(True for _ in self.backbone.parameters()) else 'none that requires grad'}, "
+                "so there is nothing to meta-learn. Give it a backbone with weights (e.g. models.MLP or models.Conv4).")
         optimizer = self.optimizer(self.parameters())
         # Not under a 16-bit GradScaler: a fused optimizer takes the scaler's inf checks itself,
         # which a step the non-finite guard skipped (gradients dropped) never records.

@@ -489,7 +489,8 @@ class MAML(MetaLearner):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        self._step_gradients(batch, size, trainable)
+        with random_state_kept(device):
+            self._step_gradients(batch, size, trainable)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -1120,7 +1121,9 @@ class MAML(MetaLearner):
         # A GPU runs kernels asynchronously: the clock reads after they finish, not after launch.
         device = batch.support_x.device
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
-        with self.running_on((batching, memory_format)):  # read by execution()
+        # The random draws a step makes (Reptile's support mini-batches, a backbone's dropout)
+        # are not taken from the run's stream: the steps after a timing run as they would have.
+        with self.running_on((batching, memory_format)), random_state_kept(device):  # read by execution()
             synchronize(device)
             start = time.perf_counter()
             if evaluation:
@@ -1133,6 +1136,16 @@ class MAML(MetaLearner):
                 self._step_gradients(batch, self.tasks_per_backward, trainable, batching)
             synchronize(device)
             return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def random_state_kept(device: torch.device) -> Iterator[None]:
+    """Within it, PyTorch's random generators (the CPU's, and ``device``'s if it is a GPU) draw
+    as usual, and are put back as they were on leaving: a timing step consumes nothing of the
+    run's random stream."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def cpu_name() -> str:

@@ -106,7 +106,11 @@ class Reptile(MAML):
         batch_size = self.inner_batch_size if self.training else self.test_inner_batch_size
         tasks, size = support_x.shape[:2]
         if batch_size is not None and batch_size < size:
-            schedule = minibatch_schedule(tasks, size, batch_size, steps).to(support_x.device)
+            # Evaluation walks every task's support set in one fixed order: a task's score then
+            # depends neither on the other tasks of its batch, nor on what drew from PyTorch's
+            # generator before (a validation, another process's draws), as with the global one.
+            fixed = None if self.training else torch.Generator().manual_seed(EVALUATION_ORDER_SEED)
+            schedule = minibatch_schedule(tasks, size, batch_size, steps, fixed).to(support_x.device)
             options["minibatch"] = schedule.__getitem__
         return options
 
@@ -144,14 +148,24 @@ class Reptile(MAML):
         return loss
 
 
-def minibatch_schedule(tasks: int, size: int, batch_size: int, steps: int) -> Tensor:
+#: Seed of the one order in which evaluation walks every task's support set (``minibatch_schedule``).
+EVALUATION_ORDER_SEED = 0
+
+
+def minibatch_schedule(tasks: int, size: int, batch_size: int, steps: int,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
     """Support indices of every inner step, ``[steps, tasks, batch_size]``.
 
     Each task walks through its ``size`` samples in a random order, drawing ``batch_size`` at a
     time, and reshuffles after each full pass (a batch may straddle two passes): every sample is
-    used equally often, as in Reptile's reference sampler without replacement.
+    used equally often, as in Reptile's reference sampler without replacement. The orders are
+    drawn from PyTorch's global generator, each task its own; with a ``generator``, one order is
+    drawn from it and every task walks that one (so none depends on its place in the batch).
     """
     passes = -(-steps * batch_size // size)
-    order = torch.rand(tasks, passes, size).argsort(-1).flatten(1)
+    if generator is None:
+        order = torch.rand(tasks, passes, size).argsort(-1).flatten(1)
+    else:
+        order = torch.rand(1, passes, size, generator=generator).argsort(-1).flatten(1).expand(tasks, -1)
     return order[:, : steps * batch_size].reshape(tasks, steps, batch_size).transpose(0, 1)
 
