@@ -87,3 +87,39 @@ def test_a_value_the_checkpoint_restores_into_weights_is_not_silently_overridden
     loaded = type(model).load_from_checkpoint(path, backbone=build().backbone)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert quiet_test(build(), tasks("images"))  # a fresh learner with the saved value tests as before
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_protonet_distance_changed_on_a_checkpoint_whose_scale_it_set_is_refused(tmp_path):
+    # With scale=None the distance sets the starting scale (1 euclidean, 10 cosine), which the
+    # checkpoint's log_scale replaced: a euclidean checkpoint tested with the cosine distance ran
+    # at scale 1 (test/loss near ln 5), with only a warning that it used distance='cosine'.
+    torch.manual_seed(0)
+    model = ProtoNet(conv4(None))
+    assert float(model.log_scale.exp()) == pytest.approx(1.0)
+    assert float(ProtoNet(conv4(None), distance="cosine").log_scale.exp()) == pytest.approx(10.0)
+    path = fit_one_step(model, tasks("images"), tmp_path)
+    with pytest.raises(ValueError, match=r"saved with distance='euclidean' and this learner was built with "
+                                         r"distance='cosine'.*keeps distance in its weights \(log_scale"):
+        ProtoNet.load_from_checkpoint(path, backbone=conv4(None), distance="cosine")
+    assert ProtoNet(conv4(None), scale=5.0).arguments_in_weights() == {"scale": "log_scale"}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_another_learners_checkpoint_is_refused_in_code(tmp_path):
+    # trainer.test(ProtoNet(backbone, scale=1.0), ckpt_path=<a MatchingNet's>) loaded the
+    # MatchingNet's weights (they fit) and scored them as a ProtoNet, exit 0.
+    from fewshot_lightning.algorithms import MatchingNet
+
+    torch.manual_seed(0)
+    path = fit_one_step(MatchingNet(conv4(None)), tasks("images"), tmp_path)
+    assert torch.load(path, weights_only=False)["learner"] == "fewshot_lightning.algorithms.matchingnet.MatchingNet"
+    with pytest.raises(ValueError, match=r"saved by fewshot_lightning.algorithms.matchingnet.MatchingNet, but this "
+                                         r"learner is fewshot_lightning.algorithms.protonet.ProtoNet"):
+        L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+            ProtoNet(conv4(None), scale=1.0), tasks("images"), ckpt_path=path, verbose=False)
+
+    class MyMatchingNet(MatchingNet):  # a user's extension of the learner that saved it loads it
+        pass
+
+    assert quiet_test(MyMatchingNet.load_from_checkpoint(path, backbone=conv4(None)), tasks("images"))

@@ -1,6 +1,7 @@
 """The DataModules' shared machinery: class splits, batches per split, per-split seeds, and
 the errors that name what to fix."""
 import json
+import re
 
 import lightning as L
 import pytest
@@ -313,3 +314,16 @@ def test_float64_samples_reach_the_model_in_its_weights_type(precision, dtype):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
     assert trainer.global_step == 2 and seen and all(s == (dtype, dtype) for s in seen)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("test_queries", 0, "test_queries must be at least 1, got 0."),
+    ("test_shots", 0, "test_shots must be at least 1, got 0."),
+    ("test_ways", 1, "test_ways must be at least 2 for a classification task, got 1."),
+    ("queries", 0, "queries must be at least 1, got 0."),
+])
+def test_an_impossible_episode_shape_names_the_argument_given(name, value, message):
+    # A test_queries of 0 was reported as "queries must be at least 1, got 0" (queries was 5).
+    ids = torch.arange(200)
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        EpisodicDataModule(ids.float()[:, None], ids // 10, **{"ways": 5, "shots": 1, "queries": 5, name: value})

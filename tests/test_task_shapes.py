@@ -214,3 +214,46 @@ def test_a_backbone_without_parameters_is_named_before_training(learner, tmp_pat
     model = getattr(algorithms, learner)(torch.nn.Identity(), inner_steps=1)
     with pytest.raises(ValueError, match=rf"{learner} has no trainable parameters: its backbone Identity has none"):
         fit(model, regression_batches(2, 5, trailing=True))
+
+
+def test_a_learner_given_the_other_kind_of_task_without_a_datamodule_is_refused():
+    # Without a DataModule (plain DataLoaders) the kind was never checked: a CNP given integer
+    # labels trained and reported a test/acc from the argmax of its (mean, sigma) pair, and a
+    # ProtoNet given float labels failed in one_hot with a raw TypeError.
+    from fewshot_lightning.algorithms import ProtoNet
+    from fewshot_lightning.models import Conv4
+
+    g = torch.Generator().manual_seed(0)
+    labels = [TaskBatch(torch.randn(2, 5, 1, generator=g), torch.randint(0, 4, (2, 5, 1), generator=g),
+                        torch.randn(2, 6, 1, generator=g), torch.randint(0, 4, (2, 6, 1), generator=g))] * 2
+    with pytest.raises(ValueError, match=r"CNP solves regression tasks \(float targets\), but the data of its train "
+                                         r"batches makes classification tasks \(integer labels\)"):
+        fit(CNP(MLP(2, (8,), 8), decoder_hidden=(8,)), DataLoader(labels, batch_size=None))
+    batch = class_batch()
+    floats = TaskBatch(batch.support_x, batch.support_y.float(), batch.query_x, batch.query_y.float())
+    with pytest.raises(ValueError, match=r"ProtoNet solves classification tasks \(integer labels\), but the data of its train "
+                                         r"batches makes regression tasks"):
+        fit(ProtoNet(Conv4(hidden=8, out_features=None, track_running_stats=True)), DataLoader([floats] * 2, batch_size=None))
+
+
+@pytest.mark.parametrize("learner", ["MatchingNet", "AttentionLearner"])
+def test_a_backbone_wider_than_its_output_shape_is_named(learner):
+    # MatchingNet(fce=True)'s LSTM and AttentionLearner's token projection are sized by the
+    # backbone's output_shape; a backbone returning more failed with the layers' raw errors.
+    from fewshot_lightning import algorithms
+
+    class Claims16(torch.nn.Module):
+        output_shape = (16,)
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(28 * 28, 32)
+
+        def forward(self, x):
+            return self.layer(x.flatten(-3))
+
+    model = (algorithms.MatchingNet(Claims16(), fce=True) if learner == "MatchingNet"
+             else algorithms.AttentionLearner(Claims16(), ways=3, model_dim=16, heads=2, layers=1, feedforward_dim=16))
+    with pytest.raises(TaskShapeError, match=rf"{learner}.* sized its layers for embeddings of 16 values \(the "
+                                             r"backbone's output_shape\), but the backbone returned 32 per sample"):
+        model(class_batch())

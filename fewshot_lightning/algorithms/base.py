@@ -207,6 +207,10 @@ def _saved_hyper_parameters(path: Any) -> Optional[Dict[str, Any]]:
     return dict(hyper) if isinstance(hyper, dict) else None
 
 
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equal values, a tuple and a list with equal items counting as the same (a checkpoint may
     hold either for a sequence argument)."""
@@ -585,10 +589,12 @@ class MetaLearner(L.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _check_kind_solved(self, data: str) -> None:
+    def _check_kind_solved(self, data: str, regression: Optional[bool] = None) -> None:
         """Refuse tasks of a kind the learner does not solve (a metric learner given regression
-        tasks failed deep in its backbone, a CNP given images in an indexing error)."""
-        kind = "regression" if self.regression else "classification"
+        tasks failed deep in its backbone, a CNP given images in an indexing error, or scored
+        as a classifier when its batches came without a DataModule). ``regression``: the kind of
+        the tasks (default: :attr:`regression`)."""
+        kind = "regression" if (self.regression if regression is None else regression) else "classification"
         if kind in self.task_kinds:
             return
         described = {"regression": "regression tasks (float targets)",
@@ -626,10 +632,13 @@ class MetaLearner(L.LightningModule):
         learners check every batch already (they read N from the labels); for the others a look
         at the first batch of each split costs nothing per step (no device sync after it)."""
         checked = self.__dict__.setdefault("_labels_checked", set())
-        if split in checked or not isinstance(batch, TaskBatch) or is_regression(batch.query_y) \
-                or batch.support_y.dim() != 2 or batch.query_y.dim() != 2 or not batch.support_y.numel():
+        if split in checked or not isinstance(batch, TaskBatch):
             return
         checked.add(split)
+        self._check_kind_solved(f"the data of its {split} batches", is_regression(batch.query_y))
+        if is_regression(batch.query_y) or batch.support_y.dim() != 2 or batch.query_y.dim() != 2 \
+                or not batch.support_y.numel():
+            return
         from .episode_ops import num_ways
 
         ways = num_ways(batch.support_y)
@@ -757,6 +766,7 @@ class MetaLearner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states(self.device)
+        checkpoint["learner"] = _qualified_name(type(self))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -771,6 +781,14 @@ class MetaLearner(L.LightningModule):
             _loading_over.reset(token)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        saved_by = checkpoint.get("learner")
+        if isinstance(saved_by, str) and saved_by not in {_qualified_name(c) for c in type(self).__mro__}:
+            # Another learner's weights can fit (a MatchingNet's into a ProtoNet of the same
+            # backbone and scale) and be scored as this one's, exit 0. (A subclass of the learner
+            # that saved it, a user's extension, loads it.)
+            raise ValueError(
+                f"The checkpoint being loaded was saved by {saved_by}, but this learner is "
+                f"{_qualified_name(type(self))}: load it into the learner that saved it, or train this one.")
         self._check_arguments_in_weights(checkpoint)
         self._resumed_rng_states = checkpoint.get("rng_states")
 

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from .base import MetaLearner
-from .episode_ops import check_batch_norm_stats, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow
+from .episode_ops import (
+    check_batch_norm_stats, check_embedding_width, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow,
+)
 
 
 class AttentionLearner(MetaLearner):
@@ -110,6 +112,7 @@ class AttentionLearner(MetaLearner):
         self.batch_norm_stats = check_batch_norm_stats("AttentionLearner", batch_norm_stats, backbone)
         warn_if_narrow(backbone, "AttentionLearner")
         embedding_dim = embedding_size(backbone, "AttentionLearner")
+        self.embedding_dim = embedding_dim
         self.tokens = nn.Linear(embedding_dim + ways, model_dim)
         layer = nn.TransformerEncoderLayer(
             model_dim, heads, feedforward_dim, dropout, batch_first=True, norm_first=True
@@ -131,6 +134,7 @@ class AttentionLearner(MetaLearner):
             )
         support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         support, query = support.flatten(2), query.flatten(2)
+        check_embedding_width(support, self.embedding_dim, "AttentionLearner")
         centre = support.mean(1, keepdim=True)
         support, query = support - centre, query - centre
         support_labels = one_hot(batch.support_y, self.ways, support.dtype)

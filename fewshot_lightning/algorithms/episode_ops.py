@@ -134,6 +134,18 @@ def embedding_size(backbone: nn.Module, learner: str) -> int:
     return math.prod(output_shape(backbone, learner))
 
 
+def check_embedding_width(features: Tensor, expected: int, learner: str) -> None:
+    """Refuse flattened embeddings ``[B, M, D]`` whose ``D`` is not the ``expected`` width the
+    learner sized its layers by (the backbone's ``output_shape``): the layers' own error ("mat1
+    and mat2 shapes cannot be multiplied", an LSTM's "input.size(-1) must be equal to
+    input_size") named neither the backbone nor the fix."""
+    if features.shape[-1] != expected:
+        raise TaskShapeError(
+            f"{learner} sized its layers for embeddings of {expected} values (the backbone's output_shape), but "
+            f"the backbone returned {features.shape[-1]} per sample for these inputs: make its output_shape "
+            "say what it returns (for a built-in backbone, build it for this input size).")
+
+
 def warn_if_narrow(backbone: nn.Module, learner: str) -> None:
     """Warn when the backbone's head narrows its features (``feature_dim``) to a classifier's
     width (issue 10: ProtoNet on Conv4's default 5-unit head scored 96.3% on Kanji, 98.3%

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from ..data.task import TaskBatch
 from .base import MetaLearner
-from .episode_ops import check_batch_norm_stats, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow
+from .episode_ops import (
+    check_batch_norm_stats, check_embedding_width, embed_episodes, embedding_size, num_ways, one_hot, warn_if_narrow,
+)
 from .protonet import register_log_scale
 
 
@@ -97,6 +99,7 @@ class MatchingNet(MetaLearner):
             if fce_steps < 1:
                 raise ValueError(f"fce_steps must be at least 1, got {fce_steps}.")
             embedding_dim = embedding_size(backbone, "MatchingNet(fce=True)")
+            self.embedding_dim = embedding_dim
             self.fce_steps = fce_steps
             self.support_lstm = nn.LSTM(embedding_dim, embedding_dim, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(2 * embedding_dim, embedding_dim)
@@ -112,6 +115,7 @@ class MatchingNet(MetaLearner):
         support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
         support, query = support.flatten(2), query.flatten(2)
         if self.fce:
+            check_embedding_width(support, self.embedding_dim, "MatchingNet(fce=True)")
             support = self.contextual_support(support)
             query = self.contextual_query(query, support)
         cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,15 @@ class ProtoNet(MetaLearner):
         self.batch_norm_stats = check_batch_norm_stats("ProtoNet", batch_norm_stats, backbone)
         warn_if_narrow(backbone, "ProtoNet")
         register_log_scale(self, default_scale(distance) if scale is None else scale, learn_scale)
+
+    def arguments_in_weights(self) -> Dict[str, str]:
+        """``scale``, and ``distance`` too while ``scale`` is ``None``: the distance then sets the
+        initial scale (1 or 10), which a checkpoint's ``log_scale`` replaces (a euclidean
+        checkpoint tested with the cosine distance ran at scale 1, not 10)."""
+        held = super().arguments_in_weights()
+        if "scale" in held and self.hparams.get("scale") is None:
+            held["distance"] = "log_scale, whose starting value the distance sets while scale is None"
+        return held
 
     def forward(self, batch: TaskBatch) -> Tensor:
         support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)

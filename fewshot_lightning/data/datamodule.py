@@ -209,8 +209,8 @@ class ClassificationDataModule(TaskDataModule):
         test_shape = tuple(
             train if test is None else test for train, test in zip(train_shape, (test_ways, test_shots, test_queries))
         )
-        for shape in (train_shape, test_shape):
-            check_episode_shape(*shape)
+        check_episode_shape(*train_shape)
+        check_episode_shape(*test_shape, names=("test_ways", "test_shots", "test_queries"))
         self.episode_shape = {"train": train_shape, "val": test_shape, "test": test_shape}
         self._test_arguments_given = tuple(test is not None for test in (test_ways, test_shots, test_queries))
 

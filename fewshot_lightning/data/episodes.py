@@ -283,18 +283,20 @@ def ordered_sample(n: int, k: int, uniforms: np.ndarray) -> np.ndarray:
     return chosen
 
 
-def check_episode_shape(ways: int, shots: int, queries: int) -> None:
-    """Raise a ``ValueError`` naming the bad number if an N-way K-shot Q-query request is impossible."""
-    for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+def check_episode_shape(ways: int, shots: int, queries: int,
+                        names: Sequence[str] = ("ways", "shots", "queries")) -> None:
+    """Raise a ``ValueError`` naming the bad number if an N-way K-shot Q-query request is
+    impossible; ``names``: the arguments that gave the three (``test_ways``, ... for a test shape)."""
+    for name, kind, value in zip(names, ("ways", "shots", "queries"), (ways, shots, queries)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be a whole number of {'classes' if name == 'ways' else 'samples per class'}, "
+            raise TypeError(f"{name} must be a whole number of {'classes' if kind == 'ways' else 'samples per class'}, "
                             f"got {value!r} ({type(value).__name__}).")
     if ways < 2:
-        raise ValueError(f"ways must be at least 2 for a classification task, got {ways}.")
+        raise ValueError(f"{names[0]} must be at least 2 for a classification task, got {ways}.")
     if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}.")
+        raise ValueError(f"{names[1]} must be at least 1, got {shots}.")
     if queries < 1:
-        raise ValueError(f"queries must be at least 1, got {queries}.")
+        raise ValueError(f"{names[2]} must be at least 1, got {queries}.")
 
 
 def episode_shape_problems(
