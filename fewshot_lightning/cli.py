@@ -139,6 +139,51 @@ def _batch_limits_read_integers_first(parser: LightningArgumentParser) -> None:
             action._typehint = int | float | None
 
 
+class FewShotArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors in the arguments (a value of the wrong type, an unknown
+    option) are one short message with exit code 1, as the command's other input errors are:
+    argparse's usage (sixty lines) and jsonargparse's nested report of every Union member it
+    tried are left out (``FEWSHOT_LIGHTNING_TRACEBACK=1`` shows them)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> typing.NoReturn:
+        if not self.exit_on_error or os.environ.get(TRACEBACK_VARIABLE) or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        sys.stderr.write(
+            f"error: {condensed_parse_error(message)}\n({self.prog.replace(' [options]', '')} --help lists the "
+            f"arguments; {TRACEBACK_VARIABLE}=1 shows the parser's whole report)\n")
+        self.exit(1)
+
+
+def condensed_parse_error(message: str) -> str:
+    """jsonargparse's report of a bad argument in one line: the argument as typed on the command
+    line (``--model.init_args.inner_steps``) and the innermost problem, where the report nests
+    it under each Union member tried ("Does not validate against any of the Union subtypes")."""
+    keys, problem, nested, class_path = [], [], False, None
+    for line in message.splitlines():
+        stripped = line.strip()
+        found = re.fullmatch(r'Parser key "([^"]+)":\s*(.*)', stripped)
+        if found:
+            keys.append(found.group(1))
+            stripped = found.group(2)  # the problem, when on the same line
+        if stripped.startswith("- Problem with given class_path"):
+            nested = True
+            keys.append("init_args")
+            class_path = stripped.split("'")[1] if stripped.count("'") >= 2 else None
+            continue
+        if nested and stripped.startswith("- "):
+            break  # the next Union member tried (None): not what the user meant
+        if stripped.startswith(("Does not validate against any", "Subtypes:", "Errors:", "Given value")):
+            continue
+        problem.append(stripped)
+    text = " ".join(part for part in problem if part)
+    unknown = re.fullmatch(r"Option '([^']+)' is not accepted", text)
+    if unknown and keys and keys[-1] == "init_args":
+        keys.append(unknown.group(1))
+        text = f"not an argument of {class_path}" if class_path else "not an argument of this class"
+    argument = "--" + ".".join(keys) if keys else ""
+    return f"{argument}: {text}" if argument else text
+
+
 class FewShotCLI(LightningCLI):
     """``LightningCLI`` with checkpoint look-up, a non-finite guard and run folders one can trust
     (see the module's docstring)."""
@@ -529,6 +574,7 @@ def build_cli(args: Optional[List[str]] = None, run_folder: Optional[RunFolder] 
     return FewShotCLI(
         MetaLearner,
         TaskDataModule,
+        parser_class=FewShotArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,

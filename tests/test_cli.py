@@ -438,3 +438,26 @@ def test_our_deliberate_errors_are_told_from_failing_calls_by_the_bytecode_not_t
     assert _raised_by_raise_statement(deliberate) and not _raised_by_raise_statement(failed)
     assert _user_error(deliberate) is deliberate
     assert _user_error(failed) is None  # raised outside the package, and by a call
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model.init_args.inner_steps", "abc"], "error: --model.init_args.inner_steps: Expected a <class 'int'>. Got value: abc"),
+    (["--model.init_args.foo", "1"], "error: --model.init_args.foo: not an argument of fewshot_lightning.algorithms.MAML"),
+    (["--data.init_args.shots", "x"], "error: --data.init_args.shots: Expected a <class 'int'>. Got value: x"),
+    (["--trainer.max_steps", "x"], "error: --trainer.max_steps: Expected a <class 'int'>. Got value: x"),
+    (["--bogus", "3"], "error: unrecognized arguments: --bogus 3"),
+])
+def test_a_value_the_parser_refuses_is_one_short_message(args, expected, tmp_path, monkeypatch, cli):
+    # A wrong type on the command line printed argparse's sixty-line usage and jsonargparse's
+    # nested report of each Union member tried, and exited with 2, not the 1 the README promises.
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, *args)
+    assert code == 1
+    lines = out[out.index("error:"):].splitlines()
+    assert lines[0] == expected
+    assert lines[1] == ("(fewshot-lightning fit --help lists the arguments; FEWSHOT_LIGHTNING_TRACEBACK=1 shows the "
+                        "parser's whole report)")
+    assert "usage:" not in out and "Union subtypes" not in out
+    monkeypatch.setenv("FEWSHOT_LIGHTNING_TRACEBACK", "1")
+    code, out = cli("fit", "--config", SINUSOID, *args)
+    assert code == 2 and "usage:" in out
