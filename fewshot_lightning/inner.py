@@ -313,8 +313,8 @@ class Adam:
     """
 
     def __init__(self, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Adam betas must be in [0, 1), got {betas}.")
+        if len(betas) != 2 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Adam betas must be two numbers in [0, 1), got {betas}.")
         if not eps > 0:
             raise ValueError(f"Adam eps must be positive, got {eps}.")
         self.betas, self.eps = tuple(betas), eps
@@ -568,6 +568,10 @@ def select_parameters(module: nn.Module, selection: Optional[Iterable[str]]) -> 
     names = [name for name, _ in module.named_parameters()]
     if selection is None:
         return names
+    if isinstance(selection, str):
+        # adapt="head." read as the characters 'h', 'e', ...: "adapt entry 'h' matches no parameter".
+        raise TypeError(f"adapt takes a list of names, prefixes or patterns, got the string {selection!r}: "
+                        f"write adapt=[{selection!r}].")
     entries = list(selection)
     chosen = set(names) if entries and entries[0].startswith("!") else set()
     for entry in entries:

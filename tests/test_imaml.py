@@ -164,7 +164,7 @@ def test_evaluation_uses_test_lam_and_training_lam():
     [
         ({"lam": 0.0}, "lam must be positive"),
         ({"cg_steps": 0}, "cg_steps must be at least 1, got 0"),
-        ({"test_lam": -1.0}, "test_lam must be 0 or more, got -1.0"),
+        ({"test_lam": -1.0}, "test_lam must be a finite number, 0 or more, got -1.0"),
         ({"first_order": True}, "iMAML takes no first_order=True: its meta-gradient is implicit"),
         ({"adapt": ["head."]}, r"iMAML takes no adapt=\['head.'\]"),
         ({"inner_solver": "newton"}, "inner_solver must be one of 'gd', 'hessian_free', got 'newton'"),

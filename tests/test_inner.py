@@ -207,7 +207,7 @@ def test_bad_arguments_name_the_fix():
         functional(MLP(), batching="vmap", memory_format="channels_last")
     with pytest.raises(ValueError, match="adapt entry 'tail.' matches no parameter of MLP"):
         select_parameters(MLP(), ["tail."])
-    with pytest.raises(ValueError, match="Adam betas must be in \\[0, 1\\)"):
+    with pytest.raises(ValueError, match="Adam betas must be two numbers in \\[0, 1\\)"):
         Adam(betas=(1.0, 0.9))
 
 

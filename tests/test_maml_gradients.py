@@ -190,8 +190,8 @@ def test_per_step_rates_use_each_step_then_the_last():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"inner_lr": 0.0}, "inner_lr must be positive, got 0.0"),
-        ({"inner_lr": -0.5}, "inner_lr must be positive, got -0.5"),
+        ({"inner_lr": 0.0}, "inner_lr must be a positive finite number, got 0.0"),
+        ({"inner_lr": -0.5}, "inner_lr must be a positive finite number, got -0.5"),
         ({"inner_steps": 0}, "inner_steps must be at least 1, got 0"),
         ({"test_inner_steps": -2}, "test_inner_steps must be at least 1, got -2"),
         ({"adapt": ["nope."]}, "adapt entry 'nope.' matches no parameter"),

@@ -147,7 +147,7 @@ def test_evaluation_fine_tuning_lowers_the_support_loss_and_keeps_no_graph():
         ({"multi_step_loss_steps": 10}, "Reptile takes no multi_step_loss_steps=10"),
         ({"adapt": ["head."]}, r"Reptile takes no adapt=\['head.'\]: it fine-tunes every parameter"),
         ({"inner_optimizer": "rmsprop"}, r"inner_optimizer must be one of \('adam', 'sgd'\), got 'rmsprop'"),
-        ({"inner_batch_size": 0}, "inner_batch_size must be at least 1"),
+        ({"inner_batch_size": 0}, "inner_batch_size must be a whole number, at least 1"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, message):

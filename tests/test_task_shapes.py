@@ -257,3 +257,42 @@ def test_a_backbone_wider_than_its_output_shape_is_named(learner):
     with pytest.raises(TaskShapeError, match=rf"{learner}.* sized its layers for embeddings of 16 values \(the "
                                              r"backbone's output_shape\), but the backbone returned 32 per sample"):
         model(class_batch())
+
+
+@pytest.mark.parametrize("build,error,message", [
+    (lambda: MAML(MLP(), adapt="head."), TypeError, r"adapt takes a list of names.*got the string 'head\.': write adapt=\['head\.'\]"),
+    (lambda: MAML(MLP(), inner_lr=float("inf")), ValueError, r"inner_lr must be a positive finite number, got inf"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["iMAML"]).iMAML(MLP(), lam=float("inf")),
+     ValueError, r"lam must be positive and finite"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["iMAML"]).iMAML(MLP(), test_lam=float("nan")),
+     ValueError, r"test_lam must be a finite number, 0 or more, got nan"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["iMAML"]).iMAML(MLP(), cg_steps=2.5),
+     TypeError, r"cg_steps must be a whole number of conjugate-gradient steps, got 2\.5"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["Reptile"]).Reptile(MLP(), inner_batch_size=2.5),
+     ValueError, r"inner_batch_size must be a whole number, at least 1 .*got 2\.5"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["Reptile"]).Reptile(MLP(), inner_betas=(0.0, 0.9, 0.9)),
+     ValueError, r"Adam betas must be two numbers in \[0, 1\), got \(0\.0, 0\.9, 0\.9\)"),
+])
+def test_library_arguments_that_cannot_work_are_refused_at_construction(build, error, message):
+    # Accepted until the first step (or never: adapt="head." iterated its characters; NaN and inf
+    # rates and regularisers trained to NaN), where the command line's types stopped them.
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_cavia_names_a_backbone_without_a_context_argument():
+    from fewshot_lightning.algorithms import CAVIA
+
+    class NoContext(torch.nn.Module):
+        context_dim = 4
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    with pytest.raises(ValueError, match=r"CAVIA needs a backbone that takes forward\(x, context=\.\.\.\); "
+                                         r"NoContext.forward takes \(x\)"):
+        CAVIA(NoContext())

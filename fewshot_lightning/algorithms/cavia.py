@@ -1,6 +1,7 @@
 """CAVIA (Zintgraf, Shiarlis, Kurin, Hofmann & Whiteson, "Fast Context Adaptation via Meta-Learning", ICML 2019)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -55,6 +56,16 @@ class CAVIA(MAML):
                 f"CAVIA needs a backbone that takes forward(x, context=...) and has an integer context_dim; "
                 f"{type(backbone).__name__} has context_dim={context_dim!r}. Use models.ContextMLP or models.FiLMConv4."
             )
+        try:
+            parameters = inspect.signature(backbone.forward).parameters
+        except (TypeError, ValueError):  # no signature to read: left to the first step
+            parameters = {"context": None}
+        takes_context = "context" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values() if p is not None)
+        if not takes_context:
+            raise ValueError(
+                f"CAVIA needs a backbone that takes forward(x, context=...); {type(backbone).__name__}.forward takes "
+                f"({', '.join(parameters)}). Use models.ContextMLP or models.FiLMConv4, or add the context argument.")
         super().__init__(backbone, inner_lr=inner_lr, **kwargs)
 
     def adapted_shapes(self, backbone: nn.Module, adapt: Optional[Sequence[str]]) -> Dict[str, torch.Size]:

@@ -1,6 +1,8 @@
 """Implicit MAML (Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
@@ -91,12 +93,16 @@ class iMAML(MAML):  # noqa: N801 -- the paper's name
         name = type(self).__name__
         refuse(name, kwargs, THROUGH_INNER_LOOP, "its meta-gradient is implicit, independent of the inner path")
         refuse(name, kwargs, {"adapt": None}, "its meta-gradient here is derived for adapting every parameter")
-        if not lam > 0:
-            raise ValueError(f"lam must be positive (the proximal term makes the implicit gradient exist), got {lam}.")
+        if not (lam > 0 and math.isfinite(lam)):
+            raise ValueError(f"lam must be positive and finite (the proximal term makes the implicit gradient exist), "
+                             f"got {lam}.")
+        for steps_name, steps in (("cg_steps", cg_steps), ("inner_cg_steps", inner_cg_steps)):
+            if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+                raise TypeError(f"{steps_name} must be a whole number of conjugate-gradient steps, got {steps!r}.")
         if cg_steps < 1:
             raise ValueError(f"cg_steps must be at least 1, got {cg_steps}.")
-        if test_lam is not None and test_lam < 0:
-            raise ValueError(f"test_lam must be 0 or more, got {test_lam}.")
+        if test_lam is not None and not (test_lam >= 0 and math.isfinite(test_lam)):
+            raise ValueError(f"test_lam must be a finite number, 0 or more, got {test_lam}.")
         if inner_solver not in SOLVERS:
             raise ValueError(f"inner_solver must be one of {', '.join(map(repr, SOLVERS))}, got {inner_solver!r}.")
         if inner_cg_steps < 1:

@@ -186,11 +186,11 @@ class MAML(MetaLearner):
         if test_inner_steps < 1:
             raise ValueError(f"test_inner_steps must be at least 1, got {test_inner_steps}.")
         try:
-            positive = not isinstance(inner_lr, (str, bool)) and bool(inner_lr > 0)
-        except (TypeError, RuntimeError):  # a string, a tensor of several values
+            positive = not isinstance(inner_lr, (str, bool)) and bool(inner_lr > 0) and math.isfinite(float(inner_lr))
+        except (TypeError, RuntimeError, ValueError):  # a string, a tensor of several values
             positive = False
         if not positive:
-            raise ValueError(f"inner_lr must be positive, got {inner_lr!r} (a number, e.g. 0.4).")
+            raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r} (e.g. 0.4).")
         if batching not in ("auto",) + BATCHING:
             raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}.")
         if memory_format not in ("auto",) + MEMORY_FORMATS:

@@ -1,6 +1,7 @@
 """Reptile (Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", arXiv:1803.02999, 2018)."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -91,8 +92,9 @@ class Reptile(MAML):
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}.")
         for name, size in (("inner_batch_size", inner_batch_size), ("test_inner_batch_size", test_inner_batch_size)):
-            if size is not None and size < 1:
-                raise ValueError(f"{name} must be at least 1 (or None for the whole support set), got {size}.")
+            if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+                raise ValueError(f"{name} must be a whole number, at least 1 (or None for the whole support set), "
+                                 f"got {size!r}.")
         super().__init__(backbone, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_steps=test_inner_steps,
                          **kwargs)
         self.inner_optimizer = Adam(betas=inner_betas) if inner_optimizer == "adam" else GradientDescent()
