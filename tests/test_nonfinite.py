@@ -296,3 +296,19 @@ def test_a_sparse_gradient_is_checked_and_a_nan_in_it_is_named(monkeypatch):
     guard = NonFiniteGuard()
     message = guard._describe(FakeTrainer(), Learner(), [table.weight], None)
     assert "Non-finite gradient at global_step 7 (epoch 0, batch_idx 3)" in message and "table.weight" in message
+
+
+def test_a_non_finite_evaluation_is_blamed_on_what_can_cause_it_for_the_learner():
+    # A CNP under 16-true precision overflowed to val/mse nan and was told to lower inner_lr or
+    # test_inner_steps, which it does not have.
+    from types import SimpleNamespace
+
+    from fewshot_lightning.algorithms import CNP, MAML
+    from fewshot_lightning.models import MLP
+
+    cnp, maml = CNP(MLP(2, (8,), 8), decoder_hidden=(8,)), MAML(MLP())
+    assert cnp._nonfinite_prediction_cause() == "the model's outputs overflowed on those inputs"
+    assert maml._nonfinite_prediction_cause().startswith("the test-time adaptation diverged there: lower inner_lr")
+    for model in (cnp, maml):
+        model._trainer = SimpleNamespace(precision="16-true")
+        assert model._nonfinite_prediction_cause().startswith("under 16-true precision the activations overflowed")

@@ -712,9 +712,19 @@ class MetaLearner(L.LightningModule):
             if key == "score" and not torch.isfinite(mean):
                 rank_zero_warn(
                     f"{stage}/{name} is {float(mean)}: on at least one {stage} episode the prediction was not "
-                    "finite. For gradient-based learners the test-time adaptation diverged there: lower "
-                    "inner_lr or test_inner_steps (the weights themselves are finite)."
+                    f"finite (the weights themselves are finite); {self._nonfinite_prediction_cause()}."
                 )
+
+    def _nonfinite_prediction_cause(self) -> str:
+        """The likely cause of a finite model's non-finite evaluation prediction, and the fix."""
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        if precision.startswith("16"):
+            # 16-true casts the whole model: a CNP's encoder overflowed after two steps.
+            return (f"under {precision} precision the activations overflowed float16's range (at most 65504): "
+                    "train and evaluate with 32-true or bf16-mixed")
+        if self.needs_grad_at_eval:
+            return "the test-time adaptation diverged there: lower inner_lr or test_inner_steps"
+        return "the model's outputs overflowed on those inputs"
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
