@@ -158,7 +158,7 @@ def condensed_parse_error(message: str) -> str:
     """jsonargparse's report of a bad argument in one line: the argument as typed on the command
     line (``--model.init_args.inner_steps``) and the innermost problem, where the report nests
     it under each Union member tried ("Does not validate against any of the Union subtypes")."""
-    keys, problem, nested, class_path = [], [], False, None
+    keys, problem, nested, class_path, given, done = [], [], False, None, None, False
     for line in message.splitlines():
         stripped = line.strip()
         found = re.fullmatch(r'Parser key "([^"]+)":\s*(.*)', stripped)
@@ -170,16 +170,25 @@ def condensed_parse_error(message: str) -> str:
             keys.append("init_args")
             class_path = stripped.split("'")[1] if stripped.count("'") >= 2 else None
             continue
-        if nested and stripped.startswith("- "):
-            break  # the next Union member tried (None): not what the user meant
+        if not stripped:
+            continue
+        if stripped.startswith("Given value:") and nested and given is None:
+            given = stripped[len("Given value:"):].strip()
+        if nested and stripped.startswith("- ") and problem:
+            done = True  # the next Union member tried (None): not what the user meant
+        if done:
+            continue
         if stripped.startswith(("Does not validate against any", "Subtypes:", "Errors:", "Given value")):
             continue
         problem.append(stripped)
-    text = " ".join(part for part in problem if part)
+    text = " ".join(part[2:] if part.startswith("- ") else part for part in problem)
+    text = text.replace("Expected a <class 'collections.abc.Sequence'>", "Expected a list, e.g. [a, b]")
     unknown = re.fullmatch(r"Option '([^']+)' is not accepted", text)
     if unknown and keys and keys[-1] == "init_args":
         keys.append(unknown.group(1))
         text = f"not an argument of {class_path}" if class_path else "not an argument of this class"
+    elif given is not None and "Got value" not in text and not given.startswith("NestedArg("):
+        text += f". Got value: {given}"
     argument = "--" + ".".join(keys) if keys else ""
     return f"{argument}: {text}" if argument else text
 

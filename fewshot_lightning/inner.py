@@ -32,6 +32,7 @@ Example, a MAML training step written from these pieces::
 from __future__ import annotations
 
 import fnmatch
+import math
 import numbers
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -77,9 +78,11 @@ def functional(
     """``forward(params, x)``: ``module`` run on every task's inputs with that task's parameters.
 
     Args:
-        module: the network; it is never modified (its parameters are replaced for the call
+        module: the network; its parameters are never modified (they are replaced for the call
             by :func:`call_with`, which also takes a layer registered under two names and
-            weights tied across layers).
+            weights tied across layers). Its buffers are the module's own unless ``buffers``
+            says otherwise: in training mode, batch norm with running statistics updates them
+            (``"loop"``: each task and step moves them, as in MAML's reference code).
         fixed: parameters shared by all tasks (no task dimension), e.g. the ones not adapted.
             Parameters in neither ``params`` nor ``fixed`` keep the module's own values.
         buffers: buffers to use (default: the module's own).
@@ -131,7 +134,7 @@ def functional(
     if batching == "vmap":
         forward_tasks = getattr(module, "forward_tasks", None)
         if forward_tasks is not None and not keywords and not dict(module.named_buffers()) \
-                and _defined_together(type(module), "forward", "forward_tasks"):
+                and _defined_together(type(module), "forward", "forward_tasks") and _runs_as_built(module):
             rest = {n: p for n, p in module.named_parameters() if n not in shared}
 
             def batched(params: Params, x: Tensor) -> Tensor:
@@ -140,7 +143,7 @@ def functional(
                 return forward_tasks({**shared, **others, **params}, x)
 
             return batched
-        vmapped = vmap(one_task, in_dims=(0, 0), randomness="different")
+        vmapped = _named_vmap_failures(vmap(one_task, in_dims=(0, 0), randomness="different"), module)
         before_pooling = activations_before_max_pooling(module)
         if not before_pooling:
             return vmapped
@@ -156,7 +159,7 @@ def functional(
     def looped(params: Params, x: Tensor) -> Tensor:
         per_task = {name: p.unbind(0) for name, p in params.items()}
         with keep_layout():
-            return torch.stack([
+            return _stacked([
                 one_task({name: values[i] for name, values in per_task.items()}, inputs)
                 for i, inputs in enumerate(x.unbind(0))
             ])
@@ -167,7 +170,7 @@ def functional(
     def looped_channels_last(params: Params, x: Tensor) -> Tensor:
         common = {name: channels_last(p) for name, p in shared.items()}
         per_task = {name: p.unbind(0) for name, p in params.items()}
-        return torch.stack([
+        return _stacked([
             call(common, {name: channels_last(values[i]) for name, values in per_task.items()}, inputs)
             for i, inputs in enumerate(x.unbind(0))
         ])
@@ -264,6 +267,56 @@ class tasks_first_into:
 
 def _contiguous_input(module: nn.Module, args: Tuple) -> Tuple:
     return (args[0].contiguous(), *args[1:])
+
+
+def _named_vmap_failures(vmapped: Callable, module: nn.Module) -> Callable:
+    """``vmapped``, whose failure on batch norm updating running statistics (functorch's "were
+    not batched ... see the functorch website") also says what to do here."""
+    def call(params: Params, x: Tensor) -> object:
+        try:
+            return vmapped(params, x)
+        except RuntimeError as error:
+            if "running_mean" not in str(error) and "running_var" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{type(module).__name__} has batch norm that updates running statistics in training mode, which "
+                "vmap cannot batch over tasks: pass batching='loop' (the tasks one by one, each updating them), or "
+                f"build the layers with track_running_stats=False. ({error})") from error
+
+    return call
+
+
+def _stacked(outputs: list) -> object:
+    """The tasks' outputs stacked along a new first dimension: tensors, or tuples, lists and
+    dicts of them (a policy's ``(mean, log_std)``), as vmap returns them."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outputs)
+    if isinstance(first, dict):
+        return {key: _stacked([output[key] for output in outputs]) for key in first}
+    if isinstance(first, (tuple, list)):
+        parts = [_stacked([output[i] for output in outputs]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    raise TypeError(f"The module returned a {type(first).__name__}: functional() stacks tensors, and tuples, lists "
+                    "and dicts of them, one per task.")
+
+
+def _runs_as_built(module: nn.Module) -> bool:
+    """Whether ``module``'s ``forward_tasks`` computes what its ``forward`` does: it says so
+    itself (``forward_tasks_supported()``: its layers are those it was written for), and no
+    layer of it has hooks (``forward_tasks`` calls no layer's ``__call__``, so a hook that
+    changes an output was skipped) or a parametrization (weight norm: the weights it reads are
+    not the layer's parameters). Otherwise vmap runs its ``forward``."""
+    supported = getattr(module, "forward_tasks_supported", None)
+    if supported is not None and not supported():
+        return False
+    from torch.nn.modules import module as module_globals
+    from torch.nn.utils import parametrize
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    return not any(layer._forward_hooks or layer._forward_pre_hooks or parametrize.is_parametrized(layer)
+                   for layer in module.modules())
 
 
 def _defined_together(cls: type, *names: str) -> bool:
@@ -406,7 +459,10 @@ def trajectory(
         raise RuntimeError(
             "Inner steps take gradients, which torch.inference_mode() forbids. Adapt under torch.no_grad() instead "
             "(inner gradients are still taken there), or inside torch.inference_mode(False) on tensors made outside "
-            "inference mode.")
+            "inference mode. (Lightning evaluates under inference mode: a MetaLearner whose evaluation adapts says "
+            "so with the class attribute needs_grad_at_eval = True.)")
+    if isinstance(lr, numbers.Real) and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite step size, got {lr!r}.")
     tasks = support_x.shape[0]
     unbatched = {n: list(p.shape) for n, p in params.items() if p.dim() == 0 or p.shape[0] != tasks}
     if unbatched:
@@ -440,7 +496,14 @@ def trajectory(
                     "fewshot_lightning.algorithms.base.per_task_loss (cross-entropy or MSE per task), not "
                     "F.cross_entropy's batch mean.")
             if penalty is not None:
-                losses = losses + penalty(params)
+                extra = penalty(params)
+                if not isinstance(extra, Tensor) or extra.shape != (tasks,):
+                    # [B, 1] broadcast the losses to [B, B]: every task's loss counted B times.
+                    raise ValueError(
+                        f"penalty must return one value per task, shape [{tasks}], but returned "
+                        f"{list(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__}: sum each task's "
+                        "term over its parameters only (e.g. .flatten(1).sum(1)).")
+                losses = losses + extra
             names = list(params)
             total = losses.sum() if loss_scale is None else losses.sum() * loss_scale
             grads = torch.autograd.grad(total, [params[n] for n in names], create_graph=differentiable and second_order)

@@ -461,3 +461,26 @@ def test_a_value_the_parser_refuses_is_one_short_message(args, expected, tmp_pat
     monkeypatch.setenv("FEWSHOT_LIGHTNING_TRACEBACK", "1")
     code, out = cli("fit", "--config", SINUSOID, *args)
     assert code == 2 and "usage:" in out
+
+
+def test_a_scalar_for_a_list_argument_says_a_list_is_expected():
+    # The nested Union of an Optional[Sequence] argument condensed to nothing: "error: --model.init_args.adapt: ".
+    from fewshot_lightning.cli import condensed_parse_error
+
+    report = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'fewshot_lightning.algorithms.base.MetaLearner'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'fewshot_lightning.algorithms.MAMLRL':
+        Parser key "adapt":
+          Does not validate against any of the Union subtypes
+          Subtypes: [typing.Sequence[str], <class 'NoneType'>]
+          Errors:
+            - Expected a <class 'collections.abc.Sequence'>
+            - Expected a <class 'NoneType'>
+          Given value type: <class 'str'>
+          Given value: head.
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='adapt', val='head.')"""
+    assert condensed_parse_error(report) == "--model.init_args.adapt: Expected a list, e.g. [a, b]. Got value: head."

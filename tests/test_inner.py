@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_lightning.algorithms.base import per_task_loss
+from fewshot_lightning.algorithms.base import TaskShapeError, per_task_loss
 from fewshot_lightning.inner import (
     Adam, adapt, channels_last, functional, predict, select_parameters, task_params, trajectory,
 )
@@ -578,3 +578,94 @@ def test_a_batch_norm_held_twice_keeps_its_running_statistics(batch_norm_stats):
     # "running": the layer saw the tasks twice a step, each pass moving the averages off zero.
     moved = not torch.equal(backbone.norm.running_mean, torch.zeros(4))
     assert moved == (batch_norm_stats == "running")
+
+
+def _vmap_and_loop(module, x, tasks):
+    params = task_params(dict(module.named_parameters()), tasks)
+    return functional(module, batching="vmap")(params, x), functional(module, batching="loop")(params, x)
+
+
+def test_vmap_uses_a_backbones_forward_tasks_only_where_it_computes_forward():
+    # forward_tasks calls no layer's __call__ and ran MLP's parameter-free layers on [T, M, F]:
+    # a forward hook was skipped (outputs 0.84 apart after a step), Softmax(dim=1) normalised
+    # over the samples instead of the features, a hook zeroing Conv4's head was ignored, and
+    # MLP's samples with leading dimensions of their own failed ("batch1 must be a 3D tensor").
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 2)
+    hooked = MLP(2, (4,), 1)
+    hooked.register_forward_hook(lambda module, inputs, output: output * 2)
+    vmapped, looped = _vmap_and_loop(hooked, x, 3)
+    assert torch.allclose(vmapped, looped, atol=1e-6)
+    plain = MLP(2, (4,), 1)
+    plain.load_state_dict(hooked.state_dict())
+    assert torch.allclose(vmapped, 2 * _vmap_and_loop(plain, x, 3)[1], atol=1e-6)
+    softmax = MLP(2, (4,), 3)
+    softmax.features.append(nn.Softmax(dim=1))
+    assert not softmax.forward_tasks_supported() and MLP().forward_tasks_supported()
+    vmapped, looped = _vmap_and_loop(softmax, x, 3)
+    assert torch.allclose(vmapped, looped, atol=1e-6)
+    images = torch.randn(2, 4, 1, 28, 28)
+    conv = Conv4(hidden=8, out_features=5)
+    assert conv.forward_tasks_supported()
+    conv.head.register_forward_hook(lambda module, inputs, output: output * 0)
+    vmapped, looped = _vmap_and_loop(conv, images, 2)
+    assert vmapped.abs().max() == 0 and looped.abs().max() == 0
+    conv = Conv4(hidden=8, out_features=5)
+    conv.features[1][2] = nn.Tanh()
+    assert not conv.forward_tasks_supported()
+    vmapped, looped = _vmap_and_loop(conv, images, 2)
+    assert torch.allclose(vmapped, looped, atol=1e-5)
+    grid = torch.randn(3, 5, 4, 2)  # each sample a [4, 2] grid of points
+    vmapped, looped = _vmap_and_loop(MLP(2, (4,), 3), grid, 3)
+    assert vmapped.shape == (3, 5, 4, 3) and torch.allclose(vmapped, looped, atol=1e-6)
+
+
+def test_loop_stacks_tuple_outputs_as_vmap_does():
+    class Gaussian(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean, self.log_std = nn.Linear(2, 1), nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.mean(x), self.log_std.expand(x.shape[0], 1)
+
+    torch.manual_seed(0)
+    vmapped, looped = _vmap_and_loop(Gaussian(), torch.randn(3, 5, 2), 3)
+    assert isinstance(looped, tuple) and all(torch.allclose(a, b) for a, b in zip(vmapped, looped))
+    assert looped[0].shape == (3, 5, 1) and looped[1].shape == (3, 5, 1)
+
+
+def test_inner_loop_arguments_that_would_train_wrongly_are_refused():
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    theta = dict(net.named_parameters())
+    x, y = torch.randn(3, 5, 2), torch.randn(3, 5, 1)
+
+    def mse(outputs, targets):
+        return (outputs - targets).square().flatten(1).mean(1)
+
+    def squared(params):
+        return sum((params[n] - theta[n]).square().flatten(1).sum(1) for n in params)
+
+    forward = functional(net)
+    # A [B, 1] penalty broadcast the [B] losses to [B, B]: each task's loss counted B times.
+    with pytest.raises(ValueError, match=r"penalty must return one value per task, shape \[3\], but returned \[3, 1\]"):
+        adapt(forward, task_params(theta, 3), x, y, mse, 2, 0.1, penalty=lambda p: squared(p).unsqueeze(1))
+    adapt(forward, task_params(theta, 3), x, y, mse, 2, 0.1, penalty=squared)
+    for lr in (-0.1, float("nan"), 0.0):
+        with pytest.raises(ValueError, match=r"lr must be a positive finite step size"):
+            adapt(forward, task_params(theta, 3), x, y, mse, 1, lr)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"needs_grad_at_eval = True"):
+        adapt(forward, task_params(theta, 3), x, y, mse, 1, 0.1)
+    # Class scores of other samples than the labels': cross-entropy's batch-size mismatch, named.
+    with pytest.raises(TaskShapeError, match=r"Class scores of shape \(3, 4, 5\) and labels of shape \(3, 6\)"):
+        per_task_loss(torch.randn(3, 4, 5), torch.zeros(3, 6, dtype=torch.long))
+
+
+def test_vmap_over_batch_norm_updating_running_statistics_names_the_fix():
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    params = task_params(dict(model.named_parameters()), 3)
+    with pytest.raises(RuntimeError, match=r"Sequential has batch norm that updates running statistics in training "
+                                           r"mode, which vmap cannot batch over tasks: pass batching='loop'"):
+        functional(model, batching="vmap")(params, torch.randn(3, 5, 2))
+    assert functional(model, batching="loop")(params, torch.randn(3, 5, 2)).shape == (3, 5, 1)

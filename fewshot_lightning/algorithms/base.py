@@ -51,6 +51,12 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
                 + (" If the targets are class labels, make them integers (y.long()): float targets are regression."
                    if outputs.dim() == targets.dim() + 1 else ""))
         return (outputs - targets).square().flatten(1).mean(1)
+    if outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] != targets.shape:
+        # cross-entropy's "Expected input batch_size (12) to match target batch_size (18)".
+        raise TaskShapeError(
+            f"Class scores of shape {tuple(outputs.shape)} and labels of shape {tuple(targets.shape)} differ in their "
+            "tasks or samples ([tasks, samples, classes] against [tasks, samples]): score the samples the labels are "
+            "of (the query set's outputs for query_y, the support set's for support_y).")
     if targets.dtype != torch.long:
         targets = targets.long()  # int32, uint8 class ids: cross-entropy takes int64
     try:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConvBlock, DetachableHead, per_task_call
+from .blocks import ConvBlock, DetachableHead, TaskBatchNorm2d, _plain, per_task_call
 
 
 class Conv4(DetachableHead, nn.Module):
@@ -86,6 +86,20 @@ class Conv4(DetachableHead, nn.Module):
     #: backward and, on a 2-core CPU, also ran faster than all tasks at once
     #: (``benchmarks/conv4_task_chunks.py``, docs/benchmarks.md).
     cpu_chunk_bytes: Optional[int] = 8 * 2**20
+
+    def forward_tasks_supported(self) -> bool:
+        """Whether :meth:`forward_tasks`, which calls the operations of the blocks it was built
+        with (convolution, :class:`TaskBatchNorm2d`, ReLU, 2x2 max-pool, a linear head), computes
+        ``forward``: not once a layer has been swapped for another (a Tanh for the ReLU, a dropout
+        added, a head of several layers)."""
+        if not (self.head is None or type(self.head) is nn.Linear):
+            return False
+        for block in self.features:
+            layers = [type(layer) for layer in block]
+            expected = [nn.Conv2d, TaskBatchNorm2d, nn.ReLU] + ([nn.MaxPool2d] if block.pool else [])
+            if type(block) is not ConvBlock or layers != expected or (block.pool and not _plain(block[3], 2)):
+                return False
+        return True
 
     def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         """The outputs of every task under its own parameters, ``x`` ``[T, M, C, H, W]`` to

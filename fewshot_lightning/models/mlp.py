@@ -40,6 +40,13 @@ class MLP(DetachableHead, nn.Module):
         features = self.features(x)
         return features if self._headless else self.head(features)
 
+    def forward_tasks_supported(self) -> bool:
+        """Whether :meth:`forward_tasks` computes ``forward``: while the layers are linear ones
+        and element-wise activations (a layer acting across samples or features, such as
+        ``Softmax(dim=1)``, would see ``[T, M, F]`` there where ``forward`` gives it ``[M, F]``)."""
+        return type(self.head) is nn.Linear and all(
+            type(layer) is nn.Linear or type(layer) in ELEMENTWISE for layer in self.features)
+
     def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         """The outputs of every task under its own parameters, in one batched matrix product
         per layer: ``params`` holds every parameter, per task with a leading task dimension
@@ -50,7 +57,8 @@ class MLP(DetachableHead, nn.Module):
         operations (vmap turns each linear layer into some ten), which is most of a sinusoid
         MAML step's time; :func:`~fewshot_lightning.inner.functional` uses it.
         """
-        hidden = x
+        # Samples may have leading dimensions of their own (``forward`` takes any): one per row here.
+        hidden = x.reshape(x.shape[0], -1, x.shape[-1])
         layers = [(f"features.{i}", layer) for i, layer in enumerate(self.features)]
         if not self._headless:
             layers.append(("head", self.head))
@@ -70,4 +78,10 @@ class MLP(DetachableHead, nn.Module):
                     f"of your own without forward_tasks (torch.func.vmap then batches its forward).")
             else:
                 hidden = layer(hidden)
-        return hidden
+        return hidden.reshape(*x.shape[:-1], hidden.shape[-1])
+
+
+#: Parameter-free layers that act on each element alone, as :meth:`MLP.forward_tasks` may run them.
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+               nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign,
+               nn.Identity, nn.Dropout)
