@@ -305,7 +305,11 @@ def test_an_argument_the_checkpoint_holds_in_its_weights_cannot_be_changed_silen
 
     assert MAML(MLP()).arguments_in_weights() == {}
     assert MAML(MLP(), per_step_lr=True).arguments_in_weights() == {"inner_lr": "inner_lr.rates"}
-    assert ProtoNet(Conv4(hidden=4, out_features=None, track_running_stats=True)).arguments_in_weights() == {"scale": "log_scale"}
+    assert ProtoNet(Conv4(hidden=4, out_features=None, track_running_stats=True), scale=1.0).arguments_in_weights() == {
+        "scale": "log_scale"}
+    # With scale=None the distance sets the starting log_scale, which a checkpoint restores.
+    assert ProtoNet(Conv4(hidden=4, out_features=None, track_running_stats=True)).arguments_in_weights() == {
+        "scale": "log_scale", "distance": "log_scale, whose starting value the distance sets while scale is None"}
     assert MatchingNet(Conv4(hidden=4, out_features=None, track_running_stats=True), learn_scale=True).arguments_in_weights() == {
         "scale": "log_scale"}
 

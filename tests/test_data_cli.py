@@ -16,7 +16,7 @@ LABELLED = {**TASK, **EPISODE, "train_transform": None}
 # defaults a class changes are its own: mini-ImageNet's meta-batch of 4, sinusoid's 25 tasks.
 DATA_MODULES = {
     "fewshot_lightning.data.EpisodicDataModule": (
-        {"data": None, "labels": None, "split_fractions": [0.64, 0.16, 0.2]}, LABELLED),
+        {"data": None, "labels": None, "split_fractions": [0.64, 0.16, 0.2], "split_seed": 0}, LABELLED),
     "fewshot_lightning.data.SinusoidDataModule": (
         {"shots": 10, "queries": 10, "meta_batch_size": 25, "train_tasks": 25_000, "num_workers": 0}, TASK),
     "fewshot_lightning.data.Learn2LearnDataModule": (
