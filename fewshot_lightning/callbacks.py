@@ -402,11 +402,14 @@ class RequeueAtStepEnd(L.Callback):
     step) it saves the same ``hpc_ckpt_<n>.ckpt``, which a requeued ``fit`` without
     ``ckpt_path`` restores as before, and global rank 0 runs ``scontrol requeue``. Lightning
     registers its own handler only for a signal that has none, so it stands aside. Outside
-    SLURM, or with ``auto_requeue=False``, it does nothing.
+    SLURM, or with ``auto_requeue=False``, there is no requeue signal to take.
 
-    SIGTERM, which SLURM sends every task when it ends (or requeues) the job, is taken the same
-    way: at the next step end, with the request OR-ed over all ranks, every rank stops
-    together and ``fit`` ends normally (``LastCheckpoint`` saves). Lightning 2.6's own SIGTERM
+    SIGTERM, which SLURM sends every task when it ends (or requeues) the job, and docker stop,
+    Kubernetes, systemd or ``timeout`` send anywhere, is taken the same way, under SLURM or not:
+    at the next step end, with the request OR-ed over all ranks, every rank stops together and
+    ``fit`` ends (``LastCheckpoint`` saves that step), recorded in :attr:`stopped_by_sigterm_at`;
+    the ``fewshot-lightning`` command then exits with 143 and says how to resume, unless the
+    job was requeued (:attr:`stopped_unplanned`). Lightning 2.6's own SIGTERM
     handler broadcasts a tensor from inside the signal handler; under DDP the other ranks are
     then at some other collective call (or none), and the job hangs until the process group
     times out. So from ``on_train_start`` (Lightning installs its handlers just before) to the
@@ -419,20 +422,40 @@ class RequeueAtStepEnd(L.Callback):
         self._previous_sigterm: Any = None
         self._requested = False
         self._terminate = False
+        self._watch_sigterm = False
+        #: The step at whose end a SIGTERM stopped this fit (``LastCheckpoint`` saved it there),
+        #: ``None`` if none did.
+        self.stopped_by_sigterm_at: Optional[int] = None
+        #: Whether this fit saved an HPC checkpoint and requeued the job (SLURM's SIGTERM then
+        #: ends a job that will run again: a planned stop).
+        self.requeued = False
+
+    @property
+    def stopped_unplanned(self) -> bool:
+        """A SIGTERM stopped the fit before its end, and no requeue will continue it: the
+        ``fewshot-lightning`` command then exits with 143, not 0, saying how to resume."""
+        return self.stopped_by_sigterm_at is not None and not self.requeued
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning registers its signal handlers after `setup`, and only where none is set.
-        environment = trainer._accelerator_connector.cluster_environment
-        if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+        self.stopped_by_sigterm_at, self.requeued = None, False
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
-        if environment.requeue_signal is None or threading.current_thread() is not threading.main_thread():
+        # Outside SLURM too: SIGTERM is what docker stop, Kubernetes, systemd and `timeout`
+        # send. Lightning's own handling raised SystemExit with no code at the next batch: the
+        # command exited 0, with last.ckpt at the previous periodic save.
+        self._watch_sigterm = True
+        self._requested = self._terminate = False
+        environment = trainer._accelerator_connector.cluster_environment
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        if environment.requeue_signal is None:
             return
         self._signal = environment.requeue_signal
-        self._requested = self._terminate = False
         self._previous = signal.signal(self._signal, self._request)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._signal is not None and self._signal != signal.SIGTERM:
+        if self._watch_sigterm and self._signal != signal.SIGTERM:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._request_stop)
 
     def _request(self, signum: int, frame: Any) -> None:
@@ -442,12 +465,13 @@ class RequeueAtStepEnd(L.Callback):
         self._terminate = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self._signal is None:
+        if not self._watch_sigterm:
             return
-        if trainer.strategy.reduce_boolean_decision(self._terminate, all=False):
+        if trainer.strategy.reduce_boolean_decision(self._terminate, all=False) and self.stopped_by_sigterm_at is None:
             rank_zero_info(f"SIGTERM received: stopping at the end of step {trainer.global_step} on every rank.")
             trainer.should_stop = True
-        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+            self.stopped_by_sigterm_at = trainer.global_step
+        if self._signal is None or not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
             return
         self._requested = False
         rank_zero_info(f"{self._signal.name} received: saving an HPC checkpoint at step {trainer.global_step} and requeuing.")
@@ -456,6 +480,7 @@ class RequeueAtStepEnd(L.Callback):
         trainer.save_checkpoint(_CheckpointConnector.hpc_save_path(trainer.default_root_dir))
         if trainer.is_global_zero:
             requeue_slurm_job()
+        self.requeued = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before Lightning's teardown puts back the handlers it found at the start.
@@ -474,6 +499,7 @@ class RequeueAtStepEnd(L.Callback):
 
     def _restore(self) -> None:
         self._restore_sigterm()
+        self._watch_sigterm = False
         if self._signal is not None and threading.current_thread() is threading.main_thread():
             signal.signal(self._signal, self._previous)
         self._signal = None

@@ -44,19 +44,25 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import allocator
 from .algorithms import MetaLearner
 from .algorithms.base import same_value
 from .algorithms.maml import out_of_memory
-from .callbacks import NonFiniteError, NonFiniteGuard, PredictionWriter
+from .callbacks import LastCheckpoint, NonFiniteError, NonFiniteGuard, PredictionWriter, RequeueAtStepEnd
 from .data.datasets._storage import DataFileError
 from .data import TaskDataModule
 
 TRACEBACK_VARIABLE = "FEWSHOT_LIGHTNING_TRACEBACK"
+#: The command's exit code after a SIGTERM stopped a run before its end (128 + 15, as a shell reports one).
+SIGTERM_EXIT = 143
+#: The entry every checkpoint Lightning writes holds (its loader fails with a KeyError on it otherwise).
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 _PACKAGE = Path(__file__).resolve().parent
+#: Lightning's trainer package: its deliberate ValueErrors are refusals of a setting (see _user_error).
+_LIGHTNING = Path(L.__file__).resolve().parent / "pytorch"
 _LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 
 
@@ -165,7 +171,7 @@ def condensed_parse_error(message: str) -> str:
         if found:
             keys.append(found.group(1))
             stripped = found.group(2)  # the problem, when on the same line
-        if stripped.startswith("- Problem with given class_path"):
+        if stripped.startswith(("- Problem with given class_path", "Problem with given class_path")):
             nested = True
             keys.append("init_args")
             class_path = stripped.split("'")[1] if stripped.count("'") >= 2 else None
@@ -243,11 +249,21 @@ class FewShotCLI(LightningCLI):
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # an old (non-zip) file, or objects weights_only refuses: Lightning's load reports it
             return
-        if isinstance(saved, dict) and "state_dict" not in saved:
+        if not isinstance(saved, dict):
+            raise ValueError(
+                f"--ckpt_path {checkpoint} is not a Lightning checkpoint: it holds a {type(saved).__name__}. Pass a .ckpt "
+                "file a run saved (its run folder's checkpoints/), or 'last' or 'best'.")
+        if "state_dict" not in saved:
             raise ValueError(
                 f"--ckpt_path {checkpoint} is not a Lightning checkpoint: it holds "
                 f"{', '.join(map(repr, list(saved)[:6]))}{', ...' if len(saved) > 6 else ''} but no 'state_dict'. Pass a "
                 ".ckpt file a run saved (its run folder's checkpoints/), or 'last' or 'best'.")
+        if LIGHTNING_VERSION_KEY not in saved:
+            raise ValueError(
+                f"--ckpt_path {checkpoint} holds a 'state_dict' but not the rest of a Lightning checkpoint (no "
+                f"{LIGHTNING_VERSION_KEY!r}; it holds {', '.join(map(repr, list(saved)[:6]))}): a file saved with "
+                "torch.save, not by a run. Load its weights in your own code (model.load_state_dict(torch.load(path)"
+                "['state_dict'])), or pass a .ckpt file a run saved, or 'last' or 'best'.")
         saved = dict(saved.get("hyper_parameters") or {}) if isinstance(saved, dict) else {}
         class_path = saved.pop("_class_path", None)
         saved.pop("_instantiator", None)
@@ -287,6 +303,7 @@ class FewShotCLI(LightningCLI):
 
     def _prepare(self, subcommand: str) -> None:
         config = self.config_init[subcommand]
+        self._check_trainer_counts()
         checkpoint = self._checkpoint(subcommand, config.get("ckpt_path"), bool(config.get("untrained")))
         config["ckpt_path"] = checkpoint
         if checkpoint is not None:
@@ -311,6 +328,18 @@ class FewShotCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
         self._claim_run_folder(checkpoint if subcommand == "fit" else None, subcommand)
 
+    def _check_trainer_counts(self) -> None:
+        """Trainer counts Lightning takes as they come and then divides by (``integer modulo by
+        zero`` from inside its loop, after the run folder was made and a batch ran)."""
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches < 1:
+            raise ValueError(f"--trainer.accumulate_grad_batches must be at least 1 (batches per optimizer step), got "
+                             f"{trainer.accumulate_grad_batches}.")
+        interval = trainer.val_check_interval
+        if interval is not None and not isinstance(interval, bool) and isinstance(interval, (int, float)) and interval <= 0:
+            raise ValueError(f"--trainer.val_check_interval must be positive (batches between validations, or a fraction "
+                             f"of an epoch), got {interval}; to skip validation pass --trainer.limit_val_batches 0.")
+
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, subcommand: str, path: Optional[str], untrained: bool) -> Optional[str]:
         """The checkpoint file to load, from ``--ckpt_path`` (a path, ``last`` or ``best``)."""
@@ -332,6 +361,12 @@ class FewShotCLI(LightningCLI):
             return str(self._last_checkpoint("last", subcommand))
         if path == "best":
             return str(self._best_checkpoint())
+        if path != "hpc" and "://" not in str(path) and Path(path).is_dir():
+            found = sorted(Path(path).glob("**/*.ckpt"))[:3]
+            raise IsADirectoryError(
+                f"--ckpt_path {path} is a folder: pass a checkpoint file"
+                + (f", e.g. {', '.join(str(p) for p in found)}" if found else " (a run folder keeps them in checkpoints/)")
+                + ", or 'last' or 'best'.")
         if path != "hpc" and "://" not in str(path) and not Path(path).is_file():
             raise FileNotFoundError(f"--ckpt_path {path}: no such file.")
         return path
@@ -540,6 +575,17 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
         deliberate = bool(frames) and _raised_by_raise_statement(error)  # not a library call failing in our code
         if isinstance(error, (ValueError, OSError, NonFiniteError, DataFileError)) and deliberate and innermost.is_relative_to(_PACKAGE):
             return error
+        if isinstance(error, KeyError) and error.args == (LIGHTNING_VERSION_KEY,) and innermost is not None \
+                and "lightning" in innermost.parts:
+            # An old (non-zip) pickle the comparison could not read: Lightning's loader fails on it.
+            return ValueError(
+                f"--ckpt_path: the file is not a Lightning checkpoint (it has no {LIGHTNING_VERSION_KEY!r} entry): a "
+                "file saved with torch.save, not by a run. Pass a .ckpt file a run saved, or 'last' or 'best'."
+            ).with_traceback(error.__traceback__)
+        if isinstance(error, ValueError) and deliberate and innermost is not None and _LIGHTNING in innermost.parents:
+            # Lightning's own refusal of a Trainer setting ("`val_check_interval` (10) must be less than or equal
+            # to the number of the training batches (8)"): a message, not a fault.
+            return error
         if innermost is None or "jsonargparse" not in innermost.parts:
             return None
         error = error.__cause__ or error.__context__
@@ -605,7 +651,13 @@ def main(args: Optional[List[str]] = None) -> None:
     _quiet_known_warnings()
     run_folder = RunFolder()
     try:
-        build_cli(args, run_folder)
+        cli = build_cli(args, run_folder)
+    except SIGTERMException:
+        # Lightning's own stop on SIGTERM (a config without RequeueAtStepEnd): SystemExit with
+        # no code, so the command exited 0, a run that stopped half-way looking finished.
+        sys.stderr.write("fewshot-lightning: stopped by SIGTERM before the run finished; its checkpoints/last.ckpt "
+                         "holds the last periodic save. Resume with the same command and --ckpt_path last.\n")
+        raise SystemExit(SIGTERM_EXIT) from None
     except Exception as error:
         run_folder.remove_if_unused()
         reported = _user_error(error)
@@ -617,6 +669,15 @@ def main(args: Optional[List[str]] = None) -> None:
             raise
         sys.stderr.write(_short_report(reported))
         raise SystemExit(1) from None
+    stopped = [callback.stopped_by_sigterm_at for callback in getattr(cli.trainer, "callbacks", [])
+               if isinstance(callback, RequeueAtStepEnd) and callback.stopped_unplanned]
+    if stopped:
+        saved = any(isinstance(callback, LastCheckpoint) for callback in cli.trainer.callbacks)
+        sys.stderr.write(
+            f"fewshot-lightning: stopped by SIGTERM at the end of step {stopped[0]}, before the run finished; "
+            + ("checkpoints/last.ckpt holds that step" if saved else "no LastCheckpoint callback saved that step")
+            + ". Resume with the same command and --ckpt_path last.\n")
+        raise SystemExit(SIGTERM_EXIT)
 
 
 if __name__ == "__main__":

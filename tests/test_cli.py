@@ -488,3 +488,55 @@ def test_a_scalar_for_a_list_argument_says_a_list_is_expected():
   Given value type: <class 'jsonargparse._util.NestedArg'>
   Given value: NestedArg(key='adapt', val='head.')"""
     assert condensed_parse_error(report) == "--model.init_args.adapt: Expected a list, e.g. [a, b]. Got value: head."
+
+
+def test_a_nested_class_argument_is_named_as_typed():
+    from fewshot_lightning.cli import condensed_parse_error
+
+    report = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Errors:
+    - Problem with given class_path 'fewshot_lightning.algorithms.MAML':
+        Parser key "backbone":
+          Problem with given class_path 'fewshot_lightning.models.MLP':
+            Parser key "hidden":
+              Expected a <class 'collections.abc.Sequence'>. Got value: 8
+    - Expected a <class 'NoneType'>
+  Given value: NestedArg(key='backbone.init_args.hidden', val='8')"""
+    assert condensed_parse_error(report) == ("--model.init_args.backbone.init_args.hidden: Expected a list, e.g. [a, b]. "
+                                             "Got value: 8")
+
+
+def test_trainer_settings_lightning_divides_by_or_refuses_are_one_short_message(tmp_path, monkeypatch, cli):
+    # accumulate_grad_batches 0 and val_check_interval 0 ended in "integer modulo by zero" inside
+    # Lightning's loop; a val_check_interval above the epoch's batches in Lightning's traceback.
+    monkeypatch.chdir(tmp_path)
+    for args, expected in [
+        (["--trainer.accumulate_grad_batches", "0"], "error: --trainer.accumulate_grad_batches must be at least 1"),
+        (["--trainer.val_check_interval", "0"], "error: --trainer.val_check_interval must be positive"),
+        (["--trainer.val_check_interval", "10", "--data.init_args.train_tasks", "200", "--trainer.max_steps", "20"],
+         "error:  `val_check_interval` (10) must be less than or equal to the number of the training batches (8)"),
+    ]:
+        code, out = cli("fit", "--config", SINUSOID, *args)
+        assert code == 1 and expected in out and "Traceback" not in out, out[-3000:]
+
+
+def test_files_that_are_not_run_checkpoints_are_named(tmp_path, monkeypatch, cli):
+    # A state_dict saved with torch.save, a list, an old pickle and a folder reached Lightning's
+    # loader: KeyError 'pytorch-lightning_version', a TypeError, "no such file" for a folder.
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+    saved = torch.load(next(tmp_path.glob("lightning_logs/*/version_0/checkpoints/last.ckpt")), weights_only=False)
+    torch.save({"state_dict": saved["state_dict"]}, tmp_path / "weights.ckpt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    torch.save({"state_dict": saved["state_dict"]}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    (tmp_path / "folder.ckpt").mkdir()
+    for name, expected in [
+        ("weights.ckpt", "holds a 'state_dict' but not the rest of a Lightning checkpoint (no 'pytorch-lightning_version'"),
+        ("list.ckpt", "is not a Lightning checkpoint: it holds a list"),
+        ("old.ckpt", "the file is not a Lightning checkpoint (it has no 'pytorch-lightning_version' entry)"),
+        ("folder.ckpt", "--ckpt_path folder.ckpt is a folder: pass a checkpoint file"),
+    ]:
+        code, out = cli("test", "--config", SINUSOID, "--ckpt_path", name, "--trainer.limit_test_batches", "1")
+        assert code == 1 and expected in out and "Traceback" not in out, (name, out[-3000:])

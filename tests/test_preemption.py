@@ -11,6 +11,7 @@ talking to a controller. Whether the resumed run is *exactly* the uninterrupted 
 with the resume work, not here: this checks the signal path and that the step count goes on.
 """
 import json
+import re
 import os
 import signal
 import time
@@ -177,3 +178,25 @@ def test_requeue_at_step_end_saves_the_weights_of_the_end_of_that_step(simulated
         assert torch.equal(checkpoint["state_dict"][name], value), name
     assert (simulated_slurm_job / "scontrol.log").read_text().split() == ["requeue", JOB_ID]
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # handed back after fit
+
+
+def test_sigterm_outside_slurm_saves_the_step_and_exits_143_saying_how_to_resume(tmp_path):
+    # docker stop, Kubernetes, systemd and `timeout` send SIGTERM: Lightning stopped at the next
+    # batch with SystemExit and no code, so the command exited 0 with last.ckpt at the previous
+    # periodic save, a half-trained run looking finished.
+    env = {key: value for key, value in cli_env().items() if not key.startswith("SLURM_")}
+    run = start_cli(*fit_args(tmp_path, 100_000, "steps.json"), cwd=tmp_path, env=env, log="fit.log")
+    try:
+        wait_for(lambda: len(steps_recorded(tmp_path / "steps.json")) >= 3, 240, "three training steps", run)
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    log = (tmp_path / "fit.log").read_text()
+    assert run.returncode == 143 and "Traceback" not in log, log[-3000:]
+    found = re.search(r"fewshot-lightning: stopped by SIGTERM at the end of step (\d+), before the run finished; "
+                      r"checkpoints/last.ckpt holds that step\. Resume with the same command and --ckpt_path last\.", log)
+    assert found, log[-3000:]
+    last = next((tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == int(found.group(1))
