@@ -317,6 +317,11 @@ class PredictionWriter(BasePredictionWriter):
                 path = path.with_name(f"predictions{count}.pt")
         torch.save(merged, path)
         rank_zero_info(f"Wrote the query predictions of {len(order)} tasks to {path}.")
+        planned = getattr(getattr(trainer, "datamodule", None), "num_tasks", {}).get("test")
+        if isinstance(planned, int) and len(order) < planned:
+            # As a partial test warns: a --trainer.limit_predict_batches left in.
+            rank_zero_warn(f"These predictions cover {len(order)} of the {planned} test episodes "
+                           "(--trainer.limit_predict_batches?): not the full protocol's set.")
 
 
 class EffectiveMetaBatch(L.Callback):

@@ -72,6 +72,10 @@ def test_fit_then_test_and_predict_from_checkpoints(tmp_path, monkeypatch, cli):
     assert predictions["query_predictions"].shape == predictions["query_y"].shape == (100, 10, 1)
     per_task = (predictions["query_predictions"] - predictions["query_y"]).square().mean((1, 2))
     assert per_task.mean().item() == pytest.approx(mse, rel=1e-5)
+    assert "These predictions cover" not in out
+    # A batch limit left in: said, as for a partial test.
+    code, out = cli("predict", *short, "--ckpt_path", "last", "--trainer.limit_predict_batches", "1")
+    assert code == 0 and "These predictions cover 25 of the 100 test episodes" in out, out[-3000:]
 
     # best: the run's ModelCheckpoint monitors val/mse, validated at steps 30 and 60.
     code, out = cli("validate", *short, "--ckpt_path", "best")
