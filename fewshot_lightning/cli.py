@@ -58,6 +58,10 @@ from .data import TaskDataModule
 TRACEBACK_VARIABLE = "FEWSHOT_LIGHTNING_TRACEBACK"
 #: The command's exit code after a SIGTERM stopped a run before its end (128 + 15, as a shell reports one).
 SIGTERM_EXIT = 143
+#: Data arguments a resume may change without changing the task stream (where the data lie, how
+#: many processes load it: the stream is the same with workers or without, tests/test_resume.py).
+STREAM_NEUTRAL = frozenset({"num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "root", "cache_dir",
+                            "download"})
 #: The entry every checkpoint Lightning writes holds (its loader fails with a KeyError on it otherwise).
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 _PACKAGE = Path(__file__).resolve().parent
@@ -308,6 +312,8 @@ class FewShotCLI(LightningCLI):
         config["ckpt_path"] = checkpoint
         if checkpoint is not None:
             self._compare_with(checkpoint)
+            if subcommand == "fit":
+                self._compare_data_with_run(checkpoint)
         wanted = config.get("cpu_allocator", "keep")
         if wanted != "system" and self.trainer.strategy.root_device.type == "cpu":
             before = allocator.in_effect()
@@ -327,6 +333,37 @@ class FewShotCLI(LightningCLI):
         if subcommand == "predict":
             self.trainer.callbacks.append(PredictionWriter())
         self._claim_run_folder(checkpoint if subcommand == "fit" else None, subcommand)
+
+    def _compare_data_with_run(self, checkpoint: str) -> None:
+        """Warn where a resumed fit's data arguments differ from those of the run that saved the
+        checkpoint (its folder's ``config.yaml``, where one is): the resume continues that run's
+        task stream exactly only with the same ones (another ``meta_batch_size``, ``train_tasks``
+        or ``seed`` gives other batches from the next step on, without a word until now)."""
+        if "://" in checkpoint:
+            return
+        saved_config = Path(checkpoint).resolve().parents[1] / "config.yaml"
+        try:
+            import yaml
+
+            saved = (yaml.safe_load(saved_config.read_text()) or {}).get("data") or {}
+        except (OSError, ValueError, AttributeError, ImportError):
+            return
+        data = self.config["fit"].get("data")
+        current = data.as_dict() if hasattr(data, "as_dict") else data
+        if not isinstance(saved, dict) or not isinstance(current, dict):
+            return
+        if saved.get("class_path") != current.get("class_path"):
+            differ = [f"class_path {saved.get('class_path')} then, {current.get('class_path')} now"]
+        else:
+            before, now = saved.get("init_args") or {}, current.get("init_args") or {}
+            differ = [f"{name} {before.get(name)!r} then, {now.get(name)!r} now" for name in sorted(set(before) | set(now))
+                      if name in before and name in now and name not in STREAM_NEUTRAL
+                      and not same_value(before[name], now[name])]
+        if differ:
+            rank_zero_warn(
+                f"Resuming with other data arguments than the run that saved {Path(checkpoint).name} ({saved_config}): "
+                + "; ".join(differ) + ". The run goes on, but its task stream is not the one it would have continued: "
+                "resume with the run's own data arguments for the exact continuation.")
 
     def _check_trainer_counts(self) -> None:
         """Trainer counts Lightning takes as they come and then divides by (``integer modulo by

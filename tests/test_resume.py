@@ -1,5 +1,6 @@
 """Resuming: a run stopped and resumed ends exactly where an uninterrupted one does."""
 import json
+import re
 
 import lightning as L
 import pytest
@@ -172,3 +173,17 @@ def test_overfit_batches_trains_on_the_first_batch_again_and_again(tmp_path):
     assert trainer.global_step == 3 and len(seen) == 3
     assert all(torch.equal(batch, seen[0]) for batch in seen)  # one batch, overfitted
     assert trainer.train_dataloader.state_dict() == {}
+
+
+def test_resuming_with_other_data_arguments_says_the_stream_changes(tmp_path, monkeypatch, cli):
+    # A resume with another meta_batch_size went on silently: model arguments that differ were
+    # warned about, data arguments not, and the "exact continuation" was another task stream.
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", *CHAIN, "--trainer.max_steps", "2")
+    assert code == 0, out[-3000:]
+    code, out = cli("fit", *CHAIN, "--trainer.max_steps", "3", "--ckpt_path", "last", "--data.num_workers", "2")
+    assert code == 0 and "Resuming with other data arguments" not in out, out[-3000:]
+    code, out = cli("fit", *CHAIN, "--trainer.max_steps", "4", "--ckpt_path", "last", "--data.meta_batch_size", "3")
+    assert code == 0, out[-3000:]
+    assert re.search(r"Resuming with other data arguments than the run that saved last.*\.ckpt \(.*config\.yaml\): "
+                     r"meta_batch_size \d+ then, 3 now\. The run goes on", out), out[-3000:]
