@@ -82,6 +82,8 @@ class RunFolder(Callback):
         self.shared: Optional[Path] = None
         self.existed = False
         self.before: set = set()
+        #: The folders above ``path`` that this run made, deepest first.
+        self.made: List[Path] = []
 
     def share(self, folder: Path) -> None:
         # Its top level only (where a run writes its config and logs): without a logger the
@@ -105,8 +107,10 @@ class RunFolder(Callback):
     def remove_if_unused(self) -> None:
         if self.path is not None and not self.batches and not any(self.path.rglob("*.ckpt")):
             shutil.rmtree(self.path, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the logger's folder, if this run made it and nothing else is there
-                self.path.parent.rmdir()
+            # The logger's folders this run made (lightning_logs/<name>/), if nothing else is there.
+            for folder in self.made or [self.path.parent]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         if self.shared is not None and not self.batches and self.shared.is_dir():
             # What this run added (its config.resume1.yaml, a TensorBoard events file): a failed
             # resume recorded a run that never happened beside the real one.
@@ -501,7 +505,11 @@ class FewShotCLI(LightningCLI):
                     "ignore", message=rf"Checkpoint directory .*{re.escape(os.sep + run.name + os.sep)}checkpoints exists and is not empty"
                 )
                 return
+        made = [folder for folder in (root, *root.parents) if not folder.exists()]
         root.mkdir(parents=True, exist_ok=True)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunFolder):
+                callback.made = made  # lightning_logs/<name>/ on a first run: removed too if the run fails
         version = max(_versions(root), default=-1) + 1
         while True:
             try:

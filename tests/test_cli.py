@@ -523,6 +523,8 @@ def test_trainer_settings_lightning_divides_by_or_refuses_are_one_short_message(
     ]:
         code, out = cli("fit", "--config", SINUSOID, *args)
         assert code == 1 and expected in out and "Traceback" not in out, out[-3000:]
+        # Nothing left of a first run that failed before a batch: not even an empty lightning_logs/.
+        assert not (tmp_path / "lightning_logs").exists(), list(tmp_path.rglob("*"))
 
 
 def test_files_that_are_not_run_checkpoints_are_named(tmp_path, monkeypatch, cli):
