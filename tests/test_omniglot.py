@@ -356,3 +356,31 @@ def test_omniglot_damaged_cache_is_rebuilt_from_the_extracted_folders(tmp_path):
     with pytest.warns(UserWarning, match="omniglot-28px.pt is damaged"):
         again = load_fixture(tmp_path)
     assert all(torch.equal(again[split].data, first[split].data) for split in SPLITS)
+
+
+@pytest.mark.filterwarnings("ignore:.*has 8 characters, not 1623")
+def test_a_random_character_split_as_maml_and_reptile_draw_it(tmp_path):
+    # MAML's and Reptile's Omniglot results are on characters drawn at random irrespective of
+    # alphabet (cbfinn/maml: 1100 train, 100 val, 423 test), an easier test than Vinyals' mostly
+    # unseen alphabets; the configs claiming the papers' setting ran Vinyals' split.
+    write_omniglot(tmp_path / "omniglot-py")
+    sizes = (4, 2, 2)
+    module = omniglot_module(tmp_path, ways=2, shots=1, queries=1, split="random", split_sizes=sizes, split_seed=3)
+    module.setup("fit")
+    characters = {split: {name.rsplit("/", 1)[0] for name in names} for split, names in module.class_split.items()}
+    assert [len(characters[s]) for s in SPLITS] == list(sizes)
+    assert set.union(*characters.values()) == {f"{a}/character{c:02d}" for alphabets in OMNIGLOT_FIXTURE.values()
+                                                for a, numbers in alphabets.items() for c in numbers}
+    assert all(len(module.class_split[s]) == 4 * len(characters[s]) for s in SPLITS)  # four rotations each
+    again = omniglot_module(tmp_path, ways=2, shots=1, queries=1, split="random", split_sizes=sizes, split_seed=3)
+    again.setup("fit")
+    assert again.class_split == module.class_split  # the seed fixes the draw
+    other = [omniglot_module(tmp_path, ways=2, shots=1, queries=1, split="random", split_sizes=sizes, split_seed=seed)
+             for seed in range(4, 8)]
+    for candidate in other:
+        candidate.setup("fit")
+    assert any(candidate.class_split != module.class_split for candidate in other)
+    with pytest.raises(ValueError, match=r"split_sizes must be three character counts .* the 8 characters, got \[9, 0, 0\]"):
+        omniglot_module(tmp_path, ways=2, shots=1, queries=1, split="random", split_sizes=(9, 0, 0)).setup("fit")
+    with pytest.raises(ValueError, match=r"split must be 'vinyals' .* or 'random'"):
+        omniglot_module(tmp_path, split="alphabets")

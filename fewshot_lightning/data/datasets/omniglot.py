@@ -72,8 +72,28 @@ def published_name(characters: Sequence[str], label: int) -> str:
     return f"{characters[character]}/rot{90 * turns:03d}"
 
 
+def random_character_split(characters: Sequence[str], sizes: Sequence[int], seed: int) -> Dict[str, List[str]]:
+    """A split of Omniglot's characters drawn at random, irrespective of alphabet, as MAML's and
+    Reptile's code split them (cbfinn/maml: 1200 characters shuffled, 100 of them for validation,
+    the other 423 for test; supervised-reptile: 1200 / 423), in the form of :func:`vinyals_split`
+    (every character in its four rotations). ``sizes``: characters for train, val and test, at
+    most the 1623 there are; ``seed``: of the shuffle of the sorted characters. The original
+    code's own draw shuffled the file system's listing, so its characters cannot be named: this
+    is the same kind of split (test alphabets shared with training, an easier test than
+    Vinyals'), not the same characters."""
+    names = sorted(characters)
+    if len(sizes) != 3 or any(size < 0 for size in sizes) or sum(sizes) > len(names):
+        raise ValueError(f"split_sizes must be three character counts (train, val, test) summing to at most the "
+                         f"{len(names)} characters, got {list(sizes)}.")
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    return {split: [f"{names[i]}/rot{90 * turns:03d}" for i in order[bounds[k]:bounds[k + 1]] for turns in range(4)]
+            for k, split in enumerate(SPLITS)}
+
+
 def split_characters(
-    images: Tensor, labels: Tensor, characters: Sequence[str], train_rotations: bool = True, eval_rotations: bool = True
+    images: Tensor, labels: Tensor, characters: Sequence[str], train_rotations: bool = True, eval_rotations: bool = True,
+    published: Optional[Dict[str, List[str]]] = None,
 ) -> Dict[str, LabelledData]:
     """Images ``[N, S, S]`` of the characters ``labels`` (indices into ``characters``, named as
     :func:`character_key`) -> ``{split: LabelledData([N', 1, S, S], class ids)}`` on the
@@ -85,8 +105,8 @@ def split_characters(
     incomplete extraction is warned about where the images are read); a character that no list
     names is an error, as the release would not be Omniglot's.
     """
-    published = vinyals_split()
-    listed = {name.rsplit("/", 1)[0] for names in published.values() for name in names}
+    published = vinyals_split() if published is None else published
+    listed = {name.rsplit("/", 1)[0] for names in vinyals_split().values() for name in names}
     unknown = [name for name in characters if name not in listed]
     if unknown:
         raise DataFileError(
@@ -232,6 +252,12 @@ class OmniglotDataModule(LabelledDataModule):
         image_size: side of the square images (28 in the literature).
         train_rotations, eval_rotations: keep the rotated classes of training, and of
             validation and test.
+        split: ``"vinyals"`` (the lists above; Matching and Prototypical Networks, and most
+            later work) or ``"random"``: characters drawn at random irrespective of alphabet
+            (:func:`random_character_split`), as MAML's and Reptile's code split Omniglot.
+        split_sizes: with ``"random"``, characters for train, val and test (MAML's 1100 / 100 /
+            423: 1200 for training, 100 of them held out for validation).
+        split_seed: with ``"random"``, the seed of that draw (apart from ``seed``, the episodes').
         **kwargs: the episode arguments of :class:`~fewshot_lightning.data.LabelledDataModule`
             (``ways``, ``shots``, ``queries``, ``test_ways``, ..., ``meta_batch_size``, ``seed``, ...).
     """
@@ -243,11 +269,18 @@ class OmniglotDataModule(LabelledDataModule):
         image_size: int = 28,
         train_rotations: bool = True,
         eval_rotations: bool = True,
+        split: str = "vinyals",
+        split_sizes: Sequence[int] = (1100, 100, 423),
+        split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}.")
+        if split not in ("vinyals", "random"):
+            raise ValueError(f"split must be 'vinyals' (the published lists) or 'random' (characters drawn at random, "
+                             f"as MAML's and Reptile's code), got {split!r}.")
+        self.split, self.split_sizes, self.split_seed = split, tuple(split_sizes), split_seed
         self.root = root
         self.download = download
         self.image_size = image_size
@@ -265,8 +298,10 @@ class OmniglotDataModule(LabelledDataModule):
     def load_splits(self) -> Dict[str, LabelledData]:
         cache = decoded_characters(Path(self.root).expanduser() / FOLDER, self.image_size)
         self.characters = [character_key(name) for name in cache["characters"]]
+        lists = (random_character_split(self.characters, self.split_sizes, self.split_seed)
+                 if self.split == "random" else None)
         return split_characters(
-            cache["images"], cache["labels"], self.characters, self.train_rotations, self.eval_rotations
+            cache["images"], cache["labels"], self.characters, self.train_rotations, self.eval_rotations, lists
         )
 
     def class_name(self, label: int) -> str:
