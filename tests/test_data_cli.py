@@ -22,7 +22,8 @@ DATA_MODULES = {
     "fewshot_lightning.data.Learn2LearnDataModule": (
         {"benchmark": None, "root": "data", "tasksets": None, "benchmark_kwargs": None}, {**TASK, **EPISODE}),
     "fewshot_lightning.data.datasets.OmniglotDataModule": (
-        {"root": "data", "download": False, "image_size": 28, "train_rotations": True, "eval_rotations": True},
+        {"root": "data", "download": False, "image_size": 28, "train_rotations": True, "eval_rotations": True,
+         "split": "vinyals", "split_sizes": [1100, 100, 423], "split_seed": 0},
         LABELLED),
     "fewshot_lightning.data.datasets.MiniImageNetDataModule": ({"root": "data", "meta_batch_size": 4}, LABELLED),
     "fewshot_lightning.data.datasets.TieredImageNetDataModule": ({"root": "data", "meta_batch_size": 4}, LABELLED),
