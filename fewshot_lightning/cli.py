@@ -598,7 +598,8 @@ def _quiet_known_warnings() -> None:
 
 def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
     """The report of bad input behind ``error``, if that is what it is: a ``ValueError``,
-    ``OSError``, :class:`NonFiniteError` or :class:`DataFileError` that this package raises, or Lightning's
+    ``TypeError``, ``OSError``, :class:`NonFiniteError` or :class:`DataFileError` that this package raises
+    (with a ``raise`` of its own), or Lightning's
     ``MisconfigurationException``, as is or wrapped by jsonargparse (which re-raises a
     constructor's error as one of its own)."""
     while error is not None:
@@ -618,7 +619,8 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
                 "with another folder, or a logger (each run then gets its own version folder), or move that file."
             ).with_traceback(error.__traceback__)
         deliberate = bool(frames) and _raised_by_raise_statement(error)  # not a library call failing in our code
-        if isinstance(error, (ValueError, OSError, NonFiniteError, DataFileError)) and deliberate and innermost.is_relative_to(_PACKAGE):
+        if isinstance(error, (ValueError, TypeError, OSError, NonFiniteError, DataFileError)) and deliberate \
+                and innermost.is_relative_to(_PACKAGE):
             return error
         if isinstance(error, KeyError) and error.args == (LIGHTNING_VERSION_KEY,) and innermost is not None \
                 and "lightning" in innermost.parts:

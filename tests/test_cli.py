@@ -546,3 +546,20 @@ def test_files_that_are_not_run_checkpoints_are_named(tmp_path, monkeypatch, cli
     ]:
         code, out = cli("test", "--config", SINUSOID, "--ckpt_path", name, "--trainer.limit_test_batches", "1")
         assert code == 1 and expected in out and "Traceback" not in out, (name, out[-3000:])
+
+
+def test_a_learner_whose_backbone_argument_has_no_type_is_told_to_annotate_it(tmp_path, monkeypatch, cli):
+    # The README's custom learner without `backbone: nn.Module`: any backbone option on the
+    # command line reached the learner as jsonargparse's NestedArg, and a whole traceback ended
+    # in "backbone must be a torch.nn.Module ..., got NestedArg".
+    (tmp_path / "untyped_learner.py").write_text(
+        "from fewshot_lightning.algorithms import MAML\n\n\n"
+        "class Untyped(MAML):\n"
+        "    def __init__(self, backbone, inner_lr: float = 0.4, **kwargs):\n"
+        "        super().__init__(backbone, inner_lr=inner_lr, **kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--model", "untyped_learner.Untyped", "--model.backbone",
+                    "fewshot_lightning.models.MLP", "--model.backbone.in_features", "1", "--trainer.max_steps", "1")
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    assert "annotate the argument, `backbone: torch.nn.Module`, in Untyped.__init__" in out

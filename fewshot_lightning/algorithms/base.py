@@ -296,8 +296,14 @@ class MetaLearner(L.LightningModule):
             raise TypeError(f"{type(self).__name__} takes a backbone module, not its class: pass "
                             f"{backbone.__name__}(...), an instance, not {backbone.__name__}.")
         if not isinstance(backbone, nn.Module):
-            raise TypeError(f"{type(self).__name__}'s backbone must be a torch.nn.Module (e.g. "
-                            f"fewshot_lightning.models.Conv4(...)), got {type(backbone).__name__}.")
+            # A dict or jsonargparse's NestedArg: the command line could not build the backbone,
+            # because the learner's argument has no type to build it from.
+            unbuilt = isinstance(backbone, dict) or type(backbone).__name__ == "NestedArg"
+            raise TypeError(
+                f"{type(self).__name__}'s backbone must be a torch.nn.Module (e.g. fewshot_lightning.models.Conv4(...)), "
+                f"got {type(backbone).__name__}."
+                + (f" From the command line or a config, annotate the argument, `backbone: torch.nn.Module`, in "
+                   f"{type(self).__name__}.__init__: the CLI builds a class from its argument's type." if unbuilt else ""))
         super().__init__()
         self.backbone = backbone
         self.optimizer = optimizer
