@@ -211,6 +211,20 @@ class FewShotCLI(LightningCLI):
     """``LightningCLI`` with checkpoint look-up, a non-finite guard and run folders one can trust
     (see the module's docstring)."""
 
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is None:
+            return
+        interval = trainer.get("val_check_interval")
+        if isinstance(interval, float) and not isinstance(interval, bool) and trainer.get("check_val_every_n_epoch") is None:
+            # The configs count validation steps across epochs (check_val_every_n_epoch: null), for
+            # which Lightning's Trainer refuses a fraction of an epoch: a fraction asks for epochs.
+            trainer["check_val_every_n_epoch"] = 1
+            rank_zero_info(f"--trainer.val_check_interval {interval} is a fraction of an epoch: validating every epoch at "
+                           "that fraction (check_val_every_n_epoch 1, where the config counted steps across epochs).")
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         _batch_limits_read_integers_first(parser)
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")

@@ -518,7 +518,8 @@ def test_trainer_settings_lightning_divides_by_or_refuses_are_one_short_message(
     for args, expected in [
         (["--trainer.accumulate_grad_batches", "0"], "error: --trainer.accumulate_grad_batches must be at least 1"),
         (["--trainer.val_check_interval", "0"], "error: --trainer.val_check_interval must be positive"),
-        (["--trainer.val_check_interval", "10", "--data.init_args.train_tasks", "200", "--trainer.max_steps", "20"],
+        (["--trainer.val_check_interval", "10", "--data.init_args.train_tasks", "200", "--trainer.max_steps", "20",
+          "--trainer.check_val_every_n_epoch", "1"],
          "error:  `val_check_interval` (10) must be less than or equal to the number of the training batches (8)"),
     ]:
         code, out = cli("fit", "--config", SINUSOID, *args)
