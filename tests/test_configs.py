@@ -146,10 +146,20 @@ def test_maml_omniglot_configs_test_with_the_papers_inner_steps():
     assert build("maml_omniglot_20way").model.test_inner_steps == 5
 
 
-@pytest.mark.parametrize("name", ["maml_omniglot", "maml_omniglot_20way", "reptile_omniglot", "reptile_omniglot_20way"])
+@pytest.mark.parametrize("name", ["maml_omniglot", "maml_omniglot_20way", "reptile_omniglot", "reptile_omniglot_20way",
+                                  "imaml_omniglot", "imaml_omniglot_20way"])
 def test_maml_and_reptile_omniglot_configs_split_characters_at_random_as_their_code(name):
     # cbfinn/maml and openai/supervised-reptile shuffle all characters irrespective of alphabet
     # (MAML: 1,100 train, 100 val, 423 test); these configs ran Vinyals' lists, whose test is
     # mostly unseen alphabets, and said it was the papers' setting.
     data = build(name).datamodule
     assert (data.split, data.split_sizes) == ("random", (1100, 100, 423))
+
+
+@pytest.mark.parametrize("name", ["imaml_omniglot", "imaml_omniglot_20way"])
+def test_imaml_omniglot_configs_draw_k_queries_a_class_as_its_tasks(name):
+    # imaml_dev's tasks are "a support and query set with K images each"; the configs drew 15
+    # queries a class, which under transductive batch norm changes the accuracy itself.
+    data = build(name).datamodule
+    ways, shots, queries = data.episode_shape["test"]
+    assert queries == shots == 1 and data.episode_shape["train"][2] == 1
