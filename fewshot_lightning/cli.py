@@ -374,9 +374,8 @@ class FewShotCLI(LightningCLI):
             differ = [f"class_path {saved.get('class_path')} then, {current.get('class_path')} now"]
         else:
             before, now = saved.get("init_args") or {}, current.get("init_args") or {}
-            differ = [f"{name} {before.get(name)!r} then, {now.get(name)!r} now" for name in sorted(set(before) | set(now))
-                      if name in before and name in now and name not in STREAM_NEUTRAL
-                      and not same_value(before[name], now[name])]
+            differ = [f"{name} {before[name]!r} then, {now[name]!r} now" for name in sorted(set(before) & set(now))
+                      if name not in STREAM_NEUTRAL and not same_value(before[name], now[name])]
         if differ:
             rank_zero_warn(
                 f"Resuming with other data arguments than the run that saved {Path(checkpoint).name} ({saved_config}): "
@@ -521,9 +520,6 @@ class FewShotCLI(LightningCLI):
                 return
         made = [folder for folder in (root, *root.parents) if not folder.exists()]
         root.mkdir(parents=True, exist_ok=True)
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, RunFolder):
-                callback.made = made  # lightning_logs/<name>/ on a first run: removed too if the run fails
         version = max(_versions(root), default=-1) + 1
         while True:
             try:
@@ -535,6 +531,7 @@ class FewShotCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunFolder):
                 callback.path = root / f"version_{version}"
+                callback.made = made  # lightning_logs/<name>/ on a first run: removed too if the run fails
 
     def _share_run_folder(self, folder: Path) -> None:
         for callback in self.trainer.callbacks:

@@ -321,6 +321,8 @@ class MetaLearner(L.LightningModule):
         #: :class:`~fewshot_lightning.callbacks.NonFiniteGuard` reports a non-finite loss with.
         self.train_task_losses: Optional[Tensor] = None
         self._resumed_rng_states: Optional[Dict[str, Any]] = None
+        #: The splits whose first batch of this run was checked (:meth:`_check_labels_once`).
+        self._labels_checked: set = set()
 
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -530,7 +532,7 @@ class MetaLearner(L.LightningModule):
         return {"query_predictions": predictions, "query_y": batch.query_y}
 
     def setup(self, stage: str) -> None:
-        self._labels_checked = set()  # each split's first batch of this run (_check_labels_once)
+        self._labels_checked.clear()  # each split's first batch of this run (_check_labels_once)
         datamodule = getattr(self.trainer, "datamodule", None)
         kind = getattr(datamodule, "regression", None)
         if kind is not None:
@@ -643,10 +645,9 @@ class MetaLearner(L.LightningModule):
         one whose query held a class its support lacked scored it unadaptable. The metric
         learners check every batch already (they read N from the labels); for the others a look
         at the first batch of each split costs nothing per step (no device sync after it)."""
-        checked = self.__dict__.setdefault("_labels_checked", set())
-        if split in checked or not isinstance(batch, TaskBatch):
+        if split in self._labels_checked or not isinstance(batch, TaskBatch):
             return
-        checked.add(split)
+        self._labels_checked.add(split)
         self._check_kind_solved(f"the data of its {split} batches", is_regression(batch.query_y))
         if is_regression(batch.query_y) or batch.support_y.dim() != 2 or batch.query_y.dim() != 2 \
                 or not batch.support_y.numel():

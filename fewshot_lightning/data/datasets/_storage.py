@@ -153,6 +153,10 @@ def checksum_record_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _write_record(path: Path, record: Dict[str, Any]) -> None:
+    atomic_write(checksum_record_path(path), lambda temporary: temporary.write_text(json.dumps(record) + "\n"))
+
+
 def record_file_checksum(path: Path, sha256: Optional[str] = None, source: Optional[Dict[str, Any]] = None) -> None:
     """Write ``<path>.sha256``: the file's SHA-256 (computed unless given) with the size and
     modification time it had when hashed (see :func:`verify_file_checksum`), and the
@@ -161,7 +165,7 @@ def record_file_checksum(path: Path, sha256: Optional[str] = None, source: Optio
     record = {"sha256": sha256 or file_sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if source is not None:
         record["source"] = source
-    atomic_write(checksum_record_path(path), lambda temporary: temporary.write_text(json.dumps(record) + "\n"))
+    _write_record(path, record)
 
 
 def verify_file_checksum(path: Path) -> Optional[str]:
@@ -209,7 +213,7 @@ def record_source(path: Path, source: Dict[str, Any]) -> None:
     """Add ``source`` (a :func:`file_stamp`) to the checksum record of ``path``, not hashing it again."""
     record = json.loads(checksum_record_path(path).read_text())
     record["source"] = source
-    atomic_write(checksum_record_path(path), lambda temporary: temporary.write_text(json.dumps(record) + "\n"))
+    _write_record(path, record)
 
 
 def recorded_source(path: Path) -> Optional[Dict[str, Any]]:

@@ -357,25 +357,28 @@ class ImageFolderDataModule(LabelledDataModule):
         folder = read_image_folder(self.root, self.image_size, self.channels, self.cache_dir)
         self.classes = folder.classes
         self._files = folder.files
+        self._identities: Optional[Dict[str, str]] = None
         return split_folder(folder, self.root, self.split_fractions, self.split_seed, self.class_lists)
 
     def class_identities(self) -> Optional[Dict[str, str]]:
         """Per class folder, a digest of its files' names and sizes: the same in a copy of the
         folder elsewhere (``data_source`` is the path), so that a checkpoint's class split is
         checked there too; another dataset's class of the same name differs."""
-        files = getattr(self, "_files", None)
-        if files is None:
+        if self._files is None:
             return None
+        if self._identities is not None:  # a stat per image: once per load, not at every checkpoint save
+            return self._identities
         root = Path(self.root).expanduser()
         digests: Dict[str, Any] = {}
-        for relative in files:
+        for relative in self._files:
             name, _, inside = relative.partition("/")
             try:
                 size = (root / relative).stat().st_size
             except OSError:
                 size = -1
             digests.setdefault(name, hashlib.sha256()).update(f"{inside}\t{size}\n".encode())
-        return {name: digest.hexdigest()[:32] for name, digest in digests.items()}
+        self._identities = {name: digest.hexdigest()[:32] for name, digest in digests.items()}
+        return self._identities
 
     def class_name(self, label: int) -> str:
         return self.classes[label]

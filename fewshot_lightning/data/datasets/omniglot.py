@@ -105,8 +105,9 @@ def split_characters(
     incomplete extraction is warned about where the images are read); a character that no list
     names is an error, as the release would not be Omniglot's.
     """
-    published = vinyals_split() if published is None else published
-    listed = {name.rsplit("/", 1)[0] for names in vinyals_split().values() for name in names}
+    vinyals = vinyals_split()
+    published = vinyals if published is None else published
+    listed = {name.rsplit("/", 1)[0] for names in vinyals.values() for name in names}
     unknown = [name for name in characters if name not in listed]
     if unknown:
         raise DataFileError(
