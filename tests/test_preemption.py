@@ -7,8 +7,8 @@ own handler would write a checkpoint of swapped per-task parameters and crash; t
 
 SLURM is simulated: its environment variables make Lightning pick ``SLURMEnvironment`` (as
 ``srun`` would), and a fake ``scontrol`` first on ``PATH`` records the requeue instead of
-talking to a controller. Whether the resumed run is *exactly* the uninterrupted one is tested
-with the resume work, not here: this checks the signal path and that the step count goes on.
+talking to a controller. The command-line test checks the signal path and that the step count
+goes on; an in-process one that the requeued job ends with an uninterrupted run's weights.
 """
 import json
 import re
@@ -113,6 +113,7 @@ def test_sigusr1_saves_hpc_checkpoint_requeues_and_the_requeued_job_resumes_at_i
     newest = saved[-1]
     out = run_cli(*fit_args(tmp_path, newest + 3, "second.json"), cwd=tmp_path, env=env, log="second.log")
     assert f"Restored all states from the checkpoint at {checkpoints[-1]}" in out
+    assert "not resumable" not in out  # Lightning's warning for a loader that restarts its epoch
     second = json.loads((tmp_path / "second.json").read_text())
     assert second["start"] == newest  # the step count goes on from the checkpoint ...
     assert second["steps"] == [newest + 1, newest + 2, newest + 3]  # ... to max_steps
@@ -200,3 +201,35 @@ def test_sigterm_outside_slurm_saves_the_step_and_exits_143_saying_how_to_resume
     assert found, log[-3000:]
     last = next((tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt"))
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == int(found.group(1))
+
+
+def test_the_requeued_job_ends_with_the_weights_of_an_uninterrupted_run(simulated_slurm_job):
+    """The requeued job (no --ckpt_path: Lightning restores the newest hpc_ckpt) continues
+    exactly: the tasks of the epoch after the saved step, the optimizer, the random state. The
+    signal lands mid-epoch (step 4 of 10-step epochs), where Lightning's own DataLoader is not
+    resumable and the task order would restart."""
+    def run(at_call, steps, seed):
+        torch.manual_seed(seed)
+        model = MAML(SignalsItselfInForward(at_call=at_call), inner_lr=0.01, batching="vmap")
+        recorder = WeightsAfterEachStep()
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", default_root_dir=simulated_slurm_job,
+                            limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[RequeueAtStepEnd(), recorder])
+        trainer.fit(model, SinusoidDataModule(meta_batch_size=4, train_tasks=40, val_tasks=4, seed=3))
+        return trainer, recorder
+
+    # The first job: SIGUSR1 inside step 4 (call 7) saves hpc_ckpt_1 there; the job goes on to step 12
+    # (into the second epoch), as it would until SLURM's SIGTERM: the uninterrupted run.
+    _, uninterrupted = run(at_call=7, steps=12, seed=0)
+    (path,) = simulated_slurm_job.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 4
+
+    # The requeued job, the same command: seeded differently to show nothing but the checkpoint carries over.
+    trainer, resumed = run(at_call=-1, steps=12, seed=1)
+    assert sorted(resumed.weights) == list(range(5, 13))  # it restored step 4 and went on
+    for step in (5, 10, 11, 12):  # mid-epoch, the epoch's last step, the next epoch
+        for name, value in uninterrupted.weights[step].items():
+            assert torch.allclose(resumed.weights[step][name], value, rtol=0, atol=1e-6), (step, name)
+    # The steps differ from each other: equal weights are not equal because nothing moved.
+    first, last = uninterrupted.weights[5], uninterrupted.weights[12]
+    assert max((first[name] - last[name]).abs().max().item() for name in first) > 1e-4
