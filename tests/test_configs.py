@@ -163,3 +163,16 @@ def test_imaml_omniglot_configs_draw_k_queries_a_class_as_its_tasks(name):
     data = build(name).datamodule
     ways, shots, queries = data.episode_shape["test"]
     assert queries == shots == 1 and data.episode_shape["train"][2] == 1
+
+
+def test_mamlpp_omniglot_config_splits_and_rotates_as_the_authors_code():
+    # HowToTrainYourMAMLPytorch: train_val_test_split [0.70918, 0.03081, 0.26063] of the 1,623
+    # characters after a seeded shuffle (int() of the bounds: 1,150 / 50 / 423); training turns a
+    # task's classes by random quarter turns, evaluation is upright (augment_images only in
+    # training). The config ran Vinyals' lists with rotated test classes.
+    data = build("mamlpp_omniglot_20way").datamodule
+    fractions = [0.70918052988, 0.03080714725, 0.2606284658]
+    bounds = [int(fractions[0] * 1623), int((fractions[0] + fractions[1]) * 1623), 1623]
+    assert data.split_sizes == (bounds[0], bounds[1] - bounds[0], bounds[2] - bounds[1]) == (1150, 50, 423)
+    assert data.split == "random" and data.train_rotations and not data.eval_rotations
+    assert data.episode_shape["train"] == data.episode_shape["test"] == (20, 1, 1)
