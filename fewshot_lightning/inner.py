@@ -443,10 +443,11 @@ def trajectory(
             the outer ``GradScaler`` then skips the step and lowers its scale, which the caller
             passes here again.
         per_step: ``per_step(k)`` gives tensors that the forward receives among the parameters
-            at step ``k`` and that are yielded with the parameters after ``k`` steps, instead
-            of being adapted (no inner gradient is taken for them): MAML++'s per-step batch
-            norm weights and biases. Per-task ``[B, ...]``, like ``params``; names not in
-            ``params``.
+            at step ``k`` (counting from 0) and that are yielded with the parameters after that
+            step (``per_step(0)`` with the starting ones), instead of being adapted (no inner
+            gradient is taken for them): MAML++'s per-step batch norm weights and biases, which
+            the authors' code uses for a step's support pass and for the query pass after it.
+            Per-task ``[B, ...]``, like ``params``; names not in ``params``.
 
     Inner gradients are taken with autograd on even under ``torch.no_grad``; whether a graph
     to the outer parameters is kept is ``differentiable``'s business alone.
@@ -513,7 +514,7 @@ def trajectory(
         if not differentiable:
             state = _detached(state)
         params = _ready(params, differentiable)
-        yield _visible(at(step + 1, params), differentiable)
+        yield _visible(at(step, params), differentiable)  # the tensors of the step just taken
 
 
 def adapt(

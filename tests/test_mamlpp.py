@@ -32,9 +32,11 @@ def explicit_step_losses(backbone, batch, lr, steps, first_order):
 
 
 def annealed_weights(step, anneal_steps, inner_steps):
-    """MAML++'s weights, written independently: uniform at step 0, all on the last step at the end."""
-    progress = step / anneal_steps
-    return [(1 - progress) / inner_steps + (progress if k == inner_steps - 1 else 0) for k in range(inner_steps)]
+    """MAML++'s weights, written independently from the authors' get_per_step_loss_importance_vector:
+    uniform at step 0, moving to the last step, the others floored at 0.03 / inner_steps each."""
+    decay, floor = step / anneal_steps / inner_steps, 0.03 / inner_steps
+    weights = [max(1 / inner_steps - decay, floor) for _ in range(inner_steps - 1)]
+    return weights + [min(1 / inner_steps + (inner_steps - 1) * decay, 1 - (inner_steps - 1) * floor)]
 
 
 def test_step_loss_weights_anneal_from_uniform_to_the_last_step():
@@ -45,6 +47,12 @@ def test_step_loss_weights_anneal_from_uniform_to_the_last_step():
     assert torch.isclose(middle.sum(), torch.tensor(1.0))
     assert model.step_loss_weights(100) is None  # from here on, plain MAML: the last step only
     assert MAML(MLP(), inner_steps=4).step_loss_weights(0) is None  # off by default
+    # Near the end the earlier steps keep 0.03 / 4 each (the authors' floor), not (1 - p) / 4.
+    late = model.step_loss_weights(99)
+    assert torch.allclose(late, torch.tensor([0.0075, 0.0075, 0.0075, 0.9775]))
+    assert torch.isclose(late.sum(), torch.tensor(1.0))
+    for step in (0, 10, 50, 96, 97, 99):
+        assert torch.allclose(model.step_loss_weights(step), torch.tensor(annealed_weights(step, 100, 4))), step
 
 
 class CheckMetaGradients(L.Callback):
@@ -138,9 +146,10 @@ def bn_batch(tasks=2, ways=5, shots=2, queries=3, seed=0):
 
 def explicit_mamlpp_loss(model, batch, steps, weights=None):
     """MAML++ with per-step batch norm by explicit autograd, task by task: inner step k's support
-    pass and the query pass after k steps use row k of the per-step tables (the last row
-    beyond it); the adapted weights take gradient steps at the model's per-step rates; the
-    loss is the query loss after the last step, or the ``weights``-weighted sum over steps."""
+    pass and the query pass after that step use row k of the per-step tables (the last row
+    beyond it), as the authors' code passes ``num_step`` to both; the adapted weights take
+    gradient steps at the model's per-step rates; the loss is the query loss after the last
+    step, or the ``weights``-weighted sum over steps."""
     live = dict(model.backbone.named_parameters())
     norms = {name: model.step_norms[name.replace(".", "__")] for name in ("1.weight", "1.bias")}
 
@@ -155,7 +164,7 @@ def explicit_mamlpp_loss(model, batch, steps, weights=None):
             loss = F.cross_entropy(explicit_bn_forward({**fast, **row(k)}, batch.support_x[t]), batch.support_y[t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {name: p - model.inner_lr(k, name) * g for (name, p), g in zip(fast.items(), grads)}
-            query = explicit_bn_forward({**fast, **row(k + 1)}, batch.query_x[t])
+            query = explicit_bn_forward({**fast, **row(k)}, batch.query_x[t])
             step_losses.append(F.cross_entropy(query, batch.query_y[t]))
         total = total + (step_losses[-1] if weights is None else sum(w * l for w, l in zip(weights, step_losses)))
     return total / batch.num_tasks
@@ -182,7 +191,7 @@ def test_per_step_batch_norm_matches_an_explicit_computation(batching, multi_ste
     # and without the multi-step loss; on both paths.
     model = randomised_mamlpp(inner_steps=3, multi_step_loss_steps=multi_step, batching=batching)
     assert set(model.per_step_norms) == {"1.weight", "1.bias"}
-    assert all(table.shape == (4, 3) for table in model.step_norms.values())  # inner_steps + 1 rows
+    assert all(table.shape == (3, 3) for table in model.step_norms.values())  # a row per inner step
     batch = bn_batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss = model.training_losses(batch)[0].mean()
@@ -200,8 +209,8 @@ def test_per_step_batch_norm_matches_an_explicit_computation(batching, multi_ste
 
 
 def test_per_step_batch_norm_evaluates_beyond_the_training_steps_with_the_last_row():
-    # test_inner_steps 5 > inner_steps 2: steps 2, 3 and 4 and the query pass after 5 steps take
-    # row 2; nothing is trained there (no outer graph).
+    # test_inner_steps 5 > inner_steps 2: steps 1 to 4 and the query pass after the fifth take
+    # row 1, the last; nothing is trained there (no outer graph).
     model = randomised_mamlpp(inner_steps=2, test_inner_steps=5, batching="loop", multi_step_loss_steps=0)
     batch = bn_batch(queries=2)
     with torch.no_grad():
@@ -214,13 +223,13 @@ def test_per_step_batch_norm_evaluates_beyond_the_training_steps_with_the_last_r
         live = dict(model.backbone.named_parameters())
         fast = {name: live[name].detach() for name in ("0.weight", "0.bias", "4.weight", "4.bias")}
         for k in range(5):
-            row = {name: model.step_norms[name.replace(".", "__")][min(k, 2)].detach() for name in ("1.weight", "1.bias")}
+            row = {name: model.step_norms[name.replace(".", "__")][min(k, 1)].detach() for name in ("1.weight", "1.bias")}
             with torch.enable_grad():
                 fast = {n: p.requires_grad_() for n, p in fast.items()}
                 loss = F.cross_entropy(explicit_bn_forward({**fast, **row}, batch.support_x[t]), batch.support_y[t])
                 grads = torch.autograd.grad(loss, list(fast.values()))
             fast = {n: (p - model.inner_lr(k, n) * g).detach() for (n, p), g in zip(fast.items(), grads)}
-        row = {name: model.step_norms[name.replace(".", "__")][2].detach() for name in ("1.weight", "1.bias")}
+        row = {name: model.step_norms[name.replace(".", "__")][1].detach() for name in ("1.weight", "1.bias")}
         expected.append(explicit_bn_forward({**fast, **row}, batch.query_x[t]))
     torch.testing.assert_close(outputs, torch.stack(expected), rtol=1e-4, atol=1e-5)
 
@@ -255,7 +264,7 @@ def test_per_step_batch_norm_is_on_by_default_with_batch_norm_and_can_be_turned_
     on = MAMLPlusPlus(small_bn_net())
     assert on.per_step_norms == ("1.weight", "1.bias") and "1.weight" not in on.adapt_names
     # The tables start as the backbone's own weight and bias, every row.
-    torch.testing.assert_close(on.step_norms["1__weight"], on.backbone[1].weight.detach().expand(6, 3))
+    torch.testing.assert_close(on.step_norms["1__weight"], on.backbone[1].weight.detach().expand(5, 3))
 
 
 def test_per_step_batch_norm_gives_the_same_numbers_on_every_execution_path():
@@ -295,3 +304,20 @@ def test_weights_from_the_other_per_step_batch_norm_setting_name_the_setting_tha
     with pytest.raises(WeightsMismatchError, match="trained with per-step .* per_step_bn: true"):
         without.load_state_dict(MAMLPlusPlus(small_bn_net()).state_dict())
     MAMLPlusPlus(small_bn_net(), per_step_bn=False).load_state_dict(without.state_dict())  # the same setting loads
+
+
+def test_weights_saved_with_a_table_row_per_query_pass_are_refused_naming_why():
+    # Until 2026-11-30 the tables had inner_steps + 1 rows (the query pass after step k took row
+    # k + 1): such weights fit no model now, and loading them must say why, not "size mismatch".
+    from fewshot_lightning.algorithms.base import WeightsMismatchError
+
+    model = MAMLPlusPlus(small_bn_net(), inner_steps=3)
+    old = model.state_dict()
+    old.update({key: torch.cat([value, value[-1:]]) for key, value in old.items() if key.startswith("step_norms.")})
+    with pytest.raises(WeightsMismatchError, match="4 per-step batch-norm copies for 3 inner steps: .* before 2026-11-30"):
+        MAMLPlusPlus(small_bn_net(), inner_steps=3).load_state_dict(old)
+    # Weights of a model with 4 inner steps are not mistaken for them (4 rates a parameter).
+    four = MAMLPlusPlus(small_bn_net(), inner_steps=4).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch") as refused:
+        MAMLPlusPlus(small_bn_net(), inner_steps=3).load_state_dict(four)
+    assert "2026-11-30" not in str(refused.value)

@@ -10,6 +10,7 @@ from learner_helpers import FlatLinear, config_model, kanji_shaped_episodes, ran
 from torch import nn
 
 from fewshot_lightning.algorithms import RelationNet
+from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.models import RelationEmbedding
 
 
@@ -119,3 +120,16 @@ def test_bad_hyperparameters_raise_value_errors_that_name_them(build, message):
 def test_relationnet_kanji_config_builds_and_runs_on_kanji_shapes():
     model = config_model("relationnet_kanji")
     assert model(kanji_shaped_episodes()).shape == (1, 5 * 2, 5)
+
+
+def test_relationnet_bce_keeps_float64():
+    # BCE runs outside autocast in float32 for half-precision scores; float64 scores (a float64
+    # model, a gradient check) lost their precision to that cast.
+    scores = torch.tensor([[[0.2, 0.7, 0.1], [0.6, 0.3, 0.4]]], dtype=torch.float64, requires_grad=True)
+    batch = TaskBatch(torch.zeros(1, 3, 1, 4, 4), torch.tensor([[0, 1, 2]]), torch.zeros(1, 2, 1, 4, 4), torch.tensor([[1, 0]]))
+    model = RelationNet(RelationEmbedding(hidden=8, image_size=16), relation_channels=8, relation_hidden=4, loss="bce")
+    losses = model.query_losses(scores, batch)
+    targets = F.one_hot(batch.query_y, 3).double()
+    expected = -(targets * scores.log() + (1 - targets) * (1 - scores).log()).mean((1, 2))
+    assert losses.dtype == torch.float64
+    torch.testing.assert_close(losses, expected, rtol=1e-14, atol=1e-15)

@@ -634,17 +634,22 @@ class MAML(MetaLearner):
         ``step`` (default: the trainer's ``global_step``), or ``None`` once only the last counts.
 
         At progress ``p = step / multi_step_loss_steps`` every step but the last weighs
-        ``(1 - p) / inner_steps`` and the last ``(1 - p) / inner_steps + p``: uniform at first,
-        moving linearly to the last step alone, the weights summing to one throughout.
+        ``max((1 - p) / N, 0.03 / N)`` and the last ``min((1 - p) / N + p, 1 - (N - 1) * 0.03 / N)``
+        (``N = inner_steps``): uniform at first, moving linearly towards the last step, the
+        weights summing to one throughout; the others keep at least ``0.03 / N`` each until the
+        annealing ends, as in the authors' code (``get_per_step_loss_importance_vector``, whose
+        progress moves once per "epoch" of 500 steps, here at every step).
         """
         if self.inner_steps == 1 or self.multi_step_loss_steps <= 0:
             return None
         step = self.global_step if step is None else step
         if step >= self.multi_step_loss_steps:
             return None
+        steps = self.inner_steps
         progress = step / self.multi_step_loss_steps
-        weights = torch.full((self.inner_steps,), (1 - progress) / self.inner_steps)
-        weights[-1] += progress
+        floor = MULTI_STEP_LOSS_FLOOR / steps
+        weights = torch.full((steps,), max((1 - progress) / steps, floor))
+        weights[-1] = min((1 - progress) / steps + progress, 1 - (steps - 1) * floor)
         return weights
 
     def training_losses(self, batch: TaskBatch, batching: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -1237,10 +1242,11 @@ class MAMLPlusPlus(MAML):
     weights and biases (the paper's BNWB, ``per_step_bn``), and cosine annealing of the outer
     learning rate through ``lr_scheduler`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
 
-    Per-step batch norm: every batch-norm layer's weight and bias get ``inner_steps + 1``
-    meta-learned copies, held in :attr:`step_norms` as ``[inner_steps + 1, C]`` tensors; the
-    support pass of inner step ``k`` (counting from 0) and the query pass after ``k`` steps use
-    copy ``k``, and steps beyond ``inner_steps`` (``test_inner_steps`` larger) the last. They
+    Per-step batch norm: every batch-norm layer's weight and bias get ``inner_steps``
+    meta-learned copies, held in :attr:`step_norms` as ``[inner_steps, C]`` tensors; the
+    support pass of inner step ``k`` (counting from 0) and the query pass after it use copy
+    ``k``, as the authors' code does (its ``num_step``), the query pass before any step copy 0,
+    and steps beyond ``inner_steps`` (``test_inner_steps`` larger) the last. They
     are not adapted in the inner loop (no inner gradient, no inner rate), as in the authors'
     code. Each copy starts as the backbone's own weight and bias, which are then no longer used
     (``requires_grad`` off). The paper's per-step running statistics (BNRS) do not apply:
@@ -1291,11 +1297,11 @@ class MAMLPlusPlus(MAML):
             multi_step_loss_steps=multi_step_loss_steps, **kwargs,
         )
         live = dict(self.backbone.named_parameters())
-        #: The per-step batch-norm weights and biases, ``[inner_steps + 1, C]`` each, under the
+        #: The per-step batch-norm weights and biases, ``[inner_steps, C]`` each, under the
         #: backbone parameter's name with ``.`` as ``__`` (as :class:`~fewshot_lightning.inner.InnerLearningRate`).
         self.step_norms = nn.ParameterDict({
             name.replace(".", "__"): nn.Parameter(live[name].detach().unsqueeze(0).repeat(
-                inner_steps + 1, *([1] * live[name].dim())))
+                inner_steps, *([1] * live[name].dim())))
             for name in self.per_step_norms
         })
         for name in self.per_step_norms:
@@ -1311,6 +1317,22 @@ class MAMLPlusPlus(MAML):
                 f"{type(self).__name__}: these weights were trained {'with' if saved_tables else 'without'} per-step "
                 f"batch-norm weights and biases, and the model is configured {'without' if saved_tables else 'with'} "
                 f"them: set per_step_bn: {setting} (CLI: --model.init_args.per_step_bn {setting}) to load them."
+            )
+        def rows(prefix: str) -> set:
+            return {int(value.shape[0]) for key, value in state_dict.items()
+                    if key.startswith(prefix) and isinstance(value, Tensor) and value.dim() >= 1}
+
+        tables, rates = rows("step_norms."), rows("inner_lr.rates.")
+        if len(tables) == 1 and len(rates) == 1 and getattr(self.inner_lr, "per_step", False) \
+                and tables == {next(iter(rates)) + 1}:
+            # Until 2026-11-30 the query pass after step k used a copy of its own (k + 1): one
+            # table row more than the per-step rates have steps.
+            steps = next(iter(rates))
+            raise WeightsMismatchError(
+                f"{type(self).__name__}: these weights hold {steps + 1} per-step batch-norm copies for {steps} inner "
+                "steps: they were trained before 2026-11-30, when the query pass after each inner step used a copy "
+                "of its own; it now uses that step's copy, as the authors' code does, and no exact conversion "
+                "exists. Train again (or load them with the release that saved them)."
             )
         return super().load_state_dict(state_dict, *args, **kwargs)
 
@@ -1353,6 +1375,10 @@ def batch_norm_parameters(module: nn.Module) -> List[str]:
             names += [f"{prefix}.{name}" if prefix else name for name, _ in layer.named_parameters(recurse=False)]
     return names
 
+
+#: MAML++'s least total weight of the query losses before the last step while the multi-step
+#: loss anneals (the authors' ``min_value_for_non_final_losses``: 0.03 / inner_steps each).
+MULTI_STEP_LOSS_FLOOR = 0.03
 
 #: MAML's arguments about differentiating through the inner loop, and their "off" values.
 THROUGH_INNER_LOOP = {"first_order": False, "first_order_steps": 0, "learn_inner_lr": False, "multi_step_loss_steps": 0}

@@ -115,7 +115,9 @@ class RelationNet(MetaLearner):
         targets = one_hot(batch.query_y, outputs.shape[-1], outputs.dtype)
         if self.loss == "mse":
             return (outputs - targets).square().mean((1, 2))
-        # binary_cross_entropy refuses autocast (it is unstable in half precision): run it in float32.
+        # binary_cross_entropy refuses autocast (it is unstable in half precision): run it in float32
+        # (float64 stays float64).
+        dtype = torch.promote_types(outputs.dtype, torch.float32)
         with torch.autocast(outputs.device.type, enabled=False):
-            losses = F.binary_cross_entropy(outputs.float(), targets.float(), reduction="none")
+            losses = F.binary_cross_entropy(outputs.to(dtype), targets.to(dtype), reduction="none")
         return losses.mean((1, 2))
