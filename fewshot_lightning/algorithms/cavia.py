@@ -81,6 +81,6 @@ class CAVIA(MAML):
         """The backbone as ``forward({"context": c}, x)``: every weight shared, the context per task."""
         batching, memory_format = self.execution(batching, memory_format)
         return functional(
-            self.backbone, dict(self.backbone.named_parameters()), batching=batching, keyword_params=[CONTEXT],
-            memory_format=memory_format,
+            self.backbone, dict(self.backbone.named_parameters()), buffers=self.pass_buffers(), batching=batching,
+            keyword_params=[CONTEXT], memory_format=memory_format,
         )

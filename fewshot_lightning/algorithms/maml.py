@@ -21,6 +21,7 @@ from ..inner import (
 )
 from ..metrics import MeanConfidenceInterval
 from .base import MetaLearner, TaskShapeError, WeightsMismatchError, per_task_loss
+from .episode_ops import _running_buffers
 
 
 #: How much faster than the channels-first paths a channels-last path must time to be chosen
@@ -65,8 +66,7 @@ class MAML(MetaLearner):
             and the selection that keeps them fixed).
         batching: ``"vmap"`` or ``"loop"`` over the tasks of a batch (same numbers, different
             speed), or ``"auto"``: on the first batch, try vmap (falling back to the loop with a
-            warning if the model cannot run under it, e.g. batch norm updating running
-            statistics), time one training step of each, keep the faster for the whole run and
+            warning if the model cannot run under it), time one training step of each, keep the faster for the whole run and
             log both timings. Evaluation (validation, test, prediction, adaptation curves)
             adapts without the outer graph, a different workload: under ``"auto"`` it makes its
             own choice, once, on its first batch (:meth:`choose_batching`).
@@ -237,6 +237,20 @@ class MAML(MetaLearner):
         shapes = self.adapted_shapes(backbone, adapt)
         #: Names of the adapted tensors, in order.
         self.adapt_names = list(shapes)
+        #: The backbone's batch-norm running averages, hidden (``None``) in every pass: batch norm
+        #: normalises each pass with its task's own batch statistics, in training and evaluation
+        #: (see the ``transductive`` argument), and updates nothing.
+        self._hidden_running: Dict[str, None] = dict.fromkeys(_running_buffers(backbone))
+        if self._hidden_running:
+            layers = sorted({name.rsplit(".", 1)[0] for name in self._hidden_running})
+            warnings.warn(
+                f"{type(self).__name__} normalises every pass with the task's own batch statistics, in training and "
+                f"evaluation (transductive, as MAML's code; transductive=False classifies each query with the support "
+                f"set alone): the running averages of {type(backbone).__name__}'s batch norm "
+                f"({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}) are neither used nor updated. Build it "
+                "with track_running_stats=False to silence this.",
+                stacklevel=2,
+            )
         frozen = [name for name, p in backbone.named_parameters() if name in shapes and not p.requires_grad]
         if frozen:
             shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
@@ -318,9 +332,18 @@ class MAML(MetaLearner):
         key = (batching, memory_format)
         if key not in self._functionals:
             self._functionals[key] = functional(
-                self.backbone, self._parameter_split()[1], batching=batching, memory_format=memory_format
+                self.backbone, self._parameter_split()[1], buffers=self.pass_buffers(), batching=batching,
+                memory_format=memory_format,
             )
         return self._functionals[key]
+
+    def pass_buffers(self) -> Optional[Dict[str, Optional[Tensor]]]:
+        """The buffers every pass runs with: the backbone's own, batch norm's running averages
+        hidden (``None``), so batch norm uses each task's batch statistics in training and
+        evaluation alike; ``None`` (the module's own) where it keeps none."""
+        if not self._hidden_running:
+            return None
+        return {**dict(self.backbone.named_buffers()), **self._hidden_running}
 
     def execution(self, batching: Optional[str] = None, memory_format: Optional[str] = None,
                   query: bool = False) -> Tuple[str, str]:
