@@ -327,3 +327,28 @@ def test_an_impossible_episode_shape_names_the_argument_given(name, value, messa
     ids = torch.arange(200)
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         EpisodicDataModule(ids.float()[:, None], ids // 10, **{"ways": 5, "shots": 1, "queries": 5, name: value})
+
+
+def test_an_epoch_without_a_whole_training_batch_is_refused_not_trained_for_zero_steps(monkeypatch):
+    # train_tasks=3 with meta_batch_size=4: the training loader drops the incomplete batch, so
+    # fit ended at step 0 with exit code 0, and the untrained model could then be tested.
+    images, labels = torch.rand(240, 1, 4, 4), torch.arange(40).repeat_interleave(6)
+    with pytest.raises(ValueError, match="train_tasks=3 is fewer than meta_batch_size=4"):
+        EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=4, train_tasks=3)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="val_tasks must be a whole number of tasks, at least 1"):
+            EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=1, val_tasks=bad)
+    # Under DDP each process draws train_tasks / processes: 6 tasks on 2 processes, batches of 4.
+    from fewshot_lightning.data import datamodule
+
+    monkeypatch.setattr(datamodule, "EpisodeSampler", _TwoProcesses)
+    data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=4, train_tasks=6, num_workers=0)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="Each of the 2 processes draws 3 of an epoch's 6 training tasks.*at least 8"):
+        data.train_dataloader()
+
+
+def _TwoProcesses(dataset, fixed):
+    from fewshot_lightning.data.episodes import EpisodeSampler
+
+    return EpisodeSampler(dataset, fixed=fixed, num_replicas=2, rank=0)

@@ -69,6 +69,16 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"meta_batch_size must be at least 1, got {meta_batch_size}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
+        for split, tasks in (("train", train_tasks), ("val", val_tasks), ("test", test_tasks)):
+            if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+                raise ValueError(f"{split}_tasks must be a whole number of tasks, at least 1, got {tasks!r}.")
+        if train_tasks < meta_batch_size:
+            # Training batches are whole (drop_last): not one would be drawn, and fit would end at step 0.
+            raise ValueError(
+                f"train_tasks={train_tasks} is fewer than meta_batch_size={meta_batch_size}: a training epoch would "
+                f"hold no batch of {meta_batch_size} tasks and nothing would train. Raise train_tasks (tasks per "
+                "epoch) or lower meta_batch_size."
+            )
         self.meta_batch_size = meta_batch_size
         self.num_tasks = {"train": train_tasks, "val": val_tasks, "test": test_tasks}
         self.num_workers = num_workers
@@ -96,10 +106,19 @@ class TaskDataModule(L.LightningDataModule):
             )
         dataset = self.datasets[split]
         training = split == "train"
+        sampler = EpisodeSampler(dataset, fixed=not training)
+        if training and len(sampler) < self.meta_batch_size:
+            # Each process draws its share of an epoch's tasks: under DDP, train_tasks / processes.
+            raise ValueError(
+                f"Each of the {sampler.num_replicas} processes draws {len(sampler)} of an epoch's {len(dataset)} "
+                f"training tasks, fewer than meta_batch_size={self.meta_batch_size}: no process would have a whole "
+                f"batch and nothing would train. Raise train_tasks to at least "
+                f"{self.meta_batch_size * sampler.num_replicas}, or lower meta_batch_size."
+            )
         return (ResumableLoader if training else DataLoader)(
             dataset,
             batch_size=self.meta_batch_size,
-            sampler=EpisodeSampler(dataset, fixed=not training),
+            sampler=sampler,
             drop_last=training,
             collate_fn=self.collate,
             num_workers=self.num_workers,
