@@ -34,8 +34,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import warnings
 from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -507,7 +508,9 @@ def trajectory(
                 losses = losses + extra
             names = list(params)
             total = losses.sum() if loss_scale is None else losses.sum() * loss_scale
-            grads = torch.autograd.grad(total, [params[n] for n in names], create_graph=differentiable and second_order)
+            grads = torch.autograd.grad(total, [params[n] for n in names], create_graph=differentiable and second_order,
+                                        allow_unused=True)
+            grads = _unused_as_zero(names, grads, params)
             if loss_scale is not None:
                 grads = [g / loss_scale for g in grads]
             params, state = optimizer.update(step, params, dict(zip(names, grads)), state, lr)
@@ -515,6 +518,27 @@ def trajectory(
             state = _detached(state)
         params = _ready(params, differentiable)
         yield _visible(at(step, params), differentiable)  # the tensors of the step just taken
+
+
+def _unused_as_zero(names: Sequence[str], grads: Sequence[Optional[Tensor]], params: Params) -> List[Tensor]:
+    """The inner gradients, zero for adapted tensors the loss does not depend on (a layer the
+    forward never calls), with a warning naming them; an error if it depends on none of them."""
+    unused = [name for name, grad in zip(names, grads) if grad is None]
+    if not unused:
+        return list(grads)
+    shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+    if len(unused) == len(names):
+        raise ValueError(
+            f"The support loss does not depend on any adapted tensor ({shown}): the forward ignores the parameters "
+            "it is given (does it call a module other than the one made functional, or detach them?), so the inner "
+            "loop cannot adapt anything.")
+    warnings.warn(
+        f"The support loss does not depend on the adapted tensors {shown} (parameters the backbone's forward never "
+        f"uses): their inner gradient is zero and they stay as they are. Leave them out of the inner loop, e.g. "
+        f"adapt={['!' + name for name in unused[:2]]!r}, or out of the backbone.",
+        stacklevel=3,
+    )
+    return [torch.zeros_like(params[name]) if grad is None else grad for name, grad in zip(names, grads)]
 
 
 def adapt(

@@ -669,3 +669,38 @@ def test_vmap_over_batch_norm_updating_running_statistics_names_the_fix():
                                            r"mode, which vmap cannot batch over tasks: pass batching='loop'"):
         functional(model, batching="vmap")(params, torch.randn(3, 5, 2))
     assert functional(model, batching="loop")(params, torch.randn(3, 5, 2)).shape == (3, 5, 1)
+
+
+def test_an_adapted_parameter_the_forward_never_uses_gets_a_zero_inner_gradient_and_a_warning():
+    # "Any nn.Module is a backbone": one with a layer its forward never calls stopped the first
+    # step with autograd's "differentiated Tensor at index 2 appears to not have been used".
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.data import TaskBatch
+
+    class WithSpareLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.spare = nn.Linear(4, 5), nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.body(x)
+
+    g = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 5, 4, generator=g), torch.arange(5).repeat(2, 1), torch.randn(2, 5, 4, generator=g),
+                      torch.arange(5).repeat(2, 1))
+    torch.manual_seed(0)
+    backbone = WithSpareLayer()
+    for batching in ("vmap", "loop"):
+        with pytest.warns(UserWarning, match=r"does not depend on the adapted tensors spare.weight, spare.bias .*"
+                                             r"adapt=\['!spare.weight', '!spare.bias'\]"):
+            loss = MAML(backbone, inner_lr=0.1, inner_steps=2, batching=batching).training_losses(batch)[0].mean()
+        # The same as adapting the used layer only (the spare one's zero steps change nothing).
+        expected = MAML(backbone, inner_lr=0.1, inner_steps=2, batching=batching, adapt=["body."]).training_losses(batch)[0].mean()
+        torch.testing.assert_close(loss, expected)
+        assert torch.autograd.grad(loss, backbone.body.weight)[0].abs().sum() > 0
+
+    # A forward that ignores every parameter it is given cannot adapt anything: an error, not silence.
+    params = task_params(dict(backbone.named_parameters()), 2)
+    with pytest.raises(ValueError, match="does not depend on any adapted tensor"):
+        adapt(lambda p, x: backbone(x), params, batch.support_x, batch.support_y,
+              lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(2, -1).mean(1), 1, 0.1)
