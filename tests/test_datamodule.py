@@ -352,3 +352,33 @@ def _TwoProcesses(dataset, fixed):
     from fewshot_lightning.data.episodes import EpisodeSampler
 
     return EpisodeSampler(dataset, fixed=fixed, num_replicas=2, rank=0)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("pil", r"PairsOf\[\d+\] holds a PIL.Image.Image, not a tensor: .*transforms.ToTensor\(\)"),
+    ("dict", r"PairsOf\[\d+\] is a dict \(keys \['image', 'label'\]\); episodes read a Dataset of \(x, y\) pairs"),
+    ("tensor", r"PairsOf\[\d+\] is a Tensor; episodes read a Dataset of \(x, y\) pairs"),
+])
+def test_a_dataset_whose_items_are_not_tensor_pairs_is_named_at_setup(item, message):
+    # A torchvision dataset without ToTensor passed setup and failed in the first batch ("Could
+    # not infer dtype of Image", or KeyError: 0 for dict items), eleven frames deep or in a worker.
+    from PIL import Image
+    from torch.utils.data import Dataset
+
+    class PairsOf(Dataset):
+        targets = [i // 6 for i in range(180)]
+
+        def __len__(self):
+            return 180
+
+        def __getitem__(self, i):
+            x = torch.full((3, 8, 8), float(i))
+            if item == "pil":
+                return Image.new("RGB", (8, 8)), self.targets[i]
+            if item == "dict":
+                return {"image": x, "label": self.targets[i]}
+            return x
+
+    data = EpisodicDataModule(PairsOf(), ways=5, shots=1, queries=2, meta_batch_size=2, num_workers=0)
+    with pytest.raises(TypeError, match=message):
+        data.setup("fit")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from .seeding import task_uniforms, tasks_uniforms
 from .task import TaskBatch, collate_tasks, to_unit_float
@@ -205,6 +205,8 @@ class EpisodeDataset(TaskDataset):
         #: Uniforms per task: class order, one key per padded member, support and query order.
         self.draws = ways + ways * width + ways * needed
         self._tensor_data = isinstance(data, Tensor)
+        if not self._tensor_data and len(data):
+            self._sample(0)  # a Dataset's items are checked on one of them now, not in a worker's first batch
 
     def __getitem__(self, index: int) -> TaskBatch:
         return self._task(*self._draw(self.uniforms(index, self.draws)))
@@ -264,10 +266,33 @@ class EpisodeDataset(TaskDataset):
         if self._tensor_data:
             samples = self.data.index_select(0, torch.from_numpy(indices))
             return torch.stack([self.transform(s) for s in samples])
-        items = [self.data[int(i)][0] for i in indices]
-        if self.transform is not None:
-            items = [self.transform(x) for x in items]
-        return torch.stack([torch.as_tensor(x) for x in items])
+        return torch.stack([self._sample(int(i)) for i in indices])
+
+    def _sample(self, index: int) -> Tensor:
+        """Sample ``index`` of a ``Dataset`` of ``(x, y)`` pairs, through ``transform``, as a
+        tensor; an item of another form is named with the fix."""
+        item = self.data[index]
+        data, position = self.data, index
+        while isinstance(data, Subset):  # name the user's dataset, not the split's view of it
+            data, position = data.dataset, int(data.indices[position])
+        where = f"{type(data).__name__}[{position}]"
+        if isinstance(item, dict):
+            raise TypeError(
+                f"{where} is a dict (keys {sorted(map(str, item))[:5]}); episodes read a Dataset of (x, y) pairs, "
+                "x first. Wrap it: a Dataset whose __getitem__ returns (item['image'], item['label']), say.")
+        if not isinstance(item, (tuple, list)) or not item:
+            raise TypeError(
+                f"{where} is a {type(item).__name__}; episodes read a Dataset of (x, y) pairs, x first (the labels "
+                "come from its `targets`, or `labels=`). Return (x, y) from __getitem__, or pass the samples as one tensor.")
+        x = item[0] if self.transform is None else self.transform(item[0])
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{where} holds a {type(x).__module__}.{type(x).__name__}, not a tensor: give the dataset a transform "
+                "that makes one (torchvision: transform=transforms.ToTensor(), or transforms.PILToTensor() to keep "
+                "uint8), or pass transform= here.")
+        return x
 
 
 def ordered_sample(n: int, k: int, uniforms: np.ndarray) -> np.ndarray:
