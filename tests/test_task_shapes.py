@@ -296,3 +296,29 @@ def test_cavia_names_a_backbone_without_a_context_argument():
     with pytest.raises(ValueError, match=r"CAVIA needs a backbone that takes forward\(x, context=\.\.\.\); "
                                          r"NoContext.forward takes \(x\)"):
         CAVIA(NoContext())
+
+
+def test_class_labels_and_scores_of_the_wrong_rank_are_named_for_what_they_are():
+    # Integer labels [B, S, 1] were blamed on the loss function ("not F.cross_entropy's batch
+    # mean") though the built-in loss was in use; scores [B, M, C, 1] got torch's "Expected
+    # target size [10, 1], got [10]".
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(2, 5, 4, generator=g), torch.randn(2, 10, 4, generator=g)
+    sy, qy = torch.arange(5).repeat(2, 1), torch.arange(10).remainder(5).repeat(2, 1)
+    with pytest.raises(TaskShapeError, match=r"Class labels must be \[tasks, samples\].*\(2, 5, 1\): drop the last dimension"):
+        MAML(torch.nn.Linear(4, 5), inner_lr=0.1).training_step(TaskBatch(sx, sy[..., None], qx, qy[..., None]), 0)
+
+    class ExtraDimension(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.linear(x).unsqueeze(-1)
+
+    with pytest.raises(TaskShapeError, match=r"Class scores must be \[tasks, samples, classes\].*\(2, 5, 5, 1\).*nn.Flatten"):
+        MAML(ExtraDimension(), inner_lr=0.1).training_step(TaskBatch(sx, sy, qx, qy), 0)
+    # The numbers are unchanged where the shapes are right.
+    scores = torch.randn(2, 10, 5, generator=g)
+    expected = torch.nn.functional.cross_entropy(scores.flatten(0, 1), qy.flatten(), reduction="none").view(2, 10).mean(1)
+    torch.testing.assert_close(per_task_loss(scores, qy), expected)

@@ -51,7 +51,16 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
                 + (" If the targets are class labels, make them integers (y.long()): float targets are regression."
                    if outputs.dim() == targets.dim() + 1 else ""))
         return (outputs - targets).square().flatten(1).mean(1)
-    if outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] != targets.shape:
+    if targets.dim() != 2:
+        raise TaskShapeError(
+            f"Class labels must be [tasks, samples], one integer per sample, but have shape {tuple(targets.shape)}"
+            + (": drop the last dimension (y.squeeze(-1))." if targets.dim() == 3 and targets.shape[-1] == 1 else "."))
+    if outputs.dim() != 3:
+        raise TaskShapeError(
+            f"Class scores must be [tasks, samples, classes] for labels of shape {tuple(targets.shape)}, but have shape "
+            f"{tuple(outputs.shape)}: the backbone must give one vector of class scores per sample"
+            + (" (drop the extra dimensions, e.g. end it with nn.Flatten())." if outputs.dim() > 3 else "."))
+    if outputs.shape[:-1] != targets.shape:
         # cross-entropy's "Expected input batch_size (12) to match target batch_size (18)".
         raise TaskShapeError(
             f"Class scores of shape {tuple(outputs.shape)} and labels of shape {tuple(targets.shape)} differ in their "
@@ -62,12 +71,13 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     try:
         losses = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none")
     except (IndexError, RuntimeError) as error:
-        if outputs.dim() == targets.dim() + 1 and targets.numel() and (
+        if targets.numel() and (
                 int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[-1]):
             raise TaskShapeError(
                 f"Class labels run from {int(targets.min())} to {int(targets.max())}, but the predictions give "
                 f"{outputs.shape[-1]} class scores (labels 0..{outputs.shape[-1] - 1}): label each task's classes "
-                "0..N-1 (the episode DataModules do) and give the backbone N outputs.") from error
+                "0..N-1 with every class in its support set (the episode DataModules do), and give a backbone that "
+                "classifies (MAML's) N outputs.") from error
         raise
     return losses.view(targets.shape).mean(1)
 
