@@ -346,6 +346,13 @@ def test_an_epoch_without_a_whole_training_batch_is_refused_not_trained_for_zero
     data.setup("fit")
     with pytest.raises(ValueError, match="Each of the 2 processes draws 3 of an epoch's 6 training tasks.*at least 8"):
         data.train_dataloader()
+    # Evaluation gives every episode to one process: one episode for two left one with none
+    # (Lightning's "zero length" on one rank, "Connection closed by peer" on the other).
+    data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=4, train_tasks=8, val_tasks=1,
+                              num_workers=0)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="val_tasks=1 is fewer than the 2 processes.*at least 2"):
+        data.val_dataloader()
 
 
 def _TwoProcesses(dataset, fixed):

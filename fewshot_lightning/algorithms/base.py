@@ -483,10 +483,12 @@ class MetaLearner(L.LightningModule):
         """Log ``train/loss`` and, for classification outputs, ``train/acc``: on the steps
         :meth:`training_metrics_read` says anything reads them."""
         size = batch.num_tasks
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # sync_dist: under DDP the step's loss is the mean over every process's tasks (each
+        # process holds meta_batch_size of them); without it the log was process 0's share.
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         if outputs is not None and not is_regression(batch.query_y):
             accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
-            self.log("train/acc", accuracy, prog_bar=True, batch_size=size)
+            self.log("train/acc", accuracy, prog_bar=True, batch_size=size, sync_dist=True)
 
     # -- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:

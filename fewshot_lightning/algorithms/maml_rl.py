@@ -244,9 +244,9 @@ class MAMLRL(MetaLearner):
         if scheduler is not None:
             scheduler.step()
         size = batch.num_tasks
-        self.log("train/return_pre", supports[0][0].returns.mean(), prog_bar=True, batch_size=size)
-        self.log("train/return_post", query.returns.mean(), prog_bar=True, batch_size=size)
-        self.log("train/loss", first_loss, batch_size=size)
+        self.log("train/return_pre", supports[0][0].returns.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/return_post", query.returns.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/loss", first_loss, batch_size=size, sync_dist=True)
         return first_loss
 
     # -- evaluation ---------------------------------------------------------------------------

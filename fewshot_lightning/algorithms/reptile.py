@@ -146,7 +146,7 @@ class Reptile(MAML):
             with torch.no_grad():
                 outputs = self.predict(adapted, batch.query_x)
             self.log_training(self.query_losses(outputs, batch).mean(), outputs, batch)
-            self.log("train/distance", loss, batch_size=batch.num_tasks)
+            self.log("train/distance", loss, batch_size=batch.num_tasks, sync_dist=True)
         return loss
 
 

@@ -107,6 +107,13 @@ class TaskDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         training = split == "train"
         sampler = EpisodeSampler(dataset, fixed=not training)
+        if not training and len(dataset) < sampler.num_replicas:
+            # Every process needs a batch (Lightning stops a process whose loader is empty, and the
+            # others then lose their peer): the same check on every process, so all stop here.
+            raise ValueError(
+                f"{split}_tasks={len(dataset)} is fewer than the {sampler.num_replicas} processes: each evaluates its "
+                f"share of the {split} episodes and one would have none. Raise {split}_tasks to at least "
+                f"{sampler.num_replicas} (the literature's test: 600), or run fewer processes.")
         if training and len(sampler) < self.meta_batch_size:
             # Each process draws its share of an epoch's tasks: under DDP, train_tasks / processes.
             raise ValueError(
