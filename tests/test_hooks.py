@@ -1,6 +1,7 @@
 """Lightning calls a callback's per-batch hook only where it does something; the default
 profiler's contexts, the step's signature and a batch already in place cost next to nothing
 (fewshot_lightning.hooks, MetaLearner.transfer_batch_to_device)."""
+import warnings
 import contextlib
 import functools
 import inspect
@@ -321,3 +322,19 @@ def test_a_model_checkpoint_that_saves_nothing_between_validations_is_not_called
     assert [p.name for p in (tmp_path / "last").iterdir()] == ["last.ckpt"]
     assert torch.load(tmp_path / "last" / "last.ckpt", weights_only=False)["global_step"] == 5
     assert not (tmp_path / "best").exists()  # no validation ran: nothing to monitor, nothing saved
+
+
+def test_a_fit_with_a_datamodule_does_not_warn_about_our_transfer_hook(tmp_path):
+    # Lightning warned at every fit with a DataModule that the module's transfer_batch_to_device
+    # would be used: ours, meant to be, which our DataModules leave alone.
+    from fewshot_lightning.data import SinusoidDataModule
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    data_connector.warning_cache.clear()  # Lightning warns once a process
+    with warnings.catch_warnings(record=True) as caught:
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(MAML(MLP(), inner_lr=0.01), SinusoidDataModule(meta_batch_size=2, train_tasks=4))
+    assert trainer.global_step == 1
+    assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]

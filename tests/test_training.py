@@ -155,3 +155,27 @@ def test_learner_attribute_assignment_keeps_module_semantics_and_skips_checks_fo
     with pytest.raises(TypeError, match="cannot assign 'int' as parameter"):
         model.extra = 1  # nn.Module's own error: an int on a parameter's name
     assert calls.count("extra") == 3 and calls.count("counter") == 1 and calls.count("head") == 2
+
+
+def test_uint8_batches_that_bypass_the_datamodule_are_scaled_by_the_learner(tmp_path):
+    # The DataModules scale uint8 images after the transfer (on_after_batch_transfer); a Trainer
+    # given their dataloaders, or training_step called directly, met float weights with uint8
+    # images: "Input type (unsigned char) and bias type (float) should be the same".
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40 * 6, 1, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.arange(40).repeat_interleave(6)
+    data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=2, train_tasks=4, val_tasks=2,
+                              num_workers=0)
+    data.setup("fit")
+    raw = next(iter(data.train_dataloader()))
+    assert raw.support_x.dtype == torch.uint8
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=8, out_features=5, image_size=16), inner_lr=0.1, batching="loop", memory_format="contiguous")
+    scaled = TaskBatch(raw.support_x.float() / 255, raw.support_y, raw.query_x.float() / 255, raw.query_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        torch.testing.assert_close(model.training_step(raw, 0), model.training_step(scaled, 0))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    assert trainer.global_step == 2

@@ -5,6 +5,8 @@ import contextlib
 import inspect
 import os
 import random
+import re
+import warnings
 from contextvars import ContextVar
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -17,10 +19,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..callbacks import NonFiniteError
-from ..data.task import TaskBatch
+from ..data.task import TaskBatch, scale_images
 from ..hooks import cache_step_signatures, hide_idle_hooks, quiet_profiler, restore_hooks, restore_profiler
 from ..metrics import MeanConfidenceInterval
 from ..lean_loop import restore_loop, use_lean_loop
+
+#: Lightning's warning at every fit with a DataModule that MetaLearner.transfer_batch_to_device
+#: (a batch already on the device is not walked) is used: meant, as the DataModules leave that
+#: hook alone. Filtered at each setup (a filter set at import is undone by test runners).
+_TRANSFER_HOOK_WARNING = re.escape(
+    "You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`")
 
 
 def is_regression(targets: Tensor) -> bool:
@@ -350,6 +358,7 @@ class MetaLearner(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        batch = self.float_images(batch)
         group = self.backward_group(batch)
         if group is not None and group < batch.num_tasks and torch.is_grad_enabled() \
                 and any(p.requires_grad for p in self.parameters()):
@@ -512,7 +521,19 @@ class MetaLearner(L.LightningModule):
         may adapt differently here than in training."""
         return self(batch)
 
+    def float_images(self, batch: TaskBatch) -> TaskBatch:
+        """``uint8`` images scaled to ``[0, 1]`` in the weights' floating type. The DataModules
+        do this after moving a batch to the device; batches that come another way (a Trainer
+        given their dataloaders, ``training_step`` called directly) met float weights with
+        ``uint8`` images ("Input type (unsigned char) and bias type (float)")."""
+        if not isinstance(batch, TaskBatch) or (batch.support_x.dtype != torch.uint8 and batch.query_x.dtype != torch.uint8):
+            return batch
+        scaled = scale_images(batch)
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+        return scaled._replace(support_x=scaled.support_x.to(dtype), query_x=scaled.query_x.to(dtype))
+
     def _autograd_ready(self, batch: TaskBatch) -> TaskBatch:
+        batch = self.float_images(batch)
         if self.needs_grad_at_eval and batch.support_x.is_inference():
             # Tensors made under inference_mode cannot enter autograd; a clone can.
             return TaskBatch(*(t.clone() for t in batch))
@@ -544,6 +565,7 @@ class MetaLearner(L.LightningModule):
         return {"query_predictions": predictions, "query_y": batch.query_y}
 
     def setup(self, stage: str) -> None:
+        warnings.filterwarnings("ignore", message=_TRANSFER_HOOK_WARNING)
         self._labels_checked.clear()  # each split's first batch of this run (_check_labels_once)
         datamodule = getattr(self.trainer, "datamodule", None)
         kind = getattr(datamodule, "regression", None)

@@ -135,6 +135,7 @@ class Reptile(MAML):
         return False
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        batch = self.float_images(batch)
         self.choose_batching(batch)
         adapted = self.adapt(batch.support_x, batch.support_y, differentiable=False)
         losses = self.reptile_losses(adapted)
