@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers.logger import Logger
 import pytest
 import torch
 from torch import nn
@@ -233,3 +234,64 @@ def test_the_requeued_job_ends_with_the_weights_of_an_uninterrupted_run(simulate
     # The steps differ from each other: equal weights are not equal because nothing moved.
     first, last = uninterrupted.weights[5], uninterrupted.weights[12]
     assert max((first[name] - last[name]).abs().max().item() for name in first) > 1e-4
+
+
+class StepsLogged(Logger):
+    """A logger that keeps every (step, name, value) it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.points = []
+
+    @property
+    def name(self):
+        return "steps"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.points += [(step, name, value) for name, value in metrics.items()]
+
+
+def test_a_run_stopped_by_sigterm_and_resumed_logs_at_the_uninterrupted_runs_steps(tmp_path, monkeypatch):
+    # The stop's last.ckpt is saved again by the validation that follows the stopped step, after
+    # Lightning finished the batch but before it counted it for its loggers; the resumed run
+    # then logged every point one step early (val/mse at 4998 for 4999) and lost one.
+    from fewshot_lightning.callbacks import LastCheckpoint
+
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+    class SigtermAt(L.Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at this step's end
+
+    def fit(folder, steps, callbacks=(), ckpt_path=None):
+        torch.manual_seed(0)
+        logger = StepsLogged()
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                            val_check_interval=5, check_val_every_n_epoch=None, default_root_dir=folder,
+                            callbacks=[RequeueAtStepEnd(), LastCheckpoint(every_n_train_steps=100, dirpath=folder),
+                                       *callbacks])
+        trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
+                    SinusoidDataModule(meta_batch_size=2, train_tasks=40, val_tasks=2, seed=3), ckpt_path=ckpt_path)
+        return trainer, logger.points
+
+    _, uninterrupted = fit(tmp_path / "whole", 12)
+    stopped, _ = fit(tmp_path / "parts", 12, [SigtermAt(6)])
+    assert stopped.global_step == 7  # stopped at the end of step 7, a validation after it
+    _, resumed = fit(tmp_path / "parts", 12, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
+    later = [(step, name, value) for step, name, value in uninterrupted if step >= 7 and name != "epoch"]
+    assert later and [(s, n) for s, n, _ in resumed if n != "epoch"] == [(s, n) for s, n, _ in later]
+    for (_, name, got), (_, _, want) in zip([p for p in resumed if p[1] != "epoch"], later):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), name

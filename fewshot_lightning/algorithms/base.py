@@ -231,6 +231,24 @@ def _saved_hyper_parameters(path: Any) -> Optional[Dict[str, Any]]:
     return dict(hyper) if isinstance(hyper, dict) else None
 
 
+def _count_the_finished_batch(trainer: Any, checkpoint: Dict[str, Any]) -> None:
+    """A checkpoint saved by a validation inside ``fit`` (``LastCheckpoint`` after the final or a
+    SIGTERM-stopped step, a ``ModelCheckpoint`` on its metric) comes after the training batch
+    completed but before Lightning counts it in ``_batches_that_stepped`` (the step its loggers
+    use), and a resume from it does not add it back (it takes the batch for finished): the
+    resumed run logged every point one step early (4998 for an uninterrupted run's 4999), and
+    the next logging step went missing. Count the batch in the saved state."""
+    if trainer is None or trainer.state.fn != "fit" or not trainer.validating or trainer.sanity_checking:
+        return
+    epoch_loop = trainer.fit_loop.epoch_loop
+    progress = epoch_loop.batch_progress.total
+    if progress.completed != progress.processed or progress.completed == 0 or epoch_loop._should_accumulate():
+        return
+    state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+    if isinstance(state, dict) and state.get("_batches_that_stepped") == epoch_loop._batches_that_stepped:
+        state["_batches_that_stepped"] = epoch_loop._batches_that_stepped + 1
+
+
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -824,6 +842,7 @@ class MetaLearner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states(self.device)
         checkpoint["learner"] = _qualified_name(type(self))
+        _count_the_finished_batch(self._trainer, checkpoint)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
