@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import subprocess
 import threading
 from pathlib import Path
@@ -419,14 +420,23 @@ class RequeueAtStepEnd(L.Callback):
     then at some other collective call (or none), and the job hangs until the process group
     times out. So from ``on_train_start`` (Lightning installs its handlers just before) to the
     end of training this callback's flag-only handler replaces it.
+
+    Ctrl-C (SIGINT) in a terminal is taken the same way during training: the first stops every
+    rank at the end of the step, with ``last.ckpt`` saved there (:attr:`stopped_by_signal` says
+    which signal; the command exits with 130 and says how to resume); a second one stops at
+    once, as Lightning does (its "graceful shutdown" lost the steps since the last periodic save).
     """
 
     def __init__(self) -> None:
         self._signal: Optional[signal.Signals] = None
         self._previous: Any = None
         self._previous_sigterm: Any = None
+        self._previous_sigint: Any = None
+        self._terminate_signal: Optional[signal.Signals] = None
         self._requested = False
         self._terminate = False
+        #: The signal behind :attr:`stopped_by_sigterm_at`: ``SIGTERM`` or ``SIGINT`` (Ctrl-C).
+        self.stopped_by_signal: Optional[signal.Signals] = None
         self._watch_sigterm = False
         #: The step at whose end a SIGTERM stopped this fit (``LastCheckpoint`` saved it there),
         #: ``None`` if none did.
@@ -443,7 +453,7 @@ class RequeueAtStepEnd(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning registers its signal handlers after `setup`, and only where none is set.
-        self.stopped_by_sigterm_at, self.requeued = None, False
+        self.stopped_by_sigterm_at, self.stopped_by_signal, self.requeued = None, None, False
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         # Outside SLURM too: SIGTERM is what docker stop, Kubernetes, systemd and `timeout`
@@ -451,6 +461,7 @@ class RequeueAtStepEnd(L.Callback):
         # command exited 0, with last.ckpt at the previous periodic save.
         self._watch_sigterm = True
         self._requested = self._terminate = False
+        self._terminate_signal: Optional[signal.Signals] = None
         environment = trainer._accelerator_connector.cluster_environment
         if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
@@ -462,20 +473,31 @@ class RequeueAtStepEnd(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._watch_sigterm and self._signal != signal.SIGTERM:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._request_stop)
+        if self._watch_sigterm and self._signal != signal.SIGINT:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
 
     def _request(self, signum: int, frame: Any) -> None:
         self._requested = True
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._terminate:  # a second Ctrl-C: stop now
+                self._restore_sigint()
+                raise KeyboardInterrupt
+            sys.stderr.write("\nCtrl-C: stopping at the end of this training step and saving it (Ctrl-C again stops "
+                             "at once, losing the steps since the last save).\n")
         self._terminate = True
+        self._terminate_signal = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if not self._watch_sigterm:
             return
         if trainer.strategy.reduce_boolean_decision(self._terminate, all=False) and self.stopped_by_sigterm_at is None:
-            rank_zero_info(f"SIGTERM received: stopping at the end of step {trainer.global_step} on every rank.")
+            received = self._terminate_signal or signal.SIGTERM
+            rank_zero_info(f"{received.name} received: stopping at the end of step {trainer.global_step} on every rank.")
             trainer.should_stop = True
             self.stopped_by_sigterm_at = trainer.global_step
+            self.stopped_by_signal = received
         if self._signal is None or not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
             return
         self._requested = False
@@ -501,6 +523,12 @@ class RequeueAtStepEnd(L.Callback):
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous_sigterm)
         self._previous_sigterm = None
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
 
     def _restore(self) -> None:
         self._restore_sigterm()

@@ -31,6 +31,7 @@ import contextlib
 import dis
 import linecache
 import os
+import signal
 import re
 import shutil
 import sys
@@ -58,6 +59,8 @@ from .data import TaskDataModule
 TRACEBACK_VARIABLE = "FEWSHOT_LIGHTNING_TRACEBACK"
 #: The command's exit code after a SIGTERM stopped a run before its end (128 + 15, as a shell reports one).
 SIGTERM_EXIT = 143
+#: The exit code of a fit stopped by Ctrl-C at a step end (128 + SIGINT, as a shell reports it).
+SIGINT_EXIT = 130
 #: Data arguments a resume may change without changing the task stream (where the data lie, how
 #: many processes load it: the stream is the same with workers or without, tests/test_resume.py).
 STREAM_NEUTRAL = frozenset({"num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "root", "cache_dir",
@@ -727,15 +730,19 @@ def main(args: Optional[List[str]] = None) -> None:
             raise
         sys.stderr.write(_short_report(reported))
         raise SystemExit(1) from None
-    stopped = [callback.stopped_by_sigterm_at for callback in getattr(cli.trainer, "callbacks", [])
+    stopped = [(callback.stopped_by_sigterm_at, callback.stopped_by_signal)
+               for callback in getattr(cli.trainer, "callbacks", [])
                if isinstance(callback, RequeueAtStepEnd) and callback.stopped_unplanned]
     if stopped:
+        step, received = stopped[0]
+        received = received or signal.SIGTERM
         saved = any(isinstance(callback, LastCheckpoint) for callback in cli.trainer.callbacks)
         sys.stderr.write(
-            f"fewshot-lightning: stopped by SIGTERM at the end of step {stopped[0]}, before the run finished; "
+            f"fewshot-lightning: stopped by {'Ctrl-C' if received == signal.SIGINT else received.name} at the end of step "
+            f"{step}, before the run finished; "
             + ("checkpoints/last.ckpt holds that step" if saved else "no LastCheckpoint callback saved that step")
             + ". Resume with the same command and --ckpt_path last.\n")
-        raise SystemExit(SIGTERM_EXIT)
+        raise SystemExit(SIGINT_EXIT if received == signal.SIGINT else SIGTERM_EXIT)
 
 
 if __name__ == "__main__":

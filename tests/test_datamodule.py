@@ -333,8 +333,12 @@ def test_an_epoch_without_a_whole_training_batch_is_refused_not_trained_for_zero
     # train_tasks=3 with meta_batch_size=4: the training loader drops the incomplete batch, so
     # fit ended at step 0 with exit code 0, and the untrained model could then be tested.
     images, labels = torch.rand(240, 1, 4, 4), torch.arange(40).repeat_interleave(6)
-    with pytest.raises(ValueError, match="train_tasks=3 is fewer than meta_batch_size=4"):
-        EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=4, train_tasks=3)
+    data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=4, train_tasks=3, num_workers=0)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="train_tasks=3 is fewer than meta_batch_size=4.*at least 4"):
+        data.train_dataloader()
+    data.setup("test")
+    data.test_dataloader()  # evaluation does not need training batches (a test with the config's meta-batch)
     for bad in (0, -5, 2.5):
         with pytest.raises(ValueError, match="val_tasks must be a whole number of tasks, at least 1"):
             EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=1, val_tasks=bad)
@@ -344,7 +348,7 @@ def test_an_epoch_without_a_whole_training_batch_is_refused_not_trained_for_zero
     monkeypatch.setattr(datamodule, "EpisodeSampler", _TwoProcesses)
     data = EpisodicDataModule(images, labels, ways=5, shots=1, queries=2, meta_batch_size=4, train_tasks=6, num_workers=0)
     data.setup("fit")
-    with pytest.raises(ValueError, match="Each of the 2 processes draws 3 of an epoch's 6 training tasks.*at least 8"):
+    with pytest.raises(ValueError, match="each of the 2 processes draws 3 of an epoch's train_tasks=6.*at least 8"):
         data.train_dataloader()
     # Evaluation gives every episode to one process: one episode for two left one with none
     # (Lightning's "zero length" on one rank, "Connection closed by peer" on the other).

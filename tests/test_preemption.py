@@ -295,3 +295,24 @@ def test_a_run_stopped_by_sigterm_and_resumed_logs_at_the_uninterrupted_runs_ste
     assert later and [(s, n) for s, n, _ in resumed if n != "epoch"] == [(s, n) for s, n, _ in later]
     for (_, name, got), (_, _, want) in zip([p for p in resumed if p[1] != "epoch"], later):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-7), name
+
+
+def test_ctrl_c_stops_at_the_step_end_saves_it_and_exits_130_saying_how_to_resume(tmp_path):
+    # Lightning's "graceful shutdown" on Ctrl-C exited 1 with last.ckpt at the previous periodic
+    # save (1,800 steps behind on the sinusoid config) and no word on resuming.
+    env = {key: value for key, value in cli_env().items() if not key.startswith("SLURM_")}
+    run = start_cli(*fit_args(tmp_path, 100_000, "steps.json"), cwd=tmp_path, env=env, log="fit.log")
+    try:
+        wait_for(lambda: len(steps_recorded(tmp_path / "steps.json")) >= 3, 240, "three training steps", run)
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    log = (tmp_path / "fit.log").read_text()
+    assert run.returncode == 130 and "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    found = re.search(r"fewshot-lightning: stopped by Ctrl-C at the end of step (\d+), before the run finished; "
+                      r"checkpoints/last.ckpt holds that step\. Resume with the same command and --ckpt_path last\.", log)
+    assert found, log[-3000:]
+    last = next((tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == int(found.group(1)) >= 3

@@ -72,13 +72,6 @@ class TaskDataModule(L.LightningDataModule):
         for split, tasks in (("train", train_tasks), ("val", val_tasks), ("test", test_tasks)):
             if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
                 raise ValueError(f"{split}_tasks must be a whole number of tasks, at least 1, got {tasks!r}.")
-        if train_tasks < meta_batch_size:
-            # Training batches are whole (drop_last): not one would be drawn, and fit would end at step 0.
-            raise ValueError(
-                f"train_tasks={train_tasks} is fewer than meta_batch_size={meta_batch_size}: a training epoch would "
-                f"hold no batch of {meta_batch_size} tasks and nothing would train. Raise train_tasks (tasks per "
-                "epoch) or lower meta_batch_size."
-            )
         self.meta_batch_size = meta_batch_size
         self.num_tasks = {"train": train_tasks, "val": val_tasks, "test": test_tasks}
         self.num_workers = num_workers
@@ -115,12 +108,15 @@ class TaskDataModule(L.LightningDataModule):
                 f"share of the {split} episodes and one would have none. Raise {split}_tasks to at least "
                 f"{sampler.num_replicas} (the literature's test: 600), or run fewer processes.")
         if training and len(sampler) < self.meta_batch_size:
-            # Each process draws its share of an epoch's tasks: under DDP, train_tasks / processes.
+            # Training batches are whole (drop_last): not one would be drawn, and fit ended at step 0
+            # with exit 0. Each process draws its share of an epoch's tasks: under DDP, train_tasks / processes.
+            share = (f"train_tasks={len(dataset)} is fewer than meta_batch_size={self.meta_batch_size}"
+                     if sampler.num_replicas == 1 else
+                     f"each of the {sampler.num_replicas} processes draws {len(sampler)} of an epoch's train_tasks="
+                     f"{len(dataset)}, fewer than meta_batch_size={self.meta_batch_size}")
             raise ValueError(
-                f"Each of the {sampler.num_replicas} processes draws {len(sampler)} of an epoch's {len(dataset)} "
-                f"training tasks, fewer than meta_batch_size={self.meta_batch_size}: no process would have a whole "
-                f"batch and nothing would train. Raise train_tasks to at least "
-                f"{self.meta_batch_size * sampler.num_replicas}, or lower meta_batch_size."
+                f"{type(self).__name__}: {share}, so a training epoch holds no whole batch and nothing would train. "
+                f"Raise train_tasks to at least {self.meta_batch_size * sampler.num_replicas}, or lower meta_batch_size."
             )
         return (ResumableLoader if training else DataLoader)(
             dataset,
