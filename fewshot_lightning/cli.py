@@ -70,6 +70,8 @@ LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 _PACKAGE = Path(__file__).resolve().parent
 #: Lightning's trainer package: its deliberate ValueErrors are refusals of a setting (see _user_error).
 _LIGHTNING = Path(L.__file__).resolve().parent / "pytorch"
+#: torch.optim, whose optimizers and schedulers refuse bad arguments with a ValueError.
+_TORCH_OPTIM = Path(torch.optim.__file__).resolve().parent
 _LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 
 
@@ -647,6 +649,11 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
             # Lightning's own refusal of a Trainer setting ("`val_check_interval` (10) must be less than or equal
             # to the number of the training batches (8)"): a message, not a fault.
             return error
+        if isinstance(error, ValueError) and deliberate and innermost is not None and _TORCH_OPTIM in innermost.parents:
+            # An optimizer's or scheduler's refusal of its arguments ("Invalid learning rate: -1.0").
+            return ValueError(
+                f"{error} (refused by torch.optim: see --model.init_args.optimizer and "
+                "--model.init_args.lr_scheduler)").with_traceback(error.__traceback__)
         if innermost is None or "jsonargparse" not in innermost.parts:
             return None
         error = error.__cause__ or error.__context__

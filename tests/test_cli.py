@@ -564,3 +564,17 @@ def test_a_learner_whose_backbone_argument_has_no_type_is_told_to_annotate_it(tm
                     "fewshot_lightning.models.MLP", "--model.backbone.in_features", "1", "--trainer.max_steps", "1")
     assert code == 1 and "Traceback" not in out, out[-3000:]
     assert "annotate the argument, `backbone: torch.nn.Module`, in Untyped.__init__" in out
+
+
+def test_optimizer_arguments_torch_refuses_are_named_in_one_line(tmp_path, monkeypatch, cli):
+    # torch.optim's ValueError ("Invalid learning rate: -1.0") ended in a 55-line traceback; the
+    # learner's own arguments already got one line.
+    monkeypatch.chdir(tmp_path)
+    for argument, message in ((["--model.init_args.optimizer.init_args.lr", "-1"], "Invalid learning rate: -1.0"),
+                              (["--model.init_args.optimizer.init_args.betas", "[0.9,1.5]"],
+                               "Invalid beta parameter at index 1: 1.5")):
+        code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", *argument)
+        assert code == 1 and f"error: Adam: {message} (refused by torch.optim: see --model.init_args.optimizer" in out, out[-3000:]
+        assert "Traceback" not in out
+    assert not (tmp_path / "lightning_logs" / "maml_sinusoid").exists() or not any(
+        (tmp_path / "lightning_logs" / "maml_sinusoid").iterdir())  # nothing left of the refused runs
