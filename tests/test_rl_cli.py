@@ -25,8 +25,21 @@ def logs(directory):
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("maml_rl")
-    run_cli("fit", "--config", CONFIG, *SHORT, *logs(tmp_path / "logs"), "--data.meta_batch_size", "4", cwd=tmp_path)
+    run_cli("fit", "--config", CONFIG, *SHORT, *logs(tmp_path / "logs"), "--data.meta_batch_size", "4",
+            "--trainer.log_every_n_steps", "1", cwd=tmp_path)
     return tmp_path, tmp_path / "logs" / "maml_rl_navigation" / "version_0"
+
+
+def test_training_logs_the_returns_and_no_constant_loss(single_process_run):
+    # train/loss was the PPO surrogate at the first outer step: -mean of standardised advantages,
+    # 1e-8 (float32) or 1e-18 (float64) at every iteration, a flat line in TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(single_process_run[1]))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/return_pre", "train/return_post"} <= tags and "train/loss" not in tags
+    assert all(value.value < 0 for value in events.Scalars("train/return_post"))  # minus distances
 
 
 def read(out, name):

@@ -246,7 +246,8 @@ class MAMLRL(MetaLearner):
         size = batch.num_tasks
         self.log("train/return_pre", supports[0][0].returns.mean(), prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train/return_post", query.returns.mean(), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("train/loss", first_loss, batch_size=size, sync_dist=True)
+        # No train/loss: at the first outer step the clipped surrogate's ratio is 1 and the
+        # advantages are standardised per goal, so the loss is -mean(A) = 0 at every iteration.
         return first_loss
 
     # -- evaluation ---------------------------------------------------------------------------
