@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import importlib
 import linecache
 import os
 import signal
@@ -222,6 +223,7 @@ class FewShotCLI(LightningCLI):
         trainer = config.get("trainer") if config is not None else None
         if trainer is None:
             return
+        _drop_switched_off_callbacks(trainer)
         interval = trainer.get("val_check_interval")
         if isinstance(interval, float) and not isinstance(interval, bool) and trainer.get("check_val_every_n_epoch") is None:
             # The configs count validation steps across epochs (check_val_every_n_epoch: null), for
@@ -610,6 +612,42 @@ def _quiet_known_warnings() -> None:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
+
+
+def _drop_switched_off_callbacks(trainer: Any) -> None:
+    """``--trainer.enable_progress_bar false`` and ``--trainer.enable_checkpointing false`` on a
+    config that lists a progress bar or checkpoint callbacks: Lightning's Trainer refuses the
+    mix; drop those callbacks instead (said in the log), as the flags ask."""
+    from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+
+    callbacks = trainer.get("callbacks")
+    if not isinstance(callbacks, list):
+        return
+    off = [(kind, flag) for kind, flag in ((ProgressBar, "enable_progress_bar"), (Checkpoint, "enable_checkpointing"))
+           if trainer.get(flag) is False]
+    if not off:
+        return
+    kept, dropped = [], []
+    for callback in callbacks:
+        path = callback.get("class_path") if hasattr(callback, "get") else None
+        cls = None
+        if isinstance(path, str) and "." in path:
+            module, _, name = path.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                cls = None
+        elif not hasattr(callback, "get"):
+            cls = type(callback)
+        switched_off = [flag for kind, flag in off if isinstance(cls, type) and issubclass(cls, kind)]
+        (dropped if switched_off else kept).append((callback, cls, switched_off))
+    if not dropped:
+        return
+    trainer["callbacks"] = [callback for callback, _, _ in kept]
+    for _, cls, flags in dropped:
+        rank_zero_info(f"--trainer.{flags[0]} false: the config's {cls.__name__} callback is left out."
+                       + (" No checkpoint is saved: this run cannot be resumed or tested by --ckpt_path last/best."
+                          if flags[0] == "enable_checkpointing" else ""))
 
 
 def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:

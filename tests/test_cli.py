@@ -578,3 +578,17 @@ def test_optimizer_arguments_torch_refuses_are_named_in_one_line(tmp_path, monke
         assert "Traceback" not in out
     assert not (tmp_path / "lightning_logs" / "maml_sinusoid").exists() or not any(
         (tmp_path / "lightning_logs" / "maml_sinusoid").iterdir())  # nothing left of the refused runs
+
+
+def test_switching_off_the_progress_bar_or_checkpointing_drops_the_configs_callbacks(tmp_path, monkeypatch, cli):
+    # Lightning's Trainer refused the flags on every shipped config ("configured with
+    # enable_progress_bar=False but found TQDMProgressBar in callbacks list").
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false")
+    assert code == 0, out[-3000:]
+    assert "--trainer.enable_progress_bar false: the config's TQDMProgressBar callback is left out." in out
+    assert "--trainer.enable_checkpointing false: the config's LastCheckpoint callback is left out. No checkpoint" in out
+    run = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0"
+    assert run.is_dir() and not list(run.rglob("*.ckpt"))
+    assert "Epoch 0:" not in out  # no progress bar
