@@ -168,3 +168,18 @@ def test_cifar_datamodule_downloads_in_prepare_data(tmp_path, monkeypatch):
     # Without download=True nothing is fetched: prepare_data leaves the data to setup's loader.
     FC100DataModule(tmp_path).prepare_data()
     assert len(downloads) == 1
+
+
+def test_an_offline_download_is_one_error_saying_where_to_put_the_archive(tmp_path, monkeypatch):
+    import urllib.error
+
+    from fewshot_lightning.data.datasets._storage import DataFileError
+
+    def offline(root, train, download):  # torchvision's CIFAR100 on a machine without network
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(cifar_fs, "CIFAR100", offline)
+    with pytest.raises(DataFileError, match=r"Could not download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
+                                            r".*Put the files in .*elsewhere by hand \(cifar-100-python.tar.gz"):
+        FC100DataModule(tmp_path / "elsewhere", download=True).prepare_data()
+    assert not (tmp_path / "elsewhere").exists()

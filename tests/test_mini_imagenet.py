@@ -229,3 +229,16 @@ def test_a_damaged_dataset_file_is_one_line_from_the_command(tmp_path, monkeypat
     assert code == 1
     assert "Traceback" not in out
     assert re.search(rf"error: {re.escape(str(path))} .*corrupt", out), out[-2000:]
+
+
+def test_one_pickle_beside_the_csv_layout_is_not_mixed_in(tmp_path):
+    # With the CSV layout complete and only the training pickle beside it, train came from the
+    # pickle and val and test from the CSVs, with nothing said; the docstring promises one layout.
+    folder = tmp_path / "mini-imagenet"
+    write_mini_csvs(folder)
+    write_mini_pickles(tmp_path / "pickles")
+    shutil.copy(tmp_path / "pickles" / "mini-imagenet-cache-train.pkl", folder)
+    with pytest.warns(UserWarning, match=r"holds mini-imagenet-cache-train.pkl but not all three pickles: reading every "
+                                         r"split from images/ and the split CSVs"):
+        splits = load_mini_imagenet(tmp_path)
+    assert [len(splits[s].labels) for s in SPLITS] == [6, 4, 4]  # the CSVs' 2 images a class, not the pickle's

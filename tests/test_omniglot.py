@@ -4,8 +4,11 @@ published split of Vinyals et al. that ships with the package."""
 from __future__ import annotations
 
 import configparser
+import errno
 import hashlib
+import os
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from PIL import Image
 from fewshot_lightning.data import scale_images
 from fewshot_lightning.data import TaskBatch
 from fewshot_lightning.data.datasets import OmniglotDataModule, load_omniglot, omniglot, vinyals_split
+from fewshot_lightning.data.datasets._storage import DataFileError
 
 SPLITS = ("train", "val", "test")
 ROTATIONS = ("rot000", "rot090", "rot180", "rot270")
@@ -384,3 +388,56 @@ def test_a_random_character_split_as_maml_and_reptile_draw_it(tmp_path):
         omniglot_module(tmp_path, ways=2, shots=1, queries=1, split="random", split_sizes=(9, 0, 0)).setup("fit")
     with pytest.raises(ValueError, match=r"split must be 'vinyals' .* or 'random'"):
         omniglot_module(tmp_path, split="alphabets")
+
+
+@pytest.mark.filterwarnings("ignore:Omniglot in .* has 8 characters")
+def test_the_cache_is_rebuilt_when_the_extracted_drawings_change(tmp_path):
+    # The cache was never compared with the drawings: replaced ones kept the old pixels, silently.
+    write_omniglot(tmp_path / "omniglot-py")
+    first = load_fixture(tmp_path)
+    character = tmp_path / "omniglot-py" / "images_background" / "Latin" / "character01"
+    for path in character.glob("*.png"):
+        Image.fromarray(np.full((105, 105), 255, dtype=np.uint8)).convert("1").save(path)  # blank drawings
+    with pytest.warns(UserWarning, match=r"the extracted drawings changed since it was decoded\); rebuilding it"):
+        again = load_fixture(tmp_path)
+    changed = again["train"].data.flatten(1).amax(1) == 0  # blank: no stroke left after inversion
+    assert int(changed.sum()) == 4 * DRAWINGS  # the character's drawings in its 4 rotations
+    assert int((first["train"].data.flatten(1).amax(1) == 0).sum()) == 0
+    # Unchanged drawings: the cache is read as it is, no rebuild.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_fixture(tmp_path)
+    assert not [w for w in caught if "rebuilding" in str(w.message)]
+
+
+def test_an_offline_download_is_named_in_one_error_with_where_to_put_the_files(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, folder, filename, md5):
+        Path(folder).mkdir(parents=True, exist_ok=True)  # as torchvision's download_url does first
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(omniglot, "download_url", offline)
+    with pytest.raises(DataFileError, match=r"Could not download https://raw.githubusercontent.com/.*images_background"
+                                            r"\.zip .*offline\? Put the files in .*omniglot-py by hand"):
+        omniglot.download_omniglot(tmp_path / "up-one-level")
+    assert not (tmp_path / "up-one-level" / "omniglot-py").exists()  # the empty folder it made is gone
+
+
+def test_a_read_only_data_folder_is_named_before_decoding(tmp_path, monkeypatch):
+    # The cache write failed with a PermissionError traceback after the whole decoding pass.
+    from fewshot_lightning.data.datasets import _storage
+
+    write_omniglot(tmp_path / "omniglot-py")
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT and str(tmp_path) in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(_storage.os, "open", read_only)
+    monkeypatch.setattr(omniglot, "decode_characters", lambda *args: pytest.fail("decoded before the check"))
+    with pytest.raises(DataFileError, match=r"Cannot write omniglot-28px.pt in .*omniglot-py \(Permission denied\): "
+                                            r"the data folder is read-only"):
+        load_fixture(tmp_path)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fewshot_lightning.data import scale_images
 from fewshot_lightning.data.datasets import TieredImageNetDataModule, load_tiered_imagenet
+from fewshot_lightning.data.datasets._storage import DataFileError
 
 SPLITS = ("train", "val", "test")
 
@@ -189,3 +190,17 @@ def test_a_map_of_another_png_pickle_is_rebuilt(tmp_path):
     load_tiered_imagenet(tmp_path)
     assert json.loads(path.read_text())["source"]["name"] == "val_images_png.pkl"
     assert json.loads(path.read_text())["sha256"] == old["sha256"]
+
+
+def test_images_and_labels_of_different_counts_are_named_as_the_source_files(tmp_path):
+    # The error blamed the freshly decoded map and said to delete it, which rebuilt the same map.
+    folder = tmp_path / "tiered-imagenet"
+    write_tiered(folder)
+    with open(folder / "train_labels.pkl", "rb") as handle:
+        labels = pickle.load(handle)
+    labels["label_specific"] = labels["label_specific"][:-2]
+    with open(folder / "train_labels.pkl", "wb") as handle:
+        pickle.dump(labels, handle)
+    with pytest.raises(DataFileError, match=r"train_images_png.pkl holds \d+ images but train_labels.pkl \d+ labels: "
+                                            r"the two files .* do not belong together"):
+        load_tiered_imagenet(tmp_path)

@@ -3,14 +3,18 @@
 checksum; guarded pickle reads and the wording of missing-data and decoding errors."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
 import secrets
+import socket
+import urllib.error
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,7 +50,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # 64 random bits: a name no other writer picks; O_EXCL refuses to reuse one anyway.
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise DataFileError(_not_writable(path.parent, path.name, error)) from error
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -54,6 +63,46 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _not_writable(folder: Path, name: str, error: BaseException) -> str:
+    return (f"Cannot write {name} in {folder} ({error.strerror or error}): the data folder is read-only here, and "
+            f"{name} is built there once (decoded images, or their checksum record) and reused. Make the folder "
+            "writable for one run, or copy the dataset folder somewhere writable (cp -a keeps its caches) and point "
+            "root there.")
+
+
+def ensure_writable(folder: Path, name: str) -> None:
+    """Raise :class:`DataFileError` now if ``name`` could not be written into ``folder``: before a
+    decoding pass of minutes, not after it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".{name}.{secrets.token_hex(8)}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise DataFileError(_not_writable(folder, name, error)) from error
+    os.remove(probe)
+
+
+@contextlib.contextmanager
+def fetching(url: str, folder: Path, by_hand: str) -> Iterator[None]:
+    """Report a download that cannot reach ``url`` (no network, a proxy, a name that does not
+    resolve) as a :class:`DataFileError` naming ``folder`` and what to put there by hand
+    (``by_hand``), not as urllib's traceback; and remove ``folder`` if the attempt made it and
+    left it empty."""
+    existed = folder.exists()
+    try:
+        yield
+    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as error:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        reason = getattr(error, "reason", error)
+        raise DataFileError(
+            f"Could not download {url} ({reason}): is this machine offline? Put the files in {folder} by hand "
+            f"({by_hand}) and run with download=False (--data.init_args.download false); check that root points "
+            "at the folder that holds them.") from error
 
 
 def content_sha256(payload: Mapping[str, Any]) -> str:
@@ -190,7 +239,11 @@ def verify_file_checksum(path: Path) -> Optional[str]:
             "verified from now on.",
             stacklevel=3,
         )
-        record_file_checksum(path)
+        try:
+            record_file_checksum(path)
+        except DataFileError:
+            warnings.warn(f"{path.parent} is read-only: {path.name}'s checksum cannot be recorded, so it is not "
+                          "verified.", stacklevel=3)
         return None
     stat = path.stat()
     if (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns):
@@ -198,7 +251,12 @@ def verify_file_checksum(path: Path) -> Optional[str]:
     actual = file_sha256(path)
     if actual != recorded:
         return f"its SHA-256 is {actual[:16]}..., not the {recorded[:16]}... recorded when it was built"
-    record_file_checksum(path, actual, record.get("source"))
+    try:
+        record_file_checksum(path, actual, record.get("source"))
+    except DataFileError:
+        # A sound file in a read-only copy (one that did not keep the times): usable as it is.
+        warnings.warn(f"{path} is intact, but its new modification time cannot be recorded in the read-only "
+                      f"{path.parent}: it is hashed again at every start until it can be.", stacklevel=3)
     return None
 
 

@@ -16,7 +16,7 @@ from torchvision.datasets import CIFAR100
 
 from ..datamodule import SPLITS, LabelledDataModule, subset_by_classes
 from ..episodes import LabelledData
-from ._storage import DataFileError, PathLike, load_pickle, missing
+from ._storage import DataFileError, PathLike, fetching, load_pickle, missing
 
 #: CIFAR-FS, Bertinetto et al., "Meta-learning with differentiable closed-form solvers"
 #: (ICLR 2019): the class names of their split files (r2d2 repository,
@@ -57,6 +57,8 @@ FC100_SUPERCLASSES: Dict[str, Tuple[int, ...]] = {
 }
 
 FOLDER = "cifar-100-python"
+#: Where torchvision's CIFAR100 fetches the archive from.
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 HOW_TO_GET = (
     "Pass download=True (or call download_cifar100) to fetch CIFAR-100 (python version) from "
     "https://www.cs.toronto.edu/~kriz/cifar.html, or extract cifar-100-python.tar.gz there yourself."
@@ -76,7 +78,9 @@ class CIFAR100Images(NamedTuple):
 def download_cifar100(root: PathLike = "data") -> None:
     """Fetch CIFAR-100 (python version) into ``{root}/cifar-100-python/`` with torchvision, which
     checks the archive's MD5 and extracts it; nothing is fetched if it is already there."""
-    CIFAR100(str(Path(root).expanduser()), train=True, download=True)
+    folder = Path(root).expanduser()
+    with fetching(CIFAR100_URL, folder, "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extracted"):
+        CIFAR100(str(folder), train=True, download=True)
 
 
 def load_cifar_fs(root: PathLike = "data") -> Dict[str, LabelledData]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 import hashlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -14,8 +15,8 @@ from torch import Tensor
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
 from ._storage import (
-    DataFileError, PathLike, as_uint8_chw, check_class_counts, check_disjoint, describe_failures, load_cache, load_pickle, missing,
-    relabel_splits, save_atomic,
+    DataFileError, PathLike, as_uint8_chw, check_class_counts, check_disjoint, describe_failures, ensure_writable, load_cache,
+    load_pickle, missing, relabel_splits, save_atomic,
 )
 
 PUBLISHED_CLASSES = {"train": 64, "val": 16, "test": 20}
@@ -50,6 +51,13 @@ def load_mini_imagenet(root: PathLike = "data") -> Dict[str, LabelledData]:
     pickles = {split: pickle_path(folder, split) for split in SPLITS}
     if not all(pickles.values()):
         check_csv_layout(folder, pickles)  # raises the missing-data error before anything slow
+        present = [path.name for path in pickles.values() if path is not None]
+        if present:
+            # One layout for every split: a pickle beside the CSV layout read its split from
+            # another source than the others, with nothing said.
+            warnings.warn(f"{folder} holds {', '.join(present)} but not all three pickles: reading every split from "
+                          "images/ and the split CSVs; the pickle is not used.", stacklevel=2)
+        pickles = dict.fromkeys(pickles)
     loaded = {split: read_cache_pickle(path) if path else csv_split(folder, split) for split, path in pickles.items()}
     check_disjoint(folder, {split: wnids for split, (_, _, wnids) in loaded.items()})
     check_class_counts(
@@ -97,6 +105,7 @@ def csv_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
 
     cache = load_cache(cache_path, problem)
     if cache is None:
+        ensure_writable(folder, cache_path.name)  # before decoding the split, not after
         images, labels, wnids = decode_csv_split(folder, split)
         save_atomic({"images": images, "labels": labels, "wnids": wnids, "source": source}, cache_path)
         return images, labels, wnids

@@ -2,6 +2,7 @@
 50 alphabets, 20 drawings each, as used for few-shot learning by Vinyals et al. (2016)."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import warnings
@@ -17,7 +18,9 @@ from torchvision.datasets.utils import check_integrity, download_url, extract_ar
 
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
-from ._storage import DataFileError, PathLike, describe_failures, load_cache, missing, save_atomic
+from ._storage import (
+    DataFileError, PathLike, describe_failures, ensure_writable, fetching, load_cache, missing, save_atomic,
+)
 
 #: The official archives and their MD5s, as torchvision's ``Omniglot`` lists them.
 ARCHIVE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -142,7 +145,10 @@ def download_omniglot(root: PathLike = "data") -> None:
     folder = Path(root).expanduser() / FOLDER
     for name, md5 in ARCHIVE_MD5.items():
         if not (folder / name).is_dir():
-            download_url(f"{ARCHIVE_URL}/{name}.zip", str(folder), f"{name}.zip", md5)
+            url = f"{ARCHIVE_URL}/{name}.zip"
+            with fetching(url, folder, f"{', '.join(f'{n}.zip' for n in ARCHIVE_MD5)} from {ARCHIVE_URL}, or their "
+                                       "extracted folders"):
+                download_url(url, str(folder), f"{name}.zip", md5)
 
 
 def load_omniglot(
@@ -169,11 +175,16 @@ def load_omniglot(
 
 def decoded_characters(folder: Path, image_size: int) -> Dict[str, object]:
     """The cache ``{"images": uint8 [N, S, S], "labels": int64 [N], "characters": [names]}``,
-    built from the archives or extracted folders when missing, damaged (see :func:`load_cache`)
-    or of another shape."""
+    built from the archives or extracted folders when missing, damaged (see :func:`load_cache`),
+    of another shape, or of other drawings (:func:`drawings_source`: a drawing replaced, added
+    or removed since, or a partial extraction completed)."""
     cache_path = folder / f"omniglot-{image_size}px.pt"
+    source = drawings_source(folder)
 
     def problem(payload: Dict) -> Optional[str]:
+        if source is not None and payload.get("source") != source:
+            return ("it does not record the drawings it was decoded from (an older version made it)"
+                    if "source" not in payload else "the extracted drawings changed since it was decoded")
         images, labels = payload.get("images"), payload.get("labels")
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (image_size,) * 2:
             return "images have the wrong type or shape"
@@ -185,8 +196,12 @@ def decoded_characters(folder: Path, image_size: int) -> Dict[str, object]:
 
     cache = load_cache(cache_path, problem)
     if cache is None:
+        ensure_writable(folder, cache_path.name)  # before minutes of extracting and decoding
         extract_archives(folder)
+        source = drawings_source(folder)
         cache = decode_characters(folder, image_size)
+        if source is not None:
+            cache["source"] = source
         save_atomic(cache, cache_path)
     found = len(cache["characters"])
     if found != NUM_CHARACTERS:
@@ -307,6 +322,20 @@ class OmniglotDataModule(LabelledDataModule):
 
     def class_name(self, label: int) -> str:
         return published_name(self.characters, label) if self.characters is not None else str(label)
+
+
+def drawings_source(folder: Path) -> Optional[str]:
+    """A hash of the path, size and modification time of every extracted drawing
+    (``{set}/{alphabet}/{character}/*.png``), ``None`` if nothing is extracted (the archives
+    alone): the cache is used only for the drawings it was decoded from. About a ``stat`` per
+    drawing (32,460)."""
+    digest, found = hashlib.sha256(), False
+    for image_set in ARCHIVE_MD5:
+        for drawing in sorted((folder / image_set).glob("*/*/*.png")):
+            stat = drawing.stat()
+            digest.update(f"{drawing.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            found = True
+    return digest.hexdigest() if found else None
 
 
 def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..datamodule import SPLITS, LabelledDataModule
 from ..episodes import LabelledData
 from ._storage import (
-    DataFileError, PathLike, atomic_write, check_class_counts, check_disjoint, describe_failures, file_stamp,
+    DataFileError, PathLike, atomic_write, check_class_counts, check_disjoint, describe_failures, ensure_writable, file_stamp,
     load_pickle, missing, record_file_checksum, record_source, recorded_source, relabel_splits,
     verify_file_checksum,
 )
@@ -91,6 +91,7 @@ def read_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
     if not cache_path.is_file():
         if not images_path.is_file():
             raise missing(folder, f"{images_path.name} (PNG-encoded images)", HOW_TO_GET)
+        ensure_writable(folder, cache_path.name)  # before reading gigabytes of PNGs and decoding them
         encoded = load_pickle(images_path, "a list of PNG-encoded images", HOW_TO_GET)
         atomic_write(cache_path, lambda path: decode_pngs(encoded, images_path, path))
         record_file_checksum(cache_path, source=file_stamp(images_path))
@@ -98,6 +99,13 @@ def read_split(folder: Path, split: str) -> Tuple[Tensor, Tensor, List[str]]:
     # Copy-on-write mapping: a writable array for torch.from_numpy that never writes to the file.
     images = np.load(cache_path, mmap_mode="c")
     if images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+        if images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and images_path.is_file() \
+                and recorded_source(cache_path) == file_stamp(images_path):
+            # The map is the images pickle's, decoded and verified: the two source files disagree.
+            raise DataFileError(
+                f"{images_path.name} holds {len(images)} images but {labels_path.name} {len(labels)} labels: the two "
+                f"files in {folder} do not belong together (another release, or one cut short). Fetch both again; "
+                f"{cache_path.name} is then rebuilt. {HOW_TO_GET}")
         raise DataFileError(
             f"{cache_path} holds images of shape {images.shape} but {labels_path.name} has {len(labels)} labels: "
             f"the cache is stale or damaged. Delete it; it is rebuilt from {images_path.name}."
