@@ -483,7 +483,9 @@ class MetaLearner(L.LightningModule):
             return True
         if every and (epoch_loop.global_step + 1) % every == 0:
             return True
-        if bar is not None and getattr(bar, "is_enabled", True):
+        # Under DDP Lightning disables the bar on every process but 0; the answer must be the
+        # same on all (the training metrics are logged with sync_dist, a collective call).
+        if bar is not None and (getattr(bar, "is_enabled", True) or trainer.world_size > 1):
             if not isinstance(rate, int) or rate <= 1 or (batch_idx + 1) % rate == 0:
                 return True
             if batch_idx + 1 == trainer.num_training_batches:
