@@ -328,12 +328,12 @@ def _defined_together(cls: type, *names: str) -> bool:
     return len(owners) == 1
 
 
-def channels_last(tensor: Tensor) -> Tensor:
+def channels_last(tensor: Optional[Tensor]) -> Optional[Tensor]:
     """A 4-D ``tensor`` strided channels-last (NHWC), copied (differentiably) unless it already
     is; other tensors as they are. Unlike ``contiguous(memory_format=...)`` it also restrides a
     tensor with one input channel, which counts as contiguous in both layouts, yet whose strides
     decide the layout a convolution answers in (the first layer of a network on grey images)."""
-    if tensor.dim() != 4:
+    if tensor is None or tensor.dim() != 4:  # None: a buffer hidden for the call (batch norm's running averages)
         return tensor
     n, c, h, w = tensor.shape
     if tensor.stride() == (h * w * c, 1, w * c, c):

@@ -59,24 +59,31 @@ def test_maml_on_a_backbone_with_running_averages_uses_batch_statistics_in_train
 
     tracked, plain = make(True), make(False)
     outputs = {}
+    # Every path (the channels-last loop restrides the hidden buffers too: it failed on None at
+    # first), and the non-transductive evaluation, whose passes go through the same forward.
+    paths = [("vmap", "contiguous", True), ("loop", "contiguous", True), ("loop", "channels_last", True),
+             ("vmap", "channels_last", True), ("loop", "contiguous", False)]
     for name, network in (("tracked", tracked), ("plain", plain)):
-        for batching in ("vmap", "loop"):
+        for batching, memory_format, transductive in paths:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                model = MAML(network, inner_lr=0.1, batching=batching, memory_format="contiguous")
+                model = MAML(network, inner_lr=0.1, batching=batching, memory_format=memory_format,
+                             transductive=transductive)
             said = [str(w.message) for w in caught if "running averages" in str(w.message)]
             assert len(said) == (name == "tracked"), said
             model.training_losses(batch)[0].mean().backward()  # a training step: would move the averages
             model.eval()
             with torch.no_grad():
-                outputs[name, batching] = model.evaluation_outputs(batch, "val")
-    for key, value in outputs.items():
-        torch.testing.assert_close(value, outputs["plain", "loop"], rtol=1e-5, atol=1e-5, msg=str(key))
+                outputs[name, batching, memory_format, transductive] = model.evaluation_outputs(batch, "val")
+    for (name, batching, memory_format, transductive), value in outputs.items():
+        torch.testing.assert_close(value, outputs["plain", "loop", "contiguous", transductive], rtol=1e-4, atol=1e-5,
+                                   msg=str((name, batching, memory_format, transductive)))
     norms = [m for m in tracked.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms)  # nothing updated
     assert all(int(m.num_batches_tracked) == 0 for m in norms)
     # The two tasks are identical, so they get identical predictions.
-    assert torch.allclose(outputs["tracked", "vmap"][0], outputs["tracked", "vmap"][1], atol=1e-5)
+    assert torch.allclose(outputs["tracked", "vmap", "contiguous", True][0], outputs["tracked", "vmap", "contiguous", True][1],
+                          atol=1e-5)
 
 
 def test_bf16_mixed_precision_trains_with_finite_losses():
@@ -179,3 +186,25 @@ def test_uint8_batches_that_bypass_the_datamodule_are_scaled_by_the_learner(tmp_
                         enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
     assert trainer.global_step == 2
+
+
+def test_uint8_batches_from_a_users_loader_are_evaluated_too(tmp_path):
+    # test/validate/predict on uint8 TaskBatches from a plain DataLoader: the images were scaled
+    # (new tensors) and the inference-mode check looked at them only, so the loader's labels
+    # stayed inference tensors: "Inference tensors cannot be saved for backward".
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+
+    def images(n):
+        return torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8, generator=g)
+
+    tasks = [(images(5), torch.arange(5), images(10), torch.arange(5).repeat(2)) for _ in range(4)]
+    loader = DataLoader(tasks, batch_size=2, collate_fn=lambda t: TaskBatch(*(torch.stack(p) for p in zip(*t))))
+    model = MAML(Conv4(1, 8, 5, image_size=16), inner_lr=0.1, batching="loop", memory_format="contiguous")
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = trainer.test(model, dataloaders=loader, verbose=False)[0]
+        validated = trainer.validate(model, dataloaders=loader, verbose=False)[0]
+    assert 0.0 <= result["test/acc"] <= 1.0 and result["test/acc"] == validated["val/acc"]

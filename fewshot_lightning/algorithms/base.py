@@ -553,11 +553,11 @@ class MetaLearner(L.LightningModule):
         return scaled._replace(support_x=scaled.support_x.to(dtype), query_x=scaled.query_x.to(dtype))
 
     def _autograd_ready(self, batch: TaskBatch) -> TaskBatch:
-        batch = self.float_images(batch)
-        if self.needs_grad_at_eval and batch.support_x.is_inference():
-            # Tensors made under inference_mode cannot enter autograd; a clone can.
-            return TaskBatch(*(t.clone() for t in batch))
-        return batch
+        if self.needs_grad_at_eval and any(t.is_inference() for t in batch):
+            # Tensors made under inference_mode cannot enter autograd; a clone can. (Every part:
+            # uint8 images scaled below are new tensors, but the labels would still be the loader's.)
+            batch = TaskBatch(*(t.clone() for t in batch))
+        return self.float_images(batch)
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> Dict[str, Tensor]:
         self._check_task_kind(batch)
