@@ -393,3 +393,31 @@ def test_a_dataset_whose_items_are_not_tensor_pairs_is_named_at_setup(item, mess
     data = EpisodicDataModule(PairsOf(), ways=5, shots=1, queries=2, meta_batch_size=2, num_workers=0)
     with pytest.raises(TypeError, match=message):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("overlap", r"gave train and test splits sharing 4 class ids \(0, 1, 2, 3\): every class must be in one split only"),
+    ("from_zero", r"gave train and val splits sharing \d+ class ids .*renumber them apart"),
+])
+def test_a_loader_whose_splits_share_class_ids_is_stopped_at_setup(mistake, message):
+    # A user's load_splits with training classes in the test split trained and tested with exit
+    # 0 (the test scoring classes trained on); one numbering each split from 0 passed fit, and its
+    # own checkpoint was then refused as another class split.
+    class Mistaken(LabelledDataModule):
+        def load_splits(self):
+            g = torch.Generator().manual_seed(0)
+            parts = {}
+            for split, (first, count) in {"train": (0, 12), "val": (12, 6), "test": (18, 6)}.items():
+                labels = torch.arange(first, first + count).repeat_interleave(4)
+                if mistake == "from_zero":
+                    labels = labels - first
+                parts[split] = LabelledData(torch.rand(len(labels), 1, 4, 4, generator=g), labels)
+            if mistake == "overlap":
+                train = parts["train"]
+                moved = train.labels < 4
+                parts["test"] = LabelledData(torch.cat([parts["test"].data, train.data[moved]]),
+                                             torch.cat([parts["test"].labels, train.labels[moved]]))
+            return parts
+
+    with pytest.raises(ValueError, match=r"Mistaken.load_splits\(\) " + message):
+        Mistaken(ways=3, shots=1, queries=1, meta_batch_size=2, num_workers=0).setup("fit")

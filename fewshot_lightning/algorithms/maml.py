@@ -836,7 +836,7 @@ class MAML(MetaLearner):
                     f"{type(self).__name__}'s backbone outputs {width} class scores, but the {episodes} episodes "
                     f"are {ways}-way ({described}): "
                     + (f"label {width} has" if width == ways - 1 else f"labels {width} to {ways - 1} have")
-                    + f" no score. {fix[0].upper()}{fix[1:]}."
+                    + f" no score. {'Either ' + fix if width >= 2 else fix[0].upper() + fix[1:]}."
                 )
             if width > ways and ways not in warned:
                 warned.add(ways)

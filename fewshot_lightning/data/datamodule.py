@@ -404,6 +404,7 @@ class LabelledDataModule(ClassificationDataModule):
             splits = self.load_splits()
             for split, (data, labels) in splits.items():
                 check_finite(data, labels, f"The {split} split of {type(self).__name__}")
+            check_class_disjoint(type(self).__name__, splits)
             self._splits = splits
             self.class_split = {
                 split: [self.class_name(label) for label in torch.unique(part.labels).tolist()]
@@ -438,6 +439,25 @@ class LabelledDataModule(ClassificationDataModule):
             data, labels, ways, shots, queries, num_tasks, seed,
             transform=self.train_transform if split == "train" else None, scale=False,
         )
+
+
+def check_class_disjoint(owner: str, splits: Dict[str, LabelledData]) -> None:
+    """Stop if two splits of ``owner.load_splits()`` share a class id: the splits of a few-shot
+    benchmark hold different classes (a test of classes trained on is no few-shot test), and a
+    class's id is its own across the splits (what the checkpoint's class split is compared by)."""
+    ids = {split: set(torch.unique(part.labels).tolist()) for split, part in splits.items()}
+    names = list(ids)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = sorted(ids[first] & ids[second])
+            if shared:
+                shown = ", ".join(map(str, shared[:5])) + (", ..." if len(shared) > 5 else "")
+                raise ValueError(
+                    f"{owner}.load_splits() gave {first} and {second} splits sharing {len(shared)} class id"
+                    f"{'s' if len(shared) > 1 else ''} ({shown}): every class must be in one split only, with an id "
+                    "of its own across the splits. If they are the same classes, take them out of one split; if "
+                    "each split numbers its own classes from 0, renumber them apart (fewshot_lightning.data.datasets."
+                    "_storage.relabel_splits, or an offset per split).")
 
 
 def describe_class_split(owner: str, class_split: Dict[str, List[str]]) -> str:
