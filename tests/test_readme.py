@@ -40,3 +40,26 @@ def test_custom_maml_example_gives_maml_meta_gradient_and_evaluates():
         before = per_task_loss(ours.backbone(batch.query_x), batch.query_y)
     assert not result["loss"].requires_grad
     assert result["loss"].mean() < before.mean()
+
+
+def test_the_custom_maml_example_records_its_arguments_in_checkpoints(tmp_path, monkeypatch, cli):
+    # Its checkpoints held no hyper_parameters (the example calls no save_hyperparameters), so a
+    # test with another inner_lr than the checkpoint's said nothing, where the built-ins warn.
+    namespace = {}
+    exec(compile(readme_block("custom-maml"), "README.md", "exec"), namespace)
+    ours = namespace["MyMAML"](MLP(), inner_lr=0.01, inner_steps=2)
+    assert dict(ours.hparams) == {"inner_lr": 0.01, "inner_steps": 2}
+    module = tmp_path / "readme_maml.py"
+    module.write_text(readme_block("custom-maml"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml")
+    learner = ["--model", "readme_maml.MyMAML", "--model.init_args.backbone", "fewshot_lightning.models.MLP",
+               "--model.init_args.inner_steps", "1"]
+    code, out = cli("fit", "--config", config, *learner, "--model.init_args.inner_lr", "0.4", "--trainer.max_steps", "2",
+                    "--trainer.limit_val_batches", "0")
+    assert code == 0, out[-3000:]
+    code, out = cli("test", "--config", config, *learner, "--model.init_args.inner_lr", "0.05", "--ckpt_path", "last",
+                    "--data.test_tasks", "5")
+    assert code == 0, out[-3000:]
+    assert "inner_lr=0.4" in out and "inner_lr=0.05" in out, out[-3000:]

@@ -279,6 +279,13 @@ class MetaLearner(L.LightningModule):
     evaluate, non-finite weights (:class:`~fewshot_lightning.callbacks.NonFiniteGuard` stops
     or skips the step that would make them).
 
+    The constructor records the arguments of the learner's ``__init__`` (a subclass's too) as
+    hyper-parameters, so checkpoints carry them. A subclass that overrides a Lightning hook this
+    class implements (``setup``, ``on_validation_epoch_end``, ``on_test_epoch_end``,
+    ``on_*_batch_start``, ``on_train_start``, ``on_save_checkpoint``, ``on_load_checkpoint``,
+    ...) calls ``super()`` in it: those hooks log the evaluation metrics and run the checks on
+    data and checkpoints, and without them a test logs nothing, silently.
+
     Args:
         backbone: the network (any ``nn.Module``).
         optimizer: the outer-loop optimizer, e.g. ``torch.optim.Adam`` (``lr=1e-3``) or, in
@@ -334,13 +341,17 @@ class MetaLearner(L.LightningModule):
         if not isinstance(backbone, nn.Module):
             # A dict or jsonargparse's NestedArg: the command line could not build the backbone,
             # because the learner's argument has no type to build it from.
-            unbuilt = isinstance(backbone, dict) or type(backbone).__name__ == "NestedArg"
+            unbuilt = isinstance(backbone, (dict, str)) or type(backbone).__name__ == "NestedArg"
             raise TypeError(
                 f"{type(self).__name__}'s backbone must be a torch.nn.Module (e.g. fewshot_lightning.models.Conv4(...)), "
                 f"got {type(backbone).__name__}."
                 + (f" From the command line or a config, annotate the argument, `backbone: torch.nn.Module`, in "
                    f"{type(self).__name__}.__init__: the CLI builds a class from its argument's type." if unbuilt else ""))
         super().__init__()
+        # The constructor's arguments (a subclass's too: Lightning collects every __init__ of this
+        # object up the stack), so a checkpoint records what it was trained with and a run that
+        # evaluates it with other values says so; a subclass calling it again changes nothing.
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
