@@ -182,26 +182,32 @@ def test_requeue_at_step_end_saves_the_weights_of_the_end_of_that_step(simulated
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # handed back after fit
 
 
-def test_sigterm_outside_slurm_saves_the_step_and_exits_143_saying_how_to_resume(tmp_path):
-    # docker stop, Kubernetes, systemd and `timeout` send SIGTERM: Lightning stopped at the next
-    # batch with SystemExit and no code, so the command exited 0 with last.ckpt at the previous
-    # periodic save, a half-trained run looking finished.
+def fit_stopped_by(tmp_path, signum, said: str, code: int) -> None:
+    """A ``fit`` outside SLURM sent ``signum`` after three steps: it exits with ``code``, saying
+    it stopped by ``said`` at the end of a step that ``last.ckpt`` holds, and how to resume."""
     env = {key: value for key, value in cli_env().items() if not key.startswith("SLURM_")}
     run = start_cli(*fit_args(tmp_path, 100_000, "steps.json"), cwd=tmp_path, env=env, log="fit.log")
     try:
         wait_for(lambda: len(steps_recorded(tmp_path / "steps.json")) >= 3, 240, "three training steps", run)
-        run.send_signal(signal.SIGTERM)
+        run.send_signal(signum)
         run.wait(timeout=60)
     finally:
         if run.poll() is None:
             run.kill()
     log = (tmp_path / "fit.log").read_text()
-    assert run.returncode == 143 and "Traceback" not in log, log[-3000:]
-    found = re.search(r"fewshot-lightning: stopped by SIGTERM at the end of step (\d+), before the run finished; "
+    assert run.returncode == code and "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    found = re.search(rf"fewshot-lightning: stopped by {said} at the end of step (\d+), before the run finished; "
                       r"checkpoints/last.ckpt holds that step\. Resume with the same command and --ckpt_path last\.", log)
     assert found, log[-3000:]
     last = next((tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt"))
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == int(found.group(1))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == int(found.group(1)) >= 3
+
+
+def test_sigterm_outside_slurm_saves_the_step_and_exits_143_saying_how_to_resume(tmp_path):
+    # docker stop, Kubernetes, systemd and `timeout` send SIGTERM: Lightning stopped at the next
+    # batch with SystemExit and no code, so the command exited 0 with last.ckpt at the previous
+    # periodic save, a half-trained run looking finished.
+    fit_stopped_by(tmp_path, signal.SIGTERM, "SIGTERM", 143)
 
 
 def test_the_requeued_job_ends_with_the_weights_of_an_uninterrupted_run(simulated_slurm_job):
@@ -300,19 +306,4 @@ def test_a_run_stopped_by_sigterm_and_resumed_logs_at_the_uninterrupted_runs_ste
 def test_ctrl_c_stops_at_the_step_end_saves_it_and_exits_130_saying_how_to_resume(tmp_path):
     # Lightning's "graceful shutdown" on Ctrl-C exited 1 with last.ckpt at the previous periodic
     # save (1,800 steps behind on the sinusoid config) and no word on resuming.
-    env = {key: value for key, value in cli_env().items() if not key.startswith("SLURM_")}
-    run = start_cli(*fit_args(tmp_path, 100_000, "steps.json"), cwd=tmp_path, env=env, log="fit.log")
-    try:
-        wait_for(lambda: len(steps_recorded(tmp_path / "steps.json")) >= 3, 240, "three training steps", run)
-        run.send_signal(signal.SIGINT)
-        run.wait(timeout=60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    log = (tmp_path / "fit.log").read_text()
-    assert run.returncode == 130 and "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
-    found = re.search(r"fewshot-lightning: stopped by Ctrl-C at the end of step (\d+), before the run finished; "
-                      r"checkpoints/last.ckpt holds that step\. Resume with the same command and --ckpt_path last\.", log)
-    assert found, log[-3000:]
-    last = next((tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt"))
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == int(found.group(1)) >= 3
+    fit_stopped_by(tmp_path, signal.SIGINT, "Ctrl-C", 130)
