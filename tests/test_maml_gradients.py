@@ -485,14 +485,16 @@ def test_the_sanity_check_times_nothing_and_each_workload_decides_on_its_own_fir
     ran_on.clear()
     with torch.no_grad():  # the first validation: evaluation's own choice, on evaluation steps
         model.evaluation_outputs(batch, "val")
-    assert timed_on[9:] == [(20, True)] * 8  # vmap ran in training: no untimed try this time
+    # Three paths twice (not the channels-last loop, _exact_for_evaluation); vmap ran in training:
+    # no untimed try this time.
+    assert timed_on[9:] == [(20, True)] * 6
     assert model.evaluation_path == ("vmap", "contiguous") and set(ran_on) == {("vmap", "contiguous")}
     assert model.evaluation_timings["vmap"] == 20.0 and model.batching_timings["loop channels_last"] == 10.0
     assert (model.batching, model.memory_format) == ("loop", "channels_last")  # training's stays
     with torch.no_grad():
         model.evaluation_outputs(batch, "val")
         model.adaptation_curve(batch)
-    assert len(timed_on) == 17  # decided once each
+    assert len(timed_on) == 15  # decided once each
 
 
 def test_evaluation_before_training_times_evaluation_steps_and_training_decides_its_own(monkeypatch):
@@ -515,11 +517,11 @@ def test_evaluation_before_training_times_evaluation_steps_and_training_decides_
     monkeypatch.setattr(MAML, "_timed_step", timed_step)
     model = MAML(Conv4(hidden=8), inner_lr=0.4, test_inner_steps=2)
     curve = model.adaptation_curve(image_batch(queries=2))
-    assert curve.shape == (3, 2, 10, 5) and timed == [True] * 9
+    assert curve.shape == (3, 2, 10, 5) and timed == [True] * 7  # an untimed vmap try, three paths twice
     assert model.evaluation_path == ("loop", "contiguous")
     assert (model.batching, model.memory_format) == (None, None)
     assert model.choose_batching(image_batch(queries=1)) == "vmap" and model.memory_format == "channels_last"
-    assert timed[9:] == [False] * 8  # vmap ran in evaluation: not tried again untimed
+    assert timed[7:] == [False] * 8  # vmap ran in evaluation: not tried again untimed
     assert model.evaluation_path == ("loop", "contiguous")
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
@@ -560,8 +562,9 @@ def test_a_model_that_fails_under_vmap_is_not_tried_under_it_again(monkeypatch):
         warnings.simplefilter("error")
         with torch.no_grad():
             model.evaluation_outputs(image_batch(), "val")
-    assert [batching for batching, evaluation in tried if evaluation] == ["loop"] * 4
-    assert model.evaluation_path[0] == "loop"
+    # One candidate left, the loop (evaluation leaves out the channels-last loop, _exact_for_evaluation): nothing timed.
+    assert [batching for batching, evaluation in tried if evaluation] == []
+    assert model.evaluation_path == ("loop", "contiguous")
 
 
 def test_a_timed_evaluation_step_builds_no_graph_and_the_chosen_path_gives_the_loops_numbers():
@@ -574,7 +577,8 @@ def test_a_timed_evaluation_step_builds_no_graph_and_the_chosen_path_gives_the_l
     with torch.no_grad():
         expected = reference.evaluation_outputs(batch, "val")
         outputs = model.evaluation_outputs(batch, "val")  # auto: times four paths, evaluation steps
-    assert set(model.evaluation_timings) == {"vmap", "vmap channels_last", "loop", "loop channels_last"}
+    # Not the channels-last loop, whose adaptation is less exact in float32 (_exact_for_evaluation).
+    assert set(model.evaluation_timings) == {"vmap", "vmap channels_last", "loop"}
     assert all(p.grad is None for p in model.parameters())
     assert not outputs.requires_grad
     torch.testing.assert_close(outputs, expected, rtol=1e-4, atol=1e-5)
@@ -613,7 +617,7 @@ def test_evaluation_on_the_machine_that_timed_it_reuses_the_checkpoints_evaluati
     trained = MAML(Conv4(hidden=8), inner_lr=0.4)
     with torch.no_grad():
         trained.evaluation_outputs(image_batch(), "val")
-    assert trained.evaluation_path == ("loop", "contiguous") and len(timed) == 9
+    assert trained.evaluation_path == ("loop", "contiguous") and len(timed) == 7
     checkpoint = {"state_dict": trained.state_dict()}
     trained.on_save_checkpoint(checkpoint)
     assert checkpoint["evaluation_path_timed_on"] == maml.timing_signature(torch.device("cpu"))
@@ -630,7 +634,7 @@ def test_evaluation_on_the_machine_that_timed_it_reuses_the_checkpoints_evaluati
     same._trainer = None
     with torch.no_grad():
         same.evaluation_outputs(image_batch(), "val")
-    assert len(timed) == 9  # nothing timed again
+    assert len(timed) == 7  # nothing timed again
     monkeypatch.setattr(maml.platform, "node", lambda: "another-host")
     elsewhere = tester()
     elsewhere.on_load_checkpoint(checkpoint)
@@ -921,3 +925,30 @@ def test_frozen_parameters_that_adapt_selects_are_named_with_the_selection_that_
         fixed = MAML(network, inner_lr=0.5, batching="loop", adapt=["!0.weight", "!0.bias"])
         MAML(MLP(1, (8,), 1), inner_lr=0.5, batching="loop")  # nothing frozen: no warning
     assert fixed.adapt_names == ["2.weight", "2.bias"]
+
+
+def test_evaluation_does_not_adapt_on_the_channels_last_loop_unless_asked(monkeypatch):
+    # PyTorch's channels-last batch norm on the CPU is 70x-180x less exact in float32, and the
+    # inner steps amplify it: on the Kanji config the test accuracy and loss moved with whichever
+    # path auto took (the evaluation meta-batch, the machine's load). Training may take it.
+    from types import SimpleNamespace
+
+    times = {("vmap", "contiguous"): 0.05, ("vmap", "channels_last"): 0.04, ("loop", "contiguous"): 0.03,
+             ("loop", "channels_last"): 0.01}
+    monkeypatch.setattr(MAML, "_timed_step", lambda self, batch, batching, memory_format="contiguous",
+                        evaluation=False: times[(batching, memory_format)])
+    model = MAML(Conv4(hidden=8), inner_lr=0.4)
+    assert model.choose_batching(image_batch()) == "loop" and model.memory_format == "channels_last"  # training's
+    with torch.no_grad():
+        model.evaluation_outputs(image_batch(), "val")
+    assert model.evaluation_path == ("loop", "contiguous") and "loop channels_last" not in model.evaluation_timings
+    # A short run evaluating untimed on training's path takes the loop channels-first instead.
+    short = MAML(Conv4(hidden=8), inner_lr=0.4)
+    short.batching, short.memory_format = "loop", "channels_last"
+    short.untimed_evaluation_batches = 100
+    short._trainer = SimpleNamespace(world_size=1)
+    monkeypatch.setattr(MAML, "planned_evaluation_batches", lambda self: 2)
+    assert short._untimed_evaluation_path() == ("loop", "contiguous")
+    # Asked for, it is kept.
+    fixed = MAML(Conv4(hidden=8), inner_lr=0.4, batching="loop", memory_format="channels_last")
+    assert fixed._candidates(evaluation=True) == [("loop", "channels_last")]

@@ -868,6 +868,7 @@ class MAML(MetaLearner):
         if self._trainer is not None and self.trainer.state.fn != "fit":
             timed_on = checkpoint.get("evaluation_path_timed_on")
             if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)) \
+                    and self._exact_for_evaluation(tuple(saved)) \
                     and timed_on == timing_signature(self.trainer.strategy.root_device):
                 # validate/test/predict on the machine that timed evaluation in training: no need
                 # to time it again (on another machine, or another device, it is timed afresh).
@@ -884,7 +885,8 @@ class MAML(MetaLearner):
                 self.memory_format = checkpoint.get("memory_format")
                 if self.memory_format is None and self.batching is not None:
                     self.memory_format = "contiguous"  # a checkpoint from before the layout was chosen
-            if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)):
+            if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)) \
+                    and self._exact_for_evaluation(tuple(saved)):
                 self.evaluation_path = (saved[0], saved[1])
             if self.tasks_per_backward_auto and ("tasks_per_backward_chosen" in checkpoint or "batching" in checkpoint):
                 # (A checkpoint of a MAML run from before "auto" existed: it ran the whole batch.)
@@ -895,9 +897,10 @@ class MAML(MetaLearner):
         """Whether ``path`` is one the constructor's fixed choices allow."""
         return all(fixed is None or fixed == chosen for fixed, chosen in zip(self.requested_path, path))
 
-    def _candidates(self) -> List[Tuple[str, str]]:
+    def _candidates(self, evaluation: bool = False) -> List[Tuple[str, str]]:
         """The paths the constructor's fixed choices allow, vmap's first (BATCHING's order), less
-        vmap once the backbone failed to run under it."""
+        vmap once the backbone failed to run under it; for ``evaluation`` also less the
+        channels-last loop, unless fixed (:meth:`_exact_for_evaluation`)."""
         batchings, formats = self.requested_path
         return [
             (batching, memory_format)
@@ -905,7 +908,19 @@ class MAML(MetaLearner):
             for memory_format in ([formats] if formats is not None else list(MEMORY_FORMATS))
             if (memory_format == "contiguous" or self.convolutional)
             and not (batching == "vmap" and self._vmap_runs is False)
+            and not (evaluation and not self._exact_for_evaluation((batching, memory_format)))
         ]
+
+    def _exact_for_evaluation(self, path: Tuple[str, str]) -> bool:
+        """Whether evaluation may adapt on ``path`` unasked. Not on the channels-last loop, whose
+        adaptation runs PyTorch's channels-last batch norm on the CPU, 70x to 180x less exact in
+        float32 than NCHW (benchmarks/batch_norm_precision.py), an error the inner steps amplify
+        (parameters 1e-2 relative apart after 3 steps of 0.4 on the Kanji config, against 6e-6):
+        the printed scores then moved with whatever made ``auto`` pick it (the evaluation
+        meta-batch, the machine's load). Training may take it (noise of the order of a gradient
+        estimate's is no bias there); ``vmap channels_last`` adapts channels-first. A path the
+        constructor fixed is kept."""
+        return path != ("loop", "channels_last") or self.requested_path == path
 
     def choose_batching(self, batch: TaskBatch, evaluation: bool = False) -> str:
         """With ``batching="auto"`` (or ``memory_format="auto"``), decide once, on this batch, how
@@ -1003,7 +1018,7 @@ class MAML(MetaLearner):
         checkpoint; outside fit, the path the checkpoint's training chose), else on the loop.
         Not stored as :attr:`evaluation_path` (nothing was timed); logged once. Off under DDP,
         where every process must take part in the same choice."""
-        candidates = self._candidates()
+        candidates = self._candidates(evaluation=True)
         planned = self.planned_evaluation_batches()
         limit = self.untimed_evaluation_batches
         limit = 2 * len(candidates) if limit is None else limit
@@ -1016,6 +1031,8 @@ class MAML(MetaLearner):
         else:
             path = self._fixed_loop_path()
             source = "the loop" if self.requested_path[0] is None else "the fixed path"
+        if not self._exact_for_evaluation(path):
+            path, source = ("loop", "contiguous"), f"the loop channels-first: {source}, the channels-last loop, adapts less exactly"
         if path != self._untimed_path:
             self._untimed_path = path
             rank_zero_info(
@@ -1029,7 +1046,7 @@ class MAML(MetaLearner):
         """Time a step (training's, or with ``evaluation`` evaluation's) on every candidate path
         and return the chosen (batching, memory format) and the timings in ms by path name
         (empty when there was nothing to time); logs the decision."""
-        candidates = self._candidates()
+        candidates = self._candidates(evaluation)
         timings: Dict[Tuple[str, str], List[float]] = {}
         # Training's candidates that ran out of memory (a GPU's): dropped from the choice; if
         # every one did, "auto" groups the tasks (below). The message only: the error's frames
