@@ -1010,7 +1010,7 @@ class MAML(MetaLearner):
 
     def _untimed_evaluation_path(self) -> Optional[Tuple[str, str]]:
         """The path for a run with too few evaluation batches to repay timing: timing runs two
-        evaluation steps on each candidate path (eight on four paths), which the fastest path
+        evaluation steps on each candidate path (six on the three evaluation may take), which the fastest path
         can only win back over more batches than that (at most the fallback's time per batch
         saved on each, and the paths measured differ by under 2x: docs/benchmarks.md). With at
         most :attr:`untimed_evaluation_batches` planned (default: twice the candidates),
