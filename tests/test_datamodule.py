@@ -421,3 +421,22 @@ def test_a_loader_whose_splits_share_class_ids_is_stopped_at_setup(mistake, mess
 
     with pytest.raises(ValueError, match=r"Mistaken.load_splits\(\) " + message):
         Mistaken(ways=3, shots=1, queries=1, meta_batch_size=2, num_workers=0).setup("fit")
+
+
+def test_float_images_with_raw_pixel_values_are_warned_about():
+    # Float images of 0..255 trained with a loss in the thousands and no word: the models expect
+    # [0, 1] (uint8 images are scaled to it), and floats are used as given.
+    import warnings
+
+    labels = torch.arange(20).repeat_interleave(4)
+    raw = torch.randint(0, 256, (80, 1, 4, 4)).float()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        EpisodicDataModule(raw, labels, ways=3, shots=1, queries=1, num_workers=0).setup("fit")
+    said = [str(w.message) for w in caught if "raw 0-255 pixels" in str(w.message)]
+    assert len(said) == 1 and re.search(r"split of EpisodicDataModule is float with whole values from 0 to 25\d: raw 0-255 "
+                                        r"pixels\? .*divide by 255", said[0]), said
+    for fine in (raw / 255, (raw - 127.5) / 60):  # [0, 1], or standardised
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            EpisodicDataModule(fine, labels, ways=3, shots=1, queries=1, num_workers=0).setup("fit")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .episodes import (
     EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, check_finite,
-    episode_shape_problems, labelled_input,
+    episode_shape_problems, labelled_input, warn_raw_pixels,
 )
 from .task import TaskBatch, collate_tasks, scale_images
 
@@ -404,6 +404,8 @@ class LabelledDataModule(ClassificationDataModule):
             splits = self.load_splits()
             for split, (data, labels) in splits.items():
                 check_finite(data, labels, f"The {split} split of {type(self).__name__}")
+            # Once, on the first split that looks so (the others are the same data, as a rule).
+            any(warn_raw_pixels(data, f"The {split} split of {type(self).__name__}") for split, (data, _) in splits.items())
             check_class_disjoint(type(self).__name__, splits)
             self._splits = splits
             self.class_split = {

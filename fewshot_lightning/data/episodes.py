@@ -399,6 +399,25 @@ def episode_shape_problems(
     return problems
 
 
+def warn_raw_pixels(data: Union[Tensor, Dataset], what: str = "The data") -> bool:
+    """Warn if float ``data`` looks like raw 0-255 pixel values (whole numbers, none negative,
+    some above 1, in its first million values): the models expect images in ``[0, 1]``, which
+    ``uint8`` images are scaled to, and float data is used as given (a training loss in the
+    thousands, and no error). Standardised data (negative values) and ``[0, 1]`` data pass.
+    Returns whether it warned."""
+    if not isinstance(data, Tensor) or not data.is_floating_point() or len(data) == 0:
+        return False
+    rows = max(1, _FINITE_BLOCK // 16 // max(1, data[0].numel()))
+    sample = data[:rows]
+    if float(sample.amin()) >= 0 and float(sample.amax()) > 1.5 and bool((sample == sample.round()).all()):
+        warnings.warn(
+            f"{what} is float with whole values from {float(sample.amin()):g} to {float(sample.amax()):g}: raw 0-255 "
+            "pixels? Floats are used as given, and the models expect images in [0, 1] (uint8 images are scaled to "
+            "it): divide by 255, or pass the images as uint8.", stacklevel=3)
+        return True
+    return False
+
+
 def check_finite(data: Union[Tensor, Dataset], labels: Tensor, what: str = "The data") -> None:
     """Raise a ``ValueError`` if float ``data`` holds NaN or infinite values, naming how many,
     in which samples (the first five, with their classes) and what to do.
