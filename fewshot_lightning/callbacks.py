@@ -432,14 +432,14 @@ class RequeueAtStepEnd(L.Callback):
         self._previous: Any = None
         self._previous_sigterm: Any = None
         self._previous_sigint: Any = None
+        #: The stop signal received (SIGTERM, or Ctrl-C's SIGINT) and not yet acted on, if any.
         self._terminate_signal: Optional[signal.Signals] = None
         self._requested = False
-        self._terminate = False
         #: The signal behind :attr:`stopped_by_sigterm_at`: ``SIGTERM`` or ``SIGINT`` (Ctrl-C).
         self.stopped_by_signal: Optional[signal.Signals] = None
         self._watch_sigterm = False
-        #: The step at whose end a SIGTERM stopped this fit (``LastCheckpoint`` saved it there),
-        #: ``None`` if none did.
+        #: The step at whose end a SIGTERM, or Ctrl-C (:attr:`stopped_by_signal`), stopped this fit
+        #: (``LastCheckpoint`` saved it there), ``None`` if none did.
         self.stopped_by_sigterm_at: Optional[int] = None
         #: Whether this fit saved an HPC checkpoint and requeued the job (SLURM's SIGTERM then
         #: ends a job that will run again: a planned stop).
@@ -460,8 +460,7 @@ class RequeueAtStepEnd(L.Callback):
         # send. Lightning's own handling raised SystemExit with no code at the next batch: the
         # command exited 0, with last.ckpt at the previous periodic save.
         self._watch_sigterm = True
-        self._requested = self._terminate = False
-        self._terminate_signal: Optional[signal.Signals] = None
+        self._requested, self._terminate_signal = False, None
         environment = trainer._accelerator_connector.cluster_environment
         if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
@@ -481,23 +480,24 @@ class RequeueAtStepEnd(L.Callback):
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
-            if self._terminate:  # a second Ctrl-C: stop now
+            if self._terminate_signal is not None:  # a second Ctrl-C: stop now
                 self._restore_sigint()
                 raise KeyboardInterrupt
             sys.stderr.write("\nCtrl-C: stopping at the end of this training step and saving it (Ctrl-C again stops "
                              "at once, losing the steps since the last save).\n")
-        self._terminate = True
         self._terminate_signal = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if not self._watch_sigterm:
             return
-        if trainer.strategy.reduce_boolean_decision(self._terminate, all=False) and self.stopped_by_sigterm_at is None:
-            received = self._terminate_signal or signal.SIGTERM
-            rank_zero_info(f"{received.name} received: stopping at the end of step {trainer.global_step} on every rank.")
+        received = self._terminate_signal is not None
+        if trainer.strategy.reduce_boolean_decision(received, all=False) and self.stopped_by_sigterm_at is None:
+            # Another rank's signal: the same stop (a terminal's Ctrl-C or SLURM's SIGTERM reaches them all).
+            self.stopped_by_signal = self._terminate_signal or signal.SIGTERM
+            rank_zero_info(f"{self.stopped_by_signal.name} received: stopping at the end of step {trainer.global_step} "
+                           "on every rank.")
             trainer.should_stop = True
             self.stopped_by_sigterm_at = trainer.global_step
-            self.stopped_by_signal = received
         if self._signal is None or not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
             return
         self._requested = False

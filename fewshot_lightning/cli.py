@@ -621,33 +621,33 @@ def _drop_switched_off_callbacks(trainer: Any) -> None:
     from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 
     callbacks = trainer.get("callbacks")
-    if not isinstance(callbacks, list):
+    off = {flag: kind for flag, kind in (("enable_progress_bar", ProgressBar), ("enable_checkpointing", Checkpoint))
+           if trainer.get(flag) is False}
+    if not isinstance(callbacks, list) or not off:
         return
-    off = [(kind, flag) for kind, flag in ((ProgressBar, "enable_progress_bar"), (Checkpoint, "enable_checkpointing"))
-           if trainer.get(flag) is False]
-    if not off:
-        return
-    kept, dropped = [], []
+    kept = []
     for callback in callbacks:
-        path = callback.get("class_path") if hasattr(callback, "get") else None
-        cls = None
-        if isinstance(path, str) and "." in path:
-            module, _, name = path.rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                cls = None
-        elif not hasattr(callback, "get"):
-            cls = type(callback)
-        switched_off = [flag for kind, flag in off if isinstance(cls, type) and issubclass(cls, kind)]
-        (dropped if switched_off else kept).append((callback, cls, switched_off))
-    if not dropped:
-        return
-    trainer["callbacks"] = [callback for callback, _, _ in kept]
-    for _, cls, flags in dropped:
-        rank_zero_info(f"--trainer.{flags[0]} false: the config's {cls.__name__} callback is left out."
+        cls = _callback_class(callback)
+        flag = next((flag for flag, kind in off.items() if isinstance(cls, type) and issubclass(cls, kind)), None)
+        if flag is None:
+            kept.append(callback)
+            continue
+        rank_zero_info(f"--trainer.{flag} false: the config's {cls.__name__} callback is left out."
                        + (" No checkpoint is saved: this run cannot be resumed or tested by --ckpt_path last/best."
-                          if flags[0] == "enable_checkpointing" else ""))
+                          if flag == "enable_checkpointing" else ""))
+    trainer["callbacks"] = kept
+
+
+def _callback_class(callback: Any) -> Optional[type]:
+    """The class of a callback as the parser holds it: a ``class_path`` namespace (imported), or
+    an instance; ``None`` where the path does not import."""
+    if not hasattr(callback, "get"):
+        return type(callback)
+    module, _, name = str(callback.get("class_path") or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
 
 
 def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
@@ -780,7 +780,6 @@ def main(args: Optional[List[str]] = None) -> None:
                if isinstance(callback, RequeueAtStepEnd) and callback.stopped_unplanned]
     if stopped:
         step, received = stopped[0]
-        received = received or signal.SIGTERM
         saved = any(isinstance(callback, LastCheckpoint) for callback in cli.trainer.callbacks)
         sys.stderr.write(
             f"fewshot-lightning: stopped by {'Ctrl-C' if received == signal.SIGINT else received.name} at the end of step "

@@ -867,8 +867,7 @@ class MAML(MetaLearner):
         saved = checkpoint.get("evaluation_path")
         if self._trainer is not None and self.trainer.state.fn != "fit":
             timed_on = checkpoint.get("evaluation_path_timed_on")
-            if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)) \
-                    and self._exact_for_evaluation(tuple(saved)) \
+            if self.evaluation_path is None and saved is not None and self._evaluation_may_take(tuple(saved)) \
                     and timed_on == timing_signature(self.trainer.strategy.root_device):
                 # validate/test/predict on the machine that timed evaluation in training: no need
                 # to time it again (on another machine, or another device, it is timed afresh).
@@ -885,8 +884,7 @@ class MAML(MetaLearner):
                 self.memory_format = checkpoint.get("memory_format")
                 if self.memory_format is None and self.batching is not None:
                     self.memory_format = "contiguous"  # a checkpoint from before the layout was chosen
-            if self.evaluation_path is None and saved is not None and self._agrees(tuple(saved)) \
-                    and self._exact_for_evaluation(tuple(saved)):
+            if self.evaluation_path is None and saved is not None and self._evaluation_may_take(tuple(saved)):
                 self.evaluation_path = (saved[0], saved[1])
             if self.tasks_per_backward_auto and ("tasks_per_backward_chosen" in checkpoint or "batching" in checkpoint):
                 # (A checkpoint of a MAML run from before "auto" existed: it ran the whole batch.)
@@ -896,6 +894,10 @@ class MAML(MetaLearner):
     def _agrees(self, path: Tuple[str, str]) -> bool:
         """Whether ``path`` is one the constructor's fixed choices allow."""
         return all(fixed is None or fixed == chosen for fixed, chosen in zip(self.requested_path, path))
+
+    def _evaluation_may_take(self, path: Tuple[str, str]) -> bool:
+        """Whether evaluation may run on ``path`` (a checkpoint's): allowed and exact enough."""
+        return self._agrees(path) and self._exact_for_evaluation(path)
 
     def _candidates(self, evaluation: bool = False) -> List[Tuple[str, str]]:
         """The paths the constructor's fixed choices allow, vmap's first (BATCHING's order), less

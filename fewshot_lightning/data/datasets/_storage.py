@@ -50,12 +50,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # 64 random bits: a name no other writer picks; O_EXCL refuses to reuse one anyway.
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    try:
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise DataFileError(_not_writable(path.parent, path.name, error)) from error
+    _create_new(temporary, path.name)
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -65,11 +60,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _not_writable(folder: Path, name: str, error: BaseException) -> str:
-    return (f"Cannot write {name} in {folder} ({error.strerror or error}): the data folder is read-only here, and "
+def _create_new(path: Path, name: str) -> None:
+    """Create the empty file ``path`` (``O_EXCL``: never one that exists), as an ordinary file is
+    (mode ``0o666`` less the umask), on the way to writing ``name`` beside it; a folder that refuses
+    it is a :class:`DataFileError` naming the folder and the fixes."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise DataFileError(
+            f"Cannot write {name} in {path.parent} ({error.strerror or error}): the data folder is read-only here, and "
             f"{name} is built there once (decoded images, or their checksum record) and reused. Make the folder "
             "writable for one run, or copy the dataset folder somewhere writable (cp -a keeps its caches) and point "
-            "root there.")
+            "root there.") from error
 
 
 def ensure_writable(folder: Path, name: str) -> None:
@@ -77,12 +81,7 @@ def ensure_writable(folder: Path, name: str) -> None:
     decoding pass of minutes, not after it."""
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".{name}.{secrets.token_hex(8)}.probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise DataFileError(_not_writable(folder, name, error)) from error
+    _create_new(probe, name)
     os.remove(probe)
 
 
