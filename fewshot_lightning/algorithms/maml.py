@@ -917,7 +917,8 @@ class MAML(MetaLearner):
         """Whether evaluation may adapt on ``path`` unasked. Not on the channels-last loop, whose
         adaptation runs PyTorch's channels-last batch norm on the CPU, 70x to 180x less exact in
         float32 than NCHW (benchmarks/batch_norm_precision.py), an error the inner steps amplify
-        (parameters 1e-2 relative apart after 3 steps of 0.4 on the Kanji config, against 6e-6):
+        (adapted parameters 0.2 relative from float64 after 3 steps of 0.4, against 4.5e-6:
+        benchmarks/evaluation_path_precision.py):
         the printed scores then moved with whatever made ``auto`` pick it (the evaluation
         meta-batch, the machine's load). Training may take it (noise of the order of a gradient
         estimate's is no bias there); ``vmap channels_last`` adapts channels-first. A path the
