@@ -27,6 +27,7 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ._text import listed
 from .data import EpisodeDataset, TaskDataset
 
 
@@ -238,19 +239,19 @@ class NonFiniteGuard(Callback):
             values = sorted({str(v) for v in task_losses[bad].tolist()})
             text = (
                 f"Non-finite training loss at {where}: task{'s' if len(bad) > 1 else ''} "
-                f"{_listed(bad)} of the {len(task_losses)} in the batch (counting from 0) had a loss of "
+                f"{listed(bad, 8)} of the {len(task_losses)} in the batch (counting from 0) had a loss of "
                 f"{' / '.join(values)}."
             )
             indices = self._dataset_indices(trainer, len(task_losses), bad)
             if indices is not None:
-                text += f" Their training-set indices: {_listed(indices)} (datamodule.datasets['train'][i] rebuilds task i)."
+                text += f" Their training-set indices: {listed(indices, 8)} (datamodule.datasets['train'][i] rebuilds task i)."
             return text
         names = {id(p): name for name, p in pl_module.named_parameters()}
         bad = [names.get(id(p), "?") for p in params if not _all_finite([p.grad])]
         if not bad:
             return f"Non-finite loss or gradient at {where} in another process; this one's are finite."
         losses = "" if task_losses is None else f", with finite losses on all {len(task_losses)} tasks of the batch"
-        text = f"Non-finite gradient at {where}{losses}: in {_listed(bad)}."
+        text = f"Non-finite gradient at {where}{losses}: in {listed(bad, 8)}."
         if trainer.world_size > 1:
             text += " Gradients are averaged over processes: another process's message may name the tasks."
         return text
@@ -269,11 +270,6 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: Dict[str, int]) -> None:
         self.skipped = state_dict["skipped"]
         self.consecutive = state_dict["consecutive"]
-
-
-def _listed(items: Sequence[Any], limit: int = 8) -> str:
-    shown = ", ".join(str(item) for item in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -50,6 +50,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import allocator
+from ._text import listed
 from .algorithms import MetaLearner
 from .algorithms.base import same_value
 from .algorithms.maml import out_of_memory
@@ -600,8 +601,7 @@ def _versions(root: Path) -> List[int]:
 
 
 def _names(dirs: List[Path], limit: int = 4) -> str:
-    names = [d.parent.name for d in dirs]
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return listed([d.parent.name for d in dirs], limit)
 
 
 def _quiet_known_warnings() -> None:

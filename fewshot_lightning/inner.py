@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ._text import listed
 from .models.blocks import differentiated_twice, keep_layout
 
 Params = Dict[str, Tensor]
@@ -470,8 +471,7 @@ def trajectory(
     if unbatched:
         raise ValueError(
             f"params must be per task, [tasks, ...] with tasks = {tasks} (support_x's first dimension), but "
-            f"{', '.join(f'{n} is {shape}' for n, shape in list(unbatched.items())[:3])}"
-            f"{f' (and {len(unbatched) - 3} more)' if len(unbatched) > 3 else ''}. Expand the module's parameters to one copy per task with "
+            f"{listed([f'{n} is {shape}' for n, shape in unbatched.items()], 3)}. Expand the module's parameters to one copy per task with "
             "task_params(dict(module.named_parameters()), tasks).")
     optimizer = GradientDescent() if optimizer is None else optimizer
     params = _ready(params, differentiable)
@@ -526,7 +526,7 @@ def _unused_as_zero(names: Sequence[str], grads: Sequence[Optional[Tensor]], par
     unused = [name for name, grad in zip(names, grads) if grad is None]
     if not unused:
         return list(grads)
-    shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+    shown = listed(unused, 4)
     if len(unused) == len(names):
         raise ValueError(
             f"The support loss does not depend on any adapted tensor ({shown}): the forward ignores the parameters "

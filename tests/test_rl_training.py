@@ -77,3 +77,33 @@ def test_a_partial_test_is_said_and_predict_is_refused():
     assert not [w for w in caught if "This test scored" in str(w.message)]
     with pytest.raises(ValueError, match=r"MAMLRL has no predict: its tasks are goals to reach.*Use test"):
         quiet_trainer().predict(model, data)
+
+
+def test_plateau_scheduler_steps_on_the_validation_return():
+    # ReduceLROnPlateau steps on val/return_after_<test_inner_steps>_steps (higher is better) after
+    # each validation. An absolute threshold no change reaches: every validation after the first is
+    # "no improvement", so with patience 0 the rate halves at each (3 validations: twice).
+    from functools import partial
+
+    scheduler = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max", factor=0.5, patience=0,
+                        threshold=1e6, threshold_mode="abs")
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2, test_inner_steps=2,
+                   optimizer=partial(torch.optim.Adam, lr=0.01), lr_scheduler=scheduler)
+    assert model.plateau_metric == ("val/return_after_2_steps", "max")
+    data = NavigationDataModule(meta_batch_size=2, train_tasks=12, val_tasks=2, test_tasks=2)
+    validations = []
+
+    class Count(L.Callback):
+        def on_validation_end(self, trainer, module):
+            validations.append(trainer.callback_metrics["val/return_after_2_steps"])
+
+    # (MAML-RL takes several optimizer steps a batch, which max_steps counts.)
+    trainer = quiet_trainer(max_steps=6, val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                            callbacks=[Count()])
+    trainer.fit(model, data)
+    assert len(validations) >= 2 and model._plateau_steps == len(validations)
+    assert model._plateau.best == pytest.approx(float(validations[0]))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** (len(validations) - 1))
+    with pytest.raises(ValueError, match=r"steps on val/return_after_2_steps .* higher, but was built with mode='min'"):
+        model.lr_scheduler = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min")
+        quiet_trainer(max_steps=1).fit(model, data)

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from .._text import listed
 from ..callbacks import NonFiniteError
 from ..data.task import TaskBatch, scale_images
 from ..hooks import cache_step_signatures, hide_idle_hooks, quiet_profiler, restore_hooks, restore_profiler
@@ -295,7 +296,9 @@ class MetaLearner(L.LightningModule):
             meta-iteration 7% to 15% faster) unless the optimizer is given ``fused`` or
             ``foreach``, the parameters' device or torch version has no fused kernel
             (:func:`fused_if_unset`), or 16-bit mixed precision's loss scaler is in use.
-        lr_scheduler: optional outer learning-rate scheduler, stepped every training step.
+        lr_scheduler: optional outer learning-rate scheduler, stepped every training step;
+            ``torch.optim.lr_scheduler.ReduceLROnPlateau`` is stepped after every validation
+            instead, on :attr:`plateau_metric` (the validation loss; give it that metric's mode).
     """
 
     #: Whether evaluation needs autograd (gradient-based adaptation) even under ``inference_mode``.
@@ -370,6 +373,11 @@ class MetaLearner(L.LightningModule):
         self._resumed_rng_states: Optional[Dict[str, Any]] = None
         #: The splits whose first batch of this run was checked (:meth:`_check_labels_once`).
         self._labels_checked: set = set()
+        #: A ``ReduceLROnPlateau`` given as ``lr_scheduler``, stepped by :meth:`on_validation_end`;
+        #: its state read from a checkpoint before the optimizer exists; validations it stepped on.
+        self._plateau: Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
+        self._plateau_state: Optional[Dict[str, Any]] = None
+        self._plateau_steps = 0
 
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -785,6 +793,7 @@ class MetaLearner(L.LightningModule):
             # compute() already reduced over processes, so every rank holds the same value and
             # sync_dist's mean returns it unchanged; without it Lightning warns under DDP.
             self.log(f"{stage}/{name}", mean, prog_bar=key == "score", sync_dist=True)
+            self._step_plateau(f"{stage}/{name}", mean)
             self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
             metrics[key].reset()
             if key == "score" and not torch.isfinite(mean):
@@ -806,6 +815,20 @@ class MetaLearner(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
+
+    #: The validation metric a ``ReduceLROnPlateau`` outer scheduler steps on, and its mode.
+    plateau_metric: Tuple[str, str] = ("val/loss", "min")
+
+    def _step_plateau(self, name: str, value: Any) -> None:
+        """Step a ``ReduceLROnPlateau`` outer scheduler on ``value`` if ``name`` is its
+        :attr:`plateau_metric` (called as validation logs its metrics, reduced over processes):
+        before the callbacks' ``on_validation_end``, so a checkpoint saved there holds the step."""
+        trainer = self._trainer
+        if self._plateau is None or name != self.plateau_metric[0] or trainer is None or trainer.sanity_checking \
+                or trainer.state.fn != "fit":
+            return
+        self._plateau.step(float(value))
+        self._plateau_steps += 1
 
     def on_test_epoch_end(self) -> None:
         self._warn_if_partial_test()
@@ -832,6 +855,11 @@ class MetaLearner(L.LightningModule):
     # -- trustworthy runs ---------------------------------------------------------------------
     def on_train_end(self) -> None:
         self._check_finite_weights("Training ended with")
+        if self._plateau is not None and not self._plateau_steps:
+            rank_zero_warn(
+                f"The ReduceLROnPlateau outer scheduler never stepped: no validation reported "
+                f"{self.plateau_metric[0]} during this run, so the learning rate never changed. Validate during "
+                "training (--trainer.val_check_interval N with validation episodes), or use another scheduler.")
 
     def on_validation_start(self) -> None:
         self._check_finite_weights("Validation would score")
@@ -845,7 +873,7 @@ class MetaLearner(L.LightningModule):
     def _check_finite_weights(self, what: str) -> None:
         broken = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
         if broken:
-            shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+            shown = listed(broken, 3)
             raise NonFiniteError(
                 f"{what} non-finite weights (NaN or inf in {shown}), which would give a meaningless score. "
                 "Train with NonFiniteGuard (the CLI always does: --nonfinite.policy raise|skip) to stop at the "
@@ -854,6 +882,9 @@ class MetaLearner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states(self.device)
+        if self._plateau is not None:
+            # Stepped by the learner, not Lightning, so not among Lightning's saved schedulers.
+            checkpoint["plateau_scheduler"] = self._plateau.state_dict()
         checkpoint["learner"] = _qualified_name(type(self))
         _count_the_finished_batch(self._trainer, checkpoint)
 
@@ -880,6 +911,9 @@ class MetaLearner(L.LightningModule):
                 f"{_qualified_name(type(self))}: load it into the learner that saved it, or train this one.")
         self._check_arguments_in_weights(checkpoint)
         self._resumed_rng_states = checkpoint.get("rng_states")
+        self._plateau_state = checkpoint.get("plateau_scheduler")
+        if self._plateau is not None and self._plateau_state is not None:
+            self._plateau.load_state_dict(self._plateau_state)
 
     def _check_arguments_in_weights(self, checkpoint: Dict[str, Any]) -> None:
         """A checkpoint restores the tensors behind :meth:`arguments_in_weights`, so a learner
@@ -946,4 +980,18 @@ class MetaLearner(L.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
+        self._plateau = None
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Lightning would step it at every training step (our validations fall within epochs)
+            # on the last validation's value: stepped after each validation instead.
+            metric, mode = self.plateau_metric
+            if scheduler.mode != mode:
+                raise ValueError(
+                    f"ReduceLROnPlateau steps on {metric} after every validation, which is better when it is "
+                    f"{'lower' if mode == 'min' else 'higher'}, but was built with mode={scheduler.mode!r}: give it "
+                    f"mode={mode!r} (--model.init_args.lr_scheduler.mode {mode}).")
+            self._plateau, self._plateau_steps = scheduler, 0
+            if self._plateau_state is not None:
+                scheduler.load_state_dict(self._plateau_state)
+            return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

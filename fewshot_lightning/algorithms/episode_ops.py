@@ -69,14 +69,14 @@ def per_task(network: nn.Module, inputs: Tensor, batch_norm_stats: str) -> Tenso
     norms = [m for m in network.modules() if isinstance(m, _BatchNorm)]
     if not norms:
         return network(inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])
-    hidden = _running_buffers(network) if batch_norm_stats == "task" else {}
+    hidden = running_buffers(network) if batch_norm_stats == "task" else {}
     state: Dict[str, Optional[Tensor]] = dict.fromkeys(hidden)
     if all(isinstance(m, TaskBatchNorm2d) for m in norms):
         return call_with(network, state, (inputs,), tied=tied_names(network)) if state else network(inputs)
     copies = {}
     if network.training and not state:
         tasks = inputs.shape[0]
-        copies = {name: b.expand(tasks, *b.shape).clone() for name, b in _running_buffers(network).items()}
+        copies = {name: b.expand(tasks, *b.shape).clone() for name, b in running_buffers(network).items()}
 
     tied = tied_names(network)
 
@@ -91,7 +91,7 @@ def per_task(network: nn.Module, inputs: Tensor, batch_norm_stats: str) -> Tenso
     return outputs
 
 
-def _running_buffers(network: nn.Module) -> Dict[str, Tensor]:
+def running_buffers(network: nn.Module) -> Dict[str, Tensor]:
     """The running averages (and their counters) of every batch-norm layer, by buffer name."""
     buffers = {}
     for module_name, module in network.named_modules():

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from .._text import listed
 from ..data.task import TaskBatch
 from ..inner import (
     BATCHING, MEMORY_FORMATS, Forward, InnerLearningRate, Params, channels_last, functional, select_parameters,
@@ -21,7 +22,7 @@ from ..inner import (
 )
 from ..metrics import MeanConfidenceInterval
 from .base import MetaLearner, TaskShapeError, WeightsMismatchError, per_task_loss
-from .episode_ops import _running_buffers
+from .episode_ops import running_buffers
 
 
 #: How much faster than the channels-first paths a channels-last path must time to be chosen
@@ -240,7 +241,7 @@ class MAML(MetaLearner):
         #: The backbone's batch-norm running averages, hidden (``None``) in every pass: batch norm
         #: normalises each pass with its task's own batch statistics, in training and evaluation
         #: (see the ``transductive`` argument), and updates nothing.
-        self._hidden_running: Dict[str, None] = dict.fromkeys(_running_buffers(backbone))
+        self._hidden_running: Dict[str, None] = dict.fromkeys(running_buffers(backbone))
         if self._hidden_running:
             layers = sorted({name.rsplit(".", 1)[0] for name in self._hidden_running})
             warnings.warn(
@@ -253,7 +254,7 @@ class MAML(MetaLearner):
             )
         frozen = [name for name, p in backbone.named_parameters() if name in shapes and not p.requires_grad]
         if frozen:
-            shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+            shown = listed(frozen, 4)
             warnings.warn(
                 f"{type(self).__name__} adapts {shown} in the inner loop although they have requires_grad=False "
                 f"(adapt={adapt!r} selects them; the outer loop leaves them as they are). To keep them fixed in both "

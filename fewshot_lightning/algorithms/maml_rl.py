@@ -267,6 +267,12 @@ class MAMLRL(MetaLearner):
                     params = self.adapt_step(params, support, step, differentiable=False)
         return torch.stack(returns, dim=1)
 
+    @property
+    def plateau_metric(self) -> Tuple[str, str]:
+        """A ``ReduceLROnPlateau`` outer scheduler steps on the validation return after the
+        last adaptation step (higher is better)."""
+        return f"val/return_after_{self.test_inner_steps}_steps", "max"
+
     def validation_step(self, batch: GoalBatch, batch_idx: int) -> None:
         self.curves["val"].update(self.adaptation_returns(batch, self.test_inner_steps))
 
@@ -282,6 +288,7 @@ class MAMLRL(MetaLearner):
         metric.reset()
         for step, (mean, interval) in enumerate(zip(means.tolist(), ci95.tolist())):
             self.log(f"{stage}/return_after_{step}_steps", mean, prog_bar=step == self.inner_steps)
+            self._step_plateau(f"{stage}/return_after_{step}_steps", mean)
             self.log(f"{stage}/return_after_{step}_steps_ci95", interval)
         if stage == "test":
             # The same points as one series against the adaptation step, for any logger to draw.

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
+from .._text import listed
 from .seeding import task_uniforms, tasks_uniforms
 from .task import TaskBatch, collate_tasks, to_unit_float
 
@@ -436,11 +437,10 @@ def check_finite(data: Union[Tensor, Dataset], labels: Tensor, what: str = "The 
     if not len(samples):
         return
     total = int(bad_values.sum())
-    listed = ", ".join(f"sample {i} (class {int(labels[i])})" for i in samples[:5].tolist())
-    more = f" and {len(samples) - 5:,} more" if len(samples) > 5 else ""
+    shown = listed([f"sample {i} (class {int(labels[i])})" for i in samples.tolist()], 5)
     raise ValueError(
         f"{what} holds {total:,} non-finite value{'' if total == 1 else 's'} (NaN or infinity) in {len(samples):,} "
-        f"of its {len(data):,} samples: {listed}{more}. One is enough to make every weight NaN at the first training "
+        f"of its {len(data):,} samples: {shown}. One is enough to make every weight NaN at the first training "
         "step that draws it. Repair or drop those samples before training, e.g. "
         "`keep = torch.isfinite(data).reshape(len(data), -1).all(1)`, then use `data[keep]` and `labels[keep]`."
     )

@@ -21,6 +21,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import Tensor
 
+from ..._text import listed
 from ..episodes import LabelledData
 
 PathLike = Union[str, os.PathLike]
@@ -286,11 +287,8 @@ def recorded_source(path: Path) -> Optional[Dict[str, Any]]:
 def describe_failures(failures: Sequence[Tuple[str, Union[str, BaseException]]], limit: int = 10) -> str:
     """``"a.png (OSError: image file is truncated), b.png (...) and 3 more"``: the first ``limit``
     of ``(file, error or its description)`` pairs."""
-    listed = [
-        f"{name} ({error if isinstance(error, str) else describe_error(error)})" for name, error in failures[:limit]
-    ]
-    more = len(failures) - len(listed)
-    return ", ".join(listed) + (f" and {more} more" if more else "")
+    return listed([f"{name} ({error if isinstance(error, str) else describe_error(error)})"
+                   for name, error in failures], limit)
 
 
 def describe_error(error: BaseException) -> str:
