@@ -92,6 +92,31 @@ def test_film_conv4_starts_as_the_plain_network_and_the_context_modulates_it():
     assert not torch.allclose(modulated, plain(images), atol=1e-3)
 
 
+def test_film_modulates_the_pooled_maps_as_the_authors_network_does():
+    # lmzintgraf/cavia's CondConvNet: conv, batch norm, 2x2 max-pool, FiLM, ReLU. FiLM before the
+    # pooling is another function where a channel's multiplier is negative (here -2 on channel 0:
+    # the pooling would pick the minimum of the unmodulated maps).
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    network = FiLMConv4(in_channels=1, hidden=4, out_features=3, image_size=16, context_dim=2, film_blocks=(0,))
+    block = network.blocks[0]
+    with torch.no_grad():
+        block.film.weight.zero_()
+        block.film.weight[0, 0] = -3.0  # scale of channel 0 = -3 * context[0]: multiplier 1 - 3 = -2
+        block.film.weight[4, 1] = 0.5   # shift of channel 0 = 0.5 * context[1]
+    context = torch.tensor([1.0, 1.0])
+    images = torch.randn(6, 1, 16, 16)
+    scale, shift = block.film(context).chunk(2)
+    maps = F.max_pool2d(F.batch_norm(block.conv(images), None, None, block.norm.weight, block.norm.bias, True), 2)
+    out = F.relu(maps * (1 + scale).view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    for later in network.blocks[1:]:
+        out = later(out, context)
+    expected = network.head(out.flatten(1))
+    assert (1 + scale[0]).item() == pytest.approx(-2.0)
+    assert torch.allclose(network(images, context), expected, atol=1e-6)
+
+
 def test_the_meta_gradient_reaches_the_film_layers_on_images():
     torch.manual_seed(0)
     backbone = FiLMConv4(in_channels=1, hidden=8, out_features=3, image_size=16, context_dim=5)

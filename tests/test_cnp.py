@@ -84,3 +84,50 @@ def test_cnp_sinusoid_config_fits_through_the_cli(tmp_path):
         "--data.init_args.val_tasks", "25",
     ])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_training_conditions_on_a_random_subset_and_scores_every_point():
+    # Garnelo et al. (2018), section 2.4: a random subset of N ~ U{1..n-1} of a task's n
+    # observations is the context; the loss is the NLL of all n. Recomputed here task by task
+    # from the same draws, with the context points picked out by index.
+    import math
+
+    torch.manual_seed(0)
+    model = small_cnp()
+    batch = sinusoid_batch(tasks=4, shots=5, queries=3)
+    torch.manual_seed(1)
+    losses, outputs = model.training_losses(batch)
+    assert outputs is None and losses.shape == (4,)
+    torch.manual_seed(1)
+    n = 8
+    sizes = torch.randint(1, n, (4, 1))
+    ranks = torch.rand(4, n).argsort(1).argsort(1)
+    assert set(sizes.flatten().tolist()) != {sizes[0, 0].item()}  # the tasks drew different sizes
+    for task in range(4):
+        x = torch.cat([batch.support_x[task], batch.query_x[task]])
+        y = torch.cat([batch.support_y[task], batch.query_y[task]])
+        chosen = (ranks[task] < sizes[task]).nonzero().flatten()
+        assert 1 <= len(chosen) <= n - 1
+        r = model.backbone(torch.cat([x[chosen], y[chosen]], -1)).mean(0)
+        mean, raw = model.decoder(torch.cat([r.expand(n, -1), x], -1)).chunk(2, -1)
+        sigma = 0.1 + 0.9 * torch.nn.functional.softplus(raw)
+        nll = 0.5 * ((y - mean) / sigma) ** 2 + sigma.log() + 0.5 * math.log(2 * math.pi)
+        torch.testing.assert_close(losses[task], nll.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_support_training_context_scores_the_queries_given_the_support_set():
+    torch.manual_seed(0)
+    model = small_cnp(training_context="support")
+    batch = sinusoid_batch()
+    losses, outputs = model.training_losses(batch)
+    torch.testing.assert_close(losses, model.query_losses(model(batch), batch))
+
+
+def test_random_training_context_refuses_a_batch_norm_encoder():
+    encoder = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8))
+    encoder.output_shape = (8,)
+    with pytest.raises(ValueError, match=r"batch norm in Sequential would normalise the context with the "
+                                         r"statistics of targets .* or training_context='support'"):
+        CNP(encoder)
+    with pytest.raises(ValueError, match=r"training_context must be one of \['random', 'support'\], got 'all'"):
+        small_cnp(training_context="all")

@@ -40,17 +40,18 @@ def test_relationnet_scores_in_unit_interval_and_pair_each_query_with_summed_cla
 
 def test_relationnet_normalises_each_task_with_its_own_statistics_by_default():
     """The reference code never switches to eval mode: every task is normalised with its own
-    batch statistics, in the embedding and the relation module, in evaluation too."""
+    batch statistics, in the embedding and the relation module, in evaluation too; and it embeds
+    the support set and the query set in two calls (``feature_encoder(samples)``,
+    ``feature_encoder(batches)``), each with its own statistics."""
     torch.manual_seed(0)
     model = RelationNet(RelationEmbedding(hidden=8, image_size=16), relation_channels=8, relation_hidden=4).eval()
     batch = random_episodes(tasks=2, ways=3, shots=1, queries=2, x_shape=(1, 16, 16))
     with torch.no_grad():
         scores = model(batch)
         for task in range(2):
-            # One task through plain calls: batch norm over that task's images, then its pairs.
-            images = torch.cat([batch.support_x[task], batch.query_x[task]])
-            maps = model.backbone(images)
-            support, query = maps[:3], maps[3:]
+            # One task through plain calls: batch norm over that task's support images, then over
+            # its query images, then over its pairs.
+            support, query = model.backbone(batch.support_x[task]), model.backbone(batch.query_x[task])
             classes = support[batch.support_y[task].argsort()]  # 1-shot: the class map is the support map
             pairs = torch.cat([query.unsqueeze(1).expand(-1, 3, -1, -1, -1), classes.expand(6, -1, -1, -1, -1)], 2)
             expected = torch.sigmoid(model.relation(pairs.flatten(0, 1))).view(6, 3)

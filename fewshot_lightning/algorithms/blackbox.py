@@ -26,8 +26,12 @@ class AttentionLearner(MetaLearner):
     ``[f(x) - m; 0]``, with ``m`` the mean embedding of the task's support set; a
     ``torch.nn.TransformerEncoder`` (pre-norm) runs over the tokens of a task, and a linear head
     reads each query token's class logits, ``[B, N*Q, N]``. The attention mask lets every token
-    see the support set only, so a query's prediction depends on the support set and itself
-    (through the residual stream), never on the other queries (nor on how many there are).
+    see the support set only, so the attention never reads the other queries. A backbone with
+    batch norm does in training: it normalises a task's support and query images together, so
+    there a query's embedding, and its prediction, moves with the other queries (and their number).
+    In evaluation with running statistics (``batch_norm_stats="running"``, the default here,
+    with a backbone that keeps them) or without batch norm, a query's prediction depends on the
+    support set and itself only.
 
     Three choices make it learn (issue 9: without them it stayed at chance on Kanji 5-way 1-shot
     after 600 steps, the attention of every query uniform over its six visible tokens, entropy

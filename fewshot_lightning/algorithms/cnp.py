@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..data.task import TaskBatch
 from ..models.mlp import MLP
@@ -18,6 +19,8 @@ from .episode_ops import check_batch_norm_stats, output_shape, per_task
 #: keeps the likelihood from collapsing onto single context points early in training.
 MIN_SIGMA = 0.1
 SIGMA_RANGE = 0.9
+#: How CNP picks a training task's context (its docstring).
+TRAINING_CONTEXTS = ("random", "support")
 
 
 class CNP(MetaLearner):
@@ -29,8 +32,14 @@ class CNP(MetaLearner):
     the order of the context set. The decoder, an MLP on ``[r; x]``, predicts for every
     target (query) ``x`` a Gaussian with mean ``mu`` and standard deviation
     ``sigma = 0.1 + 0.9 * softplus(raw)``. Training minimises the Gaussian negative
-    log-likelihood of the query targets (averaged over points and output dimensions, with its
-    ``log(2 pi) / 2`` constant, so it is a true NLL per value); evaluation's MSE uses ``mu``.
+    log-likelihood (averaged over points and output dimensions, with its ``log(2 pi) / 2``
+    constant, so it is a true NLL per value) as the paper does (section 2.4,
+    ``training_context="random"``): each task's support and query points together are its ``n``
+    observations, a random subset of ``N`` of them (``N`` uniform in ``1..n-1``, drawn per task
+    and step) is the context, and all ``n`` are the targets, the context included.
+    ``training_context="support"`` conditions on the support set and scores the queries, as
+    evaluation does. Evaluation conditions on the support set; its MSE is that of ``mu`` on the
+    queries.
 
     :meth:`forward` returns ``[B, Q, *y, 2]``: ``mu`` and ``sigma`` stacked in the last dimension.
 
@@ -52,6 +61,9 @@ class CNP(MetaLearner):
         decoder_hidden: hidden widths of the decoder MLP.
         batch_norm_stats: ``"task"`` or ``"running"`` (see
             :data:`~.episode_ops.BATCH_NORM_STATS`).
+        training_context: ``"random"`` (the paper's training, above) or ``"support"``. With
+            ``"random"`` the encoder must not have batch norm (it would normalise the context
+            with the statistics of the targets it is not given).
         optimizer, lr_scheduler: see :class:`~.base.MetaLearner`.
 
     Example::
@@ -75,6 +87,7 @@ class CNP(MetaLearner):
         y_dim: int = 1,
         decoder_hidden: Sequence[int] = (128, 128),
         batch_norm_stats: str = "task",
+        training_context: str = "random",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
@@ -86,6 +99,15 @@ class CNP(MetaLearner):
         if any(width < 1 for width in decoder_hidden):
             raise ValueError(f"decoder_hidden widths must be at least 1, got {list(decoder_hidden)}.")
         self.batch_norm_stats = check_batch_norm_stats("CNP", batch_norm_stats, backbone)
+        if training_context not in TRAINING_CONTEXTS:
+            raise ValueError(f"training_context must be one of {list(TRAINING_CONTEXTS)}, got {training_context!r}.")
+        if training_context == "random" and any(isinstance(m, _BatchNorm) for m in backbone.modules()):
+            raise ValueError(
+                f"CNP's training_context='random' encodes every observation of a task, context or not, in one "
+                f"call, so the batch norm in {type(backbone).__name__} would normalise the context with the "
+                "statistics of targets it is not given: use an encoder without batch norm (the paper's), or "
+                "training_context='support'.")
+        self.training_context = training_context
         inputs = getattr(backbone, "input_shape", None)
         if inputs is not None and len(inputs) == 1 and inputs[0] is not None and tuple(inputs) != (x_dim + y_dim,):
             raise ValueError(
@@ -100,6 +122,11 @@ class CNP(MetaLearner):
         self.decoder = MLP(representation_dim + x_dim, decoder_hidden, 2 * y_dim)
 
     def forward(self, batch: TaskBatch) -> Tensor:
+        context_x, context_y, target_x = self._flat(batch)
+        return self._predict(context_x, context_y, target_x, batch.support_y.shape[2:])
+
+    def _flat(self, batch: TaskBatch) -> Tuple[Tensor, Tensor, Tensor]:
+        """The support inputs and targets and the query inputs, ``[B, M, size]``, checked."""
         for name in ("support_x", "support_y", "query_x", "query_y"):
             if getattr(batch, name).dim() < 3:
                 raise TaskShapeError(
@@ -113,6 +140,12 @@ class CNP(MetaLearner):
                 f"CNP was built with x_dim={self.x_dim}, y_dim={self.y_dim} but the task has x of size "
                 f"{context_x.shape[-1]} and y of size {context_y.shape[-1]}."
             )
+        return context_x, context_y, target_x
+
+    def _predict(self, context_x: Tensor, context_y: Tensor, target_x: Tensor, y_shape: Tuple[int, ...],
+                 context: Optional[Tensor] = None) -> Tensor:
+        """``[B, T, *y, 2]`` for flattened ``[B, C, x_dim]``, ``[B, C, y_dim]`` and ``[B, T, x_dim]``;
+        ``context`` ``[B, C]`` (bool) keeps only some of the ``C`` points in the representation."""
         tasks = context_x.shape[0]
         encoded = per_task(self.backbone, torch.cat([context_x, context_y], dim=-1), self.batch_norm_stats)
         if encoded.shape[2:] != (self.representation_dim,):
@@ -120,13 +153,31 @@ class CNP(MetaLearner):
                 f"The encoder's output_shape says ({self.representation_dim},) but it returned "
                 f"{list(encoded.shape[2:])} per context point."
             )
-        representation = encoded.mean(1)
+        if context is None:
+            representation = encoded.mean(1)
+        else:
+            weights = context.to(encoded.dtype).unsqueeze(-1)
+            representation = (encoded * weights).sum(1) / weights.sum(1)
         queries = target_x.shape[1]
         decoded = self.decoder(torch.cat([representation.unsqueeze(1).expand(-1, queries, -1), target_x], dim=-1))
         mean, raw_sigma = decoded.chunk(2, dim=-1)
         sigma = MIN_SIGMA + SIGMA_RANGE * F.softplus(raw_sigma)
-        target_shape = (tasks, queries, *batch.support_y.shape[2:])
+        target_shape = (tasks, queries, *y_shape)
         return torch.stack([mean.reshape(target_shape), sigma.reshape(target_shape)], dim=-1)
+
+    def training_losses(self, batch: TaskBatch) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.training_context == "support":
+            return super().training_losses(batch)
+        context_x, _, target_x = self._flat(batch)
+        x = torch.cat([context_x, target_x], dim=1)
+        y = torch.cat([batch.support_y, batch.query_y], dim=1)
+        tasks, points = x.shape[:2]
+        # Garnelo et al., section 2.4: N ~ U{1..n-1} of the task's n observations, a random subset,
+        # condition the prediction of all n (with none, the mean representation has no value).
+        sizes = torch.randint(1, points, (tasks, 1), device=x.device)
+        ranks = torch.rand(tasks, points, device=x.device).argsort(1).argsort(1)
+        outputs = self._predict(x, y.flatten(2), x, y.shape[2:], context=ranks < sizes)
+        return gaussian_nll(outputs[..., 0], outputs[..., 1], y).flatten(1).mean(1), None
 
     def query_losses(self, outputs: Tensor, batch: TaskBatch) -> Tensor:
         return gaussian_nll(outputs[..., 0], outputs[..., 1], batch.query_y).flatten(1).mean(1)

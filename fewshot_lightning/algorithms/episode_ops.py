@@ -103,15 +103,19 @@ def running_buffers(network: nn.Module) -> Dict[str, Tensor]:
 
 
 def embed_episodes(
-    backbone: nn.Module, support_x: Tensor, query_x: Tensor, batch_norm_stats: str
+    backbone: nn.Module, support_x: Tensor, query_x: Tensor, batch_norm_stats: str, together: bool = True
 ) -> Tuple[Tensor, Tensor]:
     """Embed ``support_x`` ``[B, S, *x]`` and ``query_x`` ``[B, Q, *x]``, every task on its own
     (:func:`per_task`): ``[B, S, *e]`` and ``[B, Q, *e]``.
 
-    Support and query images of a task go through the backbone together, so with batch
-    statistics they share one set, the task's, as in the usual episodic training of
-    metric-based methods.
+    ``together``: support and query images of a task go through the backbone in one call, so
+    with batch statistics they share one set, the task's, as in the usual episodic training of
+    metric-based methods (ProtoNets' code concatenates them). ``False``: in two calls, the
+    support set and the query set each normalised with its own statistics, as Relation
+    Networks' code (floodsung/LearningToCompare_FSL) embeds them.
     """
+    if not together:
+        return per_task(backbone, support_x, batch_norm_stats), per_task(backbone, query_x, batch_norm_stats)
     shots = support_x.shape[1]
     features = per_task(backbone, torch.cat([support_x, query_x], dim=1), batch_norm_stats)
     return features[:, :shots], features[:, shots:]

@@ -1278,13 +1278,18 @@ class MetaSGD(MAML):
 
 class MAMLPlusPlus(MAML):
     """MAML++ (Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019): MAML with
-    the paper's training options on by default.
+    the paper's training options.
 
-    Implemented here: the multi-step loss with annealed weights (``multi_step_loss_steps``),
-    derivative-order annealing (``first_order_steps``), per-step learnable inner learning rates
-    for every parameter tensor (``per_step_lr``, ``learn_inner_lr``), per-step batch-norm
-    weights and biases (the paper's BNWB, ``per_step_bn``), and cosine annealing of the outer
-    learning rate through ``lr_scheduler`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
+    On by default: the multi-step loss with annealed weights (``multi_step_loss_steps``),
+    per-step learnable inner learning rates for every parameter tensor (``per_step_lr``,
+    ``learn_inner_lr``) and per-step batch-norm weights and biases (the paper's BNWB,
+    ``per_step_bn``). Off unless given, as in :class:`MAML`: derivative-order annealing
+    (``first_order_steps``, first order for that many outer steps; the authors' Omniglot
+    configuration does not anneal, their mini-ImageNet one does for 10 "epochs") and cosine
+    annealing of the outer learning rate (``lr_scheduler``:
+    ``torch.optim.lr_scheduler.CosineAnnealingLR``). The ``configs/mamlpp_*.yaml`` files set
+    both as the authors' configurations do. ``inner_lr`` (the rates' initial value) defaults to
+    MAML's 0.01; the authors' Omniglot configuration starts at 0.1, their mini-ImageNet one at 0.01.
 
     Per-step batch norm: every batch-norm layer's weight and bias get ``inner_steps``
     meta-learned copies, held in :attr:`step_norms` as ``[inner_steps, C]`` tensors; the

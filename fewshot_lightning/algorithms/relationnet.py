@@ -34,7 +34,8 @@ class RelationNet(MetaLearner):
     Batch norm, in the embedding and the relation module: every task is normalised on its own
     (:func:`~.episode_ops.per_task`). By default (``batch_norm_stats="task"``) with its own
     batch statistics in evaluation too, as the paper's code (floodsung/LearningToCompare_FSL)
-    does: it never switches to evaluation mode. ``"running"`` evaluates with running
+    does: it never switches to evaluation mode. As there, the embedding takes a task's support
+    set and its query set in two calls, each normalised with its own statistics. ``"running"`` evaluates with running
     statistics (the relation module then keeps them; the backbone must too).
 
     Args:
@@ -98,7 +99,10 @@ class RelationNet(MetaLearner):
         )
 
     def forward(self, batch: TaskBatch) -> Tensor:
-        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats)
+        # Two calls, as the paper's code embeds them: with batch statistics the support set and the
+        # query set are each normalised with their own.
+        support, query = embed_episodes(self.backbone, batch.support_x, batch.query_x, self.batch_norm_stats,
+                                        together=False)
         if tuple(support.shape[2:]) != self.feature_shape:
             raise ValueError(
                 f"The backbone's output_shape says {list(self.feature_shape)} but it returned maps of shape "

@@ -54,8 +54,10 @@ class ContextMLP(nn.Module):
 
 
 class FiLMBlock(nn.Module):
-    """3x3 conv, batch norm, optional FiLM by the context, ReLU, 2x2 max-pool (run as the pool,
-    then the ReLU: the same function)."""
+    """3x3 conv, batch norm, 2x2 max-pool, optional FiLM by the context, ReLU: the order of the
+    authors' network (lmzintgraf/cavia, ``classification/models.py``), which modulates the pooled
+    maps. (FiLM before the pooling is another function wherever a channel's scale ``1 + scale`` is
+    negative: the pooling then picks the minimum of the unmodulated maps.)"""
 
     def __init__(self, in_channels: int, out_channels: int, context_dim: Optional[int], track_running_stats: bool):
         super().__init__()
@@ -68,14 +70,12 @@ class FiLMBlock(nn.Module):
             nn.init.zeros_(self.film.bias)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        out = self.norm(self.conv(x))
+        # max_pool2d keeps only the indices of the maxima for the backward, not batch norm's output.
+        out = max_pool2d(self.norm(self.conv(x)), 2)
         if self.film is not None:
             scale, shift = self.film(context).chunk(2, dim=-1)
             out = out * (1 + scale).view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        # Pooling before the ReLU gives the same values and gradients (max commutes with the
-        # monotone ReLU) on a quarter of the elements, and max_pool2d keeps only the indices of
-        # the maxima for the backward, where relu-then-pool kept the ReLU's full-size output.
-        return nn.functional.relu(max_pool2d(out, 2))
+        return nn.functional.relu(out)
 
 
 class FiLMConv4(nn.Module):
