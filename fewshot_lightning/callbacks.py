@@ -16,7 +16,7 @@ import sys
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -421,6 +421,11 @@ class RequeueAtStepEnd(L.Callback):
     rank at the end of the step, with ``last.ckpt`` saved there (:attr:`stopped_by_signal` says
     which signal; the command exits with 130 and says how to resume); a second one stops at
     once, as Lightning does (its "graceful shutdown" lost the steps since the last periodic save).
+
+    A stop requested this way does not validate unless a validation was due at that step:
+    Lightning validates whenever ``Trainer.should_stop`` is set (for early stopping), which put
+    a full validation between the signal and the exit (minutes, out of SLURM's grace period) and
+    logged metrics, and picked a "best" checkpoint, at a step an uninterrupted run never scores.
     """
 
     def __init__(self) -> None:
@@ -430,6 +435,8 @@ class RequeueAtStepEnd(L.Callback):
         self._previous_sigint: Any = None
         #: The stop signal received (SIGTERM, or Ctrl-C's SIGINT) and not yet acted on, if any.
         self._terminate_signal: Optional[signal.Signals] = None
+        #: Takes back the epoch loop's wrapped validation check (:meth:`_validate_as_scheduled`).
+        self._unwrap: Optional[Callable[[], Any]] = None
         self._requested = False
         #: The signal behind :attr:`stopped_by_sigterm_at`: ``SIGTERM`` or ``SIGINT`` (Ctrl-C).
         self.stopped_by_signal: Optional[signal.Signals] = None
@@ -457,6 +464,7 @@ class RequeueAtStepEnd(L.Callback):
         # command exited 0, with last.ckpt at the previous periodic save.
         self._watch_sigterm = True
         self._requested, self._terminate_signal = False, None
+        self._validate_as_scheduled(trainer)
         environment = trainer._accelerator_connector.cluster_environment
         if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
@@ -464,6 +472,27 @@ class RequeueAtStepEnd(L.Callback):
             return
         self._signal = environment.requeue_signal
         self._previous = signal.signal(self._signal, self._request)
+
+    def _validate_as_scheduled(self, trainer: L.Trainer) -> None:
+        """Wrap the epoch loop's validation check so that this callback's stop does not count as
+        an early stop (which validates at once): it sees ``should_stop`` unset while deciding."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        decide = getattr(loop, "_should_check_val_fx", None)
+        if decide is None or getattr(decide, "_requeue_wrapped", False):
+            return
+
+        def as_scheduled(*args: Any, **kwargs: Any) -> bool:
+            if not (self.stopped_by_sigterm_at is not None and trainer.should_stop):
+                return decide(*args, **kwargs)
+            trainer.should_stop = False
+            try:
+                return decide(*args, **kwargs)
+            finally:
+                trainer.should_stop = True
+
+        as_scheduled._requeue_wrapped = True  # type: ignore[attr-defined]
+        loop._should_check_val_fx = as_scheduled
+        self._unwrap = lambda: loop.__dict__.pop("_should_check_val_fx", None)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._watch_sigterm and self._signal != signal.SIGTERM:
@@ -529,6 +558,9 @@ class RequeueAtStepEnd(L.Callback):
     def _restore(self) -> None:
         self._restore_sigterm()
         self._watch_sigterm = False
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
         if self._signal is not None and threading.current_thread() is threading.main_thread():
             signal.signal(self._signal, self._previous)
         self._signal = None

@@ -295,7 +295,7 @@ def test_a_run_stopped_by_sigterm_and_resumed_logs_at_the_uninterrupted_runs_ste
 
     _, uninterrupted = fit(tmp_path / "whole", 12)
     stopped, _ = fit(tmp_path / "parts", 12, [SigtermAt(6)])
-    assert stopped.global_step == 7  # stopped at the end of step 7, a validation after it
+    assert stopped.global_step == 7  # stopped at the end of step 7 (no validation due there: none runs)
     _, resumed = fit(tmp_path / "parts", 12, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
     later = [(step, name, value) for step, name, value in uninterrupted if step >= 7 and name != "epoch"]
     assert later and [(s, n) for s, n, _ in resumed if n != "epoch"] == [(s, n) for s, n, _ in later]
@@ -307,3 +307,47 @@ def test_ctrl_c_stops_at_the_step_end_saves_it_and_exits_130_saying_how_to_resum
     # Lightning's "graceful shutdown" on Ctrl-C exited 1 with last.ckpt at the previous periodic
     # save (1,800 steps behind on the sinusoid config) and no word on resuming.
     fit_stopped_by(tmp_path, signal.SIGINT, "Ctrl-C", 130)
+
+
+def test_a_stop_by_signal_validates_only_where_a_validation_was_due(tmp_path, monkeypatch):
+    # Lightning validates whenever Trainer.should_stop is set (early stopping's stop): a SIGTERM or
+    # Ctrl-C at step 3 of a run validating every 5 steps ran a whole validation before exiting
+    # (104 s on a 2,000-episode split, beyond SLURM's grace period), logged val metrics at step 3
+    # and saved a "best" checkpoint an uninterrupted run never scores.
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+    class SignalAt(L.Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at this step's end
+
+    class Validations(L.Callback):
+        steps = []
+
+        def on_validation_end(self, trainer, module):
+            self.steps.append(trainer.global_step)
+
+    def fit(stop_at):
+        counted = Validations()
+        counted.steps = []
+        trainer = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=1, val_check_interval=5,
+                            check_val_every_n_epoch=None, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                            callbacks=[RequeueAtStepEnd(), SignalAt(stop_at), counted,
+                                       L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / f"best{stop_at}",
+                                                                           monitor="val/mse", save_top_k=1)])
+        trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
+                    SinusoidDataModule(meta_batch_size=2, train_tasks=40, val_tasks=2, seed=3))
+        return trainer, counted.steps
+
+    stopped, validated = fit(2)  # the signal in step 3, none due there
+    assert stopped.global_step == 3 and validated == []
+    assert not list((tmp_path / "best2").glob("*.ckpt"))
+    stopped, validated = fit(4)  # in step 5, where one is due: it runs, once
+    assert stopped.global_step == 5 and validated == [5]
+    # The wrapper is taken back with the fit.
+    assert "_should_check_val_fx" not in vars(stopped.fit_loop.epoch_loop)
