@@ -254,6 +254,18 @@ def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: Entries of a learning-rate scheduler's state that record its progress, not its settings.
+_SCHEDULER_PROGRESS = frozenset({"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "mode_worse",
+                                 "verbose", "min_lrs", "default_min_lr"})
+
+
+def _plain(value: Any) -> bool:
+    """A number, string, bool or None, or a list or tuple of them: a setting one can compare."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equal values, a tuple and a list with equal items counting as the same (a checkpoint may
     hold either for a sequence argument)."""
@@ -378,6 +390,9 @@ class MetaLearner(L.LightningModule):
         self._plateau: Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
         self._plateau_state: Optional[Dict[str, Any]] = None
         self._plateau_steps = 0
+        #: The outer optimizer's and scheduler's saved states of the checkpoint ``fit`` resumes
+        #: from, compared with the configured ones in :meth:`configure_optimizers`.
+        self._resumed_outer: Optional[Dict[str, Any]] = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -914,6 +929,9 @@ class MetaLearner(L.LightningModule):
         self._plateau_state = checkpoint.get("plateau_scheduler")
         if self._plateau is not None and self._plateau_state is not None:
             self._plateau.load_state_dict(self._plateau_state)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            self._resumed_outer = {key: checkpoint.get(key) for key in ("optimizer_states", "lr_schedulers")}
 
     def _check_arguments_in_weights(self, checkpoint: Dict[str, Any]) -> None:
         """A checkpoint restores the tensors behind :meth:`arguments_in_weights`, so a learner
@@ -965,6 +983,54 @@ class MetaLearner(L.LightningModule):
             self._resumed_rng_states = None
 
     # -- optimisation -------------------------------------------------------------------------
+    def _check_resumed_outer(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """Refuse to resume ``fit`` with an outer optimizer or scheduler set up otherwise than the
+        checkpoint's: Lightning restores their saved state over the configured one (the learning
+        rate, the scheduler's step size), so the run trained with the checkpoint's values while
+        its config recorded the new ones; another optimizer class failed inside its ``step``."""
+        saved, self._resumed_outer = self._resumed_outer, None
+        if saved is None:
+            return
+        changes = []
+        groups = [state.get("param_groups") for state in saved.get("optimizer_states") or [] if isinstance(state, dict)]
+        if groups and groups[0]:
+            old, new = groups[0][0], optimizer.param_groups[0]
+            # How the step is computed (fused kernels, foreach), not what it computes: may change.
+            skip = {"params", "initial_lr", "fused", "foreach", "capturable", "differentiable"}
+            skip |= {"lr"} if scheduler is not None else set()
+            if set(old) - skip != set(new) - skip:
+                changes.append(f"the optimizer is a {type(optimizer).__name__}, whose settings "
+                               f"({', '.join(sorted(set(new) - skip))}) are not those of the checkpoint's "
+                               f"({', '.join(sorted(set(old) - skip))})")
+            else:
+                if "initial_lr" in old and "initial_lr" in new:  # the rate a scheduler started from
+                    skip -= {"initial_lr"}
+                changes += [f"optimizer {key}={new[key]!r} (the checkpoint's: {old[key]!r})"
+                            for key in sorted(set(new) - {"params"}) if key in old and key not in skip
+                            and _plain(old[key]) and not same_value(old[key], new[key])]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            old_scheduler = self._plateau_state
+        else:
+            states = saved.get("lr_schedulers") or []
+            old_scheduler = states[0] if states and isinstance(states[0], dict) else None
+        if (scheduler is None) != (old_scheduler is None):
+            changes.append("a learning-rate scheduler " + ("is added" if old_scheduler is None else "is dropped"))
+        elif scheduler is not None:
+            new_scheduler = scheduler.state_dict()
+            settings = [key for key in new_scheduler if not key.startswith("_") and key not in _SCHEDULER_PROGRESS]
+            if set(settings) != {key for key in old_scheduler if not key.startswith("_") and key not in _SCHEDULER_PROGRESS}:
+                changes.append(f"the scheduler is a {type(scheduler).__name__}, not the checkpoint's")
+            else:
+                changes += [f"scheduler {key}={new_scheduler[key]!r} (the checkpoint's: {old_scheduler[key]!r})"
+                            for key in sorted(settings) if _plain(old_scheduler[key])
+                            and not same_value(old_scheduler[key], new_scheduler[key])]
+        if changes:
+            raise ValueError(
+                "Resuming from the checkpoint restores its outer optimizer and learning-rate scheduler as they were "
+                f"saved, but this run sets them up otherwise: {'; '.join(changes)}. It would train with the "
+                "checkpoint's while its config records these. Resume with the settings it was trained with (its run's "
+                "config.yaml), or start a new run to train with other ones.")
+
     def configure_optimizers(self) -> Any:
         if not any(parameter.requires_grad for parameter in self.parameters()):
             # The optimizer's own "optimizer got an empty parameter list", under Lightning's frames.
@@ -978,8 +1044,10 @@ class MetaLearner(L.LightningModule):
         if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is None:
             optimizer = fused_if_unset(optimizer)
         if self.lr_scheduler is None:
+            self._check_resumed_outer(optimizer, None)
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
+        self._check_resumed_outer(optimizer, scheduler)
         self._plateau = None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # Lightning would step it at every training step (our validations fall within epochs)
