@@ -343,3 +343,17 @@ def test_a_linked_folder_leading_back_is_read_once(root):
     # Every class its own 4 images; class 3 also the one its link to a folder outside leads to.
     assert counts == [PER_CLASS] * 3 + [PER_CLASS + 1] + [PER_CLASS] * (NUM_CLASSES - 4)
     assert "class_03/more/extra.png" in folder.files
+
+
+def test_a_class_folder_linked_to_another_is_read_once(root):
+    # A class folder that is a link to another class's folder was read as a class of its own:
+    # the same images under two labels, which the class split could put in validation and test.
+    (root / "class_zz").symlink_to(root / CLASSES[0], target_is_directory=True)
+    (root / "a_link").symlink_to(root / CLASSES[1], target_is_directory=True)  # sorts before its folder
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"Skipping 3 class folder\(s\) of .* linked to a folder already read: "
+                                         r"a_link \(the same folder as class_01\), class_zz \(the same folder as "
+                                         r"class_00\), loop \(the dataset folder or a parent of it\)"):
+        folder = read_image_folder(str(root), image_size=8, channels=3)
+    assert folder.classes == CLASSES  # the folders themselves, under their own names
+    assert torch.bincount(folder.labels).tolist() == [PER_CLASS] * NUM_CLASSES

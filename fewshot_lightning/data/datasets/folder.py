@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..._text import listed
 from ..datamodule import SPLITS, LabelledDataModule, check_split_fractions, split_by_class, subset_by_classes
 from ..episodes import LabelledData
 from ._storage import DataFileError, describe_error, describe_failures, load_cache, save_atomic
@@ -62,11 +63,11 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
     if not root.is_dir():
         raise NotADirectoryError(f"Image folder {root} is a file, not a folder. Expected the layout {LAYOUT}.")
     classes, files, labels, empty, looped = [], [], [], [], []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     # Linked folders are followed (a class of links to images elsewhere), but each folder once:
     # a link back to the dataset, its parents or another class folder (a cycle os.walk followed
     # until the system refused, every other class's images read into this one) is skipped.
     visited = {_folder_id(root.resolve())} | {_folder_id(parent) for parent in root.resolve().parents}
+    class_dirs = _distinct_class_folders(root, visited)
     visited |= {_folder_id(class_dir) for class_dir in class_dirs}
     for class_dir in class_dirs:
         found = []
@@ -105,6 +106,33 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
             f"parent of it or another class folder): {', '.join(looped[:5])}{', ...' if len(looped) > 5 else ''}. "
             "Their images are read once, in their own class.", stacklevel=2)
     return classes, files, labels
+
+
+def _distinct_class_folders(root: Path, ancestors: set) -> List[Path]:
+    """The class folders of ``root`` (sorted; hidden ones skipped), each folder once: a class
+    folder that is a link to another (whose images it would read again under a second label, the
+    two then possibly in different splits) or to the dataset or a parent of it is skipped with a
+    warning; of a folder and a link to it, the folder is kept."""
+    kept: Dict[Tuple[int, int], Path] = {}
+    skipped = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        identity = _folder_id(class_dir)
+        if identity in ancestors:
+            skipped.append(f"{class_dir.name} (the dataset folder or a parent of it)")
+            continue
+        other = kept.get(identity)
+        if other is not None:
+            if other.is_symlink() and not class_dir.is_symlink():
+                kept[identity], class_dir = class_dir, other  # keep the folder, skip the link to it
+            skipped.append(f"{class_dir.name} (the same folder as {kept[identity].name})")
+            continue
+        kept[identity] = class_dir
+    if skipped:
+        warnings.warn(
+            f"Skipping {len(skipped)} class folder(s) of {root} linked to a folder already read: "
+            f"{listed(skipped, 5)}. A class folder that is another's would give its images two labels (and could "
+            "put them in two splits); each folder is read once.", stacklevel=3)
+    return sorted(kept.values())
 
 
 def _folder_id(path: Path) -> Tuple[int, int]:
