@@ -441,7 +441,7 @@ class FewShotCLI(LightningCLI):
         root = self._versions_root()
         if root is None:
             return [Path(self.trainer.default_root_dir) / "checkpoints"]
-        return [root / f"version_{version}" / "checkpoints" for version in sorted(_versions(root), reverse=True)]
+        return [root / name / "checkpoints" for name in _run_folders(root)]
 
     def _versions_root(self) -> Optional[Path]:
         """The folder whose ``version_N`` sub-folders are runs, if the logger numbers its runs."""
@@ -455,19 +455,21 @@ class FewShotCLI(LightningCLI):
         root = self._versions_root()
         if root is None:
             return str(self._checkpoint_dirs()[0])
-        return f"{root}{os.sep}version_*{os.sep}checkpoints"
+        return f"{root}{os.sep}<version>{os.sep}checkpoints"
 
     def _last_checkpoint(self, option: str, subcommand: str) -> Path:
+        # The run whose last checkpoint was saved most recently: numbered and named versions
+        # alike (a run given `--trainer.logger.init_args.version exp2` was passed over for an older
+        # version_N), as within a folder the newest of last.ckpt and last-vN.ckpt.
         dirs = self._checkpoint_dirs()
-        for directory in dirs:
-            newest = newest_last(directory)
-            if newest is not None:
-                return newest
+        found = [path for path in map(newest_last, dirs) if path is not None]
+        if found:
+            return max(found, key=lambda path: path.stat().st_mtime_ns)
         root = self._versions_root()
         if root is None:
             found = f"{dirs[0] / _LAST} does not exist"
         elif not dirs:
-            found = f"{root} holds no version_N folder" if root.is_dir() else f"{root} does not exist"
+            found = f"{root} holds no run folder" if root.is_dir() else f"{root} does not exist"
         else:
             found = f"none of the {len(dirs)} version folders in {root} ({_names(dirs)}) holds checkpoints/{_LAST}"
         advice = "Drop --ckpt_path to start a new run" if subcommand == "fit" else "Pass the path of a .ckpt file"
@@ -598,6 +600,15 @@ def _versions(root: Path) -> List[int]:
         return []
     numbers = (_version_number(entry.name) for entry in root.iterdir() if entry.is_dir())
     return [number for number in numbers if number is not None]
+
+
+def _run_folders(root: Path) -> List[str]:
+    """The logger's run folders under ``root``: ``version_N`` newest first, then named versions."""
+    if not root.is_dir():
+        return []
+    named = sorted(entry.name for entry in root.iterdir()
+                   if entry.is_dir() and not entry.name.startswith(".") and _version_number(entry.name) is None)
+    return [f"version_{number}" for number in sorted(_versions(root), reverse=True)] + named
 
 
 def _names(dirs: List[Path], limit: int = 4) -> str:

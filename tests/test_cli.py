@@ -592,3 +592,24 @@ def test_switching_off_the_progress_bar_or_checkpointing_drops_the_configs_callb
     run = tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0"
     assert run.is_dir() and not list(run.rglob("*.ckpt"))
     assert "Epoch 0:" not in out  # no progress bar
+
+
+def test_last_is_the_newest_run_also_when_it_has_a_named_version(tmp_path, monkeypatch, cli):
+    # `--ckpt_path last` looked at version_N folders only: after a run given a version name, it
+    # tested (and resumed) the older version_0, exit 0.
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--trainer.limit_val_batches", "0", "--data.test_tasks", "5", "--trainer.max_steps"]
+    code, out = cli("fit", *short, "2")
+    assert code == 0, out[-3000:]
+    code, out = cli("fit", *short, "3", "--trainer.logger.init_args.version", "exp2")
+    assert code == 0, out[-3000:]
+    runs = Path("lightning_logs") / "maml_sinusoid"
+    code, out = cli("test", *short, "2", "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    assert f"Restoring states from the checkpoint path at {runs / 'exp2' / 'checkpoints' / 'last.ckpt'}" in out
+    # Resumed and trained on, version_0 holds the newest last checkpoint: `last` is it.
+    code, out = cli("fit", *short, "4", "--ckpt_path", str(runs / "version_0" / "checkpoints" / "last.ckpt"))
+    assert code == 0, out[-3000:]
+    code, out = cli("test", *short, "2", "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    assert "version_0" in re.search(r"Restoring states from the checkpoint path at (\S+)", out).group(1)
