@@ -7,8 +7,9 @@
 
 What it adds to ``LightningCLI``, so that a run's number can be trusted:
 
-- ``--ckpt_path last`` and ``best`` look in the previous runs of the config (the newest
-  ``version_N`` folder of the logger that holds ``checkpoints/last.ckpt``), and a resumed
+- ``--ckpt_path last`` and ``best`` look in the previous runs of the config (the run folder of
+  the logger, ``version_N`` or a named version, whose ``checkpoints/last.ckpt`` was saved most
+  recently), and a resumed
   ``fit`` goes on writing into that run's folder. ``test``, ``validate`` and ``predict``
   refuse to score weights no checkpoint gave unless ``--untrained true`` asks for it.
 - The config and the command line decide the model's arguments; a checkpoint's saved ones do
