@@ -516,7 +516,10 @@ class FewShotCLI(LightningCLI):
             self._share_run_folder(Path(self.trainer.default_root_dir))
             if resumed is not None or subcommand != "fit":
                 self._keep_earlier_config(Path(self.trainer.default_root_dir), "resume" if subcommand == "fit" else subcommand)
-        if root is None or logger._version is not None or not self.trainer.is_global_zero:
+        if root is None or not self.trainer.is_global_zero:
+            return
+        if logger._version is not None:
+            self._named_run_folder(root, logger._version, resumed, subcommand)
             return
         if resumed is not None and "://" not in str(resumed):
             run = Path(resumed).resolve().parents[1]
@@ -543,6 +546,27 @@ class FewShotCLI(LightningCLI):
             if isinstance(callback, RunFolder):
                 callback.path = root / f"version_{version}"
                 callback.made = made  # lightning_logs/<name>/ on a first run: removed too if the run fails
+
+    def _named_run_folder(self, root: Path, version: Any, resumed: Optional[str], subcommand: str) -> None:
+        """A version the user fixed (``--trainer.logger.init_args.version``) whose folder holds an
+        earlier run: a fit resumed from its checkpoint goes on in it (its config saved beside the
+        first); anything else is refused before it writes there (the data's setup rewrote the
+        run's ``class_split.json`` before the config's save refused, naming a missing logger)."""
+        run = root / (version if isinstance(version, str) else f"version_{version}")
+        configs = [c.config_filename for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+        if not any((run / name).exists() for name in configs):
+            return
+        if resumed is not None and "://" not in str(resumed) and Path(resumed).resolve().parents[1] == run.resolve():
+            self._share_run_folder(run)
+            self._keep_earlier_config(run)
+            warnings.filterwarnings(
+                "ignore", message=rf"Checkpoint directory .*{re.escape(os.sep + run.name + os.sep)}checkpoints exists and is not empty")
+            return
+        resume = f"; to train that run on, fit with --ckpt_path {run / 'checkpoints' / _LAST}" if subcommand == "fit" else ""
+        raise FileExistsError(
+            f"--trainer.logger.init_args.version {version}: {run} holds an earlier run (its config, checkpoints and "
+            f"class split), which this {subcommand} would write into. Drop the version (each run then gets a new "
+            f"version_N folder) or give one not used yet{resume}.")
 
     def _share_run_folder(self, folder: Path) -> None:
         for callback in self.trainer.callbacks:

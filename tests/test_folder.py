@@ -3,6 +3,7 @@
 Solid colours make every decoded pixel predictable: resizing a constant image leaves it
 constant, so each class's pixels must equal its colour exactly.
 """
+import os
 import json
 import re
 import shutil
@@ -357,3 +358,29 @@ def test_a_class_folder_linked_to_another_is_read_once(root):
         folder = read_image_folder(str(root), image_size=8, channels=3)
     assert folder.classes == CLASSES  # the folders themselves, under their own names
     assert torch.bincount(folder.labels).tolist() == [PER_CLASS] * NUM_CLASSES
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_named_version_holding_a_run_is_refused_before_anything_is_written(tmp_path, monkeypatch, cli):
+    # `fit --trainer.logger.init_args.version exp1` over an earlier exp1 rewrote its
+    # class_split.json (the data's setup) before the config's save refused, with advice for a run
+    # without a logger; the record of the classes that run held out was lost.
+    root = write_noise_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", str(ROOT / "configs" / "protonet_folder.yaml"), "--data.root", str(root), *QUICK,
+           "--trainer.logger.init_args.version", "exp1"]
+    code, out = cli(*fit)
+    assert code == 0, out[-3000:]
+    run = next(tmp_path.glob("logs/*/exp1"))
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    assert "class_split.json" in before
+    code, out = cli(*fit, "--data.split_seed", "5")
+    assert code == 1
+    assert (f"error: --trainer.logger.init_args.version exp1: {os.path.join('logs', run.parent.name, 'exp1')} holds an "
+            "earlier run (its config, checkpoints and class split), which this fit would write into. Drop the "
+            "version") in " ".join(out.split())
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    # Resuming that run, into its own folder, goes on.
+    code, out = cli(*fit, "--trainer.max_steps", "4", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert code == 0, out[-3000:]
+    assert (run / "config.resume1.yaml").is_file()
