@@ -3,8 +3,8 @@
 Solid colours make every decoded pixel predictable: resizing a constant image leaves it
 constant, so each class's pixels must equal its colour exactly.
 """
-import os
 import json
+import os
 import re
 import shutil
 

@@ -140,6 +140,30 @@ def test_samples_of_another_shape_stop_at_the_first_batch_naming_the_arguments(l
     assert start.batches == 1  # the check runs at the first batch's start, before its step
 
 
+@pytest.mark.parametrize("images, said", [
+    # [N, H, W, C] uint8 images (numpy's and PIL's order) were read as H channels of W x C maps:
+    # "build it with in_channels 28 and image_size 1", advice that cannot work.
+    (lambda: torch.randint(0, 256, (120, 16, 16, 1), dtype=torch.uint8),
+     r"takes images as \[channels, height, width\] \[1, 16, 16\], but the batches hold them channels-last, "
+     r"\[16, 16, 1\] \(\[height, width, channels\]\): give them channels first, e\.g\. `images\.permute\(0, 3, 1, 2\)` "
+     r"on an \[N, H, W, C\] array of images\.$"),
+    (lambda: torch.rand(120, 16, 16, 3),
+     r"takes images .* channels-last, \[16, 16, 3\] .* array of images; and build the backbone for 3 channel\(s\) \(it takes 1\)\.$"),
+    # Integer images other than uint8 stopped at the first step with PyTorch's "Input type (long
+    # int) and bias type (float) should be the same".
+    (lambda: torch.randint(0, 256, (120, 1, 16, 16)),
+     r"computes in floating point, but the samples are torch\.int64: give images as uint8 \(0 to 255, scaled to "
+     r"\[0, 1\] for you\) or as floats"),
+])
+def test_channels_last_or_integer_images_stop_at_the_first_batch_with_the_fix(images, said):
+    labels = torch.arange(20).repeat_interleave(6)
+    datamodule = EpisodicDataModule(images(), labels, ways=3, shots=1, queries=1, meta_batch_size=2,
+                                    train_tasks=2, val_tasks=2, split_fractions=(0.6, 0.2, 0.2), num_workers=0)
+    model = MAML(Conv4(in_channels=1, hidden=8, image_size=16, out_features=3), inner_lr=0.1, batching="loop")
+    with pytest.raises(ValueError, match=r"^MAML's backbone Conv4 " + said):
+        start(model, datamodule)
+
+
 def test_strided_conv4_takes_any_image_size():
     # Conv4(max_pool=False) ends in a spatial mean: only the channels are checked.
     assert Conv4(in_channels=3, max_pool=False).input_shape == (3, None, None)

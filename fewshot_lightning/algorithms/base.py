@@ -759,11 +759,29 @@ class MetaLearner(L.LightningModule):
         expected = getattr(self.backbone, "input_shape", None)
         if expected is None or not self.backbone_reads_samples or not isinstance(batch, TaskBatch):
             return
+        backbone = type(self.backbone).__name__
+        dtype = batch.support_x.dtype
+        if not (dtype.is_floating_point or dtype.is_complex or dtype == torch.uint8):
+            # A backbone that says its input shape computes in floating point: PyTorch's "Input
+            # type (long int) and bias type (float) should be the same", at the first step.
+            raise ValueError(
+                f"{type(self).__name__}'s backbone {backbone} computes in floating point, but the samples are "
+                f"{dtype}: give images as uint8 (0 to 255, scaled to [0, 1] for you) or as floats (`x.float() / 255` "
+                "for 0-255 values), or other data as floats.")
         got = tuple(batch.support_x.shape[2:])
         if len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got)):
             return
+        if len(got) == len(expected) == 3 and got[2] in (1, 3, 4) and min(got[:2]) > 4 and expected[0] != got[0] \
+                and all(e is None or e == g for e, g in zip(expected[1:], got[:2])):
+            # [H, W, C] images (PIL's and numpy's order) read as C = H channels of H x C maps.
+            channels = "" if expected[0] in (None, got[2]) else \
+                f"; and build the backbone for {got[2]} channel(s) (it takes {expected[0]})"
+            raise ValueError(
+                f"{type(self).__name__}'s backbone {backbone} takes images as [channels, height, width] "
+                f"{[e if e is not None else 'any' for e in expected]}, but the batches hold them channels-last, "
+                f"{list(got)} ([height, width, channels]): give them channels first, e.g. `images.permute(0, 3, 1, 2)` "
+                f"on an [N, H, W, C] array of images{channels}.")
         names = getattr(self.backbone, "input_arguments", None)
-        backbone = type(self.backbone).__name__
         if names is not None and len(names) == len(expected) == len(got):
             wrong = dict.fromkeys(f"{name} {value}" for name, e, value in zip(names, expected, got)
                                   if e is not None and e != value)
