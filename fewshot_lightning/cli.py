@@ -533,14 +533,19 @@ class FewShotCLI(LightningCLI):
                 )
                 return
         made = [folder for folder in (root, *root.parents) if not folder.exists()]
-        root.mkdir(parents=True, exist_ok=True)
         version = max(_versions(root), default=-1) + 1
-        while True:
-            try:
-                (root / f"version_{version}").mkdir()
-                break
-            except FileExistsError:
-                version += 1
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    (root / f"version_{version}").mkdir()
+                    break
+                except FileExistsError:
+                    version += 1
+        except OSError as error:  # read-only, no space, a file in the way: a traceback from mkdir
+            raise OSError(
+                f"Cannot make the run's log folder {root / f'version_{version}'}: {error.strerror or error}. Point "
+                "--trainer.logger.init_args.save_dir at a folder you can write to.") from error
         logger._version = version
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunFolder):

@@ -613,3 +613,24 @@ def test_last_is_the_newest_run_also_when_it_has_a_named_version(tmp_path, monke
     code, out = cli("test", *short, "2", "--ckpt_path", "last")
     assert code == 0, out[-3000:]
     assert "version_0" in re.search(r"Restoring states from the checkpoint path at (\S+)", out).group(1)
+
+
+def test_a_log_folder_that_cannot_be_made_is_named_with_the_fix(tmp_path, monkeypatch, cli):
+    # A read-only (or full) save_dir stopped with a 37-line traceback from Path.mkdir that did
+    # not name the option to change.
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if "readonly" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "1",
+                    "--trainer.logger.init_args.save_dir", "readonly/logs")
+    assert code == 1 and "Traceback" not in out
+    assert (f"error: Cannot make the run's log folder {Path('readonly/logs/maml_sinusoid/version_0')}: Read-only file "
+            "system. Point --trainer.logger.init_args.save_dir at a folder you can write to.") in " ".join(out.split())

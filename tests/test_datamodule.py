@@ -440,3 +440,24 @@ def test_float_images_with_raw_pixel_values_are_warned_about():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             EpisodicDataModule(fine, labels, ways=3, shots=1, queries=1, num_workers=0).setup("fit")
+
+
+@pytest.mark.parametrize("name", ["meta_batch_size", "num_workers", "seed"])
+def test_a_missing_whole_number_is_named(name):
+    # `--data.init_args.meta_batch_size null` stopped with an 80-line traceback ending in
+    # "'<' not supported between instances of 'NoneType' and 'int'".
+    from fewshot_lightning.data import SinusoidDataModule
+
+    with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got None \(NoneType\)\.$"):
+        SinusoidDataModule(**{name: None})
+    with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got 2\.0 \(float\)\.$"):
+        SinusoidDataModule(**{name: 2.0})
+
+
+def test_a_missing_inner_steps_is_named():
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.models import MLP
+
+    with pytest.raises(TypeError, match=r"^inner_steps must be a whole number of steps, got None \(NoneType\)\.$"):
+        MAML(MLP(), inner_steps=None)
+    assert MAML(MLP(), inner_steps=2, test_inner_steps=None).test_inner_steps == 2

@@ -179,7 +179,9 @@ class MAML(MetaLearner):
         super().__init__(backbone, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         for name, value in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            # test_inner_steps None means inner_steps; inner_steps has no such default.
+            if (value is not None or name == "inner_steps") and \
+                    (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise TypeError(f"{name} must be a whole number of steps, got {value!r} ({type(value).__name__}).")
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")

@@ -65,10 +65,14 @@ class TaskDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if meta_batch_size < 1:
-            raise ValueError(f"meta_batch_size must be at least 1, got {meta_batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
+        for name, value, least in (("meta_batch_size", meta_batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("seed", seed, None)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                # None from a config ("null") failed later in a comparison: "'<' not supported between
+                # instances of 'NoneType' and 'int'".
+                raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+            if least is not None and value < least:
+                raise ValueError(f"{name} must be {'at least 1' if least else '0 or more'}, got {value}.")
         for split, tasks in (("train", train_tasks), ("val", val_tasks), ("test", test_tasks)):
             if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
                 raise ValueError(f"{split}_tasks must be a whole number of tasks, at least 1, got {tasks!r}.")
