@@ -384,3 +384,22 @@ def test_a_named_version_holding_a_run_is_refused_before_anything_is_written(tmp
     code, out = cli(*fit, "--trainer.max_steps", "4", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert code == 0, out[-3000:]
     assert (run / "config.resume1.yaml").is_file()
+
+
+def test_a_root_of_split_folders_is_named(tmp_path):
+    # train/, val/ and test/ folders of class folders were read as 3 classes, and the error that
+    # followed suggested other split fractions.
+    for split, names in (("train", CLASSES[:6]), ("val", CLASSES[6:8]), ("test", CLASSES[8:])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (1, 2, 3)).save(tmp_path / split / name / "0.png")
+    with pytest.raises(ValueError, match=r"holds the split folders test, train, val, each a folder of classes, where "
+                                         r"the layout is root/<class name>/.*give each split's classes with "
+                                         r"train_classes, val_classes and test_classes"):
+        read_image_folder(str(tmp_path), image_size=8, channels=3)
+    # Classes that happen to be called so, holding images, are classes.
+    plain = tmp_path.parent / "plain"
+    for split in ("train", "test"):
+        (plain / split).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (1, 2, 3)).save(plain / split / "0.png")
+    assert read_image_folder(str(plain), image_size=8, channels=3).classes == ["test", "train"]

@@ -68,6 +68,7 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
     # until the system refused, every other class's images read into this one) is skipped.
     visited = {_folder_id(root.resolve())} | {_folder_id(parent) for parent in root.resolve().parents}
     class_dirs = _distinct_class_folders(root, visited)
+    _refuse_split_folders(root, class_dirs)
     visited |= {_folder_id(class_dir) for class_dir in class_dirs}
     for class_dir in class_dirs:
         found = []
@@ -106,6 +107,25 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
             f"parent of it or another class folder): {', '.join(looped[:5])}{', ...' if len(looped) > 5 else ''}. "
             "Their images are read once, in their own class.", stacklevel=2)
     return classes, files, labels
+
+
+#: Folder names of a dataset already split into train/val/test folders of class folders.
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
+def _refuse_split_folders(root: Path, class_dirs: List[Path]) -> None:
+    """Stop on a root of split folders (``train/``, ``val/``, ``test/``, each of class folders):
+    read as three classes, it failed later with advice on split fractions."""
+    names = {d.name.lower() for d in class_dirs}
+    if len(names) < 2 or not names <= SPLIT_FOLDER_NAMES:
+        return
+    if not all(any(child.is_dir() and not child.name.startswith(".") for child in d.iterdir()) for d in class_dirs):
+        return
+    raise ValueError(
+        f"Image folder {root} holds the split folders {', '.join(sorted(d.name for d in class_dirs))}, each a folder "
+        f"of classes, where the layout is {LAYOUT}. Put every class folder in one folder as root and give each "
+        "split's classes with train_classes, val_classes and test_classes (their folder names), or point root at "
+        "one of them.")
 
 
 def _distinct_class_folders(root: Path, ancestors: set) -> List[Path]:
