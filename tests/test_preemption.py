@@ -264,45 +264,6 @@ class StepsLogged(Logger):
         self.points += [(step, name, value) for name, value in metrics.items()]
 
 
-def test_a_run_stopped_by_sigterm_and_resumed_logs_at_the_uninterrupted_runs_steps(tmp_path, monkeypatch):
-    # The stop's last.ckpt is saved again by the validation that follows the stopped step, after
-    # Lightning finished the batch but before it counted it for its loggers; the resumed run
-    # then logged every point one step early (val/mse at 4998 for 4999) and lost one.
-    from fewshot_lightning.callbacks import LastCheckpoint
-
-    for name in [n for n in os.environ if n.startswith("SLURM_")]:
-        monkeypatch.delenv(name)
-
-    class SigtermAt(L.Callback):
-        def __init__(self, step):
-            self.step = step
-
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled at this step's end
-
-    def fit(folder, steps, callbacks=(), ckpt_path=None):
-        torch.manual_seed(0)
-        logger = StepsLogged()
-        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                            val_check_interval=5, check_val_every_n_epoch=None, default_root_dir=folder,
-                            callbacks=[RequeueAtStepEnd(), LastCheckpoint(every_n_train_steps=100, dirpath=folder),
-                                       *callbacks])
-        trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
-                    SinusoidDataModule(meta_batch_size=2, train_tasks=40, val_tasks=2, seed=3), ckpt_path=ckpt_path)
-        return trainer, logger.points
-
-    _, uninterrupted = fit(tmp_path / "whole", 12)
-    stopped, _ = fit(tmp_path / "parts", 12, [SigtermAt(6)])
-    assert stopped.global_step == 7  # stopped at the end of step 7 (no validation due there: none runs)
-    _, resumed = fit(tmp_path / "parts", 12, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
-    later = [(step, name, value) for step, name, value in uninterrupted if step >= 7 and name != "epoch"]
-    assert later and [(s, n) for s, n, _ in resumed if n != "epoch"] == [(s, n) for s, n, _ in later]
-    for (_, name, got), (_, _, want) in zip([p for p in resumed if p[1] != "epoch"], later):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), name
-
-
 def test_ctrl_c_stops_at_the_step_end_saves_it_and_exits_130_saying_how_to_resume(tmp_path):
     # Lightning's "graceful shutdown" on Ctrl-C exited 1 with last.ckpt at the previous periodic
     # save (1,800 steps behind on the sinusoid config) and no word on resuming.
@@ -351,3 +312,55 @@ def test_a_stop_by_signal_validates_only_where_a_validation_was_due(tmp_path, mo
     assert stopped.global_step == 5 and validated == [5]
     # The wrapper is taken back with the fit.
     assert "_should_check_val_fx" not in vars(stopped.fit_loop.epoch_loop)
+
+
+@pytest.mark.parametrize("how", ["max_steps, validated after", "max_steps, no validation", "sigterm, validation due",
+                                 "sigterm, none due", "should_stop, validated at once"])
+def test_a_resumed_run_logs_at_the_uninterrupted_runs_steps(tmp_path, monkeypatch, how):
+    # A run whose last saved step was followed by a validation due there (every val_check_interval
+    # steps, the final step of max_steps) resumed logging every point one step late: the batch was
+    # counted twice, by Lightning's restart (which runs that batch's end again) and by the saved
+    # state. Each way a run can stop, the resumed points must be the uninterrupted run's.
+    from fewshot_lightning.callbacks import LastCheckpoint
+
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+    class SigtermAt(L.Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def fit(folder, steps, callbacks=(), ckpt_path=None):
+        torch.manual_seed(0)
+        logger = StepsLogged()
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                            val_check_interval=4, check_val_every_n_epoch=None, default_root_dir=folder,
+                            callbacks=[RequeueAtStepEnd(), LastCheckpoint(every_n_train_steps=100, dirpath=folder),
+                                       *callbacks])
+        trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
+                    SinusoidDataModule(meta_batch_size=2, train_tasks=40, val_tasks=2, seed=3), ckpt_path=ckpt_path)
+        return trainer, [point for point in logger.points if point[1] != "epoch"]
+
+    class StopAfter(L.Callback):  # as Lightning's Timer does: Lightning then validates at once
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                trainer.should_stop = True
+
+    stop, callbacks = {"max_steps, validated after": (4, ()), "max_steps, no validation": (6, ()),
+                       "sigterm, validation due": (12, [SigtermAt(7)]), "sigterm, none due": (12, [SigtermAt(5)]),
+                       "should_stop, validated at once": (12, [StopAfter()])}[how]
+    _, uninterrupted = fit(tmp_path / "whole", 12)
+    stopped, _ = fit(tmp_path / "parts", stop, callbacks)
+    assert stopped.global_step == {"max_steps, validated after": 4, "max_steps, no validation": 6,
+                                   "sigterm, validation due": 8, "sigterm, none due": 6,
+                                   "should_stop, validated at once": 6}[how]
+    _, resumed = fit(tmp_path / "parts", 12, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
+    later = [point for point in uninterrupted if point[0] >= stopped.global_step]
+    assert later and [(s, n) for s, n, _ in resumed] == [(s, n) for s, n, _ in later]
+    for (_, name, got), (_, _, want) in zip(resumed, later):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), name

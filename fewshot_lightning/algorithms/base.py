@@ -233,17 +233,30 @@ def _saved_hyper_parameters(path: Any) -> Optional[Dict[str, Any]]:
 
 
 def _count_the_finished_batch(trainer: Any, checkpoint: Dict[str, Any]) -> None:
-    """A checkpoint saved by a validation inside ``fit`` (``LastCheckpoint`` after the final or a
-    SIGTERM-stopped step, a ``ModelCheckpoint`` on its metric) comes after the training batch
-    completed but before Lightning counts it in ``_batches_that_stepped`` (the step its loggers
-    use), and a resume from it does not add it back (it takes the batch for finished): the
-    resumed run logged every point one step early (4998 for an uninterrupted run's 4999), and
-    the next logging step went missing. Count the batch in the saved state."""
+    """A checkpoint saved by a validation that only a stop request brought on (``should_stop``
+    set at a step end, by a callback such as Lightning's ``Timer``: Lightning then validates at
+    once) comes after the training batch completed but before Lightning counts it in
+    ``_batches_that_stepped`` (the step its loggers use), and a resume from it does not add it
+    back (the validation is not due there, so the batch's end is not run again): the resumed run
+    logged every point one step early (4998 for an uninterrupted run's 4999), and the next
+    logging step went missing. Count the batch in the saved state. Not for a validation that was
+    due at that step (after the final step, every ``val_check_interval`` steps): a resume runs
+    that batch's end again, skipping the validation, and counts it there; counted twice, every
+    later point was logged one step late."""
     if trainer is None or trainer.state.fn != "fit" or not trainer.validating or trainer.sanity_checking:
         return
     epoch_loop = trainer.fit_loop.epoch_loop
     progress = epoch_loop.batch_progress.total
     if progress.completed != progress.processed or progress.completed == 0 or epoch_loop._should_accumulate():
+        return
+    if not trainer.should_stop or epoch_loop._batches_that_stepped != progress.completed - 1:
+        return  # a validation due at this step (no stop asked), or the batch counted already
+    trainer.should_stop = False  # would the validation be due without the stop?
+    try:
+        due = epoch_loop._should_check_val_fx(getattr(trainer.fit_loop, "_data_fetcher", None))
+    finally:
+        trainer.should_stop = True
+    if due:
         return
     state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
     if isinstance(state, dict) and state.get("_batches_that_stepped") == epoch_loop._batches_that_stepped:
