@@ -144,21 +144,21 @@ def _batch_limits_read_integers_first(parser: LightningArgumentParser) -> None:
     gets in this environment reads ``Union[float, int, None]``: the CLI then tries ``float``
     first and turns ``1`` into ``1.0``, so ``--trainer.limit_test_batches 1`` scored every test
     batch (with Lightning's message that 100% will be used, and exit code 0). The four options
-    are given the order the signature writes, ``int | float | None`` (a ``types.UnionType``,
-    which keeps its order): ``1`` is one batch, ``1.0`` and ``0.5`` fractions, as in Python.
+    are given the order the signature writes, ``Union[int, float, None]`` (which keeps its order;
+    written with ``typing``, not ``int | float``, which Python 3.9 cannot evaluate): ``1`` is one batch, ``1.0`` and ``0.5`` fractions, as in Python.
     The type is an attribute of jsonargparse's action; if a later version has none, nothing is
     changed (``tests/test_cli.py`` would then fail on the one-batch check).
     """
     for action in parser._actions:
         if action.dest in {f"trainer.{name}" for name in BATCH_LIMITS} and hasattr(action, "_typehint"):
-            action._typehint = int | float | None
+            action._typehint = typing.Union[int, float, None]
         # ``val_check_interval`` (an int: every so many batches; a float: a fraction of the epoch) has
         # the same union in Lightning 2.5 (2.6 writes int first, with more types after): there
         # ``--trainer.val_check_interval 2`` became 2.0, which Lightning refuses with
         # ``check_val_every_n_epoch null``, and ``1`` a whole epoch instead of every batch.
         elif (action.dest == "trainer.val_check_interval" and hasattr(action, "_typehint")
               and set(typing.get_args(action._typehint)) == {int, float, type(None)}):
-            action._typehint = int | float | None
+            action._typehint = typing.Union[int, float, None]
 
 
 class FewShotArgumentParser(LightningArgumentParser):
