@@ -60,7 +60,8 @@ FOLDER = "cifar-100-python"
 #: Where torchvision's CIFAR100 fetches the archive from.
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 HOW_TO_GET = (
-    "Pass download=True (or call download_cifar100) to fetch CIFAR-100 (python version) from "
+    "Pass download=True (--data.init_args.download true on the command line; or call download_cifar100) to "
+    "fetch CIFAR-100 (python version) from "
     "https://www.cs.toronto.edu/~kriz/cifar.html, or extract cifar-100-python.tar.gz there yourself."
 )
 

@@ -217,7 +217,7 @@ def decoded_characters(folder: Path, image_size: int) -> Dict[str, object]:
 def extract_archives(folder: Path) -> None:
     """Extract each archive whose folder is missing, after checking its MD5."""
     how_to_get = (
-        f"Pass download=True (or call download_omniglot), or put "
+        f"Pass download=True (--data.init_args.download true on the command line; or call download_omniglot), or put "
         f"{', '.join(name + '.zip' for name in ARCHIVE_MD5)} from {ARCHIVE_URL}/ in {folder}."
     )
     for name, md5 in ARCHIVE_MD5.items():
