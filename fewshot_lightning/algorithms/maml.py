@@ -421,6 +421,14 @@ class MAML(MetaLearner):
         planned = self.planned_training_steps()
         trainable = [p for p in self.parameters() if p.requires_grad]
         tasks = batch.num_tasks
+        if torch.are_deterministic_algorithms_enabled() and not force and tasks >= 2 and trainable:
+            # Groups sum the meta-gradient in another order: a timed choice would make a run
+            # depend on the machine's load (see _timed_choice).
+            self._group_decision = id(self._trainer)
+            rank_zero_info(
+                f"{type(self).__name__}: tasks_per_backward='auto' keeps {self._tasks_per_graph(batch)} of the "
+                f"{tasks} tasks per backward pass untimed: deterministic algorithms are on (Trainer(deterministic=True)).")
+            return self.tasks_per_backward
         if tasks < 2 or not trainable or (
                 not force and (planned is None or planned < self.group_timing_min_steps)):
             self._group_decision = id(self._trainer)
@@ -1094,6 +1102,16 @@ class MAML(MetaLearner):
                     candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
                 if exhausted:
                     release_memory(batch.support_x.device)
+            if len(candidates) > 1 and not exhausted and torch.are_deterministic_algorithms_enabled():
+                # Timing decides by the machine's load: the paths round differently, and training
+                # (Adam) grows that into other weights, so a run would not repeat itself.
+                chosen = next((c for c in (("vmap", "contiguous"), ("loop", "contiguous")) if c in candidates),
+                              candidates[0])
+                rank_zero_info(
+                    f"{type(self).__name__}: batching='auto' takes {path_name(*chosen)!r} for "
+                    f"{'evaluation' if evaluation else 'training'} untimed: deterministic algorithms are on "
+                    "(Trainer(deterministic=True)), and a timed choice can differ from run to run.")
+                return (*chosen, {})
             if len(candidates) > 1:
                 timings = {candidate: [] for candidate in candidates if candidate not in exhausted}
                 for _ in range(2):

@@ -1,0 +1,51 @@
+"""Under deterministic algorithms (``Trainer(deterministic=True)``) MAML's ``auto`` choices are
+made without timing: the paths round differently and training grows that into other weights, so
+a timed choice (which the machine's load decides) made two runs of one seed end apart."""
+import lightning as L
+import pytest
+import torch
+
+from fewshot_lightning.algorithms import MAML
+from fewshot_lightning.data import EpisodicDataModule
+from fewshot_lightning.models import Conv4
+
+
+@pytest.fixture
+def deterministic_off_after():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def fit(deterministic: bool) -> MAML:
+    L.seed_everything(0)
+    images, labels = torch.rand(120, 1, 16, 16), torch.arange(20).repeat_interleave(6)
+    data = EpisodicDataModule(images, labels, ways=3, shots=1, queries=1, meta_batch_size=4, train_tasks=12,
+                              val_tasks=4, split_fractions=(0.6, 0.2, 0.2), num_workers=0)
+    model = MAML(Conv4(in_channels=1, hidden=8, image_size=16, out_features=3), inner_lr=0.1)
+    model.group_timing_min_steps = 1  # a 3-step run would keep the whole batch untimed anyway
+    L.Trainer(max_steps=3, deterministic=deterministic, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, data)
+    return model
+
+
+def test_auto_takes_vmap_untimed_and_runs_repeat(monkeypatch, deterministic_off_after):
+    timed = []
+    original = MAML._timed_step
+    monkeypatch.setattr(MAML, "_timed_step", lambda self, *args, **kwargs: timed.append(args[1:]) or
+                        original(self, *args, **kwargs))
+    first = fit(deterministic=True)
+    # vmap is run once to see that it runs at all (not timed: no second path); nothing else.
+    assert (first.batching, first.memory_format, first.tasks_per_backward) == ("vmap", "contiguous", None)
+    assert len(timed) <= 1 and first.batching_timings == {}
+    second = fit(deterministic=True)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_without_it_auto_times_the_paths(monkeypatch):
+    timed = []
+    original = MAML._timed_step
+    monkeypatch.setattr(MAML, "_timed_step", lambda self, *args, **kwargs: timed.append(args[1:]) or
+                        original(self, *args, **kwargs))
+    model = fit(deterministic=False)
+    assert len(model.batching_timings) >= 2 and len(timed) >= 4
