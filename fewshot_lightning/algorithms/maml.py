@@ -949,8 +949,10 @@ class MAML(MetaLearner):
         kept for the rest of the run (a path that runs out of memory is left out: see
         :meth:`_fewer_tasks_per_backward` for when all do); a channels-last path must beat the
         channels-first ones by :data:`CHANNELS_LAST_MARGIN` (5%), so that a near tie, which timing
-        noise decides, keeps the layout the module has. All paths give the same numbers to
-        rounding, so the choice only changes speed. The decision and every timing are logged.
+        noise decides, keeps the layout the module has. All paths compute the same function; each
+        rounds its own way in float32, which training can grow into other weights (so under
+        deterministic algorithms, ``Trainer(deterministic=True)``, nothing is timed: vmap, else the
+        loop, is taken). The decision and every timing are logged.
         Returns the batching chosen.
 
         ``evaluation=True`` (evaluation calls it so: validation, test, prediction, an adaptation
