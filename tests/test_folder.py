@@ -403,3 +403,15 @@ def test_a_root_of_split_folders_is_named(tmp_path):
         (plain / split).mkdir(parents=True)
         Image.new("RGB", (20, 20), (1, 2, 3)).save(plain / split / "0.png")
     assert read_image_folder(str(plain), image_size=8, channels=3).classes == ["test", "train"]
+
+
+def test_images_in_formats_not_read_are_named(root):
+    # JPEGs named .jfif were skipped without a word: a class "has 3" images with 6 in its folder.
+    (root / CLASSES[0] / "img_0.png").rename(root / CLASSES[0] / "img_0.jfif")
+    Image.new("RGB", (20, 20), colour(1)).save(root / CLASSES[1] / "extra.ico")
+    (root / CLASSES[2] / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"Skipping 1 file\(s\) of .* in image formats not read here \(\.ico\): "
+                                         r"class_01/extra\.ico\. Convert them to one of \.bmp, "):
+        folder = read_image_folder(str(root), image_size=8, channels=3)
+    assert "class_00/img_0.jfif" in folder.files  # a JPEG by another name: read
+    assert torch.bincount(folder.labels).tolist() == [PER_CLASS] * NUM_CLASSES

@@ -35,7 +35,8 @@ from ._storage import DataFileError, describe_error, describe_failures, load_cac
 #: Bumped whenever decoding changes, so an old cache is never mistaken for a new one.
 FORMAT_VERSION = 2  # 2: images of more than 8 bits scaled, not clipped (eight_bit)
 #: File name endings read as images (case-insensitive); other files are skipped.
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jfif", ".jpe", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff",
+                    ".webp")
 #: Cache folder made under ``root`` when no ``cache_dir`` is given; never read as a class.
 DEFAULT_CACHE_FOLDER = ".fewshot_cache"
 
@@ -62,7 +63,7 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
         raise FileNotFoundError(f"Image folder {root} does not exist. Expected the layout {LAYOUT}.")
     if not root.is_dir():
         raise NotADirectoryError(f"Image folder {root} is a file, not a folder. Expected the layout {LAYOUT}.")
-    classes, files, labels, empty, looped = [], [], [], [], []
+    classes, files, labels, empty, looped, other_images = [], [], [], [], [], []
     # Linked folders are followed (a class of links to images elsewhere), but each folder once:
     # a link back to the dataset, its parents or another class folder (a cycle os.walk followed
     # until the system refused, every other class's images read into this one) is skipped.
@@ -88,6 +89,9 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
                 os.path.join(folder, name) for name in names
                 if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
             ]
+            other_images += [os.path.join(folder, name) for name in names if not name.startswith(".")
+                             and not name.lower().endswith(IMAGE_EXTENSIONS)
+                             and os.path.splitext(name)[1].lower() in Image.registered_extensions()]
         if not found:
             empty.append(class_dir.name)
             continue
@@ -99,6 +103,12 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
             f"Image folder {root} holds no images in class sub-folders (looked for {', '.join(IMAGE_EXTENSIONS)}). "
             f"Expected the layout {LAYOUT}; images directly in {root} are not read."
         )
+    if other_images:
+        kinds = sorted({os.path.splitext(path)[1].lower() for path in other_images})
+        warnings.warn(
+            f"Skipping {len(other_images)} file(s) of {root} in image formats not read here ({', '.join(kinds)}): "
+            f"{listed([Path(path).relative_to(root).as_posix() for path in other_images], 3)}. Convert them to one "
+            f"of {', '.join(IMAGE_EXTENSIONS)} to use them.", stacklevel=2)
     if empty:
         warnings.warn(f"Skipping {len(empty)} class folder(s) of {root} with no images: {', '.join(empty[:10])}.", stacklevel=2)
     if looped:
