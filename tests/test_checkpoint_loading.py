@@ -123,3 +123,14 @@ def test_another_learners_checkpoint_is_refused_in_code(tmp_path):
         pass
 
     assert quiet_test(MyMatchingNet.load_from_checkpoint(path, backbone=conv4(None)), tasks("images"))
+
+
+def test_loading_without_the_backbone_says_to_give_it(tmp_path):
+    # It stopped with Lightning's "argparse.ArgumentError: the following arguments are required:
+    # module.backbone".
+    model = ProtoNet(conv4(None))
+    path = fit_one_step(model, tasks("classification"), tmp_path)
+    with pytest.raises(TypeError, match=r"^ProtoNet\.load_from_checkpoint needs the backbone the checkpoint's "
+                                        r"weights go into: ProtoNet\.load_from_checkpoint\(path, backbone=\.\.\.\)"):
+        ProtoNet.load_from_checkpoint(path)
+    assert isinstance(ProtoNet.load_from_checkpoint(path, backbone=conv4(None)), ProtoNet)

@@ -939,7 +939,15 @@ class MetaLearner(L.LightningModule):
         """``LightningModule.load_from_checkpoint``, which writes the arguments given over the
         checkpoint's saved ones before the module sees them: the saved ones are read first (from a
         local file), so that :meth:`on_load_checkpoint` can refuse a given value that the
-        checkpoint's weights would override (:meth:`_check_arguments_in_weights`)."""
+        checkpoint's weights would override (:meth:`_check_arguments_in_weights`). The backbone
+        must be given (``backbone=Conv4(...)``): a checkpoint holds its weights, not how to build
+        it (without it, an ``argparse`` error from Lightning's loader)."""
+        if "backbone" not in kwargs and not args:
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint needs the backbone the checkpoint's weights go into: "
+                f"{cls.__name__}.load_from_checkpoint(path, backbone=...), built as in the run's config.yaml (its "
+                "model.init_args.backbone), e.g. backbone=Conv4(hidden=64, out_features=5). The checkpoint holds the "
+                "weights, not how to build the network.")
         token = _loading_over.set(_saved_hyper_parameters(checkpoint_path) if kwargs else None)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
