@@ -49,3 +49,19 @@ def test_without_it_auto_times_the_paths(monkeypatch):
                         original(self, *args, **kwargs))
     model = fit(deterministic=False)
     assert len(model.batching_timings) >= 2 and len(timed) >= 4
+
+
+def test_the_log_names_the_choice_that_was_made(caplog):
+    # With batching fixed, the log said "batching='auto' chose 'loop' with memory_format=...".
+    import logging
+
+    from learner_helpers import random_episodes
+
+    caplog.set_level(logging.INFO)
+    batch = random_episodes(tasks=2, ways=3, shots=1, queries=1, x_shape=(1, 16, 16))
+    model = MAML(Conv4(in_channels=1, hidden=8, image_size=16, out_features=3), inner_lr=0.1, batching="loop")
+    model.choose_batching(batch)
+    assert model.batching == "loop"
+    assert (f"MAML: memory_format='auto' chose {model.memory_format!r} (batching='loop') for training (one training "
+            "step of 2 tasks: loop ") in caplog.text
+    assert "batching='auto'" not in caplog.text

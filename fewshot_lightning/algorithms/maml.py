@@ -1151,10 +1151,14 @@ class MAML(MetaLearner):
             # run should not depend on which process's timing came out ahead.
             batching, memory_format = self.trainer.strategy.broadcast((batching, memory_format), src=0)
         milliseconds = {path_name(*c): 1000 * t for c, t in best.items()}
-        chosen = repr(batching) + (" with memory_format='channels_last'" if memory_format == "channels_last" else "")
+        if self.requested_path[0] is not None:  # batching fixed: only the layout was chosen
+            chooser, chosen = "memory_format='auto'", f"{memory_format!r} (batching={batching!r})"
+        else:
+            chooser = "batching='auto'"
+            chosen = repr(batching) + (" with memory_format='channels_last'" if memory_format == "channels_last" else "")
         step = "evaluation" if evaluation else "training"
         rank_zero_info(
-            f"{type(self).__name__}: batching='auto' chose {chosen} for {step} (one {step} step of "
+            f"{type(self).__name__}: {chooser} chose {chosen} for {step} (one {step} step of "
             f"{batch.num_tasks} tasks: " + ", ".join(f"{path} {ms:.1f} ms" for path, ms in milliseconds.items()) + ")."
         )
         prefix = "batching/evaluation_" if evaluation else "batching/"
