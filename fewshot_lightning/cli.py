@@ -161,11 +161,26 @@ def _batch_limits_read_integers_first(parser: LightningArgumentParser) -> None:
             action._typehint = typing.Union[int, float, None]
 
 
+#: ``--help``'s text for ``--ckpt_path``.
+CKPT_PATH_HELP = (
+    "a checkpoint file, or 'last' (the newest last checkpoint of this config's runs: of the logger's run folders, "
+    "version_N or named, the checkpoints/last.ckpt or last-vN.ckpt saved most recently) or 'best' (the best "
+    "checkpoint the newest run's ModelCheckpoint recorded). fit: resume that run (its optimizer and scheduler as "
+    "saved). test, validate, predict: required, unless --untrained true scores the initial weights.")
+
+
 class FewShotArgumentParser(LightningArgumentParser):
     """Lightning's parser, whose errors in the arguments (a value of the wrong type, an unknown
     option) are one short message with exit code 1, as the command's other input errors are:
     argparse's usage (sixty lines) and jsonargparse's nested report of every Union member it
     tried are left out (``FEWSHOT_LIGHTNING_TRACEBACK=1`` shows them)."""
+
+    def add_method_arguments(self, *args: Any, **kwargs: Any) -> Any:
+        added = super().add_method_arguments(*args, **kwargs)
+        for action in self._actions:
+            if action.dest == "ckpt_path":  # Lightning's text describes Trainer.fit's, not this command's
+                action.help = CKPT_PATH_HELP
+        return added
 
     def error(self, message: str, ex: Optional[Exception] = None) -> typing.NoReturn:
         if not self.exit_on_error or os.environ.get(TRACEBACK_VARIABLE) or os.environ.get("JSONARGPARSE_DEBUG"):

@@ -634,3 +634,14 @@ def test_a_log_folder_that_cannot_be_made_is_named_with_the_fix(tmp_path, monkey
     assert code == 1 and "Traceback" not in out
     assert (f"error: Cannot make the run's log folder {Path('readonly/logs/maml_sinusoid/version_0')}: Read-only file "
             "system. Point --trainer.logger.init_args.save_dir at a folder you can write to.") in " ".join(out.split())
+
+
+def test_help_says_what_ckpt_path_takes_here(cli):
+    # --help gave Lightning's text for Trainer.fit ("If None and the model instance was passed, use
+    # the current weights"), which this command refuses.
+    for subcommand in ("fit", "test"):
+        code, out = cli(subcommand, "--help")
+        text = " ".join(out.split())
+        assert code == 0 and "a checkpoint file, or 'last' (the newest last checkpoint of this config's runs" in text
+        assert "required, unless --untrained true scores the initial weights" in text
+        assert "use the current weights" not in text

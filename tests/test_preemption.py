@@ -270,21 +270,28 @@ def test_ctrl_c_stops_at_the_step_end_saves_it_and_exits_130_saying_how_to_resum
     fit_stopped_by(tmp_path, signal.SIGINT, "Ctrl-C", 130)
 
 
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM as training step ``step + 1`` starts: handled at that step's end."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def outside_slurm(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+
 def test_a_stop_by_signal_validates_only_where_a_validation_was_due(tmp_path, monkeypatch):
     # Lightning validates whenever Trainer.should_stop is set (early stopping's stop): a SIGTERM or
     # Ctrl-C at step 3 of a run validating every 5 steps ran a whole validation before exiting
     # (104 s on a 2,000-episode split, beyond SLURM's grace period), logged val metrics at step 3
     # and saved a "best" checkpoint an uninterrupted run never scores.
-    for name in [n for n in os.environ if n.startswith("SLURM_")]:
-        monkeypatch.delenv(name)
-
-    class SignalAt(L.Callback):
-        def __init__(self, step):
-            self.step = step
-
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled at this step's end
+    outside_slurm(monkeypatch)
 
     class Validations(L.Callback):
         steps = []
@@ -298,7 +305,7 @@ def test_a_stop_by_signal_validates_only_where_a_validation_was_due(tmp_path, mo
         trainer = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=1, val_check_interval=5,
                             check_val_every_n_epoch=None, num_sanity_val_steps=0, default_root_dir=tmp_path,
-                            callbacks=[RequeueAtStepEnd(), SignalAt(stop_at), counted,
+                            callbacks=[RequeueAtStepEnd(), SigtermAt(stop_at), counted,
                                        L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / f"best{stop_at}",
                                                                            monitor="val/mse", save_top_k=1)])
         trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
@@ -323,16 +330,7 @@ def test_a_resumed_run_logs_at_the_uninterrupted_runs_steps(tmp_path, monkeypatc
     # state. Each way a run can stop, the resumed points must be the uninterrupted run's.
     from fewshot_lightning.callbacks import LastCheckpoint
 
-    for name in [n for n in os.environ if n.startswith("SLURM_")]:
-        monkeypatch.delenv(name)
-
-    class SigtermAt(L.Callback):
-        def __init__(self, step):
-            self.step = step
-
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGTERM)
+    outside_slurm(monkeypatch)
 
     def fit(folder, steps, callbacks=(), ckpt_path=None):
         torch.manual_seed(0)
