@@ -180,7 +180,7 @@ def test_evaluating_without_a_checkpoint_is_an_explicit_choice(tmp_path, monkeyp
     code, out = cli("test", *short)
     assert code == 1
     assert "error: test needs trained weights: pass --ckpt_path with a .ckpt file, or 'last' or 'best' (from the newest " \
-           f"run in {Path('lightning_logs/maml_sinusoid/version_*/checkpoints')}). To test the untrained initial weights " \
+           f"run in {Path('lightning_logs/maml_sinusoid/<version>/checkpoints')}). To test the untrained initial weights " \
            "on purpose, pass --untrained true." in out
     assert "Traceback" not in out and "test/mse" not in out
 

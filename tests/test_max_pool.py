@@ -154,10 +154,10 @@ def test_maml_meta_gradient_through_conv4_is_the_same_with_pytorchs_layers(monke
 
 @pytest.mark.parametrize("film", [False, True])
 def test_film_block_pools_before_the_relu_same_function_one_map_fewer(film):
-    # CAVIA's FiLMBlock: conv, batch norm, (FiLM), then ReLU and 2x2 max-pool, now run as the
-    # pool first (max commutes with the ReLU): the same values and gradients as the order its
-    # docstring states, written out here with PyTorch's layers, and one full-size map fewer
-    # saved (the ReLU's output, which the pooling kept too).
+    # CAVIA's FiLMBlock: conv, batch norm, 2x2 max-pool, (FiLM), ReLU, the authors' order: the
+    # same values and gradients as that order written out here with PyTorch's layers, and one
+    # full-size map fewer saved (batch norm's output, which PyTorch's pooling keeps: ours keeps
+    # the indices of the maxima).
     from fewshot_lightning.models.context import FiLMBlock
 
     torch.manual_seed(0)
@@ -166,11 +166,11 @@ def test_film_block_pools_before_the_relu_same_function_one_map_fewer(film):
     context = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def written_out():
-        out = block.norm(block.conv(x))
+        out = F.max_pool2d(block.norm(block.conv(x)), 2)
         if block.film is not None:
             scale, shift = block.film(context).chunk(2, dim=-1)
             out = out * (1 + scale).view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        return F.max_pool2d(F.relu(out), 2)
+        return F.relu(out)
 
     inputs = [x, context] + list(block.parameters()) if film else [x] + list(block.parameters())
     ours, reference = block(x, context), written_out()

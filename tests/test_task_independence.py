@@ -50,8 +50,10 @@ LEARNERS = {
     ),
     "AttentionLearner": lambda: AttentionLearner(conv4(max_pool=False), ways=5, model_dim=16, heads=2, layers=1,
                                                  feedforward_dim=16),
-    "CNP": lambda: CNP(batch_norm_encoder(), decoder_hidden=(16,)),
-    "CNP running statistics": lambda: CNP(batch_norm_encoder(), decoder_hidden=(16,), batch_norm_stats="running"),
+    # (Trained on its support sets: the paper's random context would normalise it with the targets'.)
+    "CNP": lambda: CNP(batch_norm_encoder(), decoder_hidden=(16,), training_context="support"),
+    "CNP running statistics": lambda: CNP(batch_norm_encoder(), decoder_hidden=(16,), batch_norm_stats="running",
+                                          training_context="support"),
     # MAML adapts per task under vmap; its public forward returns the adapted query outputs.
     "MAML": lambda: MAML(Conv4(hidden=4, image_size=16, out_features=5), inner_lr=0.1),
 }
