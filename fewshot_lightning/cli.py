@@ -45,6 +45,7 @@ from typing import Any, List, Literal, Optional, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -417,6 +418,15 @@ class FewShotCLI(LightningCLI):
         if interval is not None and not isinstance(interval, bool) and isinstance(interval, (int, float)) and interval <= 0:
             raise ValueError(f"--trainer.val_check_interval must be positive (batches between validations, or a fraction "
                              f"of an epoch), got {interval}; to skip validation pass --trainer.limit_val_batches 0.")
+        environment = trainer._accelerator_connector.cluster_environment
+        if trainer.num_nodes > 1 and isinstance(environment, LightningEnvironment) and "MASTER_ADDR" not in os.environ:
+            # Lightning's own environment then waits at the first collective for machines nothing
+            # starts (half an hour, the process group's timeout), leaving an empty run folder.
+            raise ValueError(
+                f"--trainer.num_nodes {trainer.num_nodes} without a launcher for the other machines (no SLURM job, no "
+                "torchrun, no MASTER_ADDR): this process would wait for them until the process group timed out. Start "
+                "the same command on every machine with torchrun (cluster/torchrun_2x4.sh) or under SLURM "
+                "(cluster/README.md), or drop --trainer.num_nodes for one machine.")
 
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, subcommand: str, path: Optional[str], untrained: bool) -> Optional[str]:

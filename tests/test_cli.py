@@ -645,3 +645,16 @@ def test_help_says_what_ckpt_path_takes_here(cli):
         assert code == 0 and "a checkpoint file, or 'last' (the newest last checkpoint of this config's runs" in text
         assert "required, unless --untrained true scores the initial weights" in text
         assert "use the current weights" not in text
+
+
+def test_several_nodes_without_a_launcher_are_refused(tmp_path, monkeypatch, cli):
+    # `--trainer.num_nodes 2` on one machine (no SLURM, no torchrun) waited for the other node until
+    # the process group timed out (half an hour), leaving an empty run folder.
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "MASTER_", "TORCHELASTIC", "GROUP_RANK"))]:
+        monkeypatch.delenv(name)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.max_steps", "1", "--trainer.num_nodes", "2")
+    assert code == 1
+    assert ("error: --trainer.num_nodes 2 without a launcher for the other machines (no SLURM job, no torchrun, no "
+            "MASTER_ADDR)") in " ".join(out.split())
+    assert not (tmp_path / "lightning_logs").exists()
