@@ -269,7 +269,7 @@ def _qualified_name(cls: type) -> str:
 
 #: Entries of a learning-rate scheduler's state that record its progress, not its settings.
 _SCHEDULER_PROGRESS = frozenset({"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "mode_worse",
-                                 "verbose", "min_lrs", "default_min_lr"})
+                                 "verbose"})
 
 
 def _plain(value: Any) -> bool:
@@ -931,6 +931,10 @@ class MetaLearner(L.LightningModule):
         if self._plateau is not None:
             # Stepped by the learner, not Lightning, so not among Lightning's saved schedulers.
             checkpoint["plateau_scheduler"] = self._plateau.state_dict()
+        optimizers = getattr(self._trainer, "optimizers", None) if self._trainer is not None else None
+        if optimizers:
+            optimizer = getattr(optimizers[0], "optimizer", optimizers[0])  # under Lightning's wrapper, if any
+            checkpoint["outer_optimizer"] = _qualified_name(type(optimizer))
         checkpoint["learner"] = _qualified_name(type(self))
         _count_the_finished_batch(self._trainer, checkpoint)
 
@@ -965,12 +969,13 @@ class MetaLearner(L.LightningModule):
                 f"{_qualified_name(type(self))}: load it into the learner that saved it, or train this one.")
         self._check_arguments_in_weights(checkpoint)
         self._resumed_rng_states = checkpoint.get("rng_states")
-        self._plateau_state = checkpoint.get("plateau_scheduler")
-        if self._plateau is not None and self._plateau_state is not None:
-            self._plateau.load_state_dict(self._plateau_state)
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit":
-            self._resumed_outer = {key: checkpoint.get(key) for key in ("optimizer_states", "lr_schedulers")}
+            # Only a resumed fit restores the scheduler; a new run (load_from_checkpoint, or a
+            # test of a checkpoint before a fit) keeps the one it was given.
+            self._plateau_state = checkpoint.get("plateau_scheduler")
+            self._resumed_outer = {key: checkpoint.get(key)
+                                   for key in ("optimizer_states", "lr_schedulers", "plateau_scheduler", "outer_optimizer")}
 
     def _check_arguments_in_weights(self, checkpoint: Dict[str, Any]) -> None:
         """A checkpoint restores the tensors behind :meth:`arguments_in_weights`, so a learner
@@ -1035,30 +1040,35 @@ class MetaLearner(L.LightningModule):
         if groups and groups[0]:
             old, new = groups[0][0], optimizer.param_groups[0]
             # How the step is computed (fused kernels, foreach), not what it computes: may change.
-            skip = {"params", "initial_lr", "fused", "foreach", "capturable", "differentiable"}
-            skip |= {"lr"} if scheduler is not None else set()
-            if set(old) - skip != set(new) - skip:
-                changes.append(f"the optimizer is a {type(optimizer).__name__}, whose settings "
-                               f"({', '.join(sorted(set(new) - skip))}) are not those of the checkpoint's "
-                               f"({', '.join(sorted(set(old) - skip))})")
+            # The rate: where a scheduler ran, the one it started from (initial_lr; it moved lr).
+            skip = {"params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable"}
+            saved_class = saved.get("outer_optimizer")
+            old_keys, new_keys = set(old) - skip, set(new) - skip
+            if isinstance(saved_class, str):
+                other_class = saved_class != _qualified_name(type(optimizer))
+            else:  # an older checkpoint: by its settings (a torch release adds some, so one side may hold more)
+                other_class = not (old_keys <= new_keys or new_keys <= old_keys)
+            if other_class:
+                was = saved_class.rpartition(".")[2] if isinstance(saved_class, str) else \
+                    f"one with the settings {', '.join(sorted(old_keys))}"
+                changes.append(f"the optimizer ({type(optimizer).__name__}) is not the checkpoint's ({was})")
             else:
-                if "initial_lr" in old and "initial_lr" in new:  # the rate a scheduler started from
-                    skip -= {"initial_lr"}
+                rate = "initial_lr" if "initial_lr" in old else "lr"
+                old_lr, new_lr = old.get(rate), new.get("initial_lr", new.get("lr"))
+                if _plain(old_lr) and not same_value(old_lr, new_lr):
+                    changes.append(f"optimizer lr={new_lr!r} (the checkpoint's: {old_lr!r})")
                 changes += [f"optimizer {key}={new[key]!r} (the checkpoint's: {old[key]!r})"
-                            for key in sorted(set(new) - {"params"}) if key in old and key not in skip
-                            and _plain(old[key]) and not same_value(old[key], new[key])]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            old_scheduler = self._plateau_state
-        else:
-            states = saved.get("lr_schedulers") or []
-            old_scheduler = states[0] if states and isinstance(states[0], dict) else None
+                            for key in sorted(new_keys & old_keys)
+                            if _plain(old[key]) and not same_value(old[key], new[key])]
+        states = [state for state in saved.get("lr_schedulers") or [] if isinstance(state, dict)]
+        old_scheduler = states[0] if states else saved.get("plateau_scheduler")  # Lightning's, else ours
         if (scheduler is None) != (old_scheduler is None):
             changes.append("a learning-rate scheduler " + ("is added" if old_scheduler is None else "is dropped"))
         elif scheduler is not None:
             new_scheduler = scheduler.state_dict()
             settings = [key for key in new_scheduler if not key.startswith("_") and key not in _SCHEDULER_PROGRESS]
             if set(settings) != {key for key in old_scheduler if not key.startswith("_") and key not in _SCHEDULER_PROGRESS}:
-                changes.append(f"the scheduler is a {type(scheduler).__name__}, not the checkpoint's")
+                changes.append(f"the scheduler ({type(scheduler).__name__}) is not the checkpoint's")
             else:
                 changes += [f"scheduler {key}={new_scheduler[key]!r} (the checkpoint's: {old_scheduler[key]!r})"
                             for key in sorted(settings) if _plain(old_scheduler[key])
@@ -1086,6 +1096,9 @@ class MetaLearner(L.LightningModule):
             self._check_resumed_outer(optimizer, None)
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            for group in optimizer.param_groups:  # the rate it starts from, saved with the optimizer
+                group.setdefault("initial_lr", group["lr"])
         self._check_resumed_outer(optimizer, scheduler)
         self._plateau = None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -1100,5 +1113,6 @@ class MetaLearner(L.LightningModule):
             self._plateau, self._plateau_steps = scheduler, 0
             if self._plateau_state is not None:
                 scheduler.load_state_dict(self._plateau_state)
+                self._plateau_state = None
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
