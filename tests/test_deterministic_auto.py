@@ -65,3 +65,23 @@ def test_the_log_names_the_choice_that_was_made(caplog):
     assert (f"MAML: memory_format='auto' chose {model.memory_format!r} (batching='loop') for training (one training "
             "step of 2 tasks: loop ") in caplog.text
     assert "batching='auto'" not in caplog.text
+
+
+def test_deterministic_auto_stays_untimed_when_vmap_runs_out_of_memory(monkeypatch, deterministic_off_after):
+    # A vmap out of memory (a GPU's) dropped the untimed choice: the other paths were timed.
+    from learner_helpers import random_episodes
+
+    torch.use_deterministic_algorithms(True)
+    calls = []
+
+    def step(self, batch, batching, memory_format="contiguous", evaluation=False):
+        calls.append((batching, memory_format))
+        if batching == "vmap":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return 0.01
+
+    monkeypatch.setattr(MAML, "_timed_step", step)
+    model = MAML(Conv4(in_channels=1, hidden=8, image_size=16, out_features=3), inner_lr=0.1)
+    model.choose_batching(random_episodes(tasks=2, ways=3, shots=1, queries=1, x_shape=(1, 16, 16)))
+    assert (model.batching, model.memory_format) == ("loop", "contiguous")
+    assert calls == [("vmap", "contiguous")]  # the attempt that ran out of memory, nothing timed

@@ -1104,11 +1104,11 @@ class MAML(MetaLearner):
                     candidates = [candidate for candidate in candidates if candidate[0] == "loop"]
                 if exhausted:
                     release_memory(batch.support_x.device)
-            if len(candidates) > 1 and not exhausted and torch.are_deterministic_algorithms_enabled():
+            left = [candidate for candidate in candidates if candidate not in exhausted]
+            if len(candidates) > 1 and left and torch.are_deterministic_algorithms_enabled():
                 # Timing decides by the machine's load: the paths round differently, and training
                 # (Adam) grows that into other weights, so a run would not repeat itself.
-                chosen = next((c for c in (("vmap", "contiguous"), ("loop", "contiguous")) if c in candidates),
-                              candidates[0])
+                chosen = next((c for c in (("vmap", "contiguous"), ("loop", "contiguous")) if c in left), left[0])
                 rank_zero_info(
                     f"{type(self).__name__}: batching='auto' takes {path_name(*chosen)!r} for "
                     f"{'evaluation' if evaluation else 'training'} untimed: deterministic algorithms are on "
