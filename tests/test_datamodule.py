@@ -452,6 +452,9 @@ def test_a_missing_whole_number_is_named(name):
         SinusoidDataModule(**{name: None})
     with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got 2\.0 \(float\)\.$"):
         SinusoidDataModule(**{name: 2.0})
+    import numpy as np
+
+    assert getattr(SinusoidDataModule(**{name: np.int32(2)}), name) == 2  # numpy's integers are whole numbers
 
 
 def test_a_missing_inner_steps_is_named():

@@ -107,3 +107,11 @@ def test_plateau_scheduler_steps_on_the_validation_return():
     with pytest.raises(ValueError, match=r"steps on val/return_after_2_steps .* higher, but was built with mode='min'"):
         model.lr_scheduler = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min")
         quiet_trainer(max_steps=1).fit(model, data)
+
+
+@pytest.mark.parametrize("name", ["inner_steps", "trajectories", "test_inner_steps", "outer_steps"])
+def test_a_missing_whole_number_is_named(name):
+    # `--model.init_args.inner_steps null` ended in a 75-line traceback ("'<' not supported between
+    # instances of 'NoneType' and 'int'").
+    with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got None \(NoneType\)\.$"):
+        MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), **{name: None})

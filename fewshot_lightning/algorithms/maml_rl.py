@@ -2,6 +2,7 @@
 policies (Raghu et al., ICLR 2020), on the functional inner loop."""
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -122,6 +123,8 @@ class MAMLRL(MetaLearner):
         self.automatic_optimization = False
         for name, value, least in (("trajectories", trajectories, 2), ("inner_steps", inner_steps, 1),
                                    ("test_inner_steps", test_inner_steps, 1), ("outer_steps", outer_steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}.")
         later_inner_lr = inner_lr / 2 if later_inner_lr is None else later_inner_lr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -67,7 +68,7 @@ class TaskDataModule(L.LightningDataModule):
         super().__init__()
         for name, value, least in (("meta_batch_size", meta_batch_size, 1), ("num_workers", num_workers, 0),
                                    ("seed", seed, None)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 # None from a config ("null") failed later in a comparison: "'<' not supported between
                 # instances of 'NoneType' and 'int'".
                 raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
@@ -76,6 +77,7 @@ class TaskDataModule(L.LightningDataModule):
         for split, tasks in (("train", train_tasks), ("val", val_tasks), ("test", test_tasks)):
             if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
                 raise ValueError(f"{split}_tasks must be a whole number of tasks, at least 1, got {tasks!r}.")
+        meta_batch_size, num_workers, seed = int(meta_batch_size), int(num_workers), int(seed)  # numpy's too
         self.meta_batch_size = meta_batch_size
         self.num_tasks = {"train": train_tasks, "val": val_tasks, "test": test_tasks}
         self.num_workers = num_workers
