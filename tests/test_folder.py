@@ -410,6 +410,7 @@ def test_images_in_formats_not_read_are_named(root):
     (root / CLASSES[0] / "img_0.png").rename(root / CLASSES[0] / "img_0.jfif")
     Image.new("RGB", (20, 20), colour(1)).save(root / CLASSES[1] / "extra.ico")
     (root / CLASSES[2] / "notes.txt").write_text("not an image")
+    (root / CLASSES[2] / "notes.pdf").write_text("a format Pillow writes, not reads")
     with pytest.warns(UserWarning, match=r"Skipping 1 file\(s\) of .* in image formats not read here \(\.ico\): "
                                          r"class_01/extra\.ico\. Convert them to one of \.bmp, "):
         folder = read_image_folder(str(root), image_size=8, channels=3)

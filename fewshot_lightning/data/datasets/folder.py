@@ -91,7 +91,7 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
             ]
             other_images += [os.path.join(folder, name) for name in names if not name.startswith(".")
                              and not name.lower().endswith(IMAGE_EXTENSIONS)
-                             and os.path.splitext(name)[1].lower() in Image.registered_extensions()]
+                             and Image.registered_extensions().get(os.path.splitext(name)[1].lower()) in Image.OPEN]
         if not found:
             empty.append(class_dir.name)
             continue
