@@ -45,7 +45,7 @@ from typing import Any, List, Literal, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -586,7 +586,12 @@ class FewShotCLI(LightningCLI):
         configs = [c.config_filename for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)]
         if not any((run / name).exists() for name in configs):
             return
-        if resumed is not None and "://" not in str(resumed) and Path(resumed).resolve().parents[1] == run.resolve():
+        # A requeued SLURM job (no --ckpt_path, or "hpc") goes on from its HPC checkpoint, in its run folder.
+        # (Lightning restores one with no --ckpt_path only under SLURM.)
+        requeued = (resumed == "hpc" or (resumed is None and SLURMEnvironment.detect())) \
+            and any(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+        if requeued or (resumed is not None and resumed != "hpc" and "://" not in str(resumed)
+                        and Path(resumed).resolve().parents[1] == run.resolve()):
             self._share_run_folder(run)
             self._keep_earlier_config(run)
             warnings.filterwarnings(

@@ -658,3 +658,23 @@ def test_several_nodes_without_a_launcher_are_refused(tmp_path, monkeypatch, cli
     assert ("error: --trainer.num_nodes 2 without a launcher for the other machines (no SLURM job, no torchrun, no "
             "MASTER_ADDR)") in " ".join(out.split())
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_named_version_resumes_from_its_hpc_checkpoint(tmp_path, monkeypatch, cli):
+    # A requeued job with a named version (`--ckpt_path hpc`, or none under SLURM) was refused as
+    # writing into an earlier run, pointed at a last.ckpt older than the HPC checkpoint.
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run = ["fit", "--config", SINUSOID, "--trainer.limit_val_batches", "0", "--trainer.logger.init_args.version", "exp1"]
+    code, out = cli(*run, "--trainer.max_steps", "2")
+    assert code == 0, out[-3000:]
+    folder = Path("lightning_logs") / "maml_sinusoid" / "exp1"
+    shutil.copy(folder / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt")  # default_root_dir: here
+    code, out = cli(*run, "--trainer.max_steps", "3", "--ckpt_path", "hpc")
+    assert code == 0, out[-3000:]
+    assert (folder / "config.resume1.yaml").is_file()
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    # Without a checkpoint to go on from, the folder is still refused.
+    code, out = cli(*run, "--trainer.max_steps", "3")
+    assert code == 1 and "holds an earlier run" in out
