@@ -323,6 +323,15 @@ class FewShotCLI(LightningCLI):
             )
         configured = dict(getattr(model, "hparams", {}))
         differ = [name for name, value in saved.items() if name in configured and not same_value(configured[name], value)]
+        newer = [name for name in configured if saved and name not in saved and not name.startswith("_")]
+        if newer:
+            # An argument added to the learner since the checkpoint was saved (CNP's training_context):
+            # the run that saved it ran as before it existed, whatever its default is now.
+            rank_zero_warn(
+                f"--ckpt_path {Path(checkpoint).name} was saved before {type(model).__name__} took "
+                + ", ".join(newer) + "; this run uses " + ", ".join(f"{name}={configured[name]!r}" for name in newer)
+                + ", as configured. If that is not how the checkpoint was trained, set it to the behaviour of the code "
+                "that saved it (see the argument's documentation).")
         held = getattr(model, "arguments_in_weights", dict)()
         restored = [name for name in differ if name in held]
         if restored:

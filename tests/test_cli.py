@@ -678,3 +678,21 @@ def test_a_named_version_resumes_from_its_hpc_checkpoint(tmp_path, monkeypatch, 
     # Without a checkpoint to go on from, the folder is still refused.
     code, out = cli(*run, "--trainer.max_steps", "3")
     assert code == 1 and "holds an earlier run" in out
+
+
+def test_a_checkpoint_older_than_an_argument_is_said(tmp_path, monkeypatch, cli):
+    # A CNP run saved before training_context existed resumed with the new default (the paper's
+    # objective) without a word: the two halves of the run trained on different objectives.
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(SINUSOID).parent / "cnp_sinusoid.yaml")
+    run = ["fit", "--config", config, "--trainer.limit_val_batches", "0", "--data.init_args.test_tasks", "4"]
+    code, out = cli(*run, "--trainer.max_steps", "2")
+    assert code == 0, out[-3000:]
+    last = next(Path("lightning_logs").rglob("last.ckpt"))
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["hyper_parameters"]["training_context"]  # as the code of 2026-11-29 saved it
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    code, out = cli(*run, "--trainer.max_steps", "3", "--ckpt_path", "older.ckpt")
+    assert code == 0, out[-3000:]
+    assert ("--ckpt_path older.ckpt was saved before CNP took training_context; this run uses "
+            "training_context='random', as configured.") in " ".join(out.split())
