@@ -362,3 +362,24 @@ def test_a_resumed_run_logs_at_the_uninterrupted_runs_steps(tmp_path, monkeypatc
     assert later and [(s, n) for s, n, _ in resumed] == [(s, n) for s, n, _ in later]
     for (_, name, got), (_, _, want) in zip(resumed, later):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-7), name
+
+
+def test_a_stop_at_a_step_that_logs_nothing_logs_that_steps_loss(tmp_path, monkeypatch):
+    # Lightning writes the training metrics when a stop is asked; at a step the learner did not log
+    # (log_every_n_steps 5) it wrote the last logged step's loss again at the stop step.
+    outside_slurm(monkeypatch)
+
+    def fit(every, callbacks=()):
+        torch.manual_seed(0)
+        logger = StepsLogged()
+        trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=logger, log_every_n_steps=every,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            enable_checkpointing=False, callbacks=[RequeueAtStepEnd(), *callbacks])
+        trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"),
+                    SinusoidDataModule(meta_batch_size=2, train_tasks=40, val_tasks=2, seed=3))
+        return trainer, {step: value for step, name, value in logger.points if name == "train/loss"}
+
+    _, every_step = fit(1)
+    stopped, points = fit(5, [SigtermAt(6)])  # stops at the end of step 7, logged at step 6 (counting from 0)
+    assert stopped.global_step == 7 and sorted(points) == [4, 6]
+    assert points[6] == pytest.approx(every_step[6], rel=1e-6) and points[6] != pytest.approx(points[4])

@@ -406,6 +406,8 @@ class MetaLearner(L.LightningModule):
         #: The outer optimizer's and scheduler's saved states of the checkpoint ``fit`` resumes
         #: from, compared with the configured ones in :meth:`configure_optimizers`.
         self._resumed_outer: Optional[Dict[str, Any]] = None
+        #: This training step's loss, outputs and batch when it logged nothing (see on_train_batch_end).
+        self._unlogged_step: Optional[tuple] = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
@@ -434,7 +436,18 @@ class MetaLearner(L.LightningModule):
         self.train_task_losses = losses.detach()
         if self.training_metrics_read(batch_idx):
             self.log_training(loss, outputs, batch)
+            self._unlogged_step = None
+        else:  # logged after all if the run stops at this step's end (on_train_batch_end)
+            self._unlogged_step = (loss.detach(), None if outputs is None else outputs.detach(), batch)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        unlogged, self._unlogged_step = self._unlogged_step, None
+        if unlogged is not None and self._trainer is not None and self.trainer.should_stop:
+            # A stop asked at this step's end (SIGTERM, Ctrl-C, a Timer; on every rank at once) makes
+            # Lightning write the training metrics now: without this step's, it wrote the last
+            # logged step's values again at this step.
+            self.log_training(*unlogged)
 
     def backward_group(self, batch: TaskBatch) -> Optional[int]:
         """The tasks per backward pass of this training step (``None``: the whole batch):
