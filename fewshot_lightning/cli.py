@@ -559,12 +559,7 @@ class FewShotCLI(LightningCLI):
             run = Path(resumed).resolve().parents[1]
             if run.parent == root.resolve() and _version_number(run.name) is not None:
                 logger._version = _version_number(run.name)
-                self._share_run_folder(run)
-                self._keep_earlier_config(run)
-                # Resuming into the run's own folder, its checkpoints are expected there.
-                warnings.filterwarnings(
-                    "ignore", message=rf"Checkpoint directory .*{re.escape(os.sep + run.name + os.sep)}checkpoints exists and is not empty"
-                )
+                self._go_on_in(run)
                 return
         made = [folder for folder in (root, *root.parents) if not folder.exists()]
         version = max(_versions(root), default=-1) + 1
@@ -601,16 +596,21 @@ class FewShotCLI(LightningCLI):
             and any(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
         if requeued or (resumed is not None and resumed != "hpc" and "://" not in str(resumed)
                         and Path(resumed).resolve().parents[1] == run.resolve()):
-            self._share_run_folder(run)
-            self._keep_earlier_config(run)
-            warnings.filterwarnings(
-                "ignore", message=rf"Checkpoint directory .*{re.escape(os.sep + run.name + os.sep)}checkpoints exists and is not empty")
+            self._go_on_in(run)
             return
         resume = f"; to train that run on, fit with --ckpt_path {run / 'checkpoints' / _LAST}" if subcommand == "fit" else ""
         raise FileExistsError(
             f"--trainer.logger.init_args.version {version}: {run} holds an earlier run (its config, checkpoints and "
             f"class split), which this {subcommand} would write into. Drop the version (each run then gets a new "
             f"version_N folder) or give one not used yet{resume}.")
+
+    def _go_on_in(self, run: Path) -> None:
+        """A resumed fit writes into its run's folder: its config saved beside the first."""
+        self._share_run_folder(run)
+        self._keep_earlier_config(run)
+        # Resuming into the run's own folder, its checkpoints are expected there.
+        warnings.filterwarnings(
+            "ignore", message=rf"Checkpoint directory .*{re.escape(os.sep + run.name + os.sep)}checkpoints exists and is not empty")
 
     def _share_run_folder(self, folder: Path) -> None:
         for callback in self.trainer.callbacks:

@@ -186,7 +186,7 @@ def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
 
 
 #: Value types ``MetaLearner.__setattr__`` stores without ``nn.Module``'s checks.
-_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), tuple})
 
 #: Where a trainer keeps, for a run, who reads the training metrics (``training_metrics_read``).
 _READERS = "_fewshot_lightning_metrics_readers"
@@ -398,13 +398,13 @@ class MetaLearner(L.LightningModule):
         self._resumed_rng_states: Optional[Dict[str, Any]] = None
         #: The splits whose first batch of this run was checked (:meth:`_check_labels_once`).
         self._labels_checked: set = set()
-        #: A ``ReduceLROnPlateau`` given as ``lr_scheduler``, stepped by :meth:`on_validation_end`;
-        #: its state read from a checkpoint before the optimizer exists; validations it stepped on.
+        #: A ``ReduceLROnPlateau`` given as ``lr_scheduler``, stepped by :meth:`_step_plateau`, and
+        #: the validations it stepped on.
         self._plateau: Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
-        self._plateau_state: Optional[Dict[str, Any]] = None
         self._plateau_steps = 0
         #: The outer optimizer's and scheduler's saved states of the checkpoint ``fit`` resumes
-        #: from, compared with the configured ones in :meth:`configure_optimizers`.
+        #: from, compared with the configured ones and restored (a plateau's, which Lightning does
+        #: not hold) in :meth:`configure_optimizers`.
         self._resumed_outer: Optional[Dict[str, Any]] = None
         #: This training step's loss, outputs and batch when it logged nothing (see on_train_batch_end).
         self._unlogged_step: Optional[tuple] = None
@@ -986,7 +986,6 @@ class MetaLearner(L.LightningModule):
         if trainer is not None and trainer.state.fn == "fit":
             # Only a resumed fit restores the scheduler; a new run (load_from_checkpoint, or a
             # test of a checkpoint before a fit) keeps the one it was given.
-            self._plateau_state = checkpoint.get("plateau_scheduler")
             self._resumed_outer = {key: checkpoint.get(key)
                                    for key in ("optimizer_states", "lr_schedulers", "plateau_scheduler", "outer_optimizer")}
 
@@ -1040,12 +1039,13 @@ class MetaLearner(L.LightningModule):
             self._resumed_rng_states = None
 
     # -- optimisation -------------------------------------------------------------------------
-    def _check_resumed_outer(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        """Refuse to resume ``fit`` with an outer optimizer or scheduler set up otherwise than the
-        checkpoint's: Lightning restores their saved state over the configured one (the learning
-        rate, the scheduler's step size), so the run trained with the checkpoint's values while
-        its config recorded the new ones; another optimizer class failed inside its ``step``."""
-        saved, self._resumed_outer = self._resumed_outer, None
+    def _check_resumed_outer(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                             saved: Optional[Dict[str, Any]]) -> None:
+        """Refuse to resume ``fit`` from ``saved`` (:attr:`_resumed_outer`) with an outer optimizer
+        or scheduler set up otherwise than the checkpoint's: Lightning restores their saved state
+        over the configured one (the learning rate, the scheduler's step size), so the run trained
+        with the checkpoint's values while its config recorded the new ones; another optimizer
+        class failed inside its ``step``."""
         if saved is None:
             return
         changes = []
@@ -1105,16 +1105,18 @@ class MetaLearner(L.LightningModule):
         # which a step the non-finite guard skipped (gradients dropped) never records.
         if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is None:
             optimizer = fused_if_unset(optimizer)
+        saved, self._resumed_outer = self._resumed_outer, None
+        self._plateau = None
         if self.lr_scheduler is None:
-            self._check_resumed_outer(optimizer, None)
+            self._check_resumed_outer(optimizer, None, saved)
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau:
             for group in optimizer.param_groups:  # the rate it starts from, saved with the optimizer
                 group.setdefault("initial_lr", group["lr"])
-        self._check_resumed_outer(optimizer, scheduler)
-        self._plateau = None
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        self._check_resumed_outer(optimizer, scheduler, saved)
+        if plateau:
             # Lightning would step it at every training step (our validations fall within epochs)
             # on the last validation's value: stepped after each validation instead.
             metric, mode = self.plateau_metric
@@ -1124,8 +1126,7 @@ class MetaLearner(L.LightningModule):
                     f"{'lower' if mode == 'min' else 'higher'}, but was built with mode={scheduler.mode!r}: give it "
                     f"mode={mode!r} (--model.init_args.lr_scheduler.mode {mode}).")
             self._plateau, self._plateau_steps = scheduler, 0
-            if self._plateau_state is not None:
-                scheduler.load_state_dict(self._plateau_state)
-                self._plateau_state = None
+            if saved is not None and saved.get("plateau_scheduler") is not None:
+                scheduler.load_state_dict(saved["plateau_scheduler"])
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

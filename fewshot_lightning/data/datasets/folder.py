@@ -64,6 +64,8 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
     if not root.is_dir():
         raise NotADirectoryError(f"Image folder {root} is a file, not a folder. Expected the layout {LAYOUT}.")
     classes, files, labels, empty, looped, other_images = [], [], [], [], [], []
+    # Image formats Pillow opens that this reader skips (by name: .ico, .avif, ...), to name them.
+    openable = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
     # Linked folders are followed (a class of links to images elsewhere), but each folder once:
     # a link back to the dataset, its parents or another class folder (a cycle os.walk followed
     # until the system refused, every other class's images read into this one) is skipped.
@@ -91,7 +93,7 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
             ]
             other_images += [os.path.join(folder, name) for name in names if not name.startswith(".")
                              and not name.lower().endswith(IMAGE_EXTENSIONS)
-                             and Image.registered_extensions().get(os.path.splitext(name)[1].lower()) in Image.OPEN]
+                             and os.path.splitext(name)[1].lower() in openable]
         if not found:
             empty.append(class_dir.name)
             continue
