@@ -464,3 +464,33 @@ def test_a_missing_inner_steps_is_named():
     with pytest.raises(TypeError, match=r"^inner_steps must be a whole number of steps, got None \(NoneType\)\.$"):
         MAML(MLP(), inner_steps=None)
     assert MAML(MLP(), inner_steps=2, test_inner_steps=None).test_inner_steps == 2
+
+
+def test_a_train_transform_on_another_scale_than_evaluation_is_refused():
+    # Validation and test samples go through no transform: a train_transform that returned
+    # unscaled floats (0-255) or normalised ones trained the model on inputs of another scale
+    # than it was scored on, with exit 0.
+    v2 = pytest.importorskip("torchvision.transforms.v2")
+    images = torch.randint(0, 256, (200, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(20).repeat_interleave(10)
+
+    def module(transform):
+        return EpisodicDataModule(images, labels, ways=3, shots=1, queries=2, meta_batch_size=2, train_tasks=4,
+                                  num_workers=0, train_transform=transform)
+
+    unscaled = v2.Compose([v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32)])
+    with pytest.raises(ValueError, match=r"train_transform turns uint8 images into floats from 0 to 255, unscaled.*"
+                                         r"v2.ToDtype\(torch.float32, scale=True\)"):
+        module(unscaled).setup("fit")
+    normalised = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.25] * 3)])
+    with pytest.raises(ValueError, match=r"train_transform gives values from -2 to 2, far outside the 0 to 1 that "
+                                         r"validation and test samples hold"):
+        module(normalised).setup("fit")
+    # Augmentation on the data's own scale: uint8 out, or floats in [0, 1], or a little noise.
+    for fine in (v2.RandomHorizontalFlip(), v2.Compose([v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]),
+                 lambda x: x.float() / 255 + 0.05 * torch.randn(x.shape)):
+        data = module(fine)
+        data.setup("fit")
+        batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
+        assert batch.support_x.dtype == torch.float32 and -0.5 < float(batch.support_x.min())
+        assert float(batch.support_x.max()) < 1.5

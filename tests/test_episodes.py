@@ -86,6 +86,57 @@ def test_workers_do_not_change_the_tasks():
         assert all(torch.equal(x, y) for x, y in zip(s, p))
 
 
+class NoisyAugmentation:
+    """An augmentation drawing from all three global generators, as torchvision's (torch),
+    albumentations' (numpy) and older code's (Python's random) do."""
+
+    def __call__(self, x):
+        import random
+
+        import numpy as np
+        return x + torch.rand(()) + float(np.random.rand()) + random.random()
+
+
+def test_random_augmentation_keeps_tasks_independent_of_workers_and_of_what_ran_before():
+    # A transform's random draws came from whatever state each worker's (or the main process's)
+    # global generators had: the training tasks changed with num_workers and with any torch
+    # call before the run, and dataset[i] gave another task at every call.
+    data, labels = identity_data()
+    dataset = EpisodeDataset(data, labels, ways=5, shots=1, queries=3, num_tasks=16, seed=3,
+                             transform=NoisyAugmentation())
+
+    def batches(workers):
+        sampler = EpisodeSampler(dataset)
+        sampler.set_epoch(1)
+        loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=collate_tasks, num_workers=workers)
+        return list(loader)
+
+    import random
+
+    import numpy as np
+    torch.manual_seed(0)
+    serial = batches(0)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    again, parallel = batches(0), batches(2)
+    for s, a, p in zip(serial, again, parallel):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(s, a, p))
+    # A task drawn alone is the same at every call, and leaves the caller's generators as they were
+    # (a DataLoader draws its own base seed from torch's: checked here without one).
+    state = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    first = dataset[20]
+    assert torch.equal(first.support_x, dataset[20].support_x)
+    assert torch.equal(torch.get_rng_state(), state[0]) and np.array_equal(np.random.get_state()[1], state[1])
+    assert random.getstate() == state[2]
+    # The augmentation is random across tasks and samples: each sample's offset (three uniforms
+    # summed, in [0, 3)) is the augmented value less the sample's own id.
+    offsets = torch.cat([b.support_x - b.support_x.floor() for b in serial]).flatten()
+    assert len(set(offsets.tolist())) > 20
+    # Sample ids are recovered exactly: offsets stay below 3 and each sample is [j, j] + noise.
+    assert torch.all(first.support_x[:, 0] == first.support_x[:, 1])
+
+
 def test_dataset_of_pairs_and_uint8_scaling():
     images = torch.randint(0, 256, (60, 1, 4, 4), dtype=torch.uint8)
     labels = torch.arange(6).repeat_interleave(10)

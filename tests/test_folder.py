@@ -360,6 +360,85 @@ def test_a_class_folder_linked_to_another_is_read_once(root):
     assert torch.bincount(folder.labels).tolist() == [PER_CLASS] * NUM_CLASSES
 
 
+def test_a_folder_of_too_few_classes_says_so_and_names_class_folders_one_level_down(tmp_path):
+    # A dataset wrapped in one more folder (root/mydata/<class>/...) read as one class, and the
+    # error advised a larger share of that one class for each split, three times over.
+    write_folder(tmp_path / "wrapped" / "mydata")
+    module = ImageFolderDataModule(str(tmp_path / "wrapped"), image_size=8, ways=2, shots=1, queries=1,
+                                   meta_batch_size=1, num_workers=0)
+    with pytest.raises(ValueError) as error:
+        module.setup("fit")
+    assert str(error.value) == (
+        f"ImageFolderDataModule cannot draw the requested episodes: {tmp_path / 'wrapped'} holds 1 class folder "
+        "(mydata), fewer than the 2 + 2 + 2 = 6 that the train, val and test splits need together at these ways "
+        "(ways, test_ways; at least 2 each), so no split_fractions gives each split enough: use a folder with more "
+        "classes. Note: "
+        "mydata holds no image itself, only folders (mydata/: class_00, class_01, class_02, class_03 and 6 more), and each "
+        "is read as ONE class with the images of all its folders: if those folders are the classes, point root at "
+        f"them ({tmp_path / 'wrapped' / 'mydata'}).")
+    # Enough classes, too few in one split for these fractions: the per-split advice stands.
+    module = ImageFolderDataModule(str(tmp_path / "wrapped" / "mydata"), image_size=8, ways=2, shots=1, queries=1,
+                                   meta_batch_size=1, num_workers=0, split_fractions=(0.8, 0.1, 0.1))
+    with pytest.raises(ValueError, match=r"the val split has 1 class, .* a larger share of the 10 classes through "
+                                         r"split_fractions"):
+        module.setup("fit")
+
+
+def pixels_by_file(folder):
+    return {name: tuple(folder.images[i, :, 0, 0].tolist()) for i, name in enumerate(folder.files)}
+
+
+def test_a_folder_inside_a_class_is_read_there_not_through_a_link_from_another(root):
+    # class_01/more, a real folder of class_01, was claimed by class_00 through the link
+    # class_00/see_also (class_00 is walked first): class_01's images labelled class_00, exit 0,
+    # with a warning that named the real folder as the skipped link.
+    more = root / CLASSES[1] / "more"
+    more.mkdir()
+    for i in range(2):
+        Image.new("RGB", (20, 20), colour(1)).save(more / f"m{i}.png")
+    (root / CLASSES[0] / "see_also").symlink_to("../class_01/more", target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"Skipping 1 linked folder\(s\) of .* that lead to a folder already read .*: "
+                                         r"class_00/see_also\. "):
+        folder = read_image_folder(str(root), image_size=8, channels=3)
+    assert torch.bincount(folder.labels).tolist() == [PER_CLASS, PER_CLASS + 2] + [PER_CLASS] * (NUM_CLASSES - 2)
+    assert [name for name in folder.files if "/m" in name] == ["class_01/more/m0.png", "class_01/more/m1.png"]
+    for name, pixel in pixels_by_file(folder).items():  # every image under the class whose colour it has
+        assert pixel == colour(CLASSES.index(name.split("/")[0])), name
+
+
+def test_a_linked_image_of_another_class_is_read_once_in_its_own(root):
+    # A file link class_00/x.png -> class_01/img_0.png gave that image two labels, silently.
+    (root / CLASSES[0] / "x.png").symlink_to(root / CLASSES[1] / "img_0.png")
+    # A hard link is the file itself, as much as the other name: the first class (in name order) keeps it.
+    os.link(root / CLASSES[2] / "img_0.png", root / CLASSES[0] / "y.png")
+    outside = root.parent / "outside.png"
+    Image.new("RGB", (20, 20), colour(0)).save(outside)
+    (root / CLASSES[0] / "z.png").symlink_to(outside)  # an image kept elsewhere: read, once
+    (root / CLASSES[3] / "zz.png").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"Skipping 3 image\(s\) of .* that are links to \(or hard links of\) an "
+                                         r"image already read: class_00/x.png, class_02/img_0.png, class_03/zz.png\."):
+        folder = read_image_folder(str(root), image_size=8, channels=3)
+    assert "class_00/x.png" not in folder.files and {"class_00/y.png", "class_00/z.png"} <= set(folder.files)
+    assert torch.bincount(folder.labels).tolist() == [PER_CLASS + 2, PER_CLASS, PER_CLASS - 1] + [PER_CLASS] * 7
+    assert "class_01/img_0.png" in folder.files and "class_03/zz.png" not in folder.files
+
+
+def test_links_that_lead_nowhere_are_skipped_with_a_warning(root):
+    # A link whose target was moved (or a link to itself) stopped the run with a traceback from the
+    # cache's fingerprint (FileNotFoundError, or OSError: too many levels of symbolic links).
+    (root / CLASSES[0] / "moved.png").symlink_to(root / "gone.png")
+    (root / CLASSES[1] / "loop.png").symlink_to("loop.png")
+    (root / CLASSES[2] / "old_folder").symlink_to(root / "gone", target_is_directory=True)
+    (root / CLASSES[3] / "photo.HEIC").write_bytes(b"not read here")  # a phone's format: named, not dropped silently
+    with pytest.warns(UserWarning) as caught:
+        folder = read_image_folder(str(root), image_size=8, channels=3)
+    messages = " ".join(str(w.message) for w in caught)
+    assert ("Skipping 2 link(s) of " in messages and "that lead nowhere (the target was moved or deleted, or the link "
+            "leads to itself): class_00/moved.png, class_01/loop.png." in messages), messages
+    assert "in image formats not read here (.heic): class_03/photo.HEIC" in messages
+    assert torch.bincount(folder.labels).tolist() == [PER_CLASS] * NUM_CLASSES
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_a_named_version_holding_a_run_is_refused_before_anything_is_written(tmp_path, monkeypatch, cli):
     # `fit --trainer.logger.init_args.version exp1` over an earlier exp1 rewrote its

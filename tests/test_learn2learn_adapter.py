@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewshot_lightning.data import scale_images
-from fewshot_lightning.data import TaskBatch
+from fewshot_lightning.data import TaskBatch, collate_tasks
 from fewshot_lightning.data.learn2learn_tasks import Learn2LearnDataModule, Learn2LearnTasks, import_learn2learn
 
 CLASSES, PER_CLASS = 20, 6
@@ -78,6 +78,41 @@ def test_tasks_are_reproducible_and_leave_the_global_random_state_alone():
     assert set(sample_ids(first.support_x)) != set(sample_ids(other.support_x))
     # Epoch 1 (index 10 + 4) is a new task, not a replay of epoch 0.
     assert set(sample_ids(tasks[14].support_x)) != set(sample_ids(first.support_x))
+
+
+def test_a_taskset_with_random_augmentation_gives_the_same_tasks_in_any_worker():
+    # Only Python's random was seeded per task: learn2learn's augmentation (torchvision transforms,
+    # torch's generator) made every task depend on the worker and on what ran before.
+    l2l = pytest.importorskip("learn2learn")
+    images = torch.arange(CLASSES * PER_CLASS, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    labels = torch.arange(CLASSES * PER_CLASS) // PER_CLASS
+
+    class Jitter(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i] + torch.rand(1, 4, 4) * 0.5, int(labels[i])
+
+    dataset = l2l.data.MetaDataset(Jitter())
+    taskset = l2l.data.Taskset(dataset, [
+        l2l.data.transforms.FusedNWaysKShots(dataset, n=WAYS, k=SHOTS + QUERIES),
+        l2l.data.transforms.LoadData(dataset), l2l.data.transforms.RemapLabels(dataset),
+        l2l.data.transforms.ConsecutiveLabels(dataset),
+    ], num_tasks=-1)
+    tasks = Learn2LearnTasks(taskset, WAYS, SHOTS, QUERIES, num_tasks=8, seed=7)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(tasks, batch_size=2, num_workers=workers, collate_fn=collate_tasks)
+        return list(loader)
+
+    torch.manual_seed(0)
+    serial = batches(0)
+    torch.manual_seed(1)
+    for s, p in zip(serial, batches(2)):
+        assert all(torch.equal(x, y) for x, y in zip(s, p))
+    # The jitter is there (not a constant): fractional parts differ across samples.
+    assert len(set((serial[0].support_x - serial[0].support_x.floor()).flatten().tolist())) > 10
 
 
 def test_datamodule_batches_tasks_from_prebuilt_tasksets():

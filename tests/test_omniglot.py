@@ -347,6 +347,25 @@ def test_omniglot_unreadable_drawings_are_named_and_none_is_skipped(tmp_path):
     )
 
 
+def test_hidden_files_beside_the_drawings_are_not_drawings(tmp_path):
+    # Copied from a Mac onto another disk format, every file gets an AppleDouble twin ``._name``
+    # (not a PNG), and folders a .DS_Store: read as drawings, they stopped the load with advice
+    # to delete both extracted folders.
+    folder = tmp_path / "omniglot-py"
+    write_omniglot(folder)
+    expected = load_fixture(tmp_path)
+    character = folder / "images_background" / "Latin" / "character01"
+    for drawing_file in sorted(character.glob("*.png")):
+        (character / f"._{drawing_file.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (character.parent / ".DS_Store").write_bytes(b"Bud1")
+    (folder / "images_background" / ".hidden_alphabet" / "character01").mkdir(parents=True)
+    (folder / "omniglot-28px.pt").unlink()  # decode the folders again
+    splits = load_fixture(tmp_path)
+    for split in SPLITS:
+        assert torch.equal(splits[split].data, expected[split].data)
+        assert torch.equal(splits[split].labels, expected[split].labels)
+
+
 @pytest.mark.filterwarnings("ignore:Omniglot in .* has 8 characters")
 def test_omniglot_damaged_cache_is_rebuilt_from_the_extracted_folders(tmp_path):
     folder = tmp_path / "omniglot-py"

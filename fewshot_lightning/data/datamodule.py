@@ -18,6 +18,7 @@ from .episodes import (
     EpisodeDataset, EpisodeSampler, LabelledData, TaskDataset, Transform, check_episode_shape, check_finite,
     episode_shape_problems, labelled_input, warn_raw_pixels,
 )
+from .seeding import seeded_globals
 from .task import TaskBatch, collate_tasks, scale_images
 
 SPLITS = ("train", "val", "test")
@@ -300,7 +301,14 @@ class ClassificationDataModule(TaskDataModule):
                 more_samples=self.more_samples_advice,
             )
         if problems:
-            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: " + " ".join(problems))
+            raise ValueError(f"{type(self).__name__} cannot draw the requested episodes: "
+                             + (self.too_few_classes() or " ".join(problems)))
+
+    def too_few_classes(self) -> Optional[str]:
+        """Where the requested episodes do not fit, what says why for the whole dataset at once
+        (too few classes for the three splits together, whatever the split), in place of one
+        piece of advice per split; ``None``: the per-split problems are the message."""
+        return None
 
 
 class LabelledDataModule(ClassificationDataModule):
@@ -319,7 +327,12 @@ class LabelledDataModule(ClassificationDataModule):
       logger, written to ``class_split.json`` in the run's log folder, beside ``config.yaml``.
 
     Args:
-        train_transform: per-sample augmentation for training episodes only.
+        train_transform: per-sample augmentation for training episodes only. It receives each
+            sample as the data holds it (``uint8`` images: 0-255) and returns one of the same
+            scale: ``uint8`` (scaled to ``[0, 1]`` on the device, as every batch), or a float in
+            ``[0, 1]`` (``v2.ToDtype(torch.float32, scale=True)``); validation and test samples go
+            through no transform, so a transform that rescales or normalises is refused at
+            ``setup`` (:func:`check_train_transform`). Its random draws are seeded per task.
         **kwargs: the episode arguments of :class:`ClassificationDataModule` (``ways``,
             ``shots``, ``queries``, ``test_ways``, ...) and of :class:`TaskDataModule`
             (``meta_batch_size``, ``num_workers``, ``seed``, ...).
@@ -413,6 +426,8 @@ class LabelledDataModule(ClassificationDataModule):
             # Once, on the first split that looks so (the others are the same data, as a rule).
             any(warn_raw_pixels(data, f"The {split} split of {type(self).__name__}") for split, (data, _) in splits.items())
             check_class_disjoint(type(self).__name__, splits)
+            if self.train_transform is not None and "train" in splits:
+                check_train_transform(splits["train"].data, self.train_transform, type(self).__name__)
             self._splits = splits
             self.class_split = {
                 split: [self.class_name(label) for label in torch.unique(part.labels).tolist()]
@@ -447,6 +462,54 @@ class LabelledDataModule(ClassificationDataModule):
             data, labels, ways, shots, queries, num_tasks, seed,
             transform=self.train_transform if split == "train" else None, scale=False,
         )
+
+
+def check_train_transform(data: Union[Tensor, Dataset], transform: Any, owner: str, samples: int = 8) -> None:
+    """Stop if ``transform`` (training episodes only) puts samples on another scale than the
+    one validation and test see, which go through no transform: ``uint8`` images turned into
+    unscaled floats (``ToDtype(torch.float32)`` without ``scale=True``: 0-255 in training, [0, 1]
+    in evaluation), or values far outside the data's own range (a normalisation, applied in
+    training only). Read from the first ``samples`` samples (tensors, or a ``Dataset``'s
+    tensors), with the global generators seeded and restored; the model would otherwise be
+    scored on inputs of another kind than it trained on, with no error."""
+    if isinstance(data, Tensor):
+        raw = list(data[:samples])
+    else:
+        try:
+            raw = [data[i][0] for i in range(min(samples, len(data)))]
+        except Exception:  # the episodes name a Dataset of another form themselves
+            return
+    raw = [x for x in raw if isinstance(x, Tensor)]
+    if not raw:
+        return
+    with seeded_globals(0):
+        out = [transform(x) for x in raw]
+    out = [y for y in out if isinstance(y, Tensor)]
+    if not out:
+        return
+
+    def unit(x: Tensor) -> Tensor:  # what the model sees: uint8 scaled to [0, 1], floats as they are
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+    seen = torch.cat([unit(x).flatten() for x in raw])
+    made = torch.cat([unit(y).flatten() for y in out])
+    low, high = float(seen.min()), float(seen.max())
+    made_low, made_high = float(made.min()), float(made.max())
+    where = f"{owner}'s train_transform"
+    if raw[0].dtype == torch.uint8 and out[0].is_floating_point() and made_low > -0.5 and made_high > 1.5:
+        raise ValueError(
+            f"{where} turns uint8 images into floats from {made_low:g} to {made_high:g}, unscaled, while validation "
+            "and test images (no transform) are scaled to [0, 1]: the model would train on 0-255 and be scored on "
+            "0-1. Scale in the transform (torchvision: v2.ToDtype(torch.float32, scale=True)), or return uint8 "
+            "(scaled to [0, 1] on the device, like every other batch).")
+    margin = 0.5 * max(high - low, 1e-6) + 0.05
+    if made_low < low - margin or made_high > high + margin:
+        raise ValueError(
+            f"{where} gives values from {made_low:.3g} to {made_high:.3g}, far outside the {low:.3g} to {high:.3g} "
+            "that validation and test samples hold (they go through no transform): a normalisation applied in "
+            "training only? The model would be scored on inputs of another scale than it trained on. Normalise "
+            "inside the backbone (a first layer that subtracts the mean and divides by the deviation, run on every "
+            "split), or normalise the data itself before passing it, and keep the transform to augmentation.")
 
 
 def check_class_disjoint(owner: str, splits: Dict[str, LabelledData]) -> None:

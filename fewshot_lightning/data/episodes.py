@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from .._text import listed
-from .seeding import task_uniforms, tasks_uniforms
+from .seeding import sampling_seed, seeded_globals, task_uniforms, tasks_uniforms
 from .task import TaskBatch, collate_tasks, to_unit_float
 
 Transform = Callable[[Tensor], Tensor]
@@ -55,6 +55,13 @@ class TaskDataset(Dataset):
         on ``(seed, epoch, task)`` (see :func:`~fewshot_lightning.data.seeding.task_uniforms`)."""
         epoch, task = divmod(int(index), self.num_tasks)
         return task_uniforms(self.seed, epoch, task, count)
+
+    def sampling_seed(self, index: int) -> int:
+        """The seed that the global generators are seeded with while task ``index``'s samples
+        are made (:func:`~fewshot_lightning.data.seeding.seeded_globals`): a transform's random
+        draws depend only on ``(seed, epoch, task)`` too."""
+        epoch, task = divmod(int(index), self.num_tasks)
+        return sampling_seed(self.seed, epoch, task)
 
     def uniforms_of(self, indices: Sequence[int], count: int) -> np.ndarray:
         """:meth:`uniforms` of several tasks at once, ``[len(indices), count]`` (the same numbers,
@@ -151,8 +158,10 @@ class EpisodeDataset(TaskDataset):
         ways, shots, queries: N, K and Q. Support and query samples of a task never overlap.
         num_tasks: tasks per epoch.
         seed: base seed; task ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
-        transform: applied to each sample (e.g. augmentation). ``uint8`` tensors with no
-            transform are scaled to ``float32`` in ``[0, 1]``...
+        transform: applied to each sample (e.g. augmentation), with the global generators of
+            torch, numpy and Python seeded for each task from ``(seed, e, i)``, so that random
+            augmentation keeps the contract above. ``uint8`` tensors with no transform are
+            scaled to ``float32`` in ``[0, 1]``...
         scale: ... unless ``scale=False``: then ``uint8`` samples stay ``uint8`` (a quarter of
             the bytes to copy between processes and to the device), and whoever receives the
             batch scales them (:func:`~fewshot_lightning.data.task.scale_images`); the
@@ -210,7 +219,12 @@ class EpisodeDataset(TaskDataset):
             self._sample(0)  # a Dataset's items are checked on one of them now, not in a worker's first batch
 
     def __getitem__(self, index: int) -> TaskBatch:
-        return self._task(*self._draw(self.uniforms(index, self.draws)))
+        drawn = self._draw(self.uniforms(index, self.draws))
+        if self._tensor_data and self.transform is None:
+            return self._task(*drawn)
+        # A transform (or a Dataset's own) may draw from the global generators: seeded per task.
+        with seeded_globals(self.sampling_seed(index)):
+            return self._task(*drawn)
 
     def __getitems__(self, indices: Sequence[int]) -> TaskBatch:
         # The DataLoader asks for a whole meta-batch here: one gather (and one uint8 -> float

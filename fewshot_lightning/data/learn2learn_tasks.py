@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .datamodule import CHECKED_SPLITS, SPLITS, ClassificationDataModule
 from .episodes import TaskDataset, check_episode_shape
+from .seeding import seeded_globals
 from .task import TaskBatch
 
 INSTALL = "pip install learn2learn==0.2.0  (or: pip install 'fewshot-lightning[learn2learn]')"
@@ -79,12 +80,10 @@ class Learn2LearnTasks(TaskDataset):
         return python_seed(self.uniforms(index, self.draws)[0])
 
     def _sample(self, seed: int) -> Tuple[Tensor, Tensor]:
-        outer_state = random.getstate()
-        random.seed(seed)
-        try:
+        # learn2learn draws the task from Python's `random` and its augmentation (data_augmentation,
+        # a dataset's transform) from torch's and numpy's generators: all three seeded per task.
+        with seeded_globals(seed):
             task = self.taskset.get_task(self.taskset.sample_task_description())
-        finally:
-            random.setstate(outer_state)
         data, labels = task[0], task[1]
         return torch.as_tensor(data), torch.as_tensor(labels)
 

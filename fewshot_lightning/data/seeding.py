@@ -7,10 +7,17 @@ devices, and a task can be drawn alone (``dataset[i]``) or within any batch with
 result. Datasets keep it by drawing *all* of a task's randomness as uniforms from
 :func:`task_uniforms` and turning them into choices themselves (``argsort`` of uniforms is a
 uniformly random permutation; ``low + (high - low) * u`` a uniform on ``[low, high)``).
+
+Randomness that is not theirs to draw, a user's augmentation (``train_transform``, a
+torchvision transform inside a dataset, learn2learn's), reads the global generators of torch,
+numpy and Python: each task's is run inside :func:`seeded_globals` of :func:`sampling_seed`, a
+seed of the task's own, so it keeps the contract too.
 """
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+import contextlib
+import random
+from typing import Iterable, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +37,35 @@ def task_seed(seed: int, epoch: int, task: int) -> int:
     for value in (seed, epoch, task):
         state = _splitmix64(state, value)
     return state >> 1  # torch.Generator.manual_seed wants a value that fits a signed 64-bit int
+
+
+#: Mixed into a task's seed for :func:`sampling_seed`: a stream apart from the task's uniforms.
+_SAMPLING_SALT = 0x5EED0F5A3D1E7A11
+
+
+def sampling_seed(seed: int, epoch: int, task: int) -> int:
+    """A 63-bit seed of task ``task`` of epoch ``epoch`` for the global generators its samples are
+    made with (:func:`seeded_globals`): from :func:`task_seed` and a fixed salt, so unrelated to
+    the task's uniforms."""
+    return _splitmix64(task_seed(seed, epoch, task), _SAMPLING_SALT) >> 1
+
+
+@contextlib.contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator, numpy's legacy global one and Python's
+    ``random`` seeded with ``seed`` (a non-negative integer below 2**64), and put back the state each had: what a transform draws
+    from them (``torch.rand``, ``np.random.rand``, ``random.random``) is the same in every
+    process for the same ``seed``, and the caller's own random state is left as it was."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # the legacy seed takes 32-bit words
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _splitmix64(state: int, value: int) -> int:

@@ -39,6 +39,10 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jfif", ".jpe", ".jpeg", ".jpg", ".pgm", ".
                     ".webp")
 #: Cache folder made under ``root`` when no ``cache_dir`` is given; never read as a class.
 DEFAULT_CACHE_FOLDER = ".fewshot_cache"
+#: Image file endings of formats that Pillow opens only with plug-ins, if at all (phones,
+#: cameras, vector drawings): named in the warning about skipped files, whatever is installed.
+UNREAD_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef",
+                                     ".arw", ".orf", ".rw2", ".raf", ".raw", ".psd"})
 
 LAYOUT = "root/<class name>/<image>.png|jpg|... (one sub-folder per class, images anywhere inside it)"
 
@@ -58,47 +62,116 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
 
     Hidden files and folders (names starting with ``.``, such as our cache) are skipped;
     class folders holding no image are dropped with a warning.
+
+    Links are followed, to folders and to files, but every folder and every image is read once,
+    in one class: an image under two labels could be drawn into two splits. What a class folder
+    holds itself (no link on the way) is its own; a link, followed after every class's own
+    files are known, that leads to an image or folder some class already holds (the same file
+    again, the dataset, a parent of it, a class folder) is skipped with a warning naming it, and
+    so is a link that leads nowhere (a moved target, a loop).
     """
     if not root.exists():
         raise FileNotFoundError(f"Image folder {root} does not exist. Expected the layout {LAYOUT}.")
     if not root.is_dir():
         raise NotADirectoryError(f"Image folder {root} is a file, not a folder. Expected the layout {LAYOUT}.")
-    classes, files, labels, empty, looped, other_images = [], [], [], [], [], []
-    # Image formats Pillow opens that this reader skips (by name: .ico, .avif, ...), to name them.
+    # Image formats Pillow opens that this reader skips (by name: .ico, .avif, ...), to name them,
+    # and common ones it cannot open here at all (phone and camera formats, without plug-ins).
     openable = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
-    # Linked folders are followed (a class of links to images elsewhere), but each folder once:
-    # a link back to the dataset, its parents or another class folder (a cycle os.walk followed
-    # until the system refused, every other class's images read into this one) is skipped.
-    visited = {_folder_id(root.resolve())} | {_folder_id(parent) for parent in root.resolve().parents}
-    class_dirs = _distinct_class_folders(root, visited)
+    other_kinds = openable | UNREAD_IMAGE_EXTENSIONS
+    folders = {_folder_id(root.resolve())} | {_folder_id(parent) for parent in root.resolve().parents}
+    class_dirs = _distinct_class_folders(root, folders)
     _refuse_split_folders(root, class_dirs)
-    visited |= {_folder_id(class_dir) for class_dir in class_dirs}
+    found: Dict[Path, List[str]] = {class_dir: [] for class_dir in class_dirs}
+    images: set = set()  # identities of the image files read
+    looped, doubled, broken, other_images = [], [], [], []
+    links: List[Tuple[Path, str, bool]] = []  # (class folder, link path, leads to a folder?), in walk order
+
+    def wanted(name: str) -> bool:
+        return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+    def relative(path: str) -> str:
+        return Path(path).relative_to(root).as_posix()
+
+    def take_files(class_dir: Path, folder: str, names: List[str], linked: bool) -> None:
+        """The images among ``names`` of ``folder`` (reached through a link if ``linked``)."""
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if not wanted(name):
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in other_kinds:
+                    other_images.append(path)
+                continue
+            if not linked and os.path.islink(path):
+                links.append((class_dir, path, False))
+                continue
+            try:
+                identity = _folder_id(Path(path))
+            except OSError:
+                broken.append(relative(path))
+                continue
+            if identity in images:
+                doubled.append(relative(path))
+                continue
+            images.add(identity)
+            found[class_dir].append(path)
+
+    # First what each class folder holds itself, no link followed (a class folder that is itself
+    # a link holds nothing of its own: all of it is read in the second pass).
     for class_dir in class_dirs:
-        found = []
-        for folder, subfolders, names in os.walk(class_dir, followlinks=True):
+        if class_dir.is_symlink():
+            links.append((class_dir, str(class_dir), True))
+            continue
+        folders.add(_folder_id(class_dir))
+        for folder, subfolders, names in os.walk(class_dir):
             kept = []
             for name in subfolders:
                 if name.startswith("."):
                     continue
-                identity = _folder_id(Path(folder) / name)
-                if identity in visited:
-                    looped.append(Path(folder, name).relative_to(root).as_posix())
+                if os.path.islink(os.path.join(folder, name)):
+                    links.append((class_dir, os.path.join(folder, name), True))
                     continue
-                visited.add(identity)
+                folders.add(_folder_id(Path(folder, name)))
                 kept.append(name)
             subfolders[:] = kept
-            found += [
-                os.path.join(folder, name) for name in names
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-            ]
-            other_images += [os.path.join(folder, name) for name in names if not name.startswith(".")
-                             and not name.lower().endswith(IMAGE_EXTENSIONS)
-                             and os.path.splitext(name)[1].lower() in openable]
-        if not found:
+            # os.walk lists a link to a folder among the folders, and a broken link among the files
+            take_files(class_dir, folder, names, linked=False)
+    # Then the links, each class's in order: a folder or image some class already holds is skipped.
+    for class_dir, link, to_folder in links:
+        if not to_folder:
+            take_files(class_dir, os.path.dirname(link), [os.path.basename(link)], linked=True)
+            continue
+        try:
+            identity = _folder_id(Path(link))
+        except OSError:
+            broken.append(relative(link))
+            continue
+        if identity in folders:
+            looped.append(relative(link))
+            continue
+        folders.add(identity)
+        for folder, subfolders, names in os.walk(link, followlinks=True):
+            kept = []
+            for name in subfolders:
+                if name.startswith("."):
+                    continue
+                try:
+                    identity = _folder_id(Path(folder, name))
+                except OSError:
+                    broken.append(relative(os.path.join(folder, name)))
+                    continue
+                if identity in folders:
+                    looped.append(relative(os.path.join(folder, name)))
+                    continue
+                folders.add(identity)
+                kept.append(name)
+            subfolders[:] = kept
+            take_files(class_dir, folder, names, linked=True)
+    classes, files, labels, empty = [], [], [], []
+    for class_dir in class_dirs:
+        if not found[class_dir]:
             empty.append(class_dir.name)
             continue
-        files += sorted(Path(path).relative_to(root).as_posix() for path in found)
-        labels += [len(classes)] * len(found)
+        files += sorted(relative(path) for path in found[class_dir])
+        labels += [len(classes)] * len(found[class_dir])
         classes.append(class_dir.name)
     if not classes:
         raise FileNotFoundError(
@@ -109,15 +182,25 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
         kinds = sorted({os.path.splitext(path)[1].lower() for path in other_images})
         warnings.warn(
             f"Skipping {len(other_images)} file(s) of {root} in image formats not read here ({', '.join(kinds)}): "
-            f"{listed([Path(path).relative_to(root).as_posix() for path in other_images], 3)}. Convert them to one "
+            f"{listed([relative(path) for path in other_images], 3)}. Convert them to one "
             f"of {', '.join(IMAGE_EXTENSIONS)} to use them.", stacklevel=2)
     if empty:
         warnings.warn(f"Skipping {len(empty)} class folder(s) of {root} with no images: {', '.join(empty[:10])}.", stacklevel=2)
     if looped:
         warnings.warn(
             f"Skipping {len(looped)} linked folder(s) of {root} that lead to a folder already read (the dataset, a "
-            f"parent of it or another class folder): {', '.join(looped[:5])}{', ...' if len(looped) > 5 else ''}. "
-            "Their images are read once, in their own class.", stacklevel=2)
+            f"parent of it, a class folder or a folder inside one): {listed(sorted(looped), 5)}. Each folder's images are "
+            "read once, where the folder is (an image under two labels could be drawn into two splits).", stacklevel=2)
+    if doubled:
+        warnings.warn(
+            f"Skipping {len(doubled)} image(s) of {root} that are links to (or hard links of) an image already read: "
+            f"{listed(sorted(doubled), 5)}. Each image is read once, where the file itself is (an image under two labels "
+            "could be drawn into two splits; twice in one class, into a task's support and query set).",
+            stacklevel=2)
+    if broken:
+        warnings.warn(
+            f"Skipping {len(broken)} link(s) of {root} that lead nowhere (the target was moved or deleted, or the "
+            f"link leads to itself): {listed(sorted(broken), 5)}.", stacklevel=2)
     return classes, files, labels
 
 
@@ -446,6 +529,19 @@ class ImageFolderDataModule(LabelledDataModule):
     def data_source(self) -> str:
         return f"{type(self).__name__}: {Path(self.root).expanduser().resolve()}"
 
+    def too_few_classes(self) -> Optional[str]:
+        # Episodes are at least 2-way: under 6 classes, no ways and no split_fractions can work.
+        if self.class_lists is not None or self.classes is None or len(self.classes) >= 2 * len(SPLITS):
+            return None
+        needed = [self.episode_shape[split][0] for split in SPLITS]
+        root = Path(self.root).expanduser()
+        return (
+            f"{root} holds {len(self.classes)} class folder{'s' if len(self.classes) != 1 else ''} "
+            f"({listed(self.classes, 5)}), fewer than the {' + '.join(map(str, needed))} = {sum(needed)} that the "
+            "train, val and test splits need together at these ways (ways, test_ways; at least 2 each), so no "
+            "split_fractions gives each split enough: use a folder with more classes"
+            + nested_classes_hint(root, self.classes) + ".")
+
     def more_classes_advice(self, splits: List[str]) -> str:
         if self.class_lists is not None:
             return f"list more classes in {' and '.join(split + '_classes' for split in splits)}"
@@ -454,6 +550,24 @@ class ImageFolderDataModule(LabelledDataModule):
             f"{len(self.classes)} classes through split_fractions (now {list(self.split_fractions)}), or name each "
             "split's classes with train_classes, val_classes and test_classes"
         )
+
+
+def nested_classes_hint(root: Path, classes: List[str]) -> str:
+    """Advice for class folders that hold no image themselves, only folders of images: each
+    is read as one class (images anywhere inside it), where they may be groups of classes
+    (``root/<alphabet>/<character>/...``). Empty if there are none."""
+    grouped = []
+    for name in classes:
+        entries = [entry for entry in (root / name).iterdir() if not entry.name.startswith(".")]
+        folders = [entry.name for entry in entries if entry.is_dir()]
+        if len(folders) >= 2 and not any(entry.is_file() for entry in entries):
+            grouped.append((name, sorted(folders)))
+    if not grouped:
+        return ""
+    name, folders = grouped[0]
+    return (f". Note: {listed([group for group, _ in grouped], 3)} hold{'s' if len(grouped) == 1 else ''} no image "
+            f"itself, only folders ({name}/: {listed(folders, 4)}), and each is read as ONE class with the images of "
+            f"all its folders: if those folders are the classes, point root at them ({root / name})")
 
 
 def check_image_shape(image_size: int, channels: int) -> None:

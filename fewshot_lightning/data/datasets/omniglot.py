@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -324,6 +324,12 @@ class OmniglotDataModule(LabelledDataModule):
         return published_name(self.characters, label) if self.characters is not None else str(label)
 
 
+def visible(paths: Iterable[Path], folder: Path) -> List[Path]:
+    """``paths`` less the hidden ones (a name under ``folder`` starting with ``.``): the ``._*.png``
+    files macOS writes beside every drawing on a disk of another format are not drawings."""
+    return [path for path in paths if not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+
+
 def drawings_source(folder: Path) -> Optional[str]:
     """A hash of the path, size and modification time of every extracted drawing
     (``{set}/{alphabet}/{character}/*.png``), ``None`` if nothing is extracted (the archives
@@ -331,7 +337,7 @@ def drawings_source(folder: Path) -> Optional[str]:
     drawing (32,460)."""
     digest, found = hashlib.sha256(), False
     for image_set in ARCHIVE_MD5:
-        for drawing in sorted((folder / image_set).glob("*/*/*.png")):
+        for drawing in sorted(visible((folder / image_set).glob("*/*/*.png"), folder)):
             stat = drawing.stat()
             digest.update(f"{drawing.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
             found = True
@@ -343,14 +349,14 @@ def decode_characters(folder: Path, image_size: int) -> Dict[str, object]:
     images, labels, characters, failures = [], [], [], []
     for image_set in ARCHIVE_MD5:
         set_folder = folder / image_set
-        character_folders = sorted(p for p in set_folder.glob("*/*") if p.is_dir())
+        character_folders = sorted(p for p in visible(set_folder.glob("*/*"), folder) if p.is_dir())
         if not character_folders:
             raise DataFileError(
                 f"{set_folder} holds no alphabet/character folders: the extraction is incomplete. Delete it and "
                 f"extract {image_set}.zip again (or pass download=True)."
             )
         for character in character_folders:
-            drawings = sorted(character.glob("*.png"))
+            drawings = sorted(visible(character.glob("*.png"), folder))
             if not drawings:
                 raise DataFileError(f"{character} holds no .png drawings; delete {set_folder} and extract it again.")
             label = len(characters)
