@@ -140,6 +140,7 @@ def functional(
             rest = {n: p for n, p in module.named_parameters() if n not in shared}
 
             def batched(params: Params, x: Tensor) -> Tensor:
+                _check_tasks(params, x)
                 # Shared parameters go in as the module holds them, without a task dimension.
                 others = {n: p for n, p in rest.items() if n not in params}
                 return forward_tasks({**shared, **others, **params}, x)
@@ -147,10 +148,11 @@ def functional(
             return batched
         vmapped = _named_vmap_failures(vmap(one_task, in_dims=(0, 0), randomness="different"), module)
         before_pooling = activations_before_max_pooling(module)
-        if not before_pooling:
-            return vmapped
 
         def task_first(params: Params, x: Tensor) -> Tensor:
+            _check_tasks(params, x)
+            if not before_pooling:
+                return vmapped(params, x)
             with tasks_first_into(before_pooling):
                 return vmapped(params, x)
 
@@ -159,6 +161,7 @@ def functional(
     # Tasks are taken apart with unbind, not indexing: the gradient of an unbind is one stack of
     # the tasks' gradients, where indexing makes a zero tensor of all tasks' size per task.
     def looped(params: Params, x: Tensor) -> Tensor:
+        _check_tasks(params, x)
         per_task = {name: p.unbind(0) for name, p in params.items()}
         with keep_layout():
             return _stacked([
@@ -170,6 +173,7 @@ def functional(
         return looped
 
     def looped_channels_last(params: Params, x: Tensor) -> Tensor:
+        _check_tasks(params, x)
         common = {name: channels_last(p) for name, p in shared.items()}
         per_task = {name: p.unbind(0) for name, p in params.items()}
         return _stacked([
@@ -178,6 +182,21 @@ def functional(
         ])
 
     return looped_channels_last
+
+
+def _check_tasks(params: Params, x: Tensor) -> None:
+    """Stop where ``x`` is not ``[tasks, samples, ...]`` for the per-task ``params`` (one sample
+    set passed without its task dimension): named here, not as a failed expand inside a layer."""
+    first = next(iter(params.items()), None)
+    if first is None or not isinstance(x, Tensor):
+        return
+    name, value = first
+    if x.dim() == 0 or value.dim() == 0 or x.shape[0] != value.shape[0]:
+        raise ValueError(
+            f"forward(params, x) takes x as [tasks, samples, ...] for per-task params ({name} is "
+            f"{list(value.shape)}: {value.shape[0] if value.dim() else '?'} tasks), but x is {list(x.shape)}. Add the "
+            "task dimension (x.unsqueeze(0) for one task, with params for one task), or pass one set of samples per "
+            "task.")
 
 
 def tied_names(module: nn.Module) -> Dict[str, Tuple[str, ...]]:
@@ -464,9 +483,21 @@ def trajectory(
             "(inner gradients are still taken there), or inside torch.inference_mode(False) on tensors made outside "
             "inference mode. (Lightning evaluates under inference mode: a MetaLearner whose evaluation adapts says "
             "so with the class attribute needs_grad_at_eval = True.)")
-    if isinstance(lr, numbers.Real) and not (lr > 0 and math.isfinite(lr)):
+    if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.requires_grad:
+        value = float(lr)  # a step size held as a tensor (not a learned one, which may go anywhere)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"lr must be a positive finite step size, got {lr!r}.")
+    elif isinstance(lr, bool) or not (isinstance(lr, (numbers.Real, Tensor)) or callable(lr)):
+        raise TypeError(f"lr must be a step size (a number, a tensor, or a function (step, name) -> step size), got "
+                        f"{lr!r} ({type(lr).__name__}).")
+    elif isinstance(lr, numbers.Real) and not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite step size, got {lr!r}.")
     tasks = support_x.shape[0]
+    if steps and support_x.dim() >= 2 and support_x.shape[1] == 0:
+        raise ValueError(
+            f"support_x holds no samples (shape {list(support_x.shape)}, [tasks, samples, ...]): there is nothing "
+            f"to adapt on in {steps} inner step{'s' if steps != 1 else ''} (the loss of an empty set is NaN). Give "
+            "each task a support set, or steps=0.")
     unbatched = {n: list(p.shape) for n, p in params.items() if p.dim() == 0 or p.shape[0] != tasks}
     if unbatched:
         raise ValueError(

@@ -125,6 +125,31 @@ def test_another_learners_checkpoint_is_refused_in_code(tmp_path):
     assert quiet_test(MyMatchingNet.load_from_checkpoint(path, backbone=conv4(None)), tasks("images"))
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_a_maml_checkpoint_is_refused_by_the_learners_derived_from_maml(tmp_path):
+    # ANIL, Reptile, iMAML, MetaSGD, MAML++ and CAVIA derive from MAML, and the check let a class
+    # load the checkpoints of the classes it derives from: MAML's weights were scored as ANIL's,
+    # Reptile's or iMAML's, exit 0; MetaSGD.load_from_checkpoint refused it with "remove
+    # 'learn_inner_lr'", an argument the user never gave.
+    from fewshot_lightning.algorithms import ANIL, MAML, MetaSGD, Reptile, iMAML
+
+    torch.manual_seed(0)
+    path = fit_one_step(MAML(conv4(), inner_lr=0.4, batching="vmap"), tasks("images"), tmp_path)
+    message = r"saved by fewshot_lightning.algorithms.maml.MAML, but this learner is fewshot_lightning.algorithms.{}"
+    for learner, where in ((ANIL, "maml.ANIL"), (Reptile, "reptile.Reptile"), (iMAML, "imaml.iMAML")):
+        with pytest.raises(ValueError, match=message.format(where)):
+            L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+                learner(conv4(), batching="vmap"), tasks("images"), ckpt_path=path, verbose=False)
+    for learner, where in ((MetaSGD, "maml.MetaSGD"), (ANIL, "maml.ANIL")):
+        with pytest.raises(ValueError, match=message.format(where)):
+            learner.load_from_checkpoint(path, backbone=conv4())
+
+    class MyMAML(MAML):  # a user's extension of the learner that saved it still loads it
+        pass
+
+    assert quiet_test(MyMAML.load_from_checkpoint(path, backbone=conv4()), tasks("images"))
+
+
 def test_loading_without_the_backbone_says_to_give_it(tmp_path):
     # It stopped with Lightning's "argparse.ArgumentError: the following arguments are required:
     # module.backbone".

@@ -620,6 +620,27 @@ def test_vmap_uses_a_backbones_forward_tasks_only_where_it_computes_forward():
     assert vmapped.shape == (3, 5, 4, 3) and torch.allclose(vmapped, looped, atol=1e-6)
 
 
+def test_forward_tasks_runs_layers_without_a_bias():
+    # MLP.forward_tasks read every nn.Linear's bias (KeyError: 'head.bias') and Conv4's head
+    # bias (AttributeError on None) on the vmap path, which batching="auto" may take; the loop ran.
+    torch.manual_seed(0)
+    x, images = torch.randn(3, 5, 2), torch.randn(2, 4, 1, 28, 28)
+    mlp = MLP(2, (4,), 3)
+    mlp.head = nn.Linear(4, 3, bias=False)
+    mlp.features[0] = nn.Linear(2, 4, bias=False)
+    conv = Conv4(hidden=8, out_features=5)
+    conv.head = nn.Linear(conv.head.in_features, 5, bias=False)
+    for module, inputs, tasks in ((mlp, x, 3), (conv, images, 2)):
+        assert module.forward_tasks_supported()
+        vmapped, looped = _vmap_and_loop(module, inputs, tasks)
+        # The loop is each task's own forward under its own parameters.
+        assert torch.allclose(vmapped, looped, atol=1e-5)
+        head = {n: p for n, p in module.named_parameters() if n.startswith("head.")}  # ANIL's: the rest shared
+        adapted_head = functional(module, batching="vmap")(task_params(head, tasks), inputs)
+        assert torch.allclose(adapted_head, torch.stack([module(part) for part in inputs]), atol=1e-5)
+        assert vmapped.shape[:2] == inputs.shape[:2]
+
+
 def test_loop_stacks_tuple_outputs_as_vmap_does():
     class Gaussian(nn.Module):
         def __init__(self):

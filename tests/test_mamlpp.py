@@ -255,6 +255,22 @@ def test_per_step_batch_norm_leaves_no_trainable_tensor_without_a_gradient():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_frozen_batch_norm_weights_stay_frozen_in_their_per_step_copies():
+    # The per-step copies of a batch-norm weight the user had frozen were trainable parameters:
+    # the scale and shift the network used moved in training, with no warning.
+    torch.manual_seed(0)
+    net = small_bn_net()
+    net[1].weight.requires_grad_(False)  # the scale frozen, the shift left trainable
+    model = MAMLPlusPlus(net, inner_lr=0.3, inner_steps=2, multi_step_loss_steps=0, batching="loop")
+    assert not model.step_norms["1__weight"].requires_grad and model.step_norms["1__bias"].requires_grad
+    before = {name: table.detach().clone() for name, table in model.step_norms.items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.training_losses(bn_batch())[0].mean().backward()
+    optimizer.step()
+    assert torch.equal(model.step_norms["1__weight"], before["1__weight"])
+    assert not torch.equal(model.step_norms["1__bias"], before["1__bias"])
+
+
 def test_per_step_batch_norm_is_on_by_default_with_batch_norm_and_can_be_turned_off():
     assert MAMLPlusPlus(MLP()).per_step_norms == () and len(MAMLPlusPlus(MLP()).step_norms) == 0
     with pytest.raises(ValueError, match="per_step_bn=True .* MLP has no batch-norm layer"):

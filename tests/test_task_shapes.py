@@ -126,6 +126,56 @@ def test_the_inner_loop_names_arguments_that_do_not_fit():
     assert torch.allclose(under_no_grad["head.weight"], adapted["head.weight"], atol=1e-6)
 
 
+def test_the_inner_loop_names_an_empty_support_set_a_bad_step_size_and_samples_without_tasks():
+    # An empty support set adapted nothing (NaN losses, parameters unchanged) and MAML scored the
+    # unadapted model; lr=torch.tensor(-0.1) ascended the loss; lr="0.1" failed inside the update;
+    # samples without the task dimension failed as an expand inside a layer.
+    from fewshot_lightning.inner import adapt, functional, task_params
+
+    torch.manual_seed(0)
+    net = MLP(4, (8,), 3)
+    forward, params = functional(net), task_params(dict(net.named_parameters()), 2)
+    x, y = torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2)
+    with pytest.raises(ValueError, match=r"support_x holds no samples \(shape \[2, 0, 4\], \[tasks, samples, \.\.\.\]\)"):
+        adapt(forward, params, x[:, :0], y[:, :0], per_task_loss, 5, 0.5)
+    with pytest.raises(ValueError, match=r"support_x holds no samples"):
+        MAML(MLP(4, (8,), 3), inner_lr=0.5, batching="vmap").training_step(TaskBatch(x[:, :0], y[:, :0], x, y), 0)
+    assert adapt(forward, params, x[:, :0], y[:, :0], per_task_loss, 0, 0.5)["head.weight"].shape == (2, 3, 8)
+    with pytest.raises(ValueError, match=r"lr must be a positive finite step size, got tensor\(-0.1000\)"):
+        adapt(forward, params, x, y, per_task_loss, 3, torch.tensor(-0.1))
+    with pytest.raises(TypeError, match=r"lr must be a step size \(a number, a tensor, or a function .*got '0.1' \(str\)"):
+        adapt(forward, params, x, y, per_task_loss, 3, "0.1")
+    stepped = adapt(forward, params, x, y, per_task_loss, 3, torch.tensor(0.1))  # a positive tensor: a step size
+    assert per_task_loss(forward(stepped, x), y).mean() < per_task_loss(forward(params, x), y).mean()
+    for batching in ("vmap", "loop"):
+        with pytest.raises(ValueError, match=r"takes x as \[tasks, samples, \.\.\.\] for per-task params "
+                                             r"\(features.0.weight is \[2, 8, 4\]: 2 tasks\), but x is \[6, 4\]"):
+            functional(net, batching=batching)(params, x[0])
+
+
+def test_a_backbone_returning_several_tensors_is_named(tmp_path):
+    # A backbone returning (logits, features) stopped every learner with "'tuple' object has no
+    # attribute 'dim'" (or 'unflatten').
+    from fewshot_lightning.algorithms import ProtoNet
+
+    class LogitsAndFeatures(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.body, self.head, self.output_shape = torch.nn.Linear(4, 8), torch.nn.Linear(8, out), (out,)
+
+        def forward(self, x):
+            features = torch.relu(self.body(x))
+            return self.head(features), features
+
+    x, y = torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2)
+    batch = TaskBatch(x, y, x, y)
+    message = r"returned a tuple of 2, where the learners read one tensor .* backbone\(x\)\[0\]"
+    for model in (MAML(LogitsAndFeatures(3), inner_lr=0.1, batching="vmap"),
+                  MAML(LogitsAndFeatures(3), inner_lr=0.1, batching="loop"), ProtoNet(LogitsAndFeatures(8))):
+        with pytest.raises(TaskShapeError, match=message):
+            model.training_step(batch, 0)
+
+
 def test_step_counts_must_be_whole_numbers():
     # inner_steps=1.5 was accepted and failed in fit with "'float' object cannot be interpreted
     # as an integer".

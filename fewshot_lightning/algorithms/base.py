@@ -48,6 +48,12 @@ def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     ``outputs`` is ``[B, M, C]`` logits or ``[B, M, *y]`` predictions; ``targets`` ``[B, M]`` or
     ``[B, M, *y]``.
     """
+    if not isinstance(outputs, Tensor):
+        kind = type(outputs).__name__ + (f" of {len(outputs)}" if isinstance(outputs, (tuple, list, dict)) else "")
+        raise TaskShapeError(
+            f"The backbone returned a {kind}, where the learners read one tensor per batch of samples (class scores "
+            "or predictions). Return one tensor from its forward, or wrap it in a module whose forward returns the "
+            "part to use (e.g. backbone(x)[0]).")
     if is_regression(targets):
         if outputs.shape != targets.shape:
             # Broadcasting would pair every prediction with other samples' targets ([B, M, 1]
@@ -219,17 +225,38 @@ class _AccumulatedGradient(torch.autograd.Function):
 _loading_over: ContextVar[Optional[Dict[str, Any]]] = ContextVar("loading_over", default=None)
 
 
-def _saved_hyper_parameters(path: Any) -> Optional[Dict[str, Any]]:
-    """The ``hyper_parameters`` saved in the checkpoint file ``path``, read without its tensors
-    (memory-mapped); ``None`` for anything but a readable local checkpoint file."""
+def _saved_record(path: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The ``hyper_parameters`` saved in the checkpoint file ``path`` and the learner that saved
+    it, read without its tensors (memory-mapped); ``None`` for what is not there, and for
+    anything but a readable local checkpoint file."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        return None
+        return None, None
     try:
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # not a zip checkpoint: load_from_checkpoint says what it is
-        return None
-    hyper = saved.get("hyper_parameters") if isinstance(saved, dict) else None
-    return dict(hyper) if isinstance(hyper, dict) else None
+        return None, None
+    if not isinstance(saved, dict):
+        return None, None
+    hyper, learner = saved.get("hyper_parameters"), saved.get("learner")
+    return (dict(hyper) if isinstance(hyper, dict) else None), (learner if isinstance(learner, str) else None)
+
+
+def _other_learner(saved_by: Optional[str], cls: type) -> bool:
+    """Whether a checkpoint saved by the learner class named ``saved_by`` is another learner's
+    than ``cls``'s. This library's learners load only their own: MAML's weights fit every
+    learner derived from it (ANIL, Reptile, iMAML, ...), which would score them as its own. A
+    user's subclass (outside this package) also loads the checkpoints of the classes it derives
+    from, the learner it extends."""
+    if not isinstance(saved_by, str) or saved_by == _qualified_name(cls):
+        return False
+    if cls.__module__.split(".")[0] == __name__.split(".")[0]:
+        return True
+    return saved_by not in {_qualified_name(c) for c in cls.__mro__}
+
+
+def _other_learner_message(saved_by: str, cls: type) -> str:
+    return (f"The checkpoint being loaded was saved by {saved_by}, but this learner is {_qualified_name(cls)}: "
+            "load it into the learner that saved it, or train this one.")
 
 
 def _count_the_finished_batch(trainer: Any, checkpoint: Dict[str, Any]) -> None:
@@ -965,7 +992,10 @@ class MetaLearner(L.LightningModule):
                 f"{cls.__name__}.load_from_checkpoint(path, backbone=...), built as in the run's config.yaml (its "
                 "model.init_args.backbone), e.g. backbone=Conv4(hidden=64, out_features=5). The checkpoint holds the "
                 "weights, not how to build the network.")
-        token = _loading_over.set(_saved_hyper_parameters(checkpoint_path) if kwargs else None)
+        hyper_parameters, saved_by = _saved_record(checkpoint_path)
+        if _other_learner(saved_by, cls):  # before the learner is built from its arguments (MetaSGD refuses MAML's)
+            raise ValueError(_other_learner_message(saved_by, cls))
+        token = _loading_over.set(hyper_parameters if kwargs else None)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         finally:
@@ -973,13 +1003,10 @@ class MetaLearner(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         saved_by = checkpoint.get("learner")
-        if isinstance(saved_by, str) and saved_by not in {_qualified_name(c) for c in type(self).__mro__}:
+        if _other_learner(saved_by, type(self)):
             # Another learner's weights can fit (a MatchingNet's into a ProtoNet of the same
-            # backbone and scale) and be scored as this one's, exit 0. (A subclass of the learner
-            # that saved it, a user's extension, loads it.)
-            raise ValueError(
-                f"The checkpoint being loaded was saved by {saved_by}, but this learner is "
-                f"{_qualified_name(type(self))}: load it into the learner that saved it, or train this one.")
+            # backbone and scale, MAML's into ANIL or Reptile) and be scored as this one's, exit 0.
+            raise ValueError(_other_learner_message(saved_by, type(self)))
         self._check_arguments_in_weights(checkpoint)
         self._resumed_rng_states = checkpoint.get("rng_states")
         trainer = self._trainer

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,26 @@ def per_task(network: nn.Module, inputs: Tensor, batch_norm_stats: str) -> Tenso
     """
     norms = [m for m in network.modules() if isinstance(m, _BatchNorm)]
     if not norms:
-        return network(inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])
+        return one_tensor(network(inputs.flatten(0, 1)), network).unflatten(0, inputs.shape[:2])
+    return one_tensor(_per_task_with_norms(network, inputs, batch_norm_stats, norms), network)
+
+
+def one_tensor(outputs: Any, network: nn.Module) -> Tensor:
+    """``outputs`` if it is a tensor; otherwise a :class:`TaskShapeError` naming what
+    ``network`` returned and the fix (a backbone that returns ``(logits, features)``)."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    raise TaskShapeError(not_one_tensor(outputs, network))
+
+
+def not_one_tensor(outputs: Any, network: nn.Module) -> str:
+    kind = type(outputs).__name__ + (f" of {len(outputs)}" if isinstance(outputs, (tuple, list, dict)) else "")
+    return (f"The backbone {type(network).__name__} returned a {kind}, where the learners read one tensor per "
+            "batch of samples (its outputs: class scores, features or predictions). Return one tensor from its "
+            "forward, or wrap it in a module whose forward returns the part to use (e.g. backbone(x)[0]).")
+
+
+def _per_task_with_norms(network: nn.Module, inputs: Tensor, batch_norm_stats: str, norms: List[nn.Module]) -> Any:
     hidden = running_buffers(network) if batch_norm_stats == "task" else {}
     state: Dict[str, Optional[Tensor]] = dict.fromkeys(hidden)
     if all(isinstance(m, TaskBatchNorm2d) for m in norms):

@@ -1374,9 +1374,10 @@ class MAMLPlusPlus(MAML):
         live = dict(self.backbone.named_parameters())
         #: The per-step batch-norm weights and biases, ``[inner_steps, C]`` each, under the
         #: backbone parameter's name with ``.`` as ``__`` (as :class:`~fewshot_lightning.inner.InnerLearningRate`).
+        #: A frozen one (``requires_grad=False`` when the learner is built) gives frozen copies.
         self.step_norms = nn.ParameterDict({
             name.replace(".", "__"): nn.Parameter(live[name].detach().unsqueeze(0).repeat(
-                inner_steps, *([1] * live[name].dim())))
+                inner_steps, *([1] * live[name].dim())), requires_grad=live[name].requires_grad)
             for name in self.per_step_norms
         })
         for name in self.per_step_norms:

@@ -192,5 +192,8 @@ class Conv4(DetachableHead, nn.Module):
         if self.head is None or self._headless:
             return out
         if is_shared("head.weight") and is_shared("head.bias"):
-            return F.linear(out, params["head.weight"], params["head.bias"])
-        return torch.baddbmm(per_task("head.bias").unsqueeze(1), out, per_task("head.weight").transpose(1, 2))
+            return F.linear(out, params["head.weight"], params.get("head.bias"))
+        bias = per_task("head.bias")  # None: a head without a bias (nn.Linear(..., bias=False))
+        if bias is None:
+            return torch.bmm(out, per_task("head.weight").transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), out, per_task("head.weight").transpose(1, 2))

@@ -64,9 +64,12 @@ class MLP(DetachableHead, nn.Module):
             layers.append(("head", self.head))
         for name, layer in layers:
             if isinstance(layer, nn.Linear):
-                weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+                weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
                 if weight.dim() == 2:  # shared: the same for every task, an expand view
                     weight = weight.expand(x.shape[0], *weight.shape)
+                if bias is None:  # nn.Linear(..., bias=False)
+                    hidden = torch.bmm(hidden, weight.transpose(1, 2))
+                    continue
                 if bias.dim() == 1:
                     bias = bias.expand(x.shape[0], *bias.shape)
                 hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2))
