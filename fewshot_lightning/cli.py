@@ -74,6 +74,8 @@ LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 _PACKAGE = Path(__file__).resolve().parent
 #: Lightning's trainer package: its deliberate ValueErrors are refusals of a setting (see _user_error).
 _LIGHTNING = Path(L.__file__).resolve().parent / "pytorch"
+#: Lightning's shared layer (accelerators, devices), whose deliberate errors are refusals of a setting too.
+_FABRIC = Path(L.__file__).resolve().parent / "fabric"
 #: torch.optim, whose optimizers and schedulers refuse bad arguments with a ValueError.
 _TORCH_OPTIM = Path(torch.optim.__file__).resolve().parent
 _LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
@@ -740,6 +742,10 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
         frames = traceback.extract_tb(error.__traceback__)
         innermost = Path(frames[-1].filename).resolve() if frames else None
         if isinstance(error, MisconfigurationException):
+            if "No supported gpu backend found" in str(error):
+                return MisconfigurationException(
+                    f"{error} PyTorch sees no GPU here (no CUDA device, no MPS): train with --trainer.accelerator cpu "
+                    "(or auto), or on a machine with a GPU and a CUDA build of PyTorch.").with_traceback(error.__traceback__)
             return error
         found = re.match(r"SaveConfigCallback expected (.+) to NOT exist", str(error))
         if isinstance(error, RuntimeError) and found:
@@ -763,9 +769,11 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
                 f"--ckpt_path: the file is not a Lightning checkpoint (it has no {LIGHTNING_VERSION_KEY!r} entry): a "
                 "file saved with torch.save, not by a run. Pass a .ckpt file a run saved, or 'last' or 'best'."
             ).with_traceback(error.__traceback__)
-        if isinstance(error, ValueError) and deliberate and innermost is not None and _LIGHTNING in innermost.parents:
+        if isinstance(error, (ValueError, TypeError, ModuleNotFoundError)) and deliberate and innermost is not None \
+                and (_LIGHTNING in innermost.parents or _FABRIC in innermost.parents):
             # Lightning's own refusal of a Trainer setting ("`val_check_interval` (10) must be less than or equal
-            # to the number of the training batches (8)"): a message, not a fault.
+            # to the number of the training batches (8)", "`devices` selected with `CPUAccelerator` should be an
+            # int > 0", an accelerator whose package is missing): a message, not a fault.
             return error
         if isinstance(error, ValueError) and deliberate and innermost is not None and _TORCH_OPTIM in innermost.parents:
             # An optimizer's or scheduler's refusal of its arguments ("Invalid learning rate: -1.0").

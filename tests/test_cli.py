@@ -521,6 +521,11 @@ def test_trainer_settings_lightning_divides_by_or_refuses_are_one_short_message(
         (["--trainer.val_check_interval", "10", "--data.init_args.train_tasks", "200", "--trainer.max_steps", "20",
           "--trainer.check_val_every_n_epoch", "1"],
          "error:  `val_check_interval` (10) must be less than or equal to the number of the training batches (8)"),
+        # Lightning's device layer (lightning.fabric) refuses with a TypeError: -1 (all GPUs) on a CPU was a
+        # 30-line traceback; so was an accelerator whose package is missing.
+        (["--trainer.accelerator", "cpu", "--trainer.devices", "-1"],
+         "error: `devices` selected with `CPUAccelerator` should be an int > 0."),
+        (["--trainer.accelerator", "tpu"], "error: XLAAccelerator: Requirement 'torch_xla"),
     ]:
         code, out = cli("fit", "--config", SINUSOID, *args)
         assert code == 1 and expected in out and "Traceback" not in out, out[-3000:]
@@ -696,3 +701,13 @@ def test_a_checkpoint_older_than_an_argument_is_said(tmp_path, monkeypatch, cli)
     assert code == 0, out[-3000:]
     assert ("--ckpt_path older.ckpt was saved before CNP took training_context; this run uses "
             "training_context='random', as configured.") in " ".join(out.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_asked_for_on_a_machine_without_one_names_the_cpu(tmp_path, monkeypatch, cli):
+    # Lightning's "No supported gpu backend found!" said neither that no GPU is visible nor the fix.
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("fit", "--config", SINUSOID, "--trainer.accelerator", "gpu", "--trainer.max_steps", "1")
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    assert ("error: No supported gpu backend found! PyTorch sees no GPU here (no CUDA device, no MPS): train with "
+            "--trainer.accelerator cpu (or auto)") in out

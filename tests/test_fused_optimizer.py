@@ -78,3 +78,27 @@ def test_not_under_a_16_bit_loss_scaler():
                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
     trainer.fit(model, SinusoidDataModule(meta_batch_size=2, train_tasks=4, num_workers=0))
     assert trainer.optimizers[0].param_groups[0]["fused"] is None
+
+
+def test_not_where_gradients_are_clipped_under_mixed_precision():
+    # Lightning's mixed precision refuses to clip the gradients of a fused optimizer: every config
+    # that clips (cavia_kanji, mamlpp_sinusoid, maml_miniimagenet, ...) stopped at its first step
+    # under bf16-mixed with a traceback ("does not allow for gradient clipping").
+    from functools import partial
+
+    def fit(precision, clip, optimizer=torch.optim.Adam):
+        L.seed_everything(0, verbose=False)
+        model = MAML(MLP(), inner_lr=0.01, batching="vmap", optimizer=optimizer)
+        trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, precision=precision,
+                            gradient_clip_val=clip)
+        trainer.fit(model, SinusoidDataModule(meta_batch_size=2, train_tasks=4, num_workers=0))
+        assert trainer.global_step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+        return trainer.optimizers[0].param_groups[0]["fused"]
+
+    assert fit("bf16-mixed", 1.0) is None  # torch's default implementation, which Lightning clips
+    assert fit("bf16-mixed", None) is True  # no clipping: fused as in 32-bit
+    assert fit("32-true", 1.0) is True  # 32-bit clips fused optimizers
+    with pytest.raises(ValueError, match=r"The optimizer Adam is given fused=True, and the trainer clips gradients "
+                                         r"\(gradient_clip_val 1.0\) under mixed precision \(bf16-mixed\).*drop fused"):
+        fit("bf16-mixed", 1.0, partial(torch.optim.Adam, fused=True))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -347,7 +348,8 @@ class MetaLearner(L.LightningModule):
             CPU, Adam's step on Conv4's parameters in a quarter of the time, a sinusoid MAML
             meta-iteration 7% to 15% faster) unless the optimizer is given ``fused`` or
             ``foreach``, the parameters' device or torch version has no fused kernel
-            (:func:`fused_if_unset`), or 16-bit mixed precision's loss scaler is in use.
+            (:func:`fused_if_unset`), 16-bit mixed precision's loss scaler is in use, or gradients
+            are clipped under mixed precision (which Lightning does not do for a fused optimizer).
         lr_scheduler: optional outer learning-rate scheduler, stepped every training step;
             ``torch.optim.lr_scheduler.ReduceLROnPlateau`` is stepped after every validation
             instead, on :attr:`plateau_metric` (the validation loss; give it that metric's mode).
@@ -1128,9 +1130,20 @@ class MetaLearner(L.LightningModule):
                 f"has {'none' if not any(True for _ in self.backbone.parameters()) else 'none that requires grad'}, "
                 "so there is nothing to meta-learn. Give it a backbone with weights (e.g. models.MLP or models.Conv4).")
         optimizer = self.optimizer(self.parameters())
+        precision = getattr(self._trainer, "precision_plugin", None)
+        # Lightning's mixed precision refuses to clip gradients for a fused optimizer (it may
+        # unscale them itself), with a scaler (16-mixed) or without one (bf16-mixed, 16-mixed on
+        # the CPU): only the first step found out, with a traceback.
+        clips_under_amp = isinstance(precision, MixedPrecision) and bool(getattr(self._trainer, "gradient_clip_val", 0))
+        if clips_under_amp and any(group.get("fused") for group in optimizer.param_groups):
+            raise ValueError(
+                f"The optimizer {type(optimizer).__name__} is given fused=True, and the trainer clips gradients "
+                f"(gradient_clip_val {self._trainer.gradient_clip_val}) under mixed precision "
+                f"({precision.precision}), which Lightning cannot do for a fused optimizer: drop fused (the "
+                "optimizer's init_args), or gradient_clip_val, or train in 32-bit.")
         # Not under a 16-bit GradScaler: a fused optimizer takes the scaler's inf checks itself,
         # which a step the non-finite guard skipped (gradients dropped) never records.
-        if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is None:
+        if getattr(precision, "scaler", None) is None and not clips_under_amp:
             optimizer = fused_if_unset(optimizer)
         saved, self._resumed_outer = self._resumed_outer, None
         self._plateau = None
