@@ -364,6 +364,11 @@ class FewShotCLI(LightningCLI):
         self._check_trainer_counts()
         checkpoint = self._checkpoint(subcommand, config.get("ckpt_path"), bool(config.get("untrained")))
         config["ckpt_path"] = checkpoint
+        # And in the config the run saves (config.yaml, config.resume1.yaml): the file `best` or `last`
+        # meant at this run, which a later `best` or `last` no longer means.
+        saved = self.config.get(subcommand) if hasattr(self.config, "get") else None
+        if saved is not None and "ckpt_path" in saved:
+            saved["ckpt_path"] = checkpoint
         if checkpoint is not None:
             self._compare_with(checkpoint)
             if subcommand == "fit":
@@ -494,45 +499,67 @@ class FewShotCLI(LightningCLI):
             return str(self._checkpoint_dirs()[0])
         return f"{root}{os.sep}<version>{os.sep}checkpoints"
 
-    def _last_checkpoint(self, option: str, subcommand: str) -> Path:
-        # The run whose last checkpoint was saved most recently: numbered and named versions
-        # alike (a run given `--trainer.logger.init_args.version exp2` was passed over for an older
-        # version_N), as within a folder the newest of last.ckpt and last-vN.ckpt.
+    def _newest_run(self, option: str, subcommand: str) -> Path:
+        """The checkpoint folder of the newest run that trained: the one whose newest checkpoint
+        (of any kind) was saved most recently, numbered and named versions alike; a fit that has
+        saved none yet counts from its start (its config), as the CLI makes its checkpoint folder
+        when it starts. Evaluation runs, which save no checkpoints, are not runs that trained."""
         dirs = self._checkpoint_dirs()
-        found = [path for path in map(newest_last, dirs) if path is not None]
+        found = [(when, directory) for directory in dirs for when in [_run_activity(directory)] if when is not None]
         if found:
-            return max(found, key=lambda path: path.stat().st_mtime_ns)
+            return max(found, key=lambda pair: pair[0])[1]
         root = self._versions_root()
         if root is None:
-            found = f"{dirs[0] / _LAST} does not exist"
+            found_text = f"{dirs[0]} holds no checkpoint"
         elif not dirs:
-            found = f"{root} holds no run folder" if root.is_dir() else f"{root} does not exist"
+            found_text = f"{root} holds no run folder" if root.is_dir() else f"{root} does not exist"
         else:
-            found = f"none of the {len(dirs)} version folders in {root} ({_names(dirs)}) holds checkpoints/{_LAST}"
+            found_text = f"none of the {len(dirs)} version folders in {root} ({_names(dirs)}) holds checkpoints"
         advice = "Drop --ckpt_path to start a new run" if subcommand == "fit" else "Pass the path of a .ckpt file"
         setting = "--trainer.logger.init_args.save_dir and name" if root else "ModelCheckpoint's dirpath or --trainer.default_root_dir"
         advice += f", or point {setting} at the run you mean."
-        raise FileNotFoundError(f"--ckpt_path {option}: found no run with checkpoints: {found}. {advice}")
+        raise FileNotFoundError(f"--ckpt_path {option}: found no run with checkpoints: {found_text}. {advice}")
+
+    def _last_checkpoint(self, option: str, subcommand: str) -> Path:
+        # The newest run's last checkpoint (within its folder the newest of last.ckpt and
+        # last-vN.ckpt). Never an older run's: a newer run killed before its first last save
+        # (LastCheckpoint saves every N steps) had its place taken by the run before it, which
+        # `fit --ckpt_path last` then trained on, overwriting that finished run's last.ckpt.
+        directory = self._newest_run(option, subcommand)
+        last = newest_last(directory)
+        if last is not None:
+            return last
+        held = sorted(directory.glob("*.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+        older = [path for path in map(newest_last, self._checkpoint_dirs()) if path is not None]
+        what = f"only {listed([path.name for path in held], 3)}" if held else "no checkpoint"
+        advice = (f"Pass one of its checkpoints to go on from it (--ckpt_path {held[-1]})" if held
+                  else "Start it again without --ckpt_path")
+        raise FileNotFoundError(
+            f"--ckpt_path {option}: the newest run, {directory.parent}, holds {what}, no {_LAST}: it stopped before "
+            "its first last checkpoint (LastCheckpoint saves every every_n_train_steps steps), or that file was "
+            f"deleted. {advice}"
+            + (f", or pass an older run's explicitly ({older[0]}): it is not taken in the newest run's place." if older
+               else ".") )
 
     def _best_checkpoint(self) -> Path:
         """The best checkpoint of the newest run, as its ``ModelCheckpoint(monitor=...)`` recorded
         it in the newest checkpoint it saved (no later one can have changed the record)."""
-        last = self._last_checkpoint("best", "test")
-        saved = sorted((path for path in last.parent.glob("*.ckpt") if path.name != _LAST), key=lambda path: path.stat().st_mtime)
-        if not saved:
+        directory = self._newest_run("best", "test")
+        saved = sorted(directory.glob("*.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+        if not saved or all(newest_last(directory) == path for path in saved):
             raise FileNotFoundError(
-                f"--ckpt_path best: the newest run with checkpoints, {last.parent.parent}, has saved no best checkpoint "
-                f"(only {_LAST}): no validation has run yet, or no ModelCheckpoint of that run monitors a metric. Pass "
-                f"--ckpt_path last for its last weights ({last})."
-            )
+                f"--ckpt_path best: the newest run with checkpoints, {directory.parent}, has saved no best checkpoint "
+                f"({'only ' + saved[-1].name if saved else 'none at all'}): no validation has run yet, or no "
+                "ModelCheckpoint of that run monitors a metric."
+                + (f" Pass --ckpt_path last for its last weights ({saved[-1]})." if saved else ""))
         states = torch.load(saved[-1], map_location="cpu", weights_only=True).get("callbacks", {})
         monitors = [c.state_key for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
         recorded = sorted(states, key=lambda key: key not in monitors)
         best = next((states[key]["best_model_path"] for key in recorded if states[key].get("best_model_path")), None)
-        path = last.parent / Path(best).name if best else None
+        path = directory / Path(best).name if best else None
         if path is None or not path.is_file():
             raise FileNotFoundError(
-                f"--ckpt_path best: the newest run with checkpoints, {last.parent.parent}, records "
+                f"--ckpt_path best: the newest run with checkpoints, {directory.parent}, records "
                 f"{Path(best).name + ' (missing)' if best else 'no best checkpoint'} in its newest checkpoint, "
                 f"{saved[-1].name}. Pass the path of the .ckpt file you mean."
             )
@@ -582,6 +609,15 @@ class FewShotCLI(LightningCLI):
             if isinstance(callback, RunFolder):
                 callback.path = root / f"version_{version}"
                 callback.made = made  # lightning_logs/<name>/ on a first run: removed too if the run fails
+        self._mark_training_run(root / f"version_{version}", subcommand)
+
+    def _mark_training_run(self, run: Path, subcommand: str) -> None:
+        """A new fit's checkpoint folder, made now: a run killed before its first checkpoint is
+        then still the newest run for ``--ckpt_path last`` (which refuses it, as it holds nothing
+        to resume), instead of the run before it, whose last checkpoint a resumed fit overwrote."""
+        default_folder = any(isinstance(c, ModelCheckpoint) and not c.dirpath for c in self.trainer.checkpoint_callbacks)
+        if subcommand == "fit" and default_folder:
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def _named_run_folder(self, root: Path, version: Any, resumed: Optional[str], subcommand: str) -> None:
         """A version the user fixed (``--trainer.logger.init_args.version``) whose folder holds an
@@ -655,6 +691,19 @@ def readable_checkpoint(path: str) -> None:
         raise ValueError(
             f"--ckpt_path {path} is not a checkpoint file (a torch.save archive): it starts with {head!r}. Pass a .ckpt "
             "file a run saved (its run folder's checkpoints/), or 'last' or 'best'.")
+
+
+def _run_activity(directory: Path) -> Optional[int]:
+    """When the run of the checkpoint folder ``directory`` last saved (its newest ``.ckpt``), or,
+    with none saved yet, when it started (its newest ``config*.yaml``, beside the folder); ``None``
+    if ``directory`` is no run's checkpoint folder (an evaluation's run folder has none)."""
+    if not directory.is_dir():
+        return None
+    saved = [path.stat().st_mtime_ns for path in directory.glob("*.ckpt") if path.is_file()]
+    if saved:
+        return max(saved)
+    configs = [path.stat().st_mtime_ns for path in directory.parent.glob("config*.yaml") if path.is_file()]
+    return max(configs, default=directory.stat().st_mtime_ns)
 
 
 def newest_last(directory: Path) -> Optional[Path]:

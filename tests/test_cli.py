@@ -197,7 +197,7 @@ def test_evaluating_without_a_checkpoint_is_an_explicit_choice(tmp_path, monkeyp
     code, out = cli("fit", *short, "--ckpt_path", "last")
     assert code == 1
     assert f"none of the 1 version folders in {Path('lightning_logs/maml_sinusoid')} (version_0) holds " \
-           "checkpoints/last.ckpt. Drop --ckpt_path to start a new run" in out
+           "checkpoints. Drop --ckpt_path to start a new run" in out
     assert versions(logs) == ["version_0"]
 
 
@@ -618,6 +618,43 @@ def test_last_is_the_newest_run_also_when_it_has_a_named_version(tmp_path, monke
     code, out = cli("test", *short, "2", "--ckpt_path", "last")
     assert code == 0, out[-3000:]
     assert "version_0" in re.search(r"Restoring states from the checkpoint path at (\S+)", out).group(1)
+
+
+def test_last_and_best_never_take_an_older_run_in_place_of_the_newest(tmp_path, monkeypatch, cli):
+    # A run killed before its first last checkpoint (LastCheckpoint saves every 2,000 steps)
+    # was passed over: `fit --ckpt_path last` ("the same command") resumed the finished run before
+    # it and overwrote that run's last.ckpt; `best` took the older run's best, and a config
+    # without LastCheckpoint found "no run with checkpoints" beside a best-step=N.ckpt.
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--data.val_tasks", "25", "--trainer.limit_val_batches", "1",
+             "--data.test_tasks", "5", "--trainer.val_check_interval", "2", "--trainer.max_steps"]
+    code, out = cli("fit", *short, "2")
+    assert code == 0, out[-3000:]
+    runs = Path("lightning_logs") / "maml_sinusoid"
+    finished = (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
+    code, out = cli("fit", *short, "4")
+    assert code == 0, out[-3000:]
+    newest = runs / "version_1" / "checkpoints"
+    (newest / "last.ckpt").unlink()  # as if killed before saving it
+    best = next(newest.glob("best-*.ckpt"))
+    code, out = cli("fit", *short, "6", "--ckpt_path", "last")
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    assert (f"error: --ckpt_path last: the newest run, {runs / 'version_1'}, holds only {best.name}, no last.ckpt: it "
+            f"stopped before its first last checkpoint") in out, out[-3000:]
+    assert f"Pass one of its checkpoints to go on from it (--ckpt_path {best})" in out
+    assert (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes() == finished
+    code, out = cli("test", *short, "2", "--ckpt_path", "best")
+    assert code == 0, out[-3000:]
+    assert f"Restoring states from the checkpoint path at {best}" in out
+    # The test's run folder records the file `best` meant then (it said `ckpt_path: best`).
+    tested = max(runs.glob("version_*"), key=lambda run: int(run.name.split("_")[1]))
+    assert f"ckpt_path: {best}\n" in (tested / "config.yaml").read_text()
+    # Killed before any checkpoint: still the newest run (its checkpoint folder is made at the start).
+    best.unlink()
+    code, out = cli("test", *short, "2", "--ckpt_path", "last")
+    assert code == 1 and f"the newest run, {runs / 'version_1'}, holds no checkpoint, no last.ckpt" in out, out[-3000:]
+    # Evaluation runs save no checkpoint and are not runs that trained: the version_1 fit stays the newest.
+    assert not (runs / "version_2" / "checkpoints").exists() and not (runs / "version_3" / "checkpoints").exists()
 
 
 def test_a_log_folder_that_cannot_be_made_is_named_with_the_fix(tmp_path, monkeypatch, cli):

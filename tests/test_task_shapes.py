@@ -286,6 +286,29 @@ def test_a_learner_given_the_other_kind_of_task_without_a_datamodule_is_refused(
         fit(ProtoNet(Conv4(hidden=8, out_features=None, track_running_stats=True)), DataLoader([floats] * 2, batch_size=None))
 
 
+def test_goals_and_labelled_tasks_are_refused_by_the_learners_of_the_other_kind():
+    # A NavigationDataModule (goals, no labels) given to a supervised learner ended in "'GoalBatch'
+    # object has no attribute 'query_y'" (CNP: "makes classification tasks"), and labelled data
+    # given to MAMLRL in "GoalBatch.__new__() takes 3 positional arguments but 5 were given".
+    from fewshot_lightning.algorithms import MAMLRL, ProtoNet
+    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.models import Conv4
+    from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
+
+    goals = NavigationDataModule(meta_batch_size=2, train_tasks=4, val_tasks=2, test_tasks=2)
+    rl_learners = "MAMLRL \\(configs/maml_rl_navigation.yaml"
+    for learner, solved in ((MAML(MLP(2, (8,), 2), inner_lr=0.1), "classification tasks \\(integer labels\\) or regression"),
+                            (CNP(MLP(2, (8,), 8), decoder_hidden=(8,)), "regression tasks \\(float targets\\)"),
+                            (ProtoNet(Conv4(hidden=8, out_features=None), batch_norm_stats="task"), "classification tasks")):
+        with pytest.raises(ValueError, match=rf"{type(learner).__name__} solves {solved}.*, but NavigationDataModule makes "
+                                             rf"reinforcement-learning tasks .*learner for reinforcement tasks: {rl_learners}"):
+            fit(learner, goals)
+    policy = MAMLRL(GaussianMLPPolicy(2, 2, hidden=(8,)), environment=PointNavigation(horizon=5), trajectories=2)
+    with pytest.raises(ValueError, match=r"MAMLRL solves reinforcement-learning tasks .* but SinusoidDataModule makes "
+                                         r"regression tasks \(float targets\)\. Use fewshot_lightning.rl.NavigationDataModule"):
+        fit(policy, SinusoidDataModule(meta_batch_size=2, train_tasks=4, num_workers=0))
+
+
 @pytest.mark.parametrize("learner", ["MatchingNet", "AttentionLearner"])
 def test_a_backbone_wider_than_its_output_shape_is_named(learner):
     # MatchingNet(fce=True)'s LSTM and AttentionLearner's token projection are sized by the

@@ -677,8 +677,11 @@ class MetaLearner(L.LightningModule):
         warnings.filterwarnings("ignore", message=_TRANSFER_HOOK_WARNING)
         self._labels_checked.clear()  # each split's first batch of this run (_check_labels_once)
         datamodule = getattr(self.trainer, "datamodule", None)
+        data_kind = getattr(datamodule, "task_kind", None)  # tasks that are not labelled data (RL goals)
+        if data_kind is not None or "reinforcement" in self.task_kinds:
+            self._check_data_kind(datamodule, data_kind)
         kind = getattr(datamodule, "regression", None)
-        if kind is not None:
+        if kind is not None and data_kind is None:
             self.regression = bool(kind)
             self._check_kind_solved(type(datamodule).__name__)
         if stage == "fit":
@@ -745,6 +748,28 @@ class MetaLearner(L.LightningModule):
         if type(batch) is TaskBatch and all(type(part) is Tensor and part.device == device for part in batch):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _check_data_kind(self, datamodule: Any, data_kind: Optional[str]) -> None:
+        """Refuse a DataModule of goals (reinforcement learning) given to a learner of labelled
+        tasks, and labelled data given to a learner of goals: each stopped in a traceback ("'GoalBatch'
+        object has no attribute 'query_y'", "GoalBatch.__new__() takes 3 positional arguments")."""
+        if datamodule is None:
+            return
+        kind = data_kind or ("regression" if getattr(datamodule, "regression", False) else "classification")
+        if kind in self.task_kinds:
+            return
+        described = {"reinforcement": "reinforcement-learning tasks (goals to reach, rollouts in training_step)",
+                     "regression": "regression tasks (float targets)",
+                     "classification": "classification tasks (integer labels)"}
+        learners = {"reinforcement": "MAMLRL (configs/maml_rl_navigation.yaml, anil_rl_navigation.yaml)",
+                    "regression": "the MAML family (MAML, ANIL, Meta-SGD, MAML++, Reptile, iMAML, CAVIA) or CNP",
+                    "classification": "the MAML family, ProtoNet, MatchingNet, RelationNet or AttentionLearner"}
+        solved = " or ".join(described[wanted] for wanted in self.task_kinds)
+        data_for = ("fewshot_lightning.rl.NavigationDataModule" if self.task_kinds == ("reinforcement",)
+                    else "a DataModule of labelled tasks (fewshot_lightning.data)")
+        raise ValueError(
+            f"{type(self).__name__} solves {solved}, but {type(datamodule).__name__} makes {described[kind]}. "
+            f"Use {data_for}, or a learner for {kind} tasks: {learners[kind]}.")
 
     def _check_kind_solved(self, data: str, regression: Optional[bool] = None) -> None:
         """Refuse tasks of a kind the learner does not solve (a metric learner given regression

@@ -99,6 +99,8 @@ class MAMLRL(MetaLearner):
     """
 
     needs_grad_at_eval = True
+    #: Goals to reach (:class:`~fewshot_lightning.rl.NavigationDataModule`), not labelled data.
+    task_kinds = ("reinforcement",)
 
     def __init__(
         self,

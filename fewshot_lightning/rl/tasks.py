@@ -62,6 +62,10 @@ class NavigationDataModule(TaskDataModule):
 
     #: Batches are goals, not episodes.
     collate = staticmethod(collate_goals)
+    #: Tasks of reinforcement learning: only a learner whose ``task_kinds`` holds it takes them.
+    task_kind = "reinforcement"
+    #: Neither classification nor regression (no labels, no score of that kind).
+    regression = None
 
     def __init__(
         self,
