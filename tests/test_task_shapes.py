@@ -345,6 +345,13 @@ def test_a_backbone_wider_than_its_output_shape_is_named(learner):
      ValueError, r"inner_batch_size must be a whole number, at least 1 .*got 2\.5"),
     (lambda: __import__("fewshot_lightning.algorithms", fromlist=["Reptile"]).Reptile(MLP(), inner_betas=(0.0, 0.9, 0.9)),
      ValueError, r"Adam betas must be two numbers in \[0, 1\), got \(0\.0, 0\.9, 0\.9\)"),
+    # The other solver's or optimizer's option, set and then unused without a word.
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["iMAML"]).iMAML(MLP(), inner_cg_steps=10),
+     ValueError, r"inner_cg_steps=10 is the conjugate-gradient steps of inner_solver='hessian_free', but inner_solver "
+                 r"is 'gd'"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["Reptile"]).Reptile(
+        MLP(), inner_optimizer="sgd", inner_betas=(0.9, 0.999)),
+     ValueError, r"inner_betas=\[0\.9, 0\.999\] are Adam's \(inner_optimizer='adam'\), but inner_optimizer is 'sgd'"),
 ])
 def test_library_arguments_that_cannot_work_are_refused_at_construction(build, error, message):
     # Accepted until the first step (or never: adapt="head." iterated its characters; NaN and inf

@@ -107,6 +107,11 @@ class iMAML(MAML):  # noqa: N801 -- the paper's name
             raise ValueError(f"inner_solver must be one of {', '.join(map(repr, SOLVERS))}, got {inner_solver!r}.")
         if inner_cg_steps < 1:
             raise ValueError(f"inner_cg_steps must be at least 1, got {inner_cg_steps}.")
+        if inner_solver == "gd" and inner_cg_steps != 5:  # set, and unused: the other solver's option
+            raise ValueError(
+                f"inner_cg_steps={inner_cg_steps} is the conjugate-gradient steps of inner_solver='hessian_free', but "
+                "inner_solver is 'gd' (gradient descent: no conjugate gradient): pass inner_solver='hessian_free', or "
+                "drop inner_cg_steps.")
         super().__init__(backbone, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_steps=test_inner_steps,
                          **kwargs)
         self.lam = lam

@@ -91,6 +91,10 @@ class Reptile(MAML):
         kwargs["tasks_per_backward"] = None
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}.")
+        if inner_optimizer == "sgd" and tuple(inner_betas) != (0.0, 0.999):  # set, and unused: Adam's option
+            raise ValueError(
+                f"inner_betas={list(inner_betas)} are Adam's (inner_optimizer='adam'), but inner_optimizer is 'sgd', "
+                "which has none: pass inner_optimizer='adam', or drop inner_betas.")
         for name, size in (("inner_batch_size", inner_batch_size), ("test_inner_batch_size", test_inner_batch_size)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
                 raise ValueError(f"{name} must be a whole number, at least 1 (or None for the whole support set), "
