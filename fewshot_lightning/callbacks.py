@@ -37,7 +37,8 @@ class NonFiniteError(FloatingPointError):
 
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``last.ckpt`` current for resuming: every ``every_n_train_steps`` training steps
-    and after the final one, whether ``fit`` ends at ``max_steps``, at the last batch of
+    (at the first batch end at or past each multiple, for a learner that takes several
+    optimizer steps a batch) and after the final one, whether ``fit`` ends at ``max_steps``, at the last batch of
     ``max_epochs`` or on a stop request (early stopping).
 
     The final save comes at the end of that training batch (and again after a validation that
@@ -56,11 +57,21 @@ class LastCheckpoint(ModelCheckpoint):
             raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}.")
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._counted_from = trainer.global_step  # a resumed run counts on from its step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        # ModelCheckpoint's saves every N steps (between them it does nothing, as documented)
-        if step % self._every_n_train_steps == 0 or self._train_time_interval is not None:
+        every = self._every_n_train_steps
+        if self._train_time_interval is not None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif step // every > getattr(self, "_counted_from", 0) // every and not self._should_skip_saving_checkpoint(trainer):
+            # Once a multiple of N steps has been passed, not only landed on: a learner that takes
+            # several optimizer steps a batch (MAML-RL's outer_steps) skips most multiples, and
+            # saved every lcm(N, outer_steps) steps (every 210 for N 30 and 7 outer steps).
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._counted_from = step
         if self._final_step(trainer, step) and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

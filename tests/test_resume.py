@@ -135,6 +135,30 @@ def test_last_checkpoint_every_n_steps_and_after_the_final_one(tmp_path):
     assert load(tmp_path / "last.ckpt")["global_step"] == 5
 
 
+def test_last_checkpoint_counts_steps_passed_for_a_learner_of_several_steps_a_batch(tmp_path):
+    # MAML-RL takes outer_steps optimizer steps a batch: global_step went 4, 8, 12, ... and a save
+    # "every 6 steps" came only at multiples of both (every 12; every 210 for 30 and 7).
+    from fewshot_lightning.algorithms import MAMLRL
+    from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
+
+    saved = []
+
+    class Recorder(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            last = tmp_path / "last.ckpt"
+            saved.append(load(last)["global_step"] if last.exists() else None)
+
+    torch.manual_seed(0)
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=3), trajectories=2, outer_steps=4)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[Recorder(), LastCheckpoint(every_n_train_steps=6, dirpath=str(tmp_path))])
+    trainer.fit(model, NavigationDataModule(meta_batch_size=2, train_tasks=20, val_tasks=2, test_tasks=2))
+    # Seen at the start of batches 1..10 (global steps 0, 4, ..., 36): saved at the first batch end
+    # past 6, 12, 18, 24, 30, 36 (steps 8, 12, 20, 24, 32, 36), then after the final one (40).
+    assert saved == [None, None, 8, 12, 12, 20, 24, 24, 32, 36]
+    assert load(tmp_path / "last.ckpt")["global_step"] == 40
+
+
 def test_every_shipped_config_saves_a_checkpoint_to_resume_from():
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]

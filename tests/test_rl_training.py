@@ -115,3 +115,50 @@ def test_a_missing_whole_number_is_named(name):
     # instances of 'NoneType' and 'int'").
     with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got None \(NoneType\)\.$"):
         MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), **{name: None})
+
+
+def test_test_inner_steps_changed_after_construction_sizes_the_curve():
+    # The curve was sized at construction: set to 1 after it (as MAML allows, for a script evaluating
+    # with another number of steps), the test logged returns "after 2 and 3 steps" that never ran,
+    # each a mix of other goals' returns, and said 4 of 8 goals were scored.
+    torch.manual_seed(0)
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2, test_inner_steps=3)
+    data = NavigationDataModule(meta_batch_size=4, train_tasks=8, val_tasks=4, test_tasks=8)
+    three = quiet_trainer().test(model, data, verbose=False)[0]
+    model.test_inner_steps = 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one = quiet_trainer().test(model, data, verbose=False)[0]
+    assert not [w for w in caught if "This test scored" in str(w.message)]
+    assert {key for key in one if not key.endswith("_ci95")} == {"test/return_after_0_steps", "test/return_after_1_steps"}
+    # The same goals and noise seeds: the first two points are those of the three-step test.
+    for step in (0, 1):
+        assert one[f"test/return_after_{step}_steps"] == pytest.approx(three[f"test/return_after_{step}_steps"], rel=1e-5)
+
+
+def test_evaluating_in_another_environment_than_trained_is_said(tmp_path):
+    # The environment is an object, not a hyper-parameter: a test with another horizon or speed
+    # (returns not comparable with training's) ran without a word, where any other changed
+    # argument is named.
+    torch.manual_seed(0)
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2)
+    data = NavigationDataModule(meta_batch_size=4, train_tasks=4, val_tasks=4, test_tasks=4)
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    path = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    assert torch.load(path, weights_only=False)["environment"] == {
+        "class": "fewshot_lightning.rl.navigation.PointNavigation", "goal_tolerance": 0.01, "horizon": 5, "max_speed": 0.1}
+    other = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=3, max_speed=0.2), trajectories=2)
+    with pytest.warns(UserWarning, match=r"trained in horizon=5, max_speed=0.1; this run's environment has horizon=3, "
+                                         r"max_speed=0.2, as configured: its returns are not comparable"):
+        quiet_trainer().test(other, data, ckpt_path=path, verbose=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().test(MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=5), trajectories=2), data,
+                             ckpt_path=path, verbose=False)
+    assert not [w for w in caught if "not comparable" in str(w.message)]

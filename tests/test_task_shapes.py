@@ -344,7 +344,7 @@ def test_a_backbone_wider_than_its_output_shape_is_named(learner):
     (lambda: __import__("fewshot_lightning.algorithms", fromlist=["Reptile"]).Reptile(MLP(), inner_batch_size=2.5),
      ValueError, r"inner_batch_size must be a whole number, at least 1 .*got 2\.5"),
     (lambda: __import__("fewshot_lightning.algorithms", fromlist=["Reptile"]).Reptile(MLP(), inner_betas=(0.0, 0.9, 0.9)),
-     ValueError, r"Adam betas must be two numbers in \[0, 1\), got \(0\.0, 0\.9, 0\.9\)"),
+     ValueError, r"^inner_betas: Adam betas must be two numbers in \[0, 1\), got \(0\.0, 0\.9, 0\.9\)"),
     # The other solver's or optimizer's option, set and then unused without a word.
     (lambda: __import__("fewshot_lightning.algorithms", fromlist=["iMAML"]).iMAML(MLP(), inner_cg_steps=10),
      ValueError, r"inner_cg_steps=10 is the conjugate-gradient steps of inner_solver='hessian_free', but inner_solver "
@@ -402,3 +402,23 @@ def test_class_labels_and_scores_of_the_wrong_rank_are_named_for_what_they_are()
     scores = torch.randn(2, 10, 5, generator=g)
     expected = torch.nn.functional.cross_entropy(scores.flatten(0, 1), qy.flatten(), reduction="none").view(2, 10).mean(1)
     torch.testing.assert_close(per_task_loss(scores, qy), expected)
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["RelationNet"]).RelationNet(
+        __import__("fewshot_lightning.models", fromlist=["RelationEmbedding"]).RelationEmbedding(hidden=8, image_size=16),
+        relation_hidden=0), r"RelationNet: relation_hidden must be a whole number, at least 1, got 0"),
+    (lambda: __import__("fewshot_lightning.algorithms", fromlist=["RelationNet"]).RelationNet(
+        __import__("fewshot_lightning.models", fromlist=["RelationEmbedding"]).RelationEmbedding(hidden=8, image_size=16),
+        relation_channels=-3), r"RelationNet: relation_channels must be a whole number, at least 1, got -3"),
+    (lambda: __import__("fewshot_lightning.models", fromlist=["RelationEmbedding"]).RelationEmbedding(hidden=0),
+     r"RelationEmbedding: hidden must be a whole number, at least 1, got 0"),
+    (lambda: __import__("fewshot_lightning.models", fromlist=["Conv4"]).Conv4(hidden=0),
+     r"Conv4: hidden must be a whole number, at least 1, got 0"),
+    (lambda: MLP(2, (8, 0), 1), r"MLP: hidden\[1\] must be a whole number, at least 1, got 0"),
+])
+def test_layer_widths_below_one_are_refused(build, message):
+    # relation_hidden 0 trained a RelationNet whose every score was 0.5 (exit 0); a width of 0 in a
+    # convolution failed at the first batch in a 110-line traceback, a negative one in torch.empty.
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -3,10 +3,11 @@ policies (Raghu et al., ICLR 2020), on the functional inner loop."""
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..inner import Params, adapt, functional, select_parameters, split_parameters, task_params
@@ -277,6 +278,43 @@ class MAMLRL(MetaLearner):
         """A ``ReduceLROnPlateau`` outer scheduler steps on the validation return after the
         last adaptation step (higher is better)."""
         return f"val/return_after_{self.test_inner_steps}_steps", "max"
+
+    def _curve_sized(self, stage: str) -> None:
+        # test_inner_steps may have been changed since construction (a script evaluating with
+        # more or fewer steps): the curve has that many points, or goals and steps were mixed.
+        if self.curves[stage].size != self.test_inner_steps + 1:
+            with torch.inference_mode(False):  # its states are updated outside inference mode
+                self.curves[stage] = MeanConfidenceInterval(size=self.test_inner_steps + 1).to(self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._curve_sized("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._curve_sized("test")
+
+    def environment_settings(self) -> Dict[str, Any]:
+        """The environment's class and settings (its plain-valued attributes: ``horizon``,
+        ``max_speed``, ``goal_tolerance``), saved in checkpoints: it is not a hyper-parameter (an
+        object), so without this a test under another horizon or speed, whose returns are not
+        comparable with training's, ran without a word."""
+        settings = {name: value for name, value in sorted(vars(self.environment).items())
+                    if not name.startswith("_") and isinstance(value, (bool, int, float, str))}
+        return {"class": f"{type(self.environment).__module__}.{type(self.environment).__qualname__}", **settings}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["environment"] = self.environment_settings()
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved, current = checkpoint.get("environment"), self.environment_settings()
+        if isinstance(saved, dict) and saved != current:
+            differ = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+            rank_zero_warn(
+                "The checkpoint's policy was trained in " + ", ".join(f"{name}={saved.get(name)!r}" for name in differ)
+                + "; this run's environment has " + ", ".join(f"{name}={current.get(name)!r}" for name in differ)
+                + ", as configured: its returns are not comparable with training's (to evaluate as trained, pass "
+                "the run's config.yaml).")
 
     def validation_step(self, batch: GoalBatch, batch_idx: int) -> None:
         self.curves["val"].update(self.adaptation_returns(batch, self.test_inner_steps))

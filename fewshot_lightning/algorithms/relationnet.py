@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..data.task import TaskBatch
+from ..models.blocks import check_widths
 from ..models.relation import RelationModule
 from .base import MetaLearner
 from .episode_ops import check_batch_norm_stats, class_sums, embed_episodes, num_ways, one_hot, output_shape, per_task
@@ -84,6 +85,7 @@ class RelationNet(MetaLearner):
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        check_widths("RelationNet", relation_channels=relation_channels, relation_hidden=relation_hidden)
         self.loss = loss
         self.batch_norm_stats = check_batch_norm_stats("RelationNet", batch_norm_stats, backbone)
         self.feature_shape = output_shape(backbone, "RelationNet")

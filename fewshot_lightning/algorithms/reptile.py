@@ -101,7 +101,10 @@ class Reptile(MAML):
                                  f"got {size!r}.")
         super().__init__(backbone, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_steps=test_inner_steps,
                          **kwargs)
-        self.inner_optimizer = Adam(betas=inner_betas) if inner_optimizer == "adam" else GradientDescent()
+        try:
+            self.inner_optimizer = Adam(betas=inner_betas) if inner_optimizer == "adam" else GradientDescent()
+        except ValueError as error:  # the option the user set, not the class it reached
+            raise ValueError(f"inner_betas: {error}") from None
         self.inner_batch_size = inner_batch_size
         self.test_inner_batch_size = test_inner_batch_size
 

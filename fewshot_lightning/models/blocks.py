@@ -12,6 +12,7 @@ applies the affine part separately), about 1.5x the backbone's time on a CPU.
 """
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, Optional
@@ -207,6 +208,16 @@ class ConvBlock(nn.Sequential):
         """Side of the output map for an input map of side ``side``."""
         side = (side + 2 * self.padding - 3) // self.stride + 1
         return side // 2 if self.pool else side
+
+
+def check_widths(owner: str, **widths: object) -> None:
+    """Raise a ``ValueError`` naming each of ``widths`` (argument name -> value) that is not a
+    whole number of at least 1: a layer of width 0 builds (torch allows it) and then fails in
+    the first convolution, or, for a fully connected layer, trains a model that outputs a
+    constant; a negative one failed inside torch's tensor constructor."""
+    for name, value in widths.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a whole number, at least 1, got {value!r}.")
 
 
 def _plain(layer: nn.MaxPool2d, size: int) -> bool:

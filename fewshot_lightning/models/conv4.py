@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConvBlock, DetachableHead, TaskBatchNorm2d, _plain, per_task_call
+from .blocks import ConvBlock, DetachableHead, TaskBatchNorm2d, _plain, check_widths, per_task_call
 
 
 class Conv4(DetachableHead, nn.Module):
@@ -50,6 +50,9 @@ class Conv4(DetachableHead, nn.Module):
         max_pool: bool = True,
     ) -> None:
         super().__init__()
+        check_widths("Conv4", in_channels=in_channels, hidden=hidden)
+        if out_features is not None:
+            check_widths("Conv4", out_features=out_features)
         self.max_pool = max_pool
         stride = 1 if max_pool else 2
         self.features = nn.Sequential(

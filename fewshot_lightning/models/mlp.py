@@ -6,7 +6,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .blocks import DetachableHead
+from .blocks import DetachableHead, check_widths
 
 
 class MLP(DetachableHead, nn.Module):
@@ -25,6 +25,8 @@ class MLP(DetachableHead, nn.Module):
 
     def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
         super().__init__()
+        check_widths("MLP", in_features=in_features, out_features=out_features,
+                     **{f"hidden[{index}]": size for index, size in enumerate(hidden)})
         layers = []
         width = in_features
         for size in hidden:

@@ -6,7 +6,7 @@ from typing import Tuple
 
 from torch import Tensor, nn
 
-from .blocks import ConvBlock, per_task_call
+from .blocks import ConvBlock, check_widths, per_task_call
 
 
 def check_padding(padding: int) -> None:
@@ -44,6 +44,7 @@ class RelationEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         check_padding(padding)
+        check_widths("RelationEmbedding", in_channels=in_channels, hidden=hidden)
         self.features = nn.Sequential(
             ConvBlock(in_channels, hidden, pool=True, padding=padding, track_running_stats=track_running_stats),
             ConvBlock(hidden, hidden, pool=True, padding=padding, track_running_stats=track_running_stats),
@@ -100,6 +101,7 @@ class RelationModule(nn.Module):
     ) -> None:
         super().__init__()
         check_padding(padding)
+        check_widths("RelationModule", channels=channels, hidden=hidden)
         self.blocks = nn.Sequential(
             ConvBlock(in_channels, channels, pool=True, padding=padding, track_running_stats=track_running_stats),
             ConvBlock(channels, channels, pool=True, padding=padding, track_running_stats=track_running_stats),
