@@ -57,6 +57,15 @@ class LastCheckpoint(ModelCheckpoint):
             raise ValueError(f"every_n_train_steps must be at least 1, got {every_n_train_steps}.")
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # After every other checkpoint callback (Lightning keeps those last, in the order given):
+        # its saves then hold what they recorded at the same hook, the best model's record of a
+        # validation above all. A new list, not the list Lightning is iterating over now.
+        others = [callback for callback in trainer.callbacks if callback is not self]
+        if len(others) < len(trainer.callbacks) and trainer.callbacks[-1] is not self:
+            trainer.callbacks = others + [self]
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._counted_from = trainer.global_step  # a resumed run counts on from its step
@@ -77,9 +86,13 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        # A validation after the final step comes after its save: save again, so that last.ckpt
-        # has what it added (its progress, the best model's record), as an uninterrupted run would.
-        if self._final_step(trainer) and not trainer.sanity_checking and trainer.state.fn == "fit":
+        # A validation after a step this callback saved comes after that save (the final step, or
+        # a periodic save where a validation is due too): save again, so that last.ckpt has what it
+        # added (its progress, the best model's record, a plateau scheduler's step), as an
+        # uninterrupted run would. (Killed after the periodic save, a resumed run recorded a worse
+        # later checkpoint as best, and its ReduceLROnPlateau went one step short.)
+        saved_here = self._last_global_step_saved == trainer.global_step and trainer.global_step > 0
+        if (saved_here or self._final_step(trainer)) and not trainer.sanity_checking and trainer.state.fn == "fit":
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @staticmethod
@@ -398,6 +411,15 @@ def tasks_origin(loader: DataLoader) -> str:
     return origin + "."
 
 
+def _inside_accumulation(trainer: L.Trainer) -> bool:
+    """Whether the training batch that just ended only accumulated its gradients (an optimizer
+    step comes at a later batch of the window: ``accumulate_grad_batches`` > 1)."""
+    if getattr(trainer, "accumulate_grad_batches", 1) <= 1:
+        return False
+    should_accumulate = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_should_accumulate", None)
+    return bool(should_accumulate()) if callable(should_accumulate) else False
+
+
 class RequeueAtStepEnd(L.Callback):
     """SLURM's save-and-requeue on the requeue signal, done at the end of a training step.
 
@@ -524,7 +546,10 @@ class RequeueAtStepEnd(L.Callback):
         self._terminate_signal = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if not self._watch_sigterm:
+        if not self._watch_sigterm or _inside_accumulation(trainer):
+            # Inside a gradient-accumulation window no optimizer step was taken: a stop (or an HPC
+            # save) here dropped the window's gradients, and the resumed run stepped on the rest
+            # of the window alone. The request waits for the batch that steps (the same on every rank).
             return
         received = self._terminate_signal is not None
         if trainer.strategy.reduce_boolean_decision(received, all=False) and self.stopped_by_sigterm_at is None:

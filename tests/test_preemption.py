@@ -383,3 +383,36 @@ def test_a_stop_at_a_step_that_logs_nothing_logs_that_steps_loss(tmp_path, monke
     stopped, points = fit(5, [SigtermAt(6)])  # stops at the end of step 7, logged at step 6 (counting from 0)
     assert stopped.global_step == 7 and sorted(points) == [4, 6]
     assert points[6] == pytest.approx(every_step[6], rel=1e-6) and points[6] != pytest.approx(points[4])
+
+
+def test_a_signal_inside_an_accumulation_window_stops_after_the_windows_step(tmp_path, monkeypatch):
+    # A SIGTERM (or Ctrl-C) during the first batch of a two-batch window stopped at that batch's end,
+    # before the optimizer step: the window's gradients were dropped, and the resumed run stepped on
+    # the window's second batch alone (every weight and Adam's state off, exit 0).
+    from fewshot_lightning.callbacks import LastCheckpoint
+
+    outside_slurm(monkeypatch)
+
+    class SigtermAtBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:  # the first batch of the second window (steps 1 and 2 are batches 0-1 and 2-3)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def fit(folder, steps, callbacks=(), ckpt_path=None):
+        torch.manual_seed(0)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, accumulate_grad_batches=2,
+                            default_root_dir=folder, callbacks=[RequeueAtStepEnd(), LastCheckpoint(every_n_train_steps=100,
+                                                                                                    dirpath=folder), *callbacks])
+        model = MAML(MLP(), inner_lr=0.01, batching="vmap")
+        trainer.fit(model, SinusoidDataModule(meta_batch_size=2, train_tasks=40, val_tasks=2, seed=3), ckpt_path=ckpt_path)
+        return trainer, model
+
+    _, uninterrupted = fit(tmp_path / "whole", 4)
+    stopped, _ = fit(tmp_path / "parts", 4, [SigtermAtBatch()])
+    callback = next(c for c in stopped.callbacks if isinstance(c, RequeueAtStepEnd))
+    assert callback.stopped_by_sigterm_at == 2 and stopped.global_step == 2  # at the window's step, not before it
+    assert stopped.fit_loop.epoch_loop.batch_progress.current.completed == 4
+    _, resumed = fit(tmp_path / "parts", 4, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

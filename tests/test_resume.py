@@ -211,3 +211,34 @@ def test_resuming_with_other_data_arguments_says_the_stream_changes(tmp_path, mo
     assert code == 0, out[-3000:]
     assert re.search(r"Resuming with other data arguments than the run that saved last.*\.ckpt \(.*config\.yaml\): "
                      r"meta_batch_size \d+ then, 3 now\. The run goes on", out), out[-3000:]
+
+
+def test_a_periodic_save_at_a_validation_step_holds_that_validation(tmp_path):
+    # LastCheckpoint's save every N steps came before the validation due at the same step, and only
+    # the final step's was saved again after it: a run killed after that save resumed without
+    # the validation's best-model record (a worse later checkpoint became "best") or a plateau
+    # scheduler's step.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fewshot_lightning.algorithms import MAML
+    from fewshot_lightning.data import SinusoidDataModule
+    from fewshot_lightning.models import MLP
+
+    kept = tmp_path / "as_killed.ckpt"
+
+    class KillAfterTheSave(L.Callback):  # what a kill during step 5 leaves: last.ckpt as of step 4
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                kept.write_bytes((tmp_path / "last.ckpt").read_bytes())
+
+    torch.manual_seed(0)
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/mse", filename="best-{step}")
+    trainer = L.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        callbacks=[LastCheckpoint(every_n_train_steps=4, dirpath=str(tmp_path)), best, KillAfterTheSave()])
+    trainer.fit(MAML(MLP(), inner_lr=0.01, batching="vmap"), SinusoidDataModule(meta_batch_size=2, train_tasks=40,
+                                                                               val_tasks=2, seed=3))
+    saved = load(kept)
+    assert saved["global_step"] == 4
+    record = next(state for key, state in saved["callbacks"].items() if "val/mse" in key)
+    assert record["best_model_path"].endswith("best-step=4.ckpt") and record["best_model_score"] is not None
