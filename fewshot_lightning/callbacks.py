@@ -207,6 +207,15 @@ class NonFiniteGuard(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._steps_at_start = trainer.global_step
+        self._buffers: Optional[Dict[str, torch.Tensor]] = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # With "skip", the buffers as the step starts (at a window's first batch under
+        # gradient accumulation): the forward passes update batch norm's running statistics
+        # before the gradients are checked, and a skipped step put NaN there, which every later
+        # evaluation used (chance-level scores, exit 0).
+        if self.policy == "skip" and getattr(self, "_buffers", None) is None:
+            self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         task_losses = getattr(pl_module, "train_task_losses", None)
@@ -214,6 +223,7 @@ class NonFiniteGuard(Callback):
         if task_losses is not None:
             checked.append(task_losses)
         # One decision for all processes: a process that stepped alone would leave the others' weights.
+        kept, self._buffers = getattr(self, "_buffers", None), None
         if trainer.strategy.reduce_boolean_decision(_all_finite(checked), all=True):
             self.consecutive = 0
             return
@@ -242,6 +252,10 @@ class NonFiniteGuard(Callback):
             )
         for p in params:
             p.grad = None
+        if kept:  # the step's updates of the running statistics go with its gradients
+            with torch.no_grad():
+                for name, value in kept.items():
+                    pl_module.get_buffer(name).copy_(value)
         rank_zero_warn(f"{message} Skipped the step ({self.skipped} so far, logged as train/skipped_steps).")
         for logger in trainer.loggers:
             logger.log_metrics({"train/skipped_steps": self.skipped}, step=trainer.global_step)

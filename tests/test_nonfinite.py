@@ -88,6 +88,31 @@ def test_skipped_steps_leave_weights_and_optimizer_state_untouched():
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def test_skipped_steps_leave_batch_norm_running_statistics_untouched():
+    # The forward pass updates batch norm's running averages before the guard drops the step's
+    # gradients: "skip" left them NaN, and every later validation and test scored chance (0.2
+    # accuracy, NaN loss) with exit 0.
+    data = poisoned_data()
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    model = ProtoNet(backbone)
+    guard, recorder = NonFiniteGuard(policy="skip", max_consecutive_skips=5), StepRecorder()
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[guard, recorder])
+    with pytest.warns(UserWarning):
+        trainer.fit(model, data)
+    poisoned = [step for step in recorder.steps if step["poisoned"]]
+    assert poisoned and guard.skipped == len(poisoned)
+    for step in poisoned:  # the running statistics too: the whole state_dict as before the step
+        assert same(step["before"][0], step["after"][0])
+    assert all(bool(torch.isfinite(b).all()) for b in backbone.buffers() if b.is_floating_point())
+    # Running statistics that are not finite are refused at evaluation, as non-finite weights are.
+    with torch.no_grad():
+        backbone[1].running_var[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"Testing would score non-finite weights \(NaN or inf in "
+                                             r"backbone\.1\.running_var\)"):
+        L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(model, data)
+
+
 def test_policy_raise_names_the_batch_and_a_nan_model_is_never_scored():
     data = poisoned_data()
     model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))
@@ -312,3 +337,22 @@ def test_a_non_finite_evaluation_is_blamed_on_what_can_cause_it_for_the_learner(
     for model in (cnp, maml):
         model._trainer = SimpleNamespace(precision="16-true")
         assert model._nonfinite_prediction_cause().startswith("under 16-true precision the activations overflowed")
+
+
+def test_a_non_finite_evaluation_loss_beside_a_finite_accuracy_is_said():
+    # An accuracy stays finite when the predictions are NaN (the argmax of NaN scores is class 0):
+    # a test of a model with NaN outputs printed test/acc 0.33 and test/loss nan without a word.
+    class LogOfInputs(nn.Module):  # NaN wherever an input is negative: every episode here
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return torch.log(x.flatten(1)) * self.scale
+
+    data = poisoned_data()
+    with pytest.warns(UserWarning, match=r"test/loss is nan while test/acc is finite: the predictions were not finite "
+                                         r"on at least one test episode"):
+        result = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+            ProtoNet(LogOfInputs()), data, verbose=False)[0]
+    assert math.isnan(result["test/loss"]) and math.isfinite(result["test/acc"])

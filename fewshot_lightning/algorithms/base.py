@@ -291,6 +291,19 @@ def _count_the_finished_batch(trainer: Any, checkpoint: Dict[str, Any]) -> None:
         state["_batches_that_stepped"] = epoch_loop._batches_that_stepped + 1
 
 
+def _in_metric(module: nn.Module, name: str) -> bool:
+    """Whether the buffer ``name`` of ``module`` belongs to a torchmetrics metric (a running
+    evaluation total, not a weight)."""
+    from torchmetrics import Metric
+
+    owner = module
+    for part in name.split(".")[:-1]:
+        owner = getattr(owner, part, None)
+        if owner is None or isinstance(owner, Metric):
+            return owner is not None
+    return isinstance(owner, Metric)
+
+
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -909,6 +922,12 @@ class MetaLearner(L.LightningModule):
             self._step_plateau(f"{stage}/{name}", mean)
             self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
             metrics[key].reset()
+            if key == "loss" and not torch.isfinite(mean) and torch.isfinite(metrics["score"].compute()[0]):
+                # An accuracy stays finite (an argmax of NaN scores is class 0): said, not scored in silence.
+                rank_zero_warn(
+                    f"{stage}/loss is {float(mean)} while {stage}/{self.score_name} is finite: the predictions were "
+                    f"not finite on at least one {stage} episode, and the score is that of an argmax over them; "
+                    f"{self._nonfinite_prediction_cause()}.")
             if key == "score" and not torch.isfinite(mean):
                 rank_zero_warn(
                     f"{stage}/{name} is {float(mean)}: on at least one {stage} episode the prediction was not "
@@ -984,7 +1003,11 @@ class MetaLearner(L.LightningModule):
         self._check_finite_weights("Predicting would use")
 
     def _check_finite_weights(self, what: str) -> None:
-        broken = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        # Parameters, and the floating buffers the network computes with (batch norm's running
+        # statistics: a forward pass updates them before a skipped step's gradients are dropped).
+        tensors = list(self.named_parameters()) + [
+            (name, b) for name, b in self.named_buffers() if b.is_floating_point() and not _in_metric(self, name)]
+        broken = [name for name, p in tensors if not bool(torch.isfinite(p).all())]
         if broken:
             shown = listed(broken, 3)
             raise NonFiniteError(
