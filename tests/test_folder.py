@@ -278,6 +278,27 @@ def test_test_ways_above_the_test_classes_stops_fit_before_training(tmp_path, mo
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore")
+def test_a_refused_resume_leaves_the_runs_class_split_file(tmp_path, monkeypatch, cli):
+    # `fit --ckpt_path last --data.split_seed 1` was refused (the split mixes classes), but the
+    # data's setup had already rewritten the run's class_split.json with the refused split: the
+    # only readable record of the classes the run trained on.
+    root = write_noise_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", str(ROOT / "configs" / "protonet_folder.yaml"), "--data.root", str(root), *QUICK]
+    code, out = cli(*fit)
+    assert code == 0, out[-3000:]
+    record = next(tmp_path.glob("logs/*/version_0/class_split.json"))
+    before = record.read_text()
+    code, out = cli(*fit, "--trainer.max_steps", "4", "--ckpt_path", "last", "--data.split_seed", "1")
+    assert code == 1 and "class split differs from the one the checkpoint was trained with" in out, out[-3000:]
+    assert record.read_text() == before
+    # A resume that passes the check goes on in the run's folder, with the same record.
+    code, out = cli(*fit, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    assert record.read_text() == before
+
+
 def test_testing_a_checkpoint_on_a_changed_split_of_its_folder_is_refused(tmp_path, monkeypatch, cli):
     # `test --ckpt_path last --data.split_seed 1`, or a class folder added since the fit, put
     # classes the checkpoint trained on in the test split and scored them, exit 0.

@@ -1107,6 +1107,13 @@ class MetaLearner(L.LightningModule):
             )
             raise WeightsMismatchError(message) from error
 
+    def on_fit_start(self) -> None:
+        # After Lightning restored (and the DataModule checked) a checkpoint: the run folder's
+        # class split file, held back where it recorded another split.
+        write = getattr(getattr(self._trainer, "datamodule", None), "write_pending_split_file", None)
+        if callable(write):
+            write()
+
     def on_train_start(self) -> None:
         # Restored here rather than at load: between the two, Lightning draws from the global
         # generator (a sanity check, a DataLoader's base seed) differently than the run that

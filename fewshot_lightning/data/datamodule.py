@@ -385,6 +385,7 @@ class LabelledDataModule(ClassificationDataModule):
         self._checkpoint_state = dict(state)
         if self.class_split is not None:
             self.check_split_against(self._checkpoint_state)
+        self.write_pending_split_file()  # the split passed the check: the run folder records it
 
     def check_split_against(self, state: Dict[str, Any]) -> None:
         """Stop if this run's class split mixes the checkpoint's training classes with its own
@@ -450,8 +451,27 @@ class LabelledDataModule(ClassificationDataModule):
         if not log_dir or not trainer.is_global_zero:
             return
         path = Path(log_dir) / CLASS_SPLIT_FILE
+        text = json.dumps({"datamodule": type(self).__name__, **self.class_split}, indent=1) + "\n"
+        if path.is_file() and path.read_text() != text:
+            # The run folder's record of another split (a resumed run's folder): written once a
+            # checkpoint being restored has had its split checked (load_state_dict), or when the fit
+            # starts (write_pending_split_file). A refused resume rewrote the only readable record
+            # of the classes the run trained on.
+            self._pending_split_file = (path, text)
+            return
+        self._write_split_file(path, text)
+
+    def write_pending_split_file(self) -> None:
+        """Write the class split :meth:`save_class_split` held back, if any (the learner calls
+        this as the fit starts, after Lightning restored and checked the checkpoint)."""
+        pending = getattr(self, "_pending_split_file", None)
+        if pending is not None:
+            self._write_split_file(*pending)
+
+    def _write_split_file(self, path: Path, text: str) -> None:
+        self._pending_split_file = None
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"datamodule": type(self).__name__, **self.class_split}, indent=1) + "\n")
+        path.write_text(text)
         rank_zero_info(f"Class split written to {path}.")
 
     def make_dataset(self, split: str, num_tasks: int, seed: int) -> EpisodeDataset:
