@@ -257,8 +257,12 @@ class NonFiniteGuard(Callback):
                 for name, value in kept.items():
                     pl_module.get_buffer(name).copy_(value)
         rank_zero_warn(f"{message} Skipped the step ({self.skipped} so far, logged as train/skipped_steps).")
+        # On the step axis of the run's other training curves (Lightning's count of batches that
+        # stepped): not global_step, which a learner of several optimizer steps a batch
+        # (MAML-RL's outer_steps) advances several times a batch.
+        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
-            logger.log_metrics({"train/skipped_steps": self.skipped}, step=trainer.global_step)
+            logger.log_metrics({"train/skipped_steps": self.skipped}, step=step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.skipped:
@@ -542,6 +546,13 @@ class RequeueAtStepEnd(L.Callback):
         self._unwrap = lambda: loop.__dict__.pop("_should_check_val_fx", None)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        connector = getattr(trainer, "_signal_connector", None)
+        if self._watch_sigterm and getattr(connector, "received_sigterm", False):
+            # A SIGTERM before training started (in the sanity check), which Lightning's handler
+            # took: Lightning stopped after the first step with nothing saved. Taken over here: the
+            # first step's end stops the run and saves it, as any other step's.
+            connector.received_sigterm = False
+            self._terminate_signal = signal.SIGTERM
         if self._watch_sigterm and self._signal != signal.SIGTERM:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._request_stop)
         if self._watch_sigterm and self._signal != signal.SIGINT:
@@ -565,8 +576,15 @@ class RequeueAtStepEnd(L.Callback):
             # save) here dropped the window's gradients, and the resumed run stepped on the rest
             # of the window alone. The request waits for the batch that steps (the same on every rank).
             return
-        received = self._terminate_signal is not None
-        if trainer.strategy.reduce_boolean_decision(received, all=False) and self.stopped_by_sigterm_at is None:
+        received = trainer.strategy.reduce_boolean_decision(self._terminate_signal is not None, all=False)
+        if received and self.stopped_by_sigterm_at is None and LastCheckpoint._final_step(trainer) \
+                and not trainer.should_stop:
+            # The signal came during the run's final step: it ends here anyway, finished (it said
+            # "stopped before the run finished" and exited 143 for a complete run).
+            rank_zero_info(f"{(self._terminate_signal or signal.SIGTERM).name} received during the final step "
+                           f"{trainer.global_step}: the run ends there, finished.")
+            self._terminate_signal, received = None, False
+        if received and self.stopped_by_sigterm_at is None:
             # Another rank's signal: the same stop (a terminal's Ctrl-C or SLURM's SIGTERM reaches them all).
             self.stopped_by_signal = self._terminate_signal or signal.SIGTERM
             rank_zero_info(f"{self.stopped_by_signal.name} received: stopping at the end of step {trainer.global_step} "

@@ -896,10 +896,17 @@ def main(args: Optional[List[str]] = None) -> None:
     try:
         cli = build_cli(args, run_folder)
     except SIGTERMException:
-        # Lightning's own stop on SIGTERM (a config without RequeueAtStepEnd): SystemExit with
-        # no code, so the command exited 0, a run that stopped half-way looking finished.
-        sys.stderr.write("fewshot-lightning: stopped by SIGTERM before the run finished; its checkpoints/last.ckpt "
-                         "holds the last periodic save. Resume with the same command and --ckpt_path last.\n")
+        # Lightning's own stop on SIGTERM (a config without RequeueAtStepEnd, or before the first
+        # training batch, when RequeueAtStepEnd takes it over): SystemExit with no code, so the
+        # command exited 0, a run that stopped half-way looking finished.
+        took_a_step = run_folder.batches > 0
+        run_folder.remove_if_unused()  # stopped before any batch: nothing worth keeping in its folder
+        if took_a_step:
+            sys.stderr.write("fewshot-lightning: stopped by SIGTERM before the run finished; its checkpoints/last.ckpt "
+                             "holds the last periodic save. Resume with the same command and --ckpt_path last.\n")
+        else:
+            sys.stderr.write("fewshot-lightning: stopped by SIGTERM before its first training step: this run saved "
+                             "nothing (a new run's folder is removed). Run the same command again.\n")
         raise SystemExit(SIGTERM_EXIT) from None
     except Exception as error:
         run_folder.remove_if_unused()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,21 @@ class StepRecorder(L.Callback):
         self.record["steps"].append(trainer.global_step)
         if trainer.is_global_zero:
             self._write()
+
+
+class SigtermInSanityCheck(L.Callback):
+    """Sends this process SIGTERM as the sanity check starts: before the first training step."""
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermAtStep(L.Callback):
+    """Sends this process SIGTERM as the training batch that ends at global step ``step + 1`` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

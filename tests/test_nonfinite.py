@@ -356,3 +356,26 @@ def test_a_non_finite_evaluation_loss_beside_a_finite_accuracy_is_said():
         result = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
             ProtoNet(LogOfInputs()), data, verbose=False)[0]
     assert math.isnan(result["test/loss"]) and math.isfinite(result["test/acc"])
+
+
+def test_skipped_steps_are_logged_on_the_runs_step_axis_with_several_optimizer_steps_a_batch():
+    # MAML-RL takes outer_steps optimizer steps a batch: train/skipped_steps went to global_step
+    # (1..10) while its other training curves are at the batch count (0..2).
+    from functools import partial
+
+    from fewshot_lightning.algorithms import MAMLRL
+    from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
+    from test_preemption import StepsLogged
+
+    torch.manual_seed(0)
+    model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=3), trajectories=2, outer_steps=3,
+                   optimizer=partial(torch.optim.SGD, lr=1e39))  # inf weights after one step: every later one skipped
+    logger = StepsLogged()
+    trainer = L.Trainer(max_epochs=1, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[NonFiniteGuard(policy="skip", max_consecutive_skips=100)])
+    with pytest.warns(UserWarning), pytest.raises(NonFiniteError, match="Training ended with non-finite weights"):
+        trainer.fit(model, NavigationDataModule(meta_batch_size=2, train_tasks=6, val_tasks=2, test_tasks=2))
+    skipped = {step for step, name, _ in logger.points if name == "train/skipped_steps"}
+    curve = {step for step, name, _ in logger.points if name == "train/return_pre"}
+    assert skipped and curve == {0, 1, 2} and skipped <= curve, (skipped, curve)

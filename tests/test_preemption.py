@@ -416,3 +416,27 @@ def test_a_signal_inside_an_accumulation_window_stops_after_the_windows_step(tmp
     _, resumed = fit(tmp_path / "parts", 4, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_sigterm_in_the_final_step_or_before_the_first_says_what_happened(tmp_path, monkeypatch, cli):
+    # In the final step: "stopped by SIGTERM ... before the run finished. Resume with ..." and
+    # exit 143 for a run that had finished. Before the first step (the sanity check): Lightning
+    # stopped after the first step, with advice to resume from a last.ckpt that did not exist.
+    outside_slurm(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "maml_sinusoid.yaml"),
+              "--data.val_tasks", "25", "--trainer.limit_val_batches", "1", "--trainer.max_steps", "3"]
+    code, out = cli("fit", *config, "--trainer.callbacks+", '{"class_path": "cli_support.SigtermAtStep", '
+                    '"init_args": {"step": 2}}')
+    assert code == 0 and "before the run finished" not in out, out[-3000:]
+    assert "SIGTERM received during the final step 3: the run ends there, finished." in out
+    last = next(tmp_path.glob("lightning_logs/*/version_0/checkpoints/last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    # Lightning's own handler takes a SIGTERM before training starts; the stop is taken over at the
+    # first step's end, which is saved (Lightning stopped there with nothing saved).
+    code, out = cli("fit", *config, "--trainer.callbacks+", '{"class_path": "cli_support.SigtermInSanityCheck"}')
+    assert code == 143 and "Traceback" not in out, out[-3000:]
+    assert ("fewshot-lightning: stopped by SIGTERM at the end of step 1, before the run finished; checkpoints/last.ckpt "
+            "holds that step. Resume with the same command and --ckpt_path last.") in out
+    last = next(tmp_path.glob("lightning_logs/*/version_1/checkpoints/last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
