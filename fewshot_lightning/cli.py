@@ -586,8 +586,11 @@ class FewShotCLI(LightningCLI):
             return
         if resumed is not None and "://" not in str(resumed):
             run = Path(resumed).resolve().parents[1]
-            if run.parent == root.resolve() and _version_number(run.name) is not None:
-                logger._version = _version_number(run.name)
+            if run.parent == root.resolve() and run.name in _run_folders(root):
+                # A numbered run, or one given a version name (which a resume went past into a new
+                # version_N, the run's curves split between two folders).
+                number = _version_number(run.name)
+                logger._version = run.name if number is None else number
                 self._go_on_in(run)
                 return
         made = [folder for folder in (root, *root.parents) if not folder.exists()]
@@ -644,6 +647,19 @@ class FewShotCLI(LightningCLI):
 
     def _go_on_in(self, run: Path) -> None:
         """A resumed fit writes into its run's folder: its config saved beside the first."""
+        import tempfile
+
+        for folder in (run, run / "checkpoints"):
+            if not folder.is_dir():
+                continue
+            try:  # a read-only folder failed in TensorBoard's writer thread, with a traceback
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as error:
+                raise OSError(
+                    f"Cannot write into the resumed run's folder {folder}: {error.strerror or error}. A resumed fit goes "
+                    "on writing there (its logs and checkpoints): make it writable, or copy the run to a folder you "
+                    "can write to and resume from the checkpoint there.") from error
         self._share_run_folder(run)
         self._keep_earlier_config(run)
         # Resuming into the run's own folder, its checkpoints are expected there.

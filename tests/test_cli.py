@@ -657,6 +657,21 @@ def test_last_and_best_never_take_an_older_run_in_place_of_the_newest(tmp_path, 
     assert not (runs / "version_2" / "checkpoints").exists() and not (runs / "version_3" / "checkpoints").exists()
 
 
+def test_a_run_with_a_named_version_resumed_by_last_goes_on_in_its_folder(tmp_path, monkeypatch, cli):
+    # `fit --ckpt_path last` restored exp1's last.ckpt, then wrote the continuation (its events,
+    # last.ckpt, best checkpoint) into a new version_0 folder: the run's curves split in two.
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--trainer.limit_val_batches", "0", "--data.test_tasks", "5", "--trainer.max_steps"]
+    code, out = cli("fit", *short, "2", "--trainer.logger.init_args.version", "exp1")
+    assert code == 0, out[-3000:]
+    code, out = cli("fit", *short, "4", "--ckpt_path", "last")
+    assert code == 0, out[-3000:]
+    runs = Path("lightning_logs") / "maml_sinusoid"
+    assert sorted(path.name for path in runs.iterdir()) == ["exp1"]
+    assert torch.load(runs / "exp1" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert (runs / "exp1" / "config.resume1.yaml").is_file()
+
+
 def test_a_log_folder_that_cannot_be_made_is_named_with_the_fix(tmp_path, monkeypatch, cli):
     # A read-only (or full) save_dir stopped with a 37-line traceback from Path.mkdir that did
     # not name the option to change.
@@ -676,6 +691,31 @@ def test_a_log_folder_that_cannot_be_made_is_named_with_the_fix(tmp_path, monkey
     assert code == 1 and "Traceback" not in out
     assert (f"error: Cannot make the run's log folder {Path('readonly/logs/maml_sinusoid/version_0')}: Read-only file "
             "system. Point --trainer.logger.init_args.save_dir at a folder you can write to.") in " ".join(out.split())
+
+
+def test_resuming_into_a_run_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch, cli):
+    # A read-only run folder (a finished run archived read-only, chattr +i) failed in TensorBoard's
+    # writer thread with a 30-line PermissionError traceback. (Simulated: root writes anywhere.)
+    import errno
+    import tempfile
+
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--trainer.limit_val_batches", "0", "--data.test_tasks", "5", "--trainer.max_steps"]
+    code, out = cli("fit", *short, "2")
+    assert code == 0, out[-3000:]
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and "version_0" in str(dir):
+            raise OSError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    code, out = cli("fit", *short, "4", "--ckpt_path", "last")
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    run = Path("lightning_logs") / "maml_sinusoid" / "version_0"
+    assert (f"error: Cannot write into the resumed run's folder {run.resolve()}: Permission denied. A resumed fit goes on "
+            "writing there") in " ".join(out.split())
 
 
 def test_help_says_what_ckpt_path_takes_here(cli):
