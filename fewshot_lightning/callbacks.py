@@ -217,8 +217,20 @@ class NonFiniteGuard(Callback):
         if self.policy == "skip" and getattr(self, "_buffers", None) is None:
             self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Under gradient accumulation the step sees the window's last batch only: a non-finite
+        # loss in an earlier batch of the window is kept, to be named (it was blamed on gradients).
+        if _inside_accumulation(trainer) and getattr(self, "_window_bad", None) is None:
+            losses = getattr(pl_module, "train_task_losses", None)
+            if losses is not None and not bool(losses.isfinite().all()):
+                self._window_bad = (_batch_idx(trainer), losses)
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         task_losses = getattr(pl_module, "train_task_losses", None)
+        window_bad, self._window_bad = getattr(self, "_window_bad", None), None
+        batch_idx = None
+        if window_bad is not None and (task_losses is None or bool(task_losses.isfinite().all())):
+            batch_idx, task_losses = window_bad  # the window's batch whose loss was not finite
         checked = [grad for group in optimizer.param_groups for p in group["params"] if (grad := p.grad) is not None]
         if task_losses is not None:
             checked.append(task_losses)
@@ -230,7 +242,7 @@ class NonFiniteGuard(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self.skipped += 1
         self.consecutive += 1
-        message = self._describe(trainer, pl_module, params, task_losses)
+        message = self._describe(trainer, pl_module, params, task_losses, batch_idx)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         losses_finite = task_losses is None or bool(task_losses.isfinite().all())
         inner_scaled = getattr(pl_module, "scales_inner_loss", False)
@@ -272,8 +284,10 @@ class NonFiniteGuard(Callback):
                 f"({steps} steps in this run); see train/skipped_steps."
             )
 
-    def _describe(self, trainer: L.Trainer, pl_module: L.LightningModule, params: List[torch.Tensor], task_losses: Optional[torch.Tensor]) -> str:
-        where = f"global_step {trainer.global_step} (epoch {trainer.current_epoch}, batch_idx {_batch_idx(trainer)})"
+    def _describe(self, trainer: L.Trainer, pl_module: L.LightningModule, params: List[torch.Tensor],
+                  task_losses: Optional[torch.Tensor], batch_idx: Optional[int] = None) -> str:
+        batch_idx = _batch_idx(trainer) if batch_idx is None else batch_idx
+        where = f"global_step {trainer.global_step} (epoch {trainer.current_epoch}, batch_idx {batch_idx})"
         if trainer.world_size > 1:
             where += f" on process {trainer.global_rank} of {trainer.world_size}"
         if task_losses is not None and not bool(task_losses.isfinite().all()):
@@ -284,7 +298,7 @@ class NonFiniteGuard(Callback):
                 f"{listed(bad, 8)} of the {len(task_losses)} in the batch (counting from 0) had a loss of "
                 f"{' / '.join(values)}."
             )
-            indices = self._dataset_indices(trainer, len(task_losses), bad)
+            indices = self._dataset_indices(trainer, len(task_losses), bad, batch_idx)
             if indices is not None:
                 text += f" Their training-set indices: {listed(indices, 8)} (datamodule.datasets['train'][i] rebuilds task i)."
             return text
@@ -298,12 +312,13 @@ class NonFiniteGuard(Callback):
             text += " Gradients are averaged over processes: another process's message may name the tasks."
         return text
 
-    def _dataset_indices(self, trainer: L.Trainer, batch_size: int, positions: Sequence[int]) -> Optional[List[int]]:
+    def _dataset_indices(self, trainer: L.Trainer, batch_size: int, positions: Sequence[int],
+                         batch_idx: Optional[int] = None) -> Optional[List[int]]:
         loader = trainer.train_dataloader
         batch_indices = getattr(getattr(loader, "sampler", None), "batch_indices", None)
         if batch_indices is None:
             return None
-        indices = batch_indices(_batch_idx(trainer), batch_size)
+        indices = batch_indices(_batch_idx(trainer) if batch_idx is None else batch_idx, batch_size)
         return [indices[i] for i in positions]
 
     def state_dict(self) -> Dict[str, int]:

@@ -379,3 +379,20 @@ def test_skipped_steps_are_logged_on_the_runs_step_axis_with_several_optimizer_s
     skipped = {step for step, name, _ in logger.points if name == "train/skipped_steps"}
     curve = {step for step, name, _ in logger.points if name == "train/return_pre"}
     assert skipped and curve == {0, 1, 2} and skipped <= curve, (skipped, curve)
+
+
+def test_under_gradient_accumulation_the_batch_with_the_non_finite_loss_is_named():
+    # The step sees the window's last batch only: a NaN loss in the window's first batch was
+    # reported as "Non-finite gradient ... with finite losses on all tasks of the batch", naming the
+    # other batch and no task.
+    data = poisoned_data()
+    recorder = StepRecorder()
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accumulate_grad_batches=2,
+                        callbacks=[NonFiniteGuard(), recorder])
+    with pytest.raises(NonFiniteError) as error:
+        trainer.fit(ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 8))), data)
+    first = next(step["batch_idx"] for step in recorder.steps if step["poisoned"])
+    assert first % 2 == 0  # the first batch of its window: the case the step did not see
+    assert re.match(rf"Non-finite training loss at global_step {first // 2} \(epoch 0, batch_idx {first}\): task [01] of "
+                    r"the 2 in the batch .* Their training-set indices: \d+", str(error.value)), str(error.value)
