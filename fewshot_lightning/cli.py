@@ -630,6 +630,12 @@ class FewShotCLI(LightningCLI):
         run = root / (version if isinstance(version, str) else f"version_{version}")
         configs = [c.config_filename for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)]
         if not any((run / name).exists() for name in configs):
+            if not run.exists():  # a new run in a folder of its own: removed, with what it made, if it fails
+                made = [folder for folder in (run, *run.parents) if not folder.exists()]
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, RunFolder):
+                        callback.path, callback.made = run, made[1:]
+                self._mark_training_run(run, subcommand)
             return
         # A requeued SLURM job (no --ckpt_path, or "hpc") goes on from its HPC checkpoint, in its run folder.
         # (Lightning restores one with no --ckpt_path only under SLURM.)
@@ -639,7 +645,8 @@ class FewShotCLI(LightningCLI):
                         and Path(resumed).resolve().parents[1] == run.resolve()):
             self._go_on_in(run)
             return
-        resume = f"; to train that run on, fit with --ckpt_path {run / 'checkpoints' / _LAST}" if subcommand == "fit" else ""
+        last = newest_last(run / "checkpoints")
+        resume = f"; to train that run on, fit with --ckpt_path {last}" if subcommand == "fit" and last else ""
         raise FileExistsError(
             f"--trainer.logger.init_args.version {version}: {run} holds an earlier run (its config, checkpoints and "
             f"class split), which this {subcommand} would write into. Drop the version (each run then gets a new "

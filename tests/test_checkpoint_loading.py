@@ -149,6 +149,13 @@ def test_a_maml_checkpoint_is_refused_by_the_learners_derived_from_maml(tmp_path
 
     assert quiet_test(MyMAML.load_from_checkpoint(path, backbone=conv4()), tasks("images"))
 
+    class MyANIL(ANIL):  # ... but not the checkpoints of the bases of the learner it extends
+        pass
+
+    with pytest.raises(ValueError, match=message.format("maml.ANIL").replace("fewshot_lightning.algorithms.maml.ANIL",
+                                                                           r"test_checkpoint_loading\..*MyANIL")):
+        MyANIL.load_from_checkpoint(path, backbone=conv4())
+
 
 def test_loading_without_the_backbone_says_to_give_it(tmp_path):
     # It stopped with Lightning's "argparse.ArgumentError: the following arguments are required:

@@ -672,6 +672,30 @@ def test_a_run_with_a_named_version_resumed_by_last_goes_on_in_its_folder(tmp_pa
     assert (runs / "exp1" / "config.resume1.yaml").is_file()
 
 
+def test_a_named_run_killed_before_its_first_save_is_still_the_newest(tmp_path, monkeypatch, cli):
+    # The checkpoint folder a fit makes at its start was made for numbered runs only: a run given a
+    # version name and killed before its first save was passed over, and `fit --ckpt_path last`
+    # trained the finished version_0 on, overwriting its last.ckpt.
+    monkeypatch.chdir(tmp_path)
+    short = ["--config", SINUSOID, "--trainer.limit_val_batches", "0", "--data.test_tasks", "5", "--trainer.max_steps"]
+    code, out = cli("fit", *short, "2")
+    assert code == 0, out[-3000:]
+    runs = Path("lightning_logs") / "maml_sinusoid"
+    finished = (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
+    code, out = cli("fit", *short, "2", "--trainer.logger.init_args.version", "exp1")
+    assert code == 0, out[-3000:]
+    (runs / "exp1" / "checkpoints" / "last.ckpt").unlink()  # as if killed before its first save
+    code, out = cli("fit", *short, "4", "--ckpt_path", "last")
+    assert code == 1 and f"the newest run, {runs / 'exp1'}, holds no checkpoint, no last.ckpt" in out, out[-3000:]
+    assert (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes() == finished
+    # Named again, it is refused without pointing at a last.ckpt it does not have.
+    code, out = cli("fit", *short, "4", "--trainer.logger.init_args.version", "exp1")
+    assert code == 1 and "holds an earlier run" in out and "to train that run on" not in out, out[-3000:]
+    # A named fit that fails before its first batch leaves no folder (and so no empty run in the way).
+    code, out = cli("fit", *short, "2", "--trainer.logger.init_args.version", "exp2", "--model.init_args.inner_lr", "-1")
+    assert code == 1 and not (runs / "exp2").exists(), out[-3000:]
+
+
 def test_a_log_folder_that_cannot_be_made_is_named_with_the_fix(tmp_path, monkeypatch, cli):
     # A read-only (or full) save_dir stopped with a 37-line traceback from Path.mkdir that did
     # not name the option to change.

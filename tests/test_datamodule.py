@@ -494,3 +494,9 @@ def test_a_train_transform_on_another_scale_than_evaluation_is_refused():
         batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
         assert batch.support_x.dtype == torch.float32 and -0.5 < float(batch.support_x.min())
         assert float(batch.support_x.max()) < 1.5
+    # uint8 in, uint8 out is the evaluation's scale by construction, whatever its range: contrast
+    # stretching on low-contrast images (80 to 170) spans 0 to 255 (it was refused as a normalisation).
+    low_contrast = torch.randint(80, 171, (200, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for stretching in (v2.RandomAutocontrast(p=1.0), v2.RandomEqualize(p=1.0)):
+        EpisodicDataModule(low_contrast, labels, ways=3, shots=1, queries=2, meta_batch_size=2, train_tasks=4,
+                           num_workers=0, train_transform=stretching).setup("fit")

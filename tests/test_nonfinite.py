@@ -396,3 +396,23 @@ def test_under_gradient_accumulation_the_batch_with_the_non_finite_loss_is_named
     assert first % 2 == 0  # the first batch of its window: the case the step did not see
     assert re.match(rf"Non-finite training loss at global_step {first // 2} \(epoch 0, batch_idx {first}\): task [01] of "
                     r"the 2 in the batch .* Their training-set indices: \d+", str(error.value)), str(error.value)
+
+
+def test_a_buffer_that_is_infinite_by_design_is_not_refused():
+    # The evaluation check of non-finite weights took in every floating buffer: a causal mask of
+    # -inf (the usual attention mask) stopped training and testing as "non-finite weights".
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 8)
+            self.register_buffer("mask", torch.triu(torch.full((8, 8), float("-inf")), 1))
+
+        def forward(self, x):
+            h = self.linear(x.flatten(1))
+            return h + torch.softmax(h[:, None, :] + self.mask, -1).mean(1)
+
+    data = poisoned_data()
+    model = ProtoNet(Masked())
+    result = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=2).test(
+        model, data, verbose=False)[0]
+    assert math.isfinite(result["test/acc"])

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._text import listed
 from ..callbacks import NonFiniteError
@@ -246,13 +247,19 @@ def _other_learner(saved_by: Optional[str], cls: type) -> bool:
     """Whether a checkpoint saved by the learner class named ``saved_by`` is another learner's
     than ``cls``'s. This library's learners load only their own: MAML's weights fit every
     learner derived from it (ANIL, Reptile, iMAML, ...), which would score them as its own. A
-    user's subclass (outside this package) also loads the checkpoints of the classes it derives
-    from, the learner it extends."""
+    user's subclass (outside this package) also loads the checkpoints of the learner it extends
+    (and of the user's classes between them), not of that learner's bases (a MyANIL, MAML's)."""
     if not isinstance(saved_by, str) or saved_by == _qualified_name(cls):
         return False
-    if cls.__module__.split(".")[0] == __name__.split(".")[0]:
+    package = __name__.split(".")[0]
+    if cls.__module__.split(".")[0] == package:
         return True
-    return saved_by not in {_qualified_name(c) for c in cls.__mro__}
+    own = []  # the user's classes, down to the first of this library's learners it extends
+    for base in cls.__mro__:
+        own.append(_qualified_name(base))
+        if base.__module__.split(".")[0] == package:
+            break
+    return saved_by not in own
 
 
 def _other_learner_message(saved_by: str, cls: type) -> str:
@@ -289,19 +296,6 @@ def _count_the_finished_batch(trainer: Any, checkpoint: Dict[str, Any]) -> None:
     state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
     if isinstance(state, dict) and state.get("_batches_that_stepped") == epoch_loop._batches_that_stepped:
         state["_batches_that_stepped"] = epoch_loop._batches_that_stepped + 1
-
-
-def _in_metric(module: nn.Module, name: str) -> bool:
-    """Whether the buffer ``name`` of ``module`` belongs to a torchmetrics metric (a running
-    evaluation total, not a weight)."""
-    from torchmetrics import Metric
-
-    owner = module
-    for part in name.split(".")[:-1]:
-        owner = getattr(owner, part, None)
-        if owner is None or isinstance(owner, Metric):
-            return owner is not None
-    return isinstance(owner, Metric)
 
 
 def _qualified_name(cls: type) -> str:
@@ -1003,10 +997,13 @@ class MetaLearner(L.LightningModule):
         self._check_finite_weights("Predicting would use")
 
     def _check_finite_weights(self, what: str) -> None:
-        # Parameters, and the floating buffers the network computes with (batch norm's running
-        # statistics: a forward pass updates them before a skipped step's gradients are dropped).
+        # Parameters, and batch norm's running statistics (a forward pass updates them before a
+        # skipped step's gradients are dropped). Not other buffers: a causal mask holds -inf by design.
         tensors = list(self.named_parameters()) + [
-            (name, b) for name, b in self.named_buffers() if b.is_floating_point() and not _in_metric(self, name)]
+            (f"{module_name}.{name}" if module_name else name, buffer)
+            for module_name, module in self.named_modules() if isinstance(module, _BatchNorm)
+            for name in ("running_mean", "running_var") for buffer in [getattr(module, name, None)]
+            if buffer is not None]
         broken = [name for name, p in tensors if not bool(torch.isfinite(p).all())]
         if broken:
             shown = listed(broken, 3)

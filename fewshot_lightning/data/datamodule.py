@@ -522,6 +522,8 @@ def check_train_transform(data: Union[Tensor, Dataset], transform: Any, owner: s
             "and test images (no transform) are scaled to [0, 1]: the model would train on 0-255 and be scored on "
             "0-1. Scale in the transform (torchvision: v2.ToDtype(torch.float32, scale=True)), or return uint8 "
             "(scaled to [0, 1] on the device, like every other batch).")
+    if raw[0].dtype == torch.uint8 and all(y.dtype == torch.uint8 for y in out):
+        return  # uint8 in, uint8 out: the same scale by construction (contrast stretching spans 0-255)
     margin = 0.5 * max(high - low, 1e-6) + 0.05
     if made_low < low - margin or made_high > high + margin:
         raise ValueError(
