@@ -831,7 +831,8 @@ def _user_error(error: Optional[BaseException]) -> Optional[BaseException]:
                 "with another folder, or a logger (each run then gets its own version folder), or move that file."
             ).with_traceback(error.__traceback__)
         deliberate = bool(frames) and _raised_by_raise_statement(error)  # not a library call failing in our code
-        if isinstance(error, (ValueError, TypeError, OSError, NonFiniteError, DataFileError)) and deliberate \
+        if isinstance(error, (ValueError, TypeError, OSError, NonFiniteError, DataFileError, NotImplementedError)) \
+                and deliberate \
                 and innermost.is_relative_to(_PACKAGE):
             return error
         if isinstance(error, KeyError) and error.args == (LIGHTNING_VERSION_KEY,) and innermost is not None \

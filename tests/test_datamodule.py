@@ -500,3 +500,41 @@ def test_a_train_transform_on_another_scale_than_evaluation_is_refused():
     for stretching in (v2.RandomAutocontrast(p=1.0), v2.RandomEqualize(p=1.0)):
         EpisodicDataModule(low_contrast, labels, ways=3, shots=1, queries=2, meta_batch_size=2, train_tasks=4,
                            num_workers=0, train_transform=stretching).setup("fit")
+
+
+def test_a_datamodule_or_learner_missing_what_it_must_implement_says_what():
+    # A LabelledDataModule without load_splits, a TaskDataModule without make_dataset and a MetaLearner
+    # without forward stopped with a bare NotImplementedError; load_splits without a "val" split with
+    # KeyError: 'val' at fit, and plain tuples with "'tuple' object has no attribute 'labels'".
+    from fewshot_lightning.algorithms import MetaLearner
+    from fewshot_lightning.data import TaskDataModule
+
+    class NoSplits(LabelledDataModule):
+        pass
+
+    class NoDataset(TaskDataModule):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"NoSplits must implement load_splits\(\), returning \{'train'"):
+        NoSplits(ways=2, shots=1, queries=1).setup("fit")
+    with pytest.raises(NotImplementedError, match=r"NoDataset must implement make_dataset\(split, num_tasks, seed\)"):
+        NoDataset().setup("fit")
+    with pytest.raises(NotImplementedError, match=r"NoForward must implement forward\(batch\)"):
+        type("NoForward", (MetaLearner,), {})(MLP())(None)
+    data, labels = identity_data()
+    splits = split_by_class(data, labels, (0.6, 0.2, 0.2), seed=0)
+
+    class TrainAndTest(LabelledDataModule):
+        def load_splits(self):
+            return {"train": splits["train"], "test": splits["test"]}
+
+    class Tuples(LabelledDataModule):
+        def load_splits(self):
+            return {split: tuple(part) for split, part in splits.items()}
+
+    with pytest.raises(ValueError, match=r"TrainAndTest.load_splits\(\) returned the splits 'train', 'test', without "
+                                         r"'val': return all of train, val, test"):
+        TrainAndTest(ways=2, shots=1, queries=1).setup("fit")
+    with pytest.raises(TypeError, match=r"Tuples.load_splits\(\) returned 'train' as a tuple, 'val' as a tuple, 'test' "
+                                        r"as a tuple: give each split as LabelledData\(data, labels\)"):
+        Tuples(ways=2, shots=1, queries=1).setup("fit")

@@ -448,7 +448,10 @@ class MetaLearner(L.LightningModule):
     # -- what subclasses implement ------------------------------------------------------------
     def forward(self, batch: TaskBatch) -> Tensor:
         """Query predictions of every task in the batch."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement forward(batch): the query predictions of every task of the "
+            "TaskBatch, [tasks, queries, ways] class scores or [tasks, queries, *y] values (see MetaLearner's "
+            "docstring: a learner implements forward, and training_losses where its training differs).")
 
     def query_losses(self, outputs: Tensor, batch: TaskBatch) -> Tensor:
         """Loss of each task, ``[B]``."""

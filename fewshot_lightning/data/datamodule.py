@@ -86,7 +86,10 @@ class TaskDataModule(L.LightningDataModule):
         self.datasets: Dict[str, TaskDataset] = {}
 
     def make_dataset(self, split: str, num_tasks: int, seed: int) -> TaskDataset:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement make_dataset(split, num_tasks, seed), returning the TaskDataset "
+            "of that split's tasks (see docs/adding-a-dataset.md); or derive from LabelledDataModule, which makes "
+            "episodes from the labelled data its load_splits returns.")
 
     def setup(self, stage: Optional[str] = None) -> None:
         for split in STAGE_SPLITS.get(stage, SPLITS):
@@ -349,7 +352,9 @@ class LabelledDataModule(ClassificationDataModule):
 
     def load_splits(self) -> Dict[str, LabelledData]:
         """The labelled data of the splits ``"train"``, ``"val"`` and ``"test"``, classes disjoint."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement load_splits(), returning {{'train': LabelledData(data, labels), "
+            "'val': ..., 'test': ...}} with disjoint classes (see docs/adding-a-dataset.md).")
 
     def episode_labels(self, split: str) -> Optional[Tensor]:
         assert self._splits is not None, "setup loads the splits first"
@@ -422,6 +427,7 @@ class LabelledDataModule(ClassificationDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self._splits is None:
             splits = self.load_splits()
+            check_loaded_splits(type(self).__name__, splits)
             for split, (data, labels) in splits.items():
                 check_finite(data, labels, f"The {split} split of {type(self).__name__}")
             # Once, on the first split that looks so (the others are the same data, as a rule).
@@ -482,6 +488,27 @@ class LabelledDataModule(ClassificationDataModule):
             data, labels, ways, shots, queries, num_tasks, seed,
             transform=self.train_transform if split == "train" else None, scale=False,
         )
+
+
+def check_loaded_splits(owner: str, splits: Any) -> None:
+    """Stop where ``owner.load_splits()`` did not return the three splits as :class:`LabelledData`
+    (a dataset with train and test only failed at fit with a bare ``KeyError: 'val'``; plain
+    ``(data, labels)`` tuples with "'tuple' object has no attribute 'labels'")."""
+    if not isinstance(splits, dict):
+        raise TypeError(f"{owner}.load_splits() must return a dict of the splits {', '.join(SPLITS)}, got a "
+                        f"{type(splits).__name__}.")
+    missing = [split for split in SPLITS if split not in splits]
+    if missing:
+        raise ValueError(
+            f"{owner}.load_splits() returned the splits {', '.join(map(repr, splits)) or 'none'}, without "
+            f"{', '.join(map(repr, missing))}: return all of {', '.join(SPLITS)}, each of its own classes (a dataset "
+            "that comes with train and test only: hold out some of its training classes for validation, e.g. with "
+            "split_by_class).")
+    wrong = [split for split in SPLITS if not isinstance(splits[split], LabelledData)]
+    if wrong:
+        raise TypeError(
+            f"{owner}.load_splits() returned {', '.join(f'{s!r} as a {type(splits[s]).__name__}' for s in wrong)}: give "
+            "each split as LabelledData(data, labels) (from fewshot_lightning.data).")
 
 
 def check_train_transform(data: Union[Tensor, Dataset], transform: Any, owner: str, samples: int = 8) -> None:

@@ -70,7 +70,9 @@ class TaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> TaskBatch:
         """Task ``index`` as unbatched tensors ``(support_x, support_y, query_x, query_y)``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement __getitem__(index): task index as a TaskBatch of unbatched "
+            "tensors (support_x, support_y, query_x, query_y), its randomness drawn from self.uniforms(index, count).")
 
 
 def labels_of(data: Union[Tensor, Dataset]) -> Tensor:
