@@ -37,6 +37,7 @@ import signal
 import re
 import shutil
 import sys
+import tempfile
 import traceback
 import typing
 import warnings
@@ -546,7 +547,8 @@ class FewShotCLI(LightningCLI):
         it in the newest checkpoint it saved (no later one can have changed the record)."""
         directory = self._newest_run("best", "test")
         saved = sorted(directory.glob("*.ckpt"), key=lambda path: path.stat().st_mtime_ns)
-        if not saved or all(newest_last(directory) == path for path in saved):
+        last = newest_last(directory)
+        if not saved or all(path == last for path in saved):
             raise FileNotFoundError(
                 f"--ckpt_path best: the newest run with checkpoints, {directory.parent}, has saved no best checkpoint "
                 f"({'only ' + saved[-1].name if saved else 'none at all'}): no validation has run yet, or no "
@@ -654,8 +656,6 @@ class FewShotCLI(LightningCLI):
 
     def _go_on_in(self, run: Path) -> None:
         """A resumed fit writes into its run's folder: its config saved beside the first."""
-        import tempfile
-
         for folder in (run, run / "checkpoints"):
             if not folder.is_dir():
                 continue

@@ -53,6 +53,15 @@ class MeanConfidenceInterval(Metric):
             setattr(this, name, getattr(this, name).to(device=device, dtype=dtype))
         return this
 
+    def of_size(self, size: int, device: torch.device) -> "MeanConfidenceInterval":
+        """This metric, or a new one on ``device`` tracking ``size`` values per episode where
+        this one tracks another number (an adaptation curve whose step count was changed since
+        the learner was built), made outside inference mode (its states are updated outside it)."""
+        if self.size == size:
+            return self
+        with torch.inference_mode(False):
+            return MeanConfidenceInterval(size=size).to(device)
+
     def update(self, values: Tensor) -> None:
         values = values.detach().double().reshape(-1, self.size)
         self.total += values.sum(0).reshape(self.total.shape)

@@ -116,22 +116,28 @@ def test_resume_restores_the_random_state_dropout_draws_from(tmp_path):
     assert max_difference(drifted["state_dict"], reference["state_dict"]) > 1e-4
 
 
-def test_last_checkpoint_every_n_steps_and_after_the_final_one(tmp_path):
-    saved = []
+class LastSavedSteps(L.Callback):
+    """The global step held by the last checkpoint at ``path`` as each training batch starts
+    (``None`` before the first save)."""
 
-    class Recorder(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            last = tmp_path / "last.ckpt"
-            saved.append(load(last)["global_step"] if last.exists() else None)
+    def __init__(self, path):
+        self.path, self.steps = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(load(self.path)["global_step"] if self.path.exists() else None)
+
+
+def test_last_checkpoint_every_n_steps_and_after_the_final_one(tmp_path):
+    recorder = LastSavedSteps(tmp_path / "last.ckpt")
 
     images, labels = clustered_images()
     data = EpisodicDataModule(images, labels, split_fractions=(0.5, 0.25, 0.25), ways=3, shots=1, queries=2, meta_batch_size=2,
                               train_tasks=40, num_workers=0)
     trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[Recorder(), LastCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path))])
+                        callbacks=[recorder, LastCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path))])
     trainer.fit(attention_learner(), data)
     # Seen at the start of steps 1..5: saved after steps 2 and 4; then after the final step 5.
-    assert saved == [None, None, 2, 2, 4]
+    assert recorder.steps == [None, None, 2, 2, 4]
     assert load(tmp_path / "last.ckpt")["global_step"] == 5
 
 
@@ -141,21 +147,16 @@ def test_last_checkpoint_counts_steps_passed_for_a_learner_of_several_steps_a_ba
     from fewshot_lightning.algorithms import MAMLRL
     from fewshot_lightning.rl import GaussianMLPPolicy, NavigationDataModule, PointNavigation
 
-    saved = []
-
-    class Recorder(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            last = tmp_path / "last.ckpt"
-            saved.append(load(last)["global_step"] if last.exists() else None)
+    recorder = LastSavedSteps(tmp_path / "last.ckpt")
 
     torch.manual_seed(0)
     model = MAMLRL(GaussianMLPPolicy(hidden=(8,)), PointNavigation(horizon=3), trajectories=2, outer_steps=4)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[Recorder(), LastCheckpoint(every_n_train_steps=6, dirpath=str(tmp_path))])
+                        limit_val_batches=0, callbacks=[recorder, LastCheckpoint(every_n_train_steps=6, dirpath=str(tmp_path))])
     trainer.fit(model, NavigationDataModule(meta_batch_size=2, train_tasks=20, val_tasks=2, test_tasks=2))
     # Seen at the start of batches 1..10 (global steps 0, 4, ..., 36): saved at the first batch end
     # past 6, 12, 18, 24, 30, 36 (steps 8, 12, 20, 24, 32, 36), then after the final one (40).
-    assert saved == [None, None, 8, 12, 12, 20, 24, 24, 32, 36]
+    assert recorder.steps == [None, None, 8, 12, 12, 20, 24, 24, 32, 36]
     assert load(tmp_path / "last.ckpt")["global_step"] == 40
 
 

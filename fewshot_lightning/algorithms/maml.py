@@ -768,9 +768,7 @@ class MAML(MetaLearner):
     def on_test_epoch_start(self) -> None:
         # test_inner_steps may have been changed since construction (a script evaluating with
         # more steps): the curve then has that many points.
-        if self.test_curve.size != len(self.curve_steps()):
-            with torch.inference_mode(False):  # its states are updated outside inference mode
-                self.test_curve = MeanConfidenceInterval(size=len(self.curve_steps())).to(self.device)
+        self.test_curve = self.test_curve.of_size(len(self.curve_steps()), self.device)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

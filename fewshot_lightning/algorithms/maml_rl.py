@@ -282,9 +282,7 @@ class MAMLRL(MetaLearner):
     def _curve_sized(self, stage: str) -> None:
         # test_inner_steps may have been changed since construction (a script evaluating with
         # more or fewer steps): the curve has that many points, or goals and steps were mixed.
-        if self.curves[stage].size != self.test_inner_steps + 1:
-            with torch.inference_mode(False):  # its states are updated outside inference mode
-                self.curves[stage] = MeanConfidenceInterval(size=self.test_inner_steps + 1).to(self.device)
+        self.curves[stage] = self.curves[stage].of_size(self.test_inner_steps + 1, self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._curve_sized("val")

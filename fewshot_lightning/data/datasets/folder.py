@@ -92,6 +92,20 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
     def relative(path: str) -> str:
         return Path(path).relative_to(root).as_posix()
 
+    def first_visit(path: str, seen: set, again: List[str]) -> bool:
+        """Whether ``path`` leads (through links) to a file or folder not in ``seen``, which it is
+        then added to; one already there is listed in ``again``, one leading nowhere in ``broken``."""
+        try:
+            identity = _folder_id(Path(path))
+        except OSError:
+            broken.append(relative(path))
+            return False
+        if identity in seen:
+            again.append(relative(path))
+            return False
+        seen.add(identity)
+        return True
+
     def take_files(class_dir: Path, folder: str, names: List[str], linked: bool) -> None:
         """The images among ``names`` of ``folder`` (reached through a link if ``linked``)."""
         for name in sorted(names):
@@ -102,17 +116,8 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
                 continue
             if not linked and os.path.islink(path):
                 links.append((class_dir, path, False))
-                continue
-            try:
-                identity = _folder_id(Path(path))
-            except OSError:
-                broken.append(relative(path))
-                continue
-            if identity in images:
-                doubled.append(relative(path))
-                continue
-            images.add(identity)
-            found[class_dir].append(path)
+            elif first_visit(path, images, doubled):
+                found[class_dir].append(path)
 
     # First what each class folder holds itself, no link followed (a class folder that is itself
     # a link holds nothing of its own: all of it is read in the second pass).
@@ -139,31 +144,11 @@ def scan_folder(root: Path) -> Tuple[List[str], List[str], List[int]]:
         if not to_folder:
             take_files(class_dir, os.path.dirname(link), [os.path.basename(link)], linked=True)
             continue
-        try:
-            identity = _folder_id(Path(link))
-        except OSError:
-            broken.append(relative(link))
+        if not first_visit(link, folders, looped):
             continue
-        if identity in folders:
-            looped.append(relative(link))
-            continue
-        folders.add(identity)
         for folder, subfolders, names in os.walk(link, followlinks=True):
-            kept = []
-            for name in subfolders:
-                if name.startswith("."):
-                    continue
-                try:
-                    identity = _folder_id(Path(folder, name))
-                except OSError:
-                    broken.append(relative(os.path.join(folder, name)))
-                    continue
-                if identity in folders:
-                    looped.append(relative(os.path.join(folder, name)))
-                    continue
-                folders.add(identity)
-                kept.append(name)
-            subfolders[:] = kept
+            subfolders[:] = [name for name in subfolders
+                             if not name.startswith(".") and first_visit(os.path.join(folder, name), folders, looped)]
             take_files(class_dir, folder, names, linked=True)
     classes, files, labels, empty = [], [], [], []
     for class_dir in class_dirs:
